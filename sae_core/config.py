@@ -1,0 +1,182 @@
+"""Typed pipeline configuration, YAML presets and `--set key.path=value` overrides."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "deployments" / "presets"
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: one line naming the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    path: str = Field(
+        "smollm2-135m",
+        description="A demo asset name (see `saeflow assets`), a local HF model folder, or a hub id.",
+    )
+    hook: str = Field("resid_post.15", pattern=r"^[a-z_]+\.\d+$", description="e.g. resid_post.15")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+
+
+class DataConfig(_Strict):
+    corpus: str = Field(
+        "brown",
+        description="A demo corpus name, local .txt/.jsonl/.parquet files or folder, or a hub dataset.",
+    )
+    text_column: str = "text"
+    context_len: int = Field(64, ge=2, le=8192)
+    train_tokens: int = Field(2**17, ge=1)
+    eval_tokens: int = Field(2**13, ge=1)
+    seed: int = Field(0, ge=0)
+    skip_first_position: bool = Field(
+        True, description="Drop position 0 of every context: an attention sink with a huge norm."
+    )
+    max_norm: float | None = Field(
+        None, gt=0, description="Drop tokens whose activation norm exceeds this (explicit outlier filter)."
+    )
+    batch_contexts: int = Field(32, ge=1, description="Contexts per extraction forward pass.")
+    shard_rows: int = Field(65536, ge=1, description="Activation rows per Parquet shard.")
+    storage_dtype: Literal["float32", "float16"] = "float32"
+
+
+class SAEConfig(_Strict):
+    kind: Literal["topk"] = "topk"
+    n_latents: int = Field(4608, ge=1)
+    k: int = Field(32, ge=1)
+    k_aux: int | None = Field(None, ge=1, description="Dead latents used by AuxK; default d/2.")
+    aux_alpha: float = Field(1 / 32, ge=0)
+    dead_window_tokens: int = Field(
+        10_000_000, ge=1, description="A latent is dead after this many tokens without firing."
+    )
+    multi_topk: bool = False
+    normalize: Literal["per_token", "global", "none"] = "per_token"
+    b_pre_init: Literal["geometric_median", "mean"] = "geometric_median"
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> SAEConfig:
+        if self.k > self.n_latents:
+            raise ValueError(
+                f"sae.k={self.k} exceeds sae.n_latents={self.n_latents}; choose k <= n_latents"
+            )
+        if self.multi_topk and 4 * self.k > self.n_latents:
+            raise ValueError("sae.multi_topk needs 4*k <= n_latents; lower sae.k or disable it")
+        return self
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(4096, ge=1, description="Tokens per optimiser step.")
+    epochs: int = Field(1, ge=1)
+    lr: float | None = Field(None, gt=0, description="Default 2e-4 / sqrt(n / 2^14).")
+    seed: int = Field(0, ge=0)
+    checkpoint_every_tokens: int = Field(2**16, ge=1)
+    device: str = "auto"
+
+
+class EvalConfig(_Strict):
+    batch_contexts: int = Field(32, ge=1)
+
+
+class RegistryConfig(_Strict):
+    model_name: str = Field("saeflow-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    alias: str = Field("challenger", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+    experiment: str = Field("saeflow", pattern=r"^[A-Za-z0-9][A-Za-z0-9_. -]{0,99}$")
+
+
+class PipelineConfig(_Strict):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    store: str | None = Field(
+        None, description="Store URI: a local directory or s3://bucket/prefix; default $SAEFLOW_HOME/store"
+    )
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sae: SAEConfig = SAEConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`sae.k=64` -> ("sae.k", 64); the value is read as YAML so numbers and booleans type."""
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[a-z_]+(\.[a-z_]+)*", key.strip()):
+        raise ConfigError(f"--set '{text}': expected key.path=value, e.g. --set sae.k=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per failed field: `config error: sae.k: <why>`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against `saeflow config --show`"
+        lines.append(f"config error: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(
+    data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig:
+    tree = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for text in overrides:
+        _set_path(tree, *parse_override(text))
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(
+    preset: str = "demo", overrides: list[str] | tuple[str, ...] = (), store: str | None = None
+) -> PipelineConfig:
+    """A preset by name (deployments/presets/NAME.yaml) or a path to a YAML file, plus overrides."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown preset '{preset}': choose one of {', '.join(available_presets())} "
+            "or give a path to a YAML file"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"preset {path}: not valid YAML ({err.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path}: expected a mapping of sections at the top level")
+    overrides = list(overrides)
+    if store is not None:
+        overrides.append(f"store={store}")
+    return build_config(data, overrides)

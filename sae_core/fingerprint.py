@@ -1,0 +1,41 @@
+"""Content addresses: a stage's output folder is named by a hash of its inputs and its code."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+
+def _canonical(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return _canonical(obj.model_dump(mode="json"))
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in sorted(obj.items())}
+    if isinstance(obj, list | tuple):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, float) and obj.is_integer():
+        return int(obj)  # 1.0 and 1 are the same setting
+    return obj
+
+
+def fingerprint(*parts: Any, length: int = 16) -> str:
+    """A stable hex digest of JSON-able values and pydantic models (key order ignored)."""
+    blob = json.dumps(_canonical(list(parts)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+@cache
+def code_fingerprint(*modules: str) -> str:
+    """A digest of the source files of the named modules: editing them invalidates outputs."""
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        module = importlib.import_module(name)
+        digest.update(name.encode())
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]

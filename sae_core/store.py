@@ -1,0 +1,193 @@
+"""The store: datasets addressed by URI (local directory or s3://), committed atomically.
+
+A dataset is a folder of data files plus `_MANIFEST.json`. Writers put the data first and the
+manifest last, so a folder without a manifest is never taken for a finished dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from fsspec.core import url_to_fs
+
+from sae_core.env import saeflow_home
+
+MANIFEST = "_MANIFEST.json"
+_SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=@+-]*$")
+
+
+class StoreError(RuntimeError):
+    """The store cannot be reached or used: the message names the URI and the fix."""
+
+
+def default_store_uri() -> str:
+    return str(saeflow_home() / "store")
+
+
+def safe_relpath(rel: str) -> str:
+    """Reject user-derived paths that could leave the store root (.., absolute, odd names)."""
+    parts = [p for p in rel.split("/") if p]
+    for part in parts:
+        if part in (".", "..") or not _SAFE_PART.match(part):
+            raise StoreError(f"store path '{rel}': part '{part}' is not allowed (letters, digits, _.-=@+)")
+    return "/".join(parts)
+
+
+class Store:
+    """A root URI and the fsspec filesystem behind it."""
+
+    def __init__(self, uri: str | None = None):
+        uri = uri or default_store_uri()
+        if "://" not in uri:
+            uri = str(Path(uri).expanduser().resolve())
+        self.uri = uri.rstrip("/")
+        self.protocol = uri.split("://")[0] if "://" in uri else "file"
+        if self.protocol not in ("file", "s3", "memory"):
+            raise StoreError(f"store '{uri}': unsupported scheme; use a local path or s3://bucket/prefix")
+        options: dict[str, Any] = {}
+        if self.protocol == "s3":
+            # Endpoint and credentials come from the standard AWS variables.
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            if endpoint:
+                options["client_kwargs"] = {"endpoint_url": endpoint}
+            options["config_kwargs"] = {
+                "connect_timeout": 5,
+                "read_timeout": 60,
+                "retries": {"max_attempts": 5, "mode": "standard"},
+            }
+        self.fs, self.root = url_to_fs(self.uri, **options)
+        self.root = self.root.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    def check(self) -> None:
+        """Fail fast with a clear message when the store cannot be reached or written."""
+        try:
+            if self.protocol == "s3":
+                bucket = self.root.split("/")[0]
+                if not self.fs.exists(bucket):
+                    self.fs.mkdir(bucket)
+            else:
+                self.fs.makedirs(self.root, exist_ok=True)
+            probe = self.path(f"_probe/{uuid.uuid4().hex}")
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
+        except Exception as err:  # noqa: BLE001 - any transport error becomes one message
+            hint = (
+                "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and that the server runs"
+                if self.protocol == "s3"
+                else "check the path exists and is writable"
+            )
+            raise StoreError(f"store {self.uri} is not usable ({type(err).__name__}): {hint}") from None
+
+    # Paths -------------------------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        rel = safe_relpath(rel)
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url(self, rel: str) -> str:
+        return f"{self.uri}/{safe_relpath(rel)}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def open(self, rel: str, mode: str = "rb") -> IO[Any]:
+        path = self.path(rel)
+        if "w" in mode and self.protocol == "file":
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        return self.fs.open(path, mode)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write one object atomically: a PUT on S3, write-then-rename locally."""
+        path = self.path(rel)
+        if self.protocol == "file":
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        path = self.path(rel)
+        if not self.fs.exists(path):
+            return []
+        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+
+    def rm(self, rel: str) -> None:
+        path = self.path(rel)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def invalidate_cache(self) -> None:
+        # s3fs caches listings; another process may have written since.
+        self.fs.invalidate_cache()
+
+    # Datasets ----------------------------------------------------------------------------
+    def manifest(self, dataset: str) -> dict[str, Any] | None:
+        """The committed manifest of a dataset folder, or None if it is absent or unfinished."""
+        self.invalidate_cache()
+        rel = f"{dataset}/{MANIFEST}"
+        if not self.exists(rel):
+            return None
+        return self.read_json(rel)
+
+    def is_committed(self, dataset: str) -> bool:
+        return self.manifest(dataset) is not None
+
+    @contextmanager
+    def writing(self, dataset: str) -> Iterator[DatasetWriter]:
+        """Clear any unfinished attempt, let the caller write data, then commit the manifest.
+
+        The manifest is written only when the block exits normally; on an exception the
+        partial data stays invisible (no manifest) and is cleared by the next attempt.
+        """
+        self.rm(dataset)
+        writer = DatasetWriter(self, dataset)
+        yield writer
+        if writer.manifest is None:
+            raise StoreError(f"dataset {dataset}: writer finished without a manifest")
+        writer.manifest.setdefault("uri", self.url(dataset))
+        self.write_json(f"{dataset}/{MANIFEST}", writer.manifest)
+
+
+class DatasetWriter:
+    """Handle given to code that fills one dataset folder."""
+
+    def __init__(self, store: Store, dataset: str):
+        self.store = store
+        self.dataset = dataset
+        self.manifest: dict[str, Any] | None = None
+
+    def rel(self, name: str) -> str:
+        return f"{self.dataset}/{name}"
+
+    def open(self, name: str, mode: str = "wb") -> IO[Any]:
+        return self.store.open(self.rel(name), mode)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.store.write_bytes(self.rel(name), data)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.store.write_json(self.rel(name), obj)
+
