@@ -44,7 +44,9 @@ class DataConfig(_Strict):
         True, description="Drop position 0 of every context: an attention sink with a huge norm."
     )
     max_norm: float | None = Field(
-        None, gt=0, description="Drop tokens whose activation norm exceeds this (explicit outlier filter)."
+        None,
+        gt=0,
+        description="Drop tokens whose activation norm exceeds this (explicit outlier filter).",
     )
     batch_contexts: int = Field(32, ge=1, description="Contexts per extraction forward pass.")
     shard_rows: int = Field(65536, ge=1, description="Activation rows per Parquet shard.")
@@ -97,7 +99,8 @@ class RegistryConfig(_Strict):
 class PipelineConfig(_Strict):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     store: str | None = Field(
-        None, description="Store URI: a local directory or s3://bucket/prefix; default $SAEFLOW_HOME/store"
+        None,
+        description="Store URI: a local directory or s3://bucket/prefix; default $SAEFLOW_HOME/store",
     )
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

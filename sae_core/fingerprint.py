@@ -39,3 +39,28 @@ def code_fingerprint(*modules: str) -> str:
         digest.update(name.encode())
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
+
+
+_CONTENT_HASH_LIMIT = 16 * 2**20  # files above this are identified by name and size only
+
+
+def path_fingerprint(paths: str | list[str]) -> str:
+    """A digest of local files (or every file below a folder); other strings hash as names.
+
+    Small files contribute their bytes; large ones (model weights) their size, so this stays fast.
+    """
+    digest = hashlib.sha256()
+    for entry in [paths] if isinstance(paths, str) else sorted(paths):
+        root = Path(entry)
+        if not root.exists():
+            digest.update(entry.encode())
+            continue
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for file in files:
+            size = file.stat().st_size
+            digest.update(
+                f"{file.relative_to(root) if root.is_dir() else file.name}:{size}".encode()
+            )
+            if size <= _CONTENT_HASH_LIMIT:
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]

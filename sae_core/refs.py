@@ -29,5 +29,7 @@ class DatasetRef(BaseModel):
     def manifest(self) -> dict[str, Any]:
         manifest = self.open_store().manifest(self.path)
         if manifest is None:
-            raise FileNotFoundError(f"dataset {self.uri} has no manifest: it was deleted or never finished")
+            raise FileNotFoundError(
+                f"dataset {self.uri} has no manifest: it was deleted or never finished"
+            )
         return manifest

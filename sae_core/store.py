@@ -20,7 +20,7 @@ from fsspec.core import url_to_fs
 from sae_core.env import saeflow_home
 
 MANIFEST = "_MANIFEST.json"
-_SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=@+-]*$")
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=@+-]*$")
 
 
 class StoreError(RuntimeError):
@@ -36,7 +36,9 @@ def safe_relpath(rel: str) -> str:
     parts = [p for p in rel.split("/") if p]
     for part in parts:
         if part in (".", "..") or not _SAFE_PART.match(part):
-            raise StoreError(f"store path '{rel}': part '{part}' is not allowed (letters, digits, _.-=@+)")
+            raise StoreError(
+                f"store path '{rel}': part '{part}' is not allowed (letters, digits, _.-=@+)"
+            )
     return "/".join(parts)
 
 
@@ -50,7 +52,9 @@ class Store:
         self.uri = uri.rstrip("/")
         self.protocol = uri.split("://")[0] if "://" in uri else "file"
         if self.protocol not in ("file", "s3", "memory"):
-            raise StoreError(f"store '{uri}': unsupported scheme; use a local path or s3://bucket/prefix")
+            raise StoreError(
+                f"store '{uri}': unsupported scheme; use a local path or s3://bucket/prefix"
+            )
         options: dict[str, Any] = {}
         if self.protocol == "s3":
             # Endpoint and credentials come from the standard AWS variables.
@@ -86,7 +90,9 @@ class Store:
                 if self.protocol == "s3"
                 else "check the path exists and is writable"
             )
-            raise StoreError(f"store {self.uri} is not usable ({type(err).__name__}): {hint}") from None
+            raise StoreError(
+                f"store {self.uri} is not usable ({type(err).__name__}): {hint}"
+            ) from None
 
     # Paths -------------------------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -190,4 +196,3 @@ class DatasetWriter:
 
     def write_json(self, name: str, obj: Any) -> None:
         self.store.write_json(self.rel(name), obj)
-

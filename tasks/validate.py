@@ -1,0 +1,267 @@
+"""Prefect task: check an activations dataset with a Great Expectations suite before training on it.
+
+sae_core.validation reduces each shard to flat tables; here an ephemeral GE context checks them
+shard by shard (facts, per-token, per-dimension), then the split totals against the manifest.
+great_expectations is imported on first use: the import alone takes ~5 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cache
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from pydantic import BaseModel
+
+from sae_core.config import ConfigError
+from sae_core.refs import DatasetRef
+from sae_core.validation import (
+    ShardSummary,
+    ValidationFailed,
+    activation_manifest,
+    summarize_dataset,
+)
+
+_SHOWN_FAILURES = 12
+# Extraction filters norms in torch; numpy recomputes them, so allow rounding at the boundary.
+_NORM_RTOL = 1e-4
+
+
+class ValidationReport(BaseModel):
+    """Outcome of validate_activations; `failures` is empty when `passed`."""
+
+    dataset: str
+    passed: bool
+    shards: int
+    rows: int
+    failures: list[str]
+
+
+@cache
+def _gx() -> Any:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    return gx
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called via .fn() outside a flow, e.g. in tests
+        return logging.getLogger(__name__)
+
+
+class _Suites:
+    """One ephemeral GE context holding a dataframe asset and a suite per summary table."""
+
+    def __init__(self, manifest: dict[str, Any], vocab_size: int, min_norm: float, max_norm: float):
+        gx = _gx()
+        import great_expectations.expectations as gxe
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        source = context.data_sources.add_pandas("saeflow")
+        if manifest.get("max_norm"):
+            max_norm = min(max_norm, float(manifest["max_norm"]) * (1 + _NORM_RTOL))
+        first = 1 if manifest.get("skip_first_position") else 0
+        last = int(manifest["context_len"]) - 1 if manifest.get("context_len") else None
+        width = int(manifest["width"])
+        expectations = {
+            "facts": [
+                gxe.ExpectColumnValuesToBeInSet(
+                    column="readable", value_set=[True], description="shard readable"
+                ),
+                gxe.ExpectColumnPairValuesToBeEqual(
+                    column_A="dtype_read",
+                    column_B="dtype_manifest",
+                    description="dtype as in manifest",
+                ),
+            ],
+            "tokens": [
+                gxe.ExpectTableRowCountToEqual(
+                    value={"$PARAMETER": "rows"}, description="row count as in manifest"
+                ),
+                gxe.ExpectColumnValuesToBeInSet(
+                    column="nonfinite", value_set=[0], description="no NaN/inf values"
+                ),
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="norm",
+                    min_value=min_norm,
+                    max_value=max_norm,
+                    description=f"norm in [{min_norm:g}, {max_norm:g}]",
+                ),
+                gxe.ExpectColumnValuesToNotBeNull(
+                    column="token_id", description="token_id present"
+                ),
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="token_id",
+                    min_value=0,
+                    max_value=vocab_size - 1,
+                    description=f"token_id in [0, {vocab_size})",
+                ),
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="position",
+                    min_value=first,
+                    max_value=last,
+                    description=f"position in [{first}, {'?' if last is None else last}]",
+                ),
+            ],
+            "dims": [
+                gxe.ExpectTableRowCountToEqual(
+                    value=width, description=f"width {width} as in manifest"
+                ),
+                gxe.ExpectColumnValuesToNotBeNull(column="mean", description="finite per-dim mean"),
+                gxe.ExpectColumnValuesToNotBeNull(column="std", description="finite per-dim std"),
+            ],
+            "splits": [
+                gxe.ExpectColumnPairValuesToBeEqual(
+                    column_A="rows_read",
+                    column_B="rows_manifest",
+                    description="split rows as in manifest",
+                ),
+                gxe.ExpectColumnPairValuesToBeEqual(
+                    column_A="rows_listed",
+                    column_B="rows_manifest",
+                    description="shard rows sum to split rows",
+                ),
+            ],
+        }
+        self._batches = {
+            name: source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+            for name in expectations
+        }
+        self._suites = {
+            name: gx.ExpectationSuite(name=f"saeflow-{name}", expectations=exps)
+            for name, exps in expectations.items()
+        }
+
+    def check(
+        self, table: str, frame: pd.DataFrame, where: str, params: dict[str, Any] | None = None
+    ) -> list[str]:
+        """One line per failed expectation: `where: description: what was seen`."""
+        batch = self._batches[table].get_batch(batch_parameters={"dataframe": frame})
+        result = batch.validate(self._suites[table], expectation_parameters=params or {})
+        return [
+            f"{where}: {r.expectation_config.description}: {_detail(r, params or {})}"
+            for r in result.results
+            if not r.success
+        ]
+
+
+def _detail(result: Any, params: dict[str, Any]) -> str:
+    """What GE saw, in a few words: counts and examples, or observed against expected."""
+    info = result.exception_info or {}
+    errors = [info] if "raised_exception" in info else list(info.values())
+    raised = [
+        e.get("exception_message")
+        for e in errors
+        if isinstance(e, dict) and e.get("raised_exception")
+    ]
+    if raised:
+        return f"check raised: {raised[0]}"
+    seen = result.result or {}
+    kwargs = result.expectation_config.kwargs
+    if "unexpected_count" in seen:
+        examples = seen.get("partial_unexpected_list", [])[:3]
+        if "column_A" in kwargs:  # pairs: name both sides
+            examples = [f"{kwargs['column_A']}={a} vs {kwargs['column_B']}={b}" for a, b in examples]
+        shown = ", ".join(str(v) for v in examples)
+        if seen["element_count"] == 1:  # a one-row table: the example is the whole story
+            return shown
+        return f"{seen['unexpected_count']} of {seen['element_count']} rows, e.g. {shown}"
+    expected = kwargs.get("value")
+    if isinstance(expected, dict):
+        expected = params.get(expected.get("$PARAMETER"))
+    return f"observed {seen.get('observed_value')}, expected {expected}"
+
+
+def _check_shard(suites: _Suites, summary: ShardSummary) -> list[str]:
+    facts = summary.facts
+    failures = suites.check("facts", facts.to_frame(), facts.shard)
+    if not facts.readable:
+        return failures
+    failures += suites.check("tokens", summary.tokens, facts.shard, {"rows": facts.rows_manifest})
+    failures += suites.check("dims", summary.dims, facts.shard)
+    return failures
+
+
+def _raise_failed(ref: DatasetRef, bad_shards: set[str], shards: int, failures: list[str]) -> None:
+    lines = failures[:_SHOWN_FAILURES]
+    if len(failures) > len(lines):
+        lines.append(f"... and {len(failures) - len(lines)} more")
+    head = f"activations {ref.uri} failed validation ({len(bad_shards)} of {shards} shards"
+    raise ValidationFailed(head + "):\n  " + "\n  ".join(lines))
+
+
+@task(name="validate", retries=0)
+def validate_activations(
+    ref: DatasetRef,
+    vocab_size: int,
+    min_norm: float = 1e-3,
+    max_norm: float = 1e6,
+    progress: bool = True,
+    raise_on_failure: bool = True,
+) -> ValidationReport:
+    """Check every shard of an activations dataset: readable, finite, norms in range, token ids
+    in [0, vocab_size), positions in the context, widths, dtypes and row counts as the manifest says.
+
+    Raises ValidationFailed naming each failing shard and expectation (unless raise_on_failure is
+    False, when the report carries them). Cost: one streaming read of the dataset plus ~0.1-0.3 s
+    of GE per shard and table.
+    """
+    if vocab_size < 1 or not 0 <= min_norm < max_norm:
+        raise ConfigError(
+            f"validate_activations: vocab_size={vocab_size}, min_norm={min_norm}, max_norm={max_norm}: "
+            "need vocab_size >= 1 and 0 <= min_norm < max_norm"
+        )
+    manifest = activation_manifest(ref)
+    suites = _Suites(manifest, vocab_size, min_norm, max_norm)
+    failures: list[str] = []
+    bad_shards: set[str] = set()
+    rows_read: dict[str, int] = {}
+    shards = 0
+    for summary in summarize_dataset(ref, progress=progress):
+        shards += 1
+        found = _check_shard(suites, summary)
+        if found:
+            bad_shards.add(summary.facts.shard)
+            failures += found
+        split = summary.facts.split
+        rows_read[split] = rows_read.get(split, 0) + summary.facts.rows_read
+    splits = pd.DataFrame(
+        [
+            {
+                "split": name,
+                "rows_manifest": int(info.get("rows", -1)),
+                "rows_listed": sum(int(s.get("rows", 0)) for s in info.get("shards", [])),
+                "rows_read": rows_read.get(name, 0),
+            }
+            for name, info in manifest["splits"].items()
+        ]
+    )
+    for _, row in splits.iterrows():
+        failures += suites.check(
+            "splits", row.to_frame().T.infer_objects(), f"split {row['split']}"
+        )
+    total = sum(rows_read.values())
+    report = ValidationReport(
+        dataset=ref.uri, passed=not failures, shards=shards, rows=total, failures=failures
+    )
+    if failures and raise_on_failure:
+        _raise_failed(ref, bad_shards, shards, failures)
+    _logger().info(
+        "validated %s: %d shards, %d rows, %s",
+        ref.uri,
+        shards,
+        total,
+        "passed" if report.passed else f"{len(failures)} failures",
+    )
+    return report
