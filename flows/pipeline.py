@@ -12,6 +12,7 @@ from sae_core.config import PipelineConfig
 from sae_core.preflight import ModelFacts, preflight
 from sae_core.refs import DatasetRef
 from sae_core.store import default_store_uri
+from tasks.caching import run_stage
 from tasks.data import extract_activations, sample_tokens
 from tasks.evaluate import EvalRef, evaluate_sae
 from tasks.registry import RegistryRef, register_model
@@ -36,46 +37,45 @@ def check_inputs(config: PipelineConfig) -> ModelFacts:
     return preflight(config)
 
 
-def _resolved(states: dict[str, str], name: str, state: Any) -> Any:
-    states[name] = state.name
-    return state.result()
+class _Stages:
+    """Runs stage tasks in order and remembers how each ended (Completed or Cached)."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, str] = {}
+
+    def __call__(self, task: Any, **inputs: Any) -> Any:
+        state = run_stage(task, **inputs)
+        self.states[task.name] = state.name
+        return state.result()
 
 
 @flow(name="saeflow-pipeline", log_prints=True)
 def pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResult:
-    stages: dict[str, str] = {}
+    run = _Stages()
     facts = check_inputs(config)
     store = config.store or default_store_uri()
-    tokens = _resolved(
-        stages,
-        "sample_tokens",
-        sample_tokens(store, config.model, config.data, progress, return_state=True),
+    tokens = run(
+        sample_tokens, store=store, model=config.model, data=config.data, progress=progress
     )
-    acts = _resolved(
-        stages,
-        "extract_activations",
-        extract_activations(tokens, config.model, config.data, progress, return_state=True),
+    acts = run(
+        extract_activations, tokens=tokens, model=config.model, data=config.data, progress=progress
     )
-    validation = _resolved(
-        stages, "validate", validate_activations(acts, facts.vocab_size, return_state=True)
+    validation = run(validate_activations, ref=acts, vocab_size=facts.vocab_size, progress=progress)
+    sae = run(train_sae, acts=acts, sae=config.sae, train=config.train, progress=progress)
+    evaluation = run(
+        evaluate_sae,
+        sae=sae,
+        tokens=tokens,
+        model=config.model,
+        data=config.data,
+        eval=config.eval,
+        progress=progress,
     )
-    sae = _resolved(
-        stages, "train_sae", train_sae(acts, config.sae, config.train, progress, return_state=True)
-    )
-    evaluation = _resolved(
-        stages,
-        "evaluate_sae",
-        evaluate_sae(
-            sae, tokens, config.model, config.data, config.eval, progress, return_state=True
-        ),
-    )
-    registry = _resolved(
-        stages,
-        "register_model",
-        register_model(sae, evaluation, config, config.registry, return_state=True),
+    registry = run(
+        register_model, sae=sae, evaluation=evaluation, config=config, registry=config.registry
     )
     return PipelineResult(
-        stages=stages,
+        stages=run.states,
         tokens=tokens,
         activations=acts,
         validation=validation,

@@ -15,6 +15,7 @@ RUNTIME_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "GX_ANALYTICS_ENABLED": "false",
 }
 
 
@@ -33,4 +34,5 @@ def apply_runtime_env() -> None:
     for key, value in RUNTIME_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # Prefect keeps its database and cached results in saeflow's state directory.
-    os.environ.setdefault("PREFECT_HOME", str(saeflow_home() / "prefect"))
+    prefect_home = Path(os.environ.setdefault("PREFECT_HOME", str(saeflow_home() / "prefect")))
+    prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level

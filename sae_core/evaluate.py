@@ -61,9 +61,9 @@ def evaluate_sae(
 
     def splice(h: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(-1, h.shape[-1]).float()
-        idx, vals = sae.encode(flat)
-        x_hat = sae.decode(idx, vals)
-        recon.update(flat, x_hat, idx, vals)
+        codes = sae.encode(flat)
+        x_hat = sae.decode(*codes)
+        recon.update(flat, x_hat, codes.idx, codes.vals)
         return x_hat.reshape(h.shape).to(h.dtype)
 
     variants: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {

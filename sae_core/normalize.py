@@ -64,11 +64,18 @@ class InputNorm:
             return x * self.global_scale, NormStats(zero, x.new_tensor(1.0 / self.global_scale))
         return x, NormStats(zero, x.new_ones(()))
 
-    def invert(self, x_norm: torch.Tensor, stats: NormStats) -> torch.Tensor:
-        """x_norm: [B, d] -> raw [B, d] using the stats `apply` returned for the same tokens."""
-        if self.mode == "none":
-            return x_norm
-        return x_norm * stats.scale + stats.shift
+    def invert(self, x_norm: torch.Tensor, stats: NormStats | None = None) -> torch.Tensor:
+        """x_norm: [B, d] -> raw [B, d] using the stats `apply` returned for the same tokens.
+
+        Only per_token needs stats: its shift and scale differ per token.
+        """
+        if stats is not None:
+            return x_norm * stats.scale + stats.shift
+        if self.mode == "per_token":
+            raise ConfigError(
+                "decode: per_token normalisation needs the stats from encode; use sae.decode(*sae.encode(x))"
+            )
+        return x_norm / self.global_scale if self.mode == "global" else x_norm
 
     def to_json(self) -> dict[str, float | str]:
         return {"mode": self.mode, "global_scale": self.global_scale}

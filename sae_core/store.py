@@ -81,9 +81,9 @@ class Store:
                     self.fs.mkdir(bucket)
             else:
                 self.fs.makedirs(self.root, exist_ok=True)
-            probe = self.path(f"_probe/{uuid.uuid4().hex}")
-            self.fs.pipe_file(probe, b"ok")
-            self.fs.rm_file(probe)
+            probe = f"_probe-{uuid.uuid4().hex}"
+            self.write_bytes(probe, b"ok")
+            self.fs.rm_file(self.path(probe))
         except Exception as err:  # noqa: BLE001 - any transport error becomes one message
             hint = (
                 "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and that the server runs"

@@ -99,31 +99,59 @@ def _load_corpus(files: list[str] | str, cache_dir: str) -> Any:
 
 
 def _tokenize_chunk(
-    docs: Any, tokenizer: Any, text_column: str
+    corpus: Any, rows: np.ndarray, tokenizer: Any, text_column: str
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Token ids of a chunk of documents: (values [n_tokens] int64, lengths [n_docs], doc ids)."""
-    has_ids = "doc_id" in docs.column_names
+    """Token ids of the documents at `rows`: (values [n_tokens] int64, lengths [n_docs], doc ids).
 
-    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    A document is named by its `doc_id` column, else by its row number in the corpus.
+    """
+    has_ids = "doc_id" in corpus.column_names
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
         texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
-        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        doc_ids = [str(d) for d in batch["doc_id"]] if has_ids else [str(i) for i in indices]
-        return {"input_ids": ids, "doc_key": doc_ids}
+        return {"input_ids": tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]}
 
+    docs = corpus.select(rows)
     out = docs.map(
-        encode,
-        batched=True,
-        with_indices=True,
-        remove_columns=docs.column_names,
-        keep_in_memory=True,
+        encode, batched=True, remove_columns=docs.column_names, keep_in_memory=True
     ).with_format("arrow")
     ids = out["input_ids"].combine_chunks()
-    lengths = np.diff(ids.offsets.to_numpy())
-    return (
-        ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64),
-        lengths,
-        out["doc_key"].to_pylist(),
-    )
+    keys = [str(d) for d in docs["doc_id"]] if has_ids else [str(r) for r in rows]
+    values = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    return values, np.diff(ids.offsets.to_numpy()), keys
+
+
+def _token_stream(
+    corpus: Any, tokenizer: Any, text_column: str, seed: int, needed: int, progress: bool
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Documents in seeded order, each followed by EOS, until `needed` tokens (or the end).
+
+    Returns (stream [n_tokens] int64, document names, end offset of each document).
+    """
+    eos = tokenizer.eos_token_id
+    separator = np.array([] if eos is None else [eos], dtype=np.int64)
+    doc_order = np.random.default_rng(seed).permutation(len(corpus))
+    pieces: list[np.ndarray] = []
+    doc_keys: list[str] = []
+    doc_ends: list[int] = []
+    total = 0
+    bar = tqdm(total=needed, unit="tok", desc="tokenize", disable=not progress)
+    for start in range(0, len(corpus), _DOC_CHUNK):
+        rows = doc_order[start : start + _DOC_CHUNK]
+        values, lengths, keys = _tokenize_chunk(corpus, rows, tokenizer, text_column)
+        for doc, key in zip(np.split(values, np.cumsum(lengths)[:-1]), keys, strict=True):
+            if doc.size == 0:
+                continue
+            pieces.append(np.concatenate([doc, separator]))
+            total += pieces[-1].size
+            doc_keys.append(key)
+            doc_ends.append(total)
+        bar.update(min(total, needed) - bar.n)
+        if total >= needed:
+            break
+    bar.close()
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    return stream, doc_keys, np.asarray(doc_ends, dtype=np.int64)
 
 
 def _contexts_table(
@@ -171,8 +199,6 @@ def sample_tokens(
     n_eval = math.ceil(data_cfg.eval_tokens / T)
     n_train = math.ceil(data_cfg.train_tokens / T)
     needed = (n_eval + n_train) * T
-    eos = tokenizer.eos_token_id
-    separator = [] if eos is None else [int(eos)]
 
     with (
         tempfile.TemporaryDirectory(prefix="saeflow-datasets-") as cache_dir,
@@ -188,28 +214,12 @@ def sample_tokens(
                 f"data.text_column '{data_cfg.text_column}': the corpus has columns "
                 f"{', '.join(corpus.column_names)}; set data.text_column to the text column"
             )
-        docs = corpus.shuffle(seed=data_cfg.seed)
-        pieces: list[np.ndarray] = []
-        doc_keys: list[str] = []
-        doc_ends: list[int] = []
-        total = 0
-        bar = tqdm(total=needed, unit="tok", desc="tokenize", disable=not progress)
-        for start in range(0, len(docs), _DOC_CHUNK):
-            chunk = docs.select(range(start, min(start + _DOC_CHUNK, len(docs))))
-            values, lengths, keys = _tokenize_chunk(chunk, tokenizer, data_cfg.text_column)
-            for doc, key in zip(np.split(values, np.cumsum(lengths)[:-1]), keys, strict=True):
-                if doc.size == 0:
-                    continue
-                pieces.append(np.concatenate([doc, separator]) if separator else doc)
-                total += pieces[-1].size
-                doc_keys.append(key)
-                doc_ends.append(total)
-            bar.update(min(total, needed) - bar.n)
-            if total >= needed:
-                break
-        bar.close()
-        n_docs = len(docs)
+        stream, doc_keys, doc_ends = _token_stream(
+            corpus, tokenizer, data_cfg.text_column, data_cfg.seed, needed, progress
+        )
+        n_docs = len(corpus)
 
+    total = stream.size
     available = total // T
     if available < n_eval + n_train:
         raise ConfigError(
@@ -217,10 +227,9 @@ def sample_tokens(
             f"{T}) but data.train_tokens + data.eval_tokens need {needed}; lower data.train_tokens "
             "(or data.eval_tokens, data.context_len) or use a larger corpus"
         )
-    stream = np.concatenate(pieces)
     # The document each context starts in.
     starts = np.arange(available, dtype=np.int64) * T
-    doc_index = np.searchsorted(np.asarray(doc_ends), starts, side="right")
+    doc_index = np.searchsorted(doc_ends, starts, side="right")
     doc_of_context = [doc_keys[i] for i in doc_index]
     order = np.random.default_rng(data_cfg.seed).permutation(available)
     split_ids = {"eval": order[:n_eval], "train": order[n_eval : n_eval + n_train]}
@@ -241,7 +250,7 @@ def sample_tokens(
         "text_column": data_cfg.text_column,
         "seed": data_cfg.seed,
         "vocab_size": len(tokenizer),
-        "eos_token_id": eos,
+        "eos_token_id": tokenizer.eos_token_id,
         "corpus_documents": n_docs,
         "documents_tokenized": len(doc_keys),
         "stream_tokens": total,

@@ -55,7 +55,7 @@ class ShardFacts:
 
 class TableSummary(NamedTuple):
     tokens: pd.DataFrame  # [rows] token_id, position, norm, max_abs, nonfinite
-    dims: pd.DataFrame  # [width] dim, mean, std
+    dims: pd.DataFrame  # [width] dim, mean, std, constant
 
 
 class ShardSummary(NamedTuple):
@@ -90,11 +90,13 @@ def _activation_matrix(column: pa.Array | pa.ChunkedArray, width: int) -> np.nda
     """x: [rows, width] float32; a null activation row becomes NaN so it counts as non-finite."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    # flatten() honours slice offsets and skips null rows, unlike .values; Arrow's cast from
+    # float16 is ~10x faster than numpy's.
+    flat = column.flatten().cast(pa.float32()).to_numpy(zero_copy_only=False).reshape(-1, width)
+    if not column.null_count:
+        return flat
     x = np.full((len(column), width), np.nan, dtype=np.float32)
-    valid = column.is_valid().to_numpy(zero_copy_only=False)
-    # flatten() honours slice offsets and skips null rows, unlike .values
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    x[valid] = flat.reshape(-1, width).astype(np.float32, copy=False)
+    x[column.is_valid().to_numpy(zero_copy_only=False)] = flat
     return x
 
 
@@ -115,6 +117,10 @@ class SummaryBuilder:
     def add(self, batch: pa.RecordBatch | pa.Table) -> None:
         """batch: B rows. Cost: ~6 passes over the [B, d] float32 matrix."""
         x = _activation_matrix(batch.column("activation"), self.width)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported, not warned about
+            self._add(batch, x)
+
+    def _add(self, batch: pa.RecordBatch | pa.Table, x: np.ndarray) -> None:
         finite = np.isfinite(x)
         self._tokens.append(
             pd.DataFrame(
@@ -150,6 +156,8 @@ class SummaryBuilder:
         else:  # no rows: moments are undefined, not zero
             mean = std = np.full(self.width, np.nan)
         dims = pd.DataFrame({"dim": np.arange(self.width), "mean": mean, "std": std})
+        # One value repeated over 2+ tokens: a broken hook or a zero-filled buffer, not a model.
+        dims["constant"] = (dims["std"] == 0) & (self._count > 1)
         return TableSummary(tokens, dims)
 
 
@@ -179,7 +187,7 @@ def summarize_shard(
     try:
         with store.open(f"{dataset}/{shard_path(split, name)}", "rb") as fh:
             parquet = pq.ParquetFile(fh)
-            width_read, dtype, error = _activation_layout(parquet.schema_arrow)
+            width_read, dtype_found, error = _activation_layout(parquet.schema_arrow)
             if error:
                 raise ValueError(error)
             builder = SummaryBuilder(width_read)
@@ -189,7 +197,7 @@ def summarize_shard(
                 builder.add(batch)
                 rows_read += batch.num_rows
             summary = builder.finish()
-            dtype_read = dtype
+            dtype_read = dtype_found
     except Exception as err:  # noqa: BLE001 - a shard that cannot be read is a finding, not a crash
         message = str(err).splitlines()[0][:200] if str(err) else ""
         fact = ShardFacts(

@@ -1,4 +1,4 @@
-"""Prefect caching that never points at data the store no longer holds."""
+"""Prefect caching that never serves a reference to data the store no longer holds."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prefect import Task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.states import State
 from prefect.utilities.hashing import hash_objects
 
 from sae_core.stages import Location
@@ -15,20 +17,22 @@ from sae_core.stages import Location
 STANDARD = INPUTS - "progress" + TASK_SOURCE
 
 
+def _committed(location: Location, args: dict[str, Any]) -> bool:
+    return location.committed() is not None
+
+
 @dataclass
 class CommittedOutput(CachePolicy):
-    """INPUTS + TASK_SOURCE, keyed also by the output's location, and only while it is committed.
+    """INPUTS + TASK_SOURCE, plus the location the task writes its output to.
 
-    `locate` maps the task's inputs to the Location its output is written to; `is_done` says
-    whether that output exists (by default: the dataset is committed). When it does not (deleted, or never finished) the key is None: Prefect runs the task instead
-    of returning a cached reference to missing data. The location is part of the key because it
-    carries the fingerprint of the sae_core code, which TASK_SOURCE alone does not see.
+    `locate` maps the task's inputs to that Location; it carries the fingerprint of the sae_core
+    code, which TASK_SOURCE alone does not see. `is_done` says whether the output is really
+    there (default: the dataset is committed); `run_stage` uses it to refresh the cache entry
+    instead of serving it when the output is gone.
     """
 
     locate: Callable[..., Location] | None = None
-    is_done: Callable[[Location, dict[str, Any]], bool] = lambda loc, args: (
-        loc.committed() is not None
-    )
+    is_done: Callable[[Location, dict[str, Any]], bool] = _committed
 
     def compute_key(
         self,
@@ -37,9 +41,22 @@ class CommittedOutput(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        args = {k: v for k, v in inputs.items() if k != "progress"}
-        location = self.locate(**args)
-        if not self.is_done(location, args):
-            return None
+        location = self.locate(**_key_inputs(inputs))
         base = STANDARD.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
         return hash_objects(base, tuple(location))
+
+    def output_missing(self, inputs: dict[str, Any]) -> bool:
+        args = _key_inputs(inputs)
+        return not self.is_done(self.locate(**args), args)
+
+
+def _key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in inputs.items() if k != "progress"}
+
+
+def run_stage(task: Task, **inputs: Any) -> State:
+    """Call a stage task; when its output is missing from the store, recompute and re-cache it."""
+    policy = task.cache_policy
+    if isinstance(policy, CommittedOutput) and policy.output_missing(inputs):
+        task = task.with_options(refresh_cache=True)
+    return task(**inputs, return_state=True)

@@ -6,12 +6,21 @@ Everything is built from configs and seeded generators: no hub download, seconds
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
 
-import sae_core  # noqa: F401 - sets the offline environment before transformers imports
+# Tests keep their state (store, MLflow, Prefect home) out of the working directory.
+os.environ.setdefault("SAEFLOW_HOME", tempfile.mkdtemp(prefix="saeflow-test-home-"))
+
+from sae_core.env import apply_runtime_env  # noqa: E402
+
+# Offline, before transformers or datasets import (explicit: `import sae_core` does this too,
+# but only when it resolves to the package rather than a stale namespace mapping).
+apply_runtime_env()
 
 EOS = "<|endoftext|>"
 _WORDS = {

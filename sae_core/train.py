@@ -1,0 +1,377 @@
+"""Training a TopK SAE: Adam, AuxK dead-latent bookkeeping, checkpoints and exact resume.
+
+Layers, outermost first:
+- `train_sae(acts, sae_cfg, train_cfg, writer, checkpoint_dir)`: reads the stored activations,
+  trains, writes `sae.safetensors`, `config.json`, `history.json` and the manifest.
+- `run_training(...)`: any batch source; resumes from the last checkpoint on the store if one
+  exists, checkpoints every N tokens, returns the Trainer.
+- `Trainer.step(x_raw)`: one optimiser step on a [B, d] batch.
+
+A checkpoint (one safetensors file, written atomically) holds the weights, Adam's moments,
+the dead-latent counters, the data cursor (epoch, batch), the RNG state and the history, so a
+run killed at any point restarts from it and, on CPU, ends with bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from tqdm.auto import tqdm
+
+from sae_core.config import ConfigError, SAEConfig, TrainConfig
+from sae_core.normalize import InputNorm, geometric_median
+from sae_core.refs import DatasetRef
+from sae_core.sae import WEIGHTS_FILE, TopKSAE
+from sae_core.sae.topk import FIRE_THRESHOLD, safetensors_metadata
+from sae_core.store import DatasetWriter, Store
+
+CHECKPOINT_FILE = "last.safetensors"
+CHECKPOINT_FORMAT = "saeflow.checkpoint"
+INIT_SAMPLE_TOKENS = 32_768  # the released code's sample size for the geometric median
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 6.25e-10
+
+# (epoch, start_batch) -> that epoch's [B, d] batches from start_batch on; same args, same batches.
+BatchSource = Callable[[int, int], Iterator[torch.Tensor]]
+
+
+def _no_mark(phase: str) -> None:
+    pass
+
+
+def default_lr(n_latents: int) -> float:
+    """Gao et al.: 2e-4 / sqrt(n / 2^14)."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+class DeadLatents:
+    """Tokens since each latent last fired; dead = silent for at least `window` tokens."""
+
+    def __init__(self, n: int, window: int, device: torch.device | str = "cpu"):
+        self.window = window
+        self.since = torch.zeros(n, dtype=torch.int64, device=device)
+
+    def update(self, idx: torch.Tensor, vals: torch.Tensor) -> None:
+        """idx, vals: [B, k], the batch's active latents. Cost O(B k + n)."""
+        self.since += idx.shape[0]
+        self.since[idx[vals > FIRE_THRESHOLD]] = 0
+
+    def mask(self) -> torch.Tensor:
+        """[n] bool: the latents AuxK may use."""
+        return self.since >= self.window
+
+    def fraction(self, window: int | None = None) -> float:
+        return float((self.since >= (window or self.window)).float().mean())
+
+
+@dataclass
+class TrainState:
+    """The data cursor and counters a checkpoint restores."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    sae: TopKSAE
+    history: list[dict[str, float]]
+    manifest: dict[str, Any]
+    resumed_from_tokens: int  # 0 for a fresh run
+
+
+def init_sae(d: int, sae_cfg: SAEConfig, sample: torch.Tensor, seed: int) -> TopKSAE:
+    """A fresh SAE: normalisation fitted on `sample` [N, d] raw, b_pre at its (normalised)
+    geometric median or mean, tied encoder/decoder drawn from `seed`."""
+    norm = InputNorm.fit(sae_cfg.normalize, sample)
+    sae = TopKSAE(d, sae_cfg, norm, generator=torch.Generator().manual_seed(seed))
+    x, _ = norm.apply(sample.float())
+    centre = geometric_median(x) if sae_cfg.b_pre_init == "geometric_median" else x.mean(dim=0)
+    with torch.no_grad():
+        sae.b_pre.copy_(centre)
+    return sae
+
+
+class Trainer:
+    """Owns the SAE, its optimiser, the dead-latent counters and the training state."""
+
+    def __init__(self, sae: TopKSAE, train_cfg: TrainConfig, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.sae = sae.to(self.device)
+        self.cfg = train_cfg
+        self.lr = train_cfg.lr or default_lr(sae.n_latents)
+        self.opt = torch.optim.Adam(
+            self.sae.parameters(), lr=self.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True
+        )
+        self.dead = DeadLatents(sae.n_latents, sae.cfg.dead_window_tokens, self.device)
+        self.state = TrainState()
+        self.resumed_from_tokens = 0
+
+    def step(self, x_raw: torch.Tensor, mark: Callable[[str], None] | None = None) -> dict[str, float]:
+        """One optimiser step on raw activations x_raw: [B, d]; returns the step's figures.
+
+        mark(phase) is called as each phase ends (normalize, gemm, topk, decode, backward,
+        optimizer), for the benchmark's time breakdown.
+        """
+        mark = mark or _no_mark
+        sae = self.sae
+        x, _ = sae.norm.apply(x_raw.to(self.device, torch.float32, non_blocking=True))
+        mark("normalize")
+        pre = sae.preacts(x)
+        mark("gemm")
+        sel = sae.select(pre, self.dead.mask())
+        mark("topk")
+        out = sae.losses(x, pre, sel)
+        mark("decode")
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        mark("backward")
+        sae.project_decoder_grad()
+        if self.cfg.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip_norm)
+        self.opt.step()
+        sae.normalize_decoder()
+        self.dead.update(out.latent_idx, out.latent_vals)
+        mark("optimizer")
+
+        st = self.state
+        st.step += 1
+        st.tokens_seen += x.shape[0]
+        st.batch_in_epoch += 1
+        record = {
+            "step": st.step,
+            "tokens": st.tokens_seen,
+            "loss": float(out.loss.detach()),
+            "nmse": float(out.nmse.detach()),
+            "aux_loss": float(out.aux_loss.detach()),
+            "l0": float((out.latent_vals > 0).sum()) / x.shape[0],
+            "dead_fraction": self.dead.fraction(),
+        }
+        st.history.append(record)
+        return record
+
+    # Checkpoints -------------------------------------------------------------------------------
+    def checkpoint_bytes(self) -> bytes:
+        """Everything needed to continue bit-identically, as one safetensors byte string."""
+        tensors: dict[str, torch.Tensor] = {}
+        names = [name for name, _ in self.sae.named_parameters()]
+        for name, p in self.sae.named_parameters():
+            tensors[f"model.{name}"] = p.detach()
+        for i, state in self.opt.state_dict()["state"].items():
+            for key, value in state.items():
+                tensors[f"optim.{names[i]}.{key}"] = value
+        tensors["dead.since"] = self.dead.since
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        st = asdict(self.state)
+        history = st.pop("history")
+        meta = self.sae.metadata() | {
+            "format": CHECKPOINT_FORMAT,
+            "train_config": self.cfg.model_dump_json(exclude={"device"}),
+            "state": json.dumps(st),
+            "history": json.dumps(history),
+        }
+        return save_tensors(tensors, metadata=meta)
+
+    @classmethod
+    def from_checkpoint(
+        cls, data: bytes, train_cfg: TrainConfig, device: torch.device | str = "cpu"
+    ) -> Trainer:
+        meta = safetensors_metadata(data)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"not a saeflow checkpoint (format={meta.get('format')!r})")
+        saved_train = TrainConfig.model_validate_json(meta["train_config"])
+        if saved_train.model_dump(
+            exclude={"device", "checkpoint_every_tokens"}
+        ) != train_cfg.model_dump(exclude={"device", "checkpoint_every_tokens"}):
+            raise ConfigError(
+                "checkpoint was written with another train config; delete its checkpoint folder to start over"
+            )
+        tensors = load_tensors(data)
+        sae = TopKSAE(
+            int(meta["d"]),
+            SAEConfig.model_validate_json(meta["config"]),
+            InputNorm.from_json(json.loads(meta["normalization"])),
+        )
+        sae.load_state_dict(
+            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        trainer = cls(sae, train_cfg, device)
+        names = [name for name, _ in sae.named_parameters()]
+        opt_state = trainer.opt.state_dict()
+        opt_state["state"] = {
+            i: {
+                key: tensors[f"optim.{name}.{key}"]
+                for key in ("step", "exp_avg", "exp_avg_sq")
+                if f"optim.{name}.{key}" in tensors
+            }
+            for i, name in enumerate(names)
+            if f"optim.{name}.exp_avg" in tensors
+        }
+        trainer.opt.load_state_dict(opt_state)
+        trainer.dead.since.copy_(tensors["dead.since"])
+        torch.set_rng_state(tensors["rng.cpu"])
+        if "rng.cuda" in tensors and trainer.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], trainer.device)
+        trainer.state = TrainState(**json.loads(meta["state"]), history=json.loads(meta["history"]))
+        trainer.resumed_from_tokens = trainer.state.tokens_seen
+        return trainer
+
+
+def run_training(
+    d: int,
+    sae_cfg: SAEConfig,
+    train_cfg: TrainConfig,
+    source: BatchSource,
+    steps_per_epoch: int,
+    init_sample: Callable[[], torch.Tensor],
+    store: Store | None = None,
+    checkpoint_dir: str | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> Trainer:
+    """Train from `source`, resuming from `checkpoint_dir` on `store` when a checkpoint is there.
+
+    init_sample() -> [N, d] raw activations, called only for a fresh start. stop_after_steps
+    ends early (after checkpointing) as a deliberate interruption, for tests.
+    """
+    ckpt = f"{checkpoint_dir}/{CHECKPOINT_FILE}" if store is not None and checkpoint_dir else None
+    if ckpt is not None and store.exists(ckpt):
+        trainer = Trainer.from_checkpoint(store.read_bytes(ckpt), train_cfg, device)
+        if trainer.sae.cfg != sae_cfg or trainer.sae.d != d:
+            raise ConfigError(
+                f"checkpoint {ckpt} belongs to another SAE config; delete it to start over"
+            )
+    else:
+        torch.manual_seed(train_cfg.seed)
+        trainer = Trainer(init_sae(d, sae_cfg, init_sample(), train_cfg.seed), train_cfg, device)
+
+    st = trainer.state
+    every = train_cfg.checkpoint_every_tokens
+    total = train_cfg.epochs * steps_per_epoch
+    with tqdm(
+        total=total, initial=st.step, desc="train sae", unit="step", disable=not progress
+    ) as bar:
+        while st.epoch < train_cfg.epochs:
+            for x in source(st.epoch, st.batch_in_epoch):
+                before = st.tokens_seen
+                rec = trainer.step(x)
+                bar.update(1)
+                bar.set_postfix(
+                    nmse=f"{rec['nmse']:.4f}", dead=f"{rec['dead_fraction']:.3f}", refresh=False
+                )
+                if ckpt is not None and st.tokens_seen // every > before // every:
+                    store.write_bytes(ckpt, trainer.checkpoint_bytes())
+                if stop_after_steps is not None and st.step >= stop_after_steps:
+                    return trainer
+            st.epoch += 1
+            st.batch_in_epoch = 0
+    if ckpt is not None:
+        store.write_bytes(ckpt, trainer.checkpoint_bytes())
+    return trainer
+
+
+def tensor_source(data: torch.Tensor, batch_size: int, seed: int) -> BatchSource:
+    """Shuffled in-memory batches of data: [N, d]; the order depends only on (seed, epoch)."""
+
+    def source(epoch: int, start_batch: int) -> Iterator[torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(data.shape[0], generator=g)
+        for b in range(start_batch, data.shape[0] // batch_size):
+            yield data[perm[b * batch_size : (b + 1) * batch_size]]
+
+    return source
+
+
+def summarize(trainer: Trainer) -> dict[str, Any]:
+    """The final figures for the manifest. final_nmse: mean over the last 5% of steps."""
+    sae, st = trainer.sae, trainer.state
+    tail = st.history[-max(1, len(st.history) // 20) :]
+    window = min(sae.cfg.dead_window_tokens, max(st.tokens_seen, 1))
+    return {
+        "d": sae.d,
+        "n": sae.n_latents,
+        "k": sae.k,
+        "k_aux": sae.k_aux,
+        "normalization": sae.norm.to_json(),
+        "tokens_seen": st.tokens_seen,
+        "steps": st.step,
+        "lr": trainer.lr,
+        "final_nmse": sum(r["nmse"] for r in tail) / len(tail) if tail else float("nan"),
+        # AuxK's criterion (silent for dead_window_tokens) and, for runs shorter than the
+        # window, the share of latents silent over the whole run.
+        "dead_fraction": trainer.dead.fraction(),
+        "dead_fraction_run": trainer.dead.fraction(window),
+    }
+
+
+def train_sae(
+    acts: DatasetRef,
+    sae_cfg: SAEConfig,
+    train_cfg: TrainConfig,
+    writer: DatasetWriter,
+    checkpoint_dir: str,
+    progress: bool = True,
+) -> TrainResult:
+    """Train on the `train` split of a committed activations dataset and fill `writer`.
+
+    checkpoint_dir: a store-relative folder outside the dataset folder (it survives the
+    clearing of unfinished attempts), e.g. `checkpoints/<fingerprint>`.
+    """
+    from sae_core.activations import iter_batches
+    from sae_core.device import pick_device
+
+    manifest = acts.manifest()
+    d = int(manifest["width"])
+    rows = int(manifest["splits"]["train"]["rows"])
+    steps_per_epoch = rows // train_cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size={train_cfg.batch_size} exceeds the {rows} training activations; "
+            "lower train.batch_size or raise data.train_tokens"
+        )
+    if sae_cfg.k_aux is not None and sae_cfg.k_aux > sae_cfg.n_latents:
+        raise ConfigError(f"sae.k_aux={sae_cfg.k_aux} exceeds sae.n_latents={sae_cfg.n_latents}")
+
+    def source(epoch: int, start_batch: int) -> Iterator[torch.Tensor]:
+        return iter_batches(acts, "train", train_cfg.batch_size, train_cfg.seed, epoch, start_batch)
+
+    def init_sample() -> torch.Tensor:
+        size = min(INIT_SAMPLE_TOKENS, rows)
+        return next(iter_batches(acts, "train", size, train_cfg.seed + 1, 0, 0))
+
+    store = writer.store
+    trainer = run_training(
+        d,
+        sae_cfg,
+        train_cfg,
+        source,
+        steps_per_epoch,
+        init_sample,
+        store=store,
+        checkpoint_dir=checkpoint_dir,
+        device=pick_device(train_cfg.device),
+        progress=progress,
+    )
+    sae = trainer.sae
+    history = trainer.state.history
+    writer.write_bytes(WEIGHTS_FILE, sae.cpu().to_bytes())
+    writer.write_json("config.json", {"sae": sae_cfg.model_dump(), "train": train_cfg.model_dump()})
+    writer.write_json("history.json", history)
+    writer.manifest = {"kind": "sae", "schema_version": 1, "activations": acts.uri} | summarize(
+        trainer
+    )
+    return TrainResult(sae, history, writer.manifest, trainer.resumed_from_tokens)

@@ -1,0 +1,153 @@
+"""The whole flow on a tiny random Llama and a generated corpus, through Prefect and MLflow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sae_core.config import PipelineConfig, build_config
+from sae_core.store import Store
+
+ALL_STAGES = [
+    "sample_tokens",
+    "extract_activations",
+    "validate",
+    "train_sae",
+    "evaluate_sae",
+    "register_model",
+]
+
+
+def tiny_config(model_dir, corpus_dir, store: str, **sections) -> PipelineConfig:
+    data = {
+        "name": "tiny-test",
+        "store": store,
+        "model": {"path": str(model_dir), "hook": "resid_post.2"},
+        "data": {
+            "corpus": str(corpus_dir),
+            "context_len": 32,
+            "train_tokens": 4096,
+            "eval_tokens": 512,
+            "shard_rows": 1500,
+        },
+        "sae": {"n_latents": 256, "k": 8, "dead_window_tokens": 2048},
+        "train": {"batch_size": 256, "checkpoint_every_tokens": 2048},
+        "registry": {"model_name": "tiny-sae"},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return build_config(data)
+
+
+def run(config: PipelineConfig):
+    from flows.pipeline import pipeline
+
+    return pipeline(config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def prefect():
+    """One ephemeral Prefect API for the module (starting one costs ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect, tiny_llama_dir, tiny_corpus_dir, local_store):
+    config = tiny_config(tiny_llama_dir, tiny_corpus_dir, local_store)
+    return config, run(config)
+
+
+def test_first_run_computes_every_stage(first_run):
+    _, result = first_run
+    assert list(result.stages) == ALL_STAGES
+    assert set(result.stages.values()) == {"Completed"}
+
+
+def test_outputs_are_committed_with_manifests(first_run, local_store):
+    config, result = first_run
+    store = Store(local_store)
+    tokens = store.manifest(result.tokens.path)
+    acts = store.manifest(result.activations.path)
+    sae = store.manifest(result.sae.path)
+    assert tokens["splits"]["train"]["tokens"] >= 4096
+    assert acts["width"] == 64 and acts["hook"] == "resid_post.2"
+    # Position 0 of every context is skipped, so 31 of 32 tokens per context are kept.
+    assert acts["splits"]["train"]["rows"] == tokens["splits"]["train"]["contexts"] * 31
+    assert (
+        sum(s["rows"] for s in acts["splits"]["train"]["shards"]) == acts["splits"]["train"]["rows"]
+    )
+    assert sae["tokens_seen"] > 0
+    assert store.exists(f"{result.sae.path}/sae.safetensors")
+    all_rows = sum(split["rows"] for split in acts["splits"].values())
+    assert result.validation.passed and result.validation.rows == all_rows
+
+
+def test_metrics_are_in_plausible_ranges(first_run):
+    _, result = first_run
+    m = result.evaluation.metrics
+    assert 0 < m["nmse"] < 1  # better than predicting the mean
+    assert 0 < m["l0"] <= 8
+    assert 0 <= m["dead_fraction"] < 1
+    for key in ("ce_clean", "ce_spliced", "ce_zero"):
+        assert math.isfinite(m[key]) and m[key] > 0
+    assert m["delta_lm_loss"] == pytest.approx(m["ce_spliced"] - m["ce_clean"])
+    assert m["eval_tokens"] == pytest.approx(16 * 31)
+
+
+def test_registry_holds_the_version_with_its_alias(first_run):
+    import mlflow
+
+    _, result = first_run
+    reg = result.registry
+    client = mlflow.MlflowClient(reg.tracking_uri)
+    version = client.get_model_version_by_alias("tiny-sae", "challenger")
+    assert str(version.version) == reg.version
+    run = client.get_run(reg.run_id)
+    assert run.data.metrics["nmse"] == pytest.approx(result.evaluation.metrics["nmse"])
+    assert run.data.params["sae.k"] == "8"
+    artifacts = {a.path for a in client.list_artifacts(reg.run_id, "sae")}
+    assert "sae/sae.safetensors" in artifacts
+    assert not any(a.endswith((".pkl", ".pickle")) for a in artifacts)
+
+
+def test_second_run_is_cached_and_registers_nothing_new(first_run):
+    config, result = first_run
+    again = run(config)
+    assert set(again.stages.values()) == {"Cached"}, again.stages
+    assert again.registry.version == result.registry.version
+    assert again.evaluation.metrics == pytest.approx(result.evaluation.metrics, nan_ok=True)
+
+
+def test_changing_the_sae_reruns_only_train_evaluate_register(
+    first_run, tiny_llama_dir, tiny_corpus_dir, local_store
+):
+    config, result = first_run
+    changed = run(tiny_config(tiny_llama_dir, tiny_corpus_dir, local_store, sae={"k": 16}))
+    assert [s for s, state in changed.stages.items() if state != "Cached"] == [
+        "train_sae",
+        "evaluate_sae",
+        "register_model",
+    ]
+    assert changed.sae.path != result.sae.path
+    assert int(changed.registry.version) == int(result.registry.version) + 1
+
+
+def test_deleted_output_is_recomputed_not_served_from_cache(first_run, local_store):
+    config, result = first_run
+    store = Store(local_store)
+    store.rm(result.sae.path)
+    again = run(config)
+    assert again.stages["train_sae"] == "Completed"
+    assert store.is_committed(result.sae.path)
+    assert again.sae == result.sae
+    # Downstream stages see the same SAE fingerprint, so they stay cached.
+    assert again.stages["evaluate_sae"] == "Cached"

@@ -1,0 +1,234 @@
+"""Training: the full train_sae path on a stored activations dataset, exact resume, recovery."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sae_core.activations import ACTIVATION_SCHEMA
+from sae_core.config import ConfigError, SAEConfig, TrainConfig
+from sae_core.refs import DatasetRef
+from sae_core.sae import load_sae
+from sae_core.store import Store
+from sae_core.train import (
+    CHECKPOINT_FILE,
+    DeadLatents,
+    Trainer,
+    default_lr,
+    init_sae,
+    run_training,
+    tensor_source,
+    train_sae,
+)
+
+
+def sparse_dictionary_data(
+    n_tokens: int, d: int = 32, n_features: int = 64, active: int = 3, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens that are sums of `active` unit features with coefficients in [0.1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n_features, d, generator=g)
+    features /= features.norm(dim=1, keepdim=True)
+    which = torch.rand(n_tokens, n_features, generator=g).argsort(dim=1)[:, :active]
+    coef = torch.rand(n_tokens, active, generator=g) * 0.9 + 0.1
+    return (coef[..., None] * features[which]).sum(dim=1), features
+
+
+def write_activations(
+    store: Store, path: str, train: torch.Tensor, eval_: torch.Tensor
+) -> DatasetRef:
+    """A committed activations dataset in the contract's layout, one shard per split."""
+    d = train.shape[1]
+    splits = {}
+    with store.writing(path) as w:
+        for split, x in (("train", train), ("eval", eval_)):
+            n = x.shape[0]
+            table = pa.table(
+                {
+                    "activation": pa.FixedSizeListArray.from_arrays(
+                        pa.array(x.reshape(-1).numpy()), d
+                    ),
+                    "sequence": pa.array(range(n), pa.int64()),
+                    "position": pa.array([1] * n, pa.int32()),
+                    "token_id": pa.array([0] * n, pa.int32()),
+                },
+                schema=ACTIVATION_SCHEMA(d),
+            )
+            name = f"{split}/shard-00000.parquet"
+            with w.open(name) as fh:
+                pq.write_table(table, fh)
+            splits[split] = {"rows": n, "shards": [{"name": name, "rows": n, "bytes": 0}]}
+        w.manifest = {
+            "kind": "activations",
+            "schema_version": 1,
+            "fingerprint": "test",
+            "width": d,
+            "splits": splits,
+        }
+    return DatasetRef(store=store.uri, path=path, fingerprint="test", rows=train.shape[0])
+
+
+def test_default_lr_follows_the_paper():
+    assert default_lr(2**14) == pytest.approx(2e-4)
+    assert default_lr(2**16) == pytest.approx(1e-4)
+
+
+def test_train_sae_writes_weights_history_and_manifest(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    x, _ = sparse_dictionary_data(4096)
+    acts = write_activations(store, "activations/test", x * 5 + 2, x[:256])
+    sae_cfg = SAEConfig(n_latents=96, k=3, dead_window_tokens=1024)
+    train_cfg = TrainConfig(
+        batch_size=256, epochs=2, lr=3e-3, device="cpu", checkpoint_every_tokens=2048
+    )
+    with store.writing("sae/test") as writer:
+        result = train_sae(acts, sae_cfg, train_cfg, writer, "checkpoints/test", progress=False)
+    manifest = store.manifest("sae/test")
+    assert manifest["kind"] == "sae" and manifest["tokens_seen"] == 2 * 4096
+    assert (manifest["d"], manifest["n"], manifest["k"]) == (32, 96, 3)
+    assert manifest["normalization"]["mode"] == "per_token"
+    assert 0 <= manifest["dead_fraction"] <= 1 and manifest["final_nmse"] < 0.8
+    history = store.read_json("sae/test/history.json")
+    assert len(history) == 32 and {"loss", "nmse", "dead_fraction", "l0", "aux_loss"} <= set(
+        history[0]
+    )
+    assert history[-1]["nmse"] < history[0]["nmse"]
+    assert json.loads(store.read_bytes("sae/test/config.json"))["sae"]["n_latents"] == 96
+    assert store.exists(f"checkpoints/test/{CHECKPOINT_FILE}")
+    loaded = load_sae(DatasetRef(store=store.uri, path="sae/test", fingerprint="test"))
+    raw = x[:64] * 5 + 2
+    torch.testing.assert_close(loaded.reconstruct(raw), result.sae.reconstruct(raw))
+    assert result.resumed_from_tokens == 0
+
+
+def test_train_sae_rejects_a_batch_larger_than_the_data(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    x, _ = sparse_dictionary_data(100)
+    acts = write_activations(store, "activations/small", x, x)
+    with pytest.raises(ConfigError, match="train.batch_size"), store.writing("sae/x") as writer:
+        train_sae(
+            acts, SAEConfig(n_latents=8, k=2), TrainConfig(batch_size=256), writer, "checkpoints/x"
+        )
+
+
+def _run(store, x, stop=None, every=1024, epochs=2):
+    sae_cfg = SAEConfig(n_latents=64, k=3, dead_window_tokens=512, multi_topk=False)
+    train_cfg = TrainConfig(batch_size=128, epochs=epochs, lr=3e-3, checkpoint_every_tokens=every)
+    return run_training(
+        32,
+        sae_cfg,
+        train_cfg,
+        tensor_source(x, 128, 0),
+        len(x) // 128,
+        lambda: x[:1024],
+        store=store,
+        checkpoint_dir="ckpt",
+        progress=False,
+        stop_after_steps=stop,
+    )
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    x, _ = sparse_dictionary_data(2048)
+    full = _run(None, x)
+    store = Store(str(tmp_path / "store"))
+    # Interrupted mid-epoch 1 (step 21), after the checkpoint at step 16 (2048 tokens).
+    first = _run(store, x, stop=21)
+    assert first.state.step == 21
+    torch.manual_seed(12345)  # the restart must not depend on the process's RNG state
+    resumed = _run(store, x)
+    assert resumed.resumed_from_tokens == 2048
+    assert resumed.state.step == full.state.step == 32
+    for name, p in full.sae.named_parameters():
+        assert torch.equal(p, dict(resumed.sae.named_parameters())[name]), name
+    assert torch.equal(full.dead.since, resumed.dead.since)
+    assert [r["loss"] for r in full.state.history] == [r["loss"] for r in resumed.state.history]
+
+
+def test_checkpoint_round_trip_restores_optimizer_and_counters():
+    x, _ = sparse_dictionary_data(1024)
+    t = _run(None, x, epochs=1)
+    data = t.checkpoint_bytes()
+    back = Trainer.from_checkpoint(data, t.cfg)
+    for name, p in t.sae.named_parameters():
+        i = list(dict(t.sae.named_parameters())).index(name)
+        s0, s1 = t.opt.state[p], back.opt.state[list(back.sae.parameters())[i]]
+        assert torch.equal(s0["exp_avg_sq"], s1["exp_avg_sq"]) and torch.equal(
+            s0["step"], s1["step"]
+        )
+    assert back.state.step == t.state.step and back.state.history == t.state.history
+    with pytest.raises(ConfigError, match="another train config"):
+        Trainer.from_checkpoint(data, t.cfg.model_copy(update={"lr": 1.0}))
+
+
+def test_feature_recovery_on_a_known_sparse_dictionary():
+    x, features = sparse_dictionary_data(2**14, d=32, n_features=64, active=3)
+    sae_cfg = SAEConfig(n_latents=128, k=3, normalize="none", dead_window_tokens=4096)
+    train_cfg = TrainConfig(batch_size=256, epochs=6, lr=3e-3)
+    trainer = run_training(
+        32,
+        sae_cfg,
+        train_cfg,
+        tensor_source(x, 256, 0),
+        len(x) // 256,
+        lambda: x[:4096],
+        progress=False,
+    )
+    max_cos = (features @ trainer.sae.W_dec.detach().T).max(dim=1).values
+    recovered = (max_cos > 0.9).float().mean().item()
+    print(f"recovered {recovered:.3f} of 64 features; median max cosine {max_cos.median():.4f}")
+    assert recovered >= 0.9
+
+
+def test_dead_window_is_counted_in_tokens():
+    dead = DeadLatents(n=4, window=1000)
+    idx, vals = torch.tensor([[0, 1]] * 300), torch.ones(300, 2)
+    for _ in range(3):  # 900 tokens: nothing dead yet
+        dead.update(idx, vals)
+    assert not dead.mask().any()
+    dead.update(idx[:100], vals[:100])  # 1000 tokens without latents 2, 3
+    assert dead.mask().tolist() == [False, False, True, True]
+    dead.update(torch.tensor([[2, 3]]), torch.tensor([[1.0, 1e-4]]))  # 3 fires; 1e-4 is no firing
+    assert dead.mask().tolist() == [False, False, False, True]
+
+
+def _dead_after_training(aux_alpha: float) -> tuple[float, float]:
+    """Data in a 24-dim subspace of R^32 (768 features, 4 active); half the latents start almost
+    orthogonal to it, so they never win the top-k on their own."""
+    d, sub = 32, 24
+    g = torch.Generator().manual_seed(1)
+    feats = torch.cat([torch.randn(768, sub, generator=g), torch.zeros(768, d - sub)], dim=1)
+    feats /= feats.norm(dim=1, keepdim=True)
+    which = torch.rand(2**14, 768, generator=g).argsort(dim=1)[:, :4]
+    x = ((torch.rand(2**14, 4, generator=g) * 0.9 + 0.1)[..., None] * feats[which]).sum(dim=1)
+    cfg = SAEConfig(
+        n_latents=128, k=4, normalize="none", dead_window_tokens=2048, aux_alpha=aux_alpha
+    )
+    sae = init_sae(d, cfg, x[:4096], seed=0)
+    with torch.no_grad():
+        W = sae.W_dec.clone()
+        W[64:, :sub] *= 0.05
+        W /= W.norm(dim=1, keepdim=True)
+        sae.W_dec.copy_(W)
+        sae.W_enc.copy_(W)
+    trainer = Trainer(sae, TrainConfig(batch_size=256, lr=3e-3))
+    source = tensor_source(x, 256, 0)
+    for epoch in range(8):
+        for batch in source(epoch, 0):
+            trainer.step(batch)
+    return trainer.dead.fraction(), trainer.state.history[-1]["nmse"]
+
+
+def test_auxk_revives_dead_latents():
+    dead_plain, nmse_plain = _dead_after_training(aux_alpha=0.0)
+    dead_aux, nmse_aux = _dead_after_training(aux_alpha=1 / 32)
+    print(
+        f"dead fraction: TopK {dead_plain:.3f} (nmse {nmse_plain:.3f}), TopK+AuxK {dead_aux:.3f} (nmse {nmse_aux:.3f})"
+    )
+    assert dead_plain >= 0.4
+    assert dead_aux <= 0.1
+    assert nmse_aux < nmse_plain
