@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from fsspec.core import url_to_fs
 
@@ -42,6 +44,19 @@ def safe_relpath(rel: str) -> str:
     return "/".join(parts)
 
 
+def _probe_endpoint(endpoint: str, timeout: float = 3.0) -> None:
+    """A TCP connect to the S3 endpoint: seconds to fail, where the client's retries take minutes."""
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        raise StoreError(
+            f"S3 endpoint {endpoint} is unreachable ({err.strerror or type(err).__name__}): "
+            "start the server (saeflow services up) or fix AWS_ENDPOINT_URL"
+        ) from None
+
+
 class Store:
     """A root URI and the fsspec filesystem behind it."""
 
@@ -51,6 +66,7 @@ class Store:
             uri = str(Path(uri).expanduser().resolve())
         self.uri = uri.rstrip("/")
         self.protocol = uri.split("://")[0] if "://" in uri else "file"
+        self.endpoint: str | None = None
         if self.protocol not in ("file", "s3", "memory"):
             raise StoreError(
                 f"store '{uri}': unsupported scheme; use a local path or s3://bucket/prefix"
@@ -58,14 +74,15 @@ class Store:
         options: dict[str, Any] = {}
         if self.protocol == "s3":
             # Endpoint and credentials come from the standard AWS variables.
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            if endpoint:
-                options["client_kwargs"] = {"endpoint_url": endpoint}
+            self.endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            if self.endpoint:
+                options["client_kwargs"] = {"endpoint_url": self.endpoint}
             options["config_kwargs"] = {
                 "connect_timeout": 5,
                 "read_timeout": 60,
                 "retries": {"max_attempts": 5, "mode": "standard"},
             }
+        self._options = options
         self.fs, self.root = url_to_fs(self.uri, **options)
         self.root = self.root.rstrip("/")
 
@@ -74,8 +91,12 @@ class Store:
 
     def check(self) -> None:
         """Fail fast with a clear message when the store cannot be reached or written."""
+        if self.protocol == "s3" and self.endpoint:
+            _probe_endpoint(self.endpoint)
         try:
             if self.protocol == "s3":
+                # A fresh client: fsspec's cached one may hold other credentials.
+                self.fs, _ = url_to_fs(self.uri, skip_instance_cache=True, **self._options)
                 bucket = self.root.split("/")[0]
                 if not self.fs.exists(bucket):
                     self.fs.mkdir(bucket)

@@ -60,8 +60,9 @@ class DeadLatents:
 
     def update(self, idx: torch.Tensor, vals: torch.Tensor) -> None:
         """idx, vals: [B, k], the batch's active latents. Cost O(B k + n)."""
-        self.since += idx.shape[0]
-        self.since[idx[vals > FIRE_THRESHOLD]] = 0
+        hits = torch.zeros(self.since.shape, dtype=vals.dtype, device=vals.device)
+        hits.index_add_(0, idx.reshape(-1), (vals > FIRE_THRESHOLD).reshape(-1).to(vals.dtype))
+        self.since = torch.where(hits > 0, 0, self.since + idx.shape[0])
 
     def mask(self) -> torch.Tensor:
         """[n] bool: the latents AuxK may use."""
@@ -117,7 +118,9 @@ class Trainer:
         self.state = TrainState()
         self.resumed_from_tokens = 0
 
-    def step(self, x_raw: torch.Tensor, mark: Callable[[str], None] | None = None) -> dict[str, float]:
+    def step(
+        self, x_raw: torch.Tensor, mark: Callable[[str], None] | None = None
+    ) -> dict[str, float]:
         """One optimiser step on raw activations x_raw: [B, d]; returns the step's figures.
 
         mark(phase) is called as each phase ends (normalize, gemm, topk, decode, backward,
@@ -131,7 +134,7 @@ class Trainer:
         mark("gemm")
         sel = sae.select(pre, self.dead.mask())
         mark("topk")
-        out = sae.losses(x, pre, sel)
+        out = sae.losses(x, sel)
         mark("decode")
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -276,11 +279,13 @@ def run_training(
                 if ckpt is not None and st.tokens_seen // every > before // every:
                     store.write_bytes(ckpt, trainer.checkpoint_bytes())
                 if stop_after_steps is not None and st.step >= stop_after_steps:
+                    trainer.sae.free_buffer()
                     return trainer
             st.epoch += 1
             st.batch_in_epoch = 0
     if ckpt is not None:
         store.write_bytes(ckpt, trainer.checkpoint_bytes())
+    trainer.sae.free_buffer()
     return trainer
 
 

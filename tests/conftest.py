@@ -139,3 +139,12 @@ def tiny_corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-corpus")
     write_corpus(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def prefect():
+    """One ephemeral Prefect API for the whole session (starting one costs ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -85,3 +85,32 @@ def test_input_gradient_matches_dense(kernel_path):
         sae(x, dense=dense).loss.backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_row_projection_and_normalisation(kernel_path):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(40, 24, generator=g)
+    W /= W.norm(dim=1, keepdim=True)
+    G = torch.randn(40, 24, generator=g)
+    expected = G - (G * W).sum(dim=1, keepdim=True) * W
+    kernels.project_rows_(W, G)
+    torch.testing.assert_close(G, expected)
+    assert (G * W).sum(dim=1).abs().max() < 1e-5
+    V = torch.randn(40, 24, generator=g) * 3
+    kernels.normalize_rows_(V)
+    torch.testing.assert_close(V.norm(dim=1), torch.ones(40))
+
+
+def test_decode_bias_gradient_matches_dense(kernel_path):
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(30, 8, generator=g).requires_grad_()
+    bias = torch.randn(8, generator=g).requires_grad_()
+    idx = torch.stack([torch.randperm(30, generator=g)[:5] for _ in range(12)])
+    vals = torch.rand(12, 5, generator=g).requires_grad_()
+    target = torch.randn(12, 8, generator=g)
+    grads = []
+    for dense in (False, True):
+        loss = (kernels.sparse_decode(idx, vals, W, bias, dense=dense) - target).pow(2).sum()
+        grads.append(torch.autograd.grad(loss, (vals, W, bias)))
+    for sparse_g, dense_g in zip(*grads, strict=True):
+        torch.testing.assert_close(sparse_g, dense_g, rtol=1e-4, atol=1e-5)

@@ -47,15 +47,6 @@ def run(config: PipelineConfig):
 
 
 @pytest.fixture(scope="module")
-def prefect():
-    """One ephemeral Prefect API for the module (starting one costs ~10 s)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def local_store(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("store"))
 

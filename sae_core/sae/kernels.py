@@ -88,14 +88,14 @@ def scatter_outer(idx: torch.Tensor, coef: torch.Tensor, src: torch.Tensor, n: i
     return G_t @ src
 
 
-class _GatherPreacts(torch.autograd.Function):
-    """Selected pre-activations, with gradients computed only at the selected entries."""
+class _SelectedPreacts(torch.autograd.Function):
+    """Selected pre-activations (values from the selection), gradients only at those entries."""
 
     @staticmethod
-    def forward(ctx, x, b_pre, W_enc, b_enc, pre, idx):  # noqa: ANN001 - autograd signature
+    def forward(ctx, x, b_pre, W_enc, b_enc, values, idx):  # noqa: ANN001 - autograd signature
         ctx.save_for_backward(x, b_pre, W_enc, idx)
         ctx.n = W_enc.shape[0]
-        return pre.gather(1, idx)
+        return values.clone()
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
@@ -117,57 +117,89 @@ class _GatherPreacts(torch.autograd.Function):
         return d_x, d_b_pre, d_W, (d_b_enc if need_b else None), None, None
 
 
-def gather_preacts(
+def selected_preacts(
     x: torch.Tensor,
     b_pre: torch.Tensor,
     W_enc: torch.Tensor,
     b_enc: torch.Tensor,
-    pre: torch.Tensor,
+    values: torch.Tensor,
     idx: torch.Tensor,
     dense: bool = False,
 ) -> torch.Tensor:
-    """pre[b, idx[b, i]] with gradients to W_enc, b_enc, b_pre (and x if it requires grad).
+    """The pre-activations at idx, with gradients to W_enc, b_enc, b_pre (and x if it needs one).
 
-    x: [B, d]; pre: [B, n] from `encoder_preacts` (no autograd); idx: [B, K] -> [B, K].
-    Sparse backward cost: B K d for d W_enc plus O(n d); dense=True is the reference, which
-    recomputes the full GEMM with autograd (2 B d n forward, 4 B d n backward).
+    x: [B, d]; values: [B, K], the entries of `encoder_preacts` at idx [B, K] (top-k returns
+    them) -> [B, K]. Sparse backward cost: B K d for d W_enc plus O(n d). dense=True is the
+    reference, which recomputes the full GEMM with autograd (2 B d n forward, 4 B d n backward).
     """
     if dense:
         return ((x - b_pre) @ W_enc.t() + b_enc).gather(1, idx)
-    return _GatherPreacts.apply(x, b_pre, W_enc, b_enc, pre, idx)
+    return _SelectedPreacts.apply(x, b_pre, W_enc, b_enc, values, idx)
 
 
 class _NativeDecode(torch.autograd.Function):
-    """Gather-sum decoder; backward: row dot products for d vals, a latent-wise scatter for d W."""
+    """Gather-sum decoder; backward: one latent-wise pass gives d vals and d W together."""
 
     @staticmethod
-    def forward(ctx, idx, vals, W_dec):  # noqa: ANN001 - autograd signature
+    def forward(ctx, idx, vals, W_dec, bias):  # noqa: ANN001 - autograd signature
         ctx.save_for_backward(idx, vals, W_dec)
-        return native.load().gather_sum(idx, vals.contiguous(), W_dec.contiguous())
+        return native.load().gather_sum(
+            idx, vals.contiguous(), W_dec.contiguous(), bias.contiguous()
+        )
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
         idx, vals, W_dec = ctx.saved_tensors
         grad = grad.contiguous()
         ext = native.load()
-        d_vals = ext.row_dots(idx, W_dec.contiguous(), grad) if ctx.needs_input_grad[1] else None
-        d_W = scatter_outer(idx, vals, grad, W_dec.shape[0]) if ctx.needs_input_grad[2] else None
-        return None, d_vals, d_W
+        crow, entries = ext.csr_by_latent(idx, W_dec.shape[0])
+        d_vals, d_W = ext.decode_backward(
+            crow, entries, idx.shape[1], vals.contiguous(), W_dec.contiguous(), grad
+        )
+        d_bias = grad.sum(dim=0) if ctx.needs_input_grad[3] else None
+        return None, d_vals, d_W, d_bias
 
 
 def sparse_decode(
-    idx: torch.Tensor, vals: torch.Tensor, W_dec: torch.Tensor, dense: bool = False
+    idx: torch.Tensor,
+    vals: torch.Tensor,
+    W_dec: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    dense: bool = False,
 ) -> torch.Tensor:
-    """sum_i vals[b, i] W_dec[idx[b, i]]. idx, vals: [B, K]; W_dec: [n, d] -> [B, d].
+    """bias + sum_i vals[b, i] W_dec[idx[b, i]]. idx, vals: [B, K]; W_dec: [n, d]; bias: [d]
+    -> [B, d].
 
     Sparse: B K d flops forward and backward (d vals as row dot products, d W_dec as a scatter
     of rows). dense=True builds the [B, n] latent matrix and multiplies (2 B n d flops each
     way), for reference.
     """
+    if bias is None:
+        bias = W_dec.new_zeros(W_dec.shape[1])
     if dense:
         z = vals.new_zeros(idx.shape[0], W_dec.shape[0]).scatter_add(1, idx, vals)
-        return z @ W_dec
+        return z @ W_dec + bias
     vals = vals.to(W_dec.dtype)
-    if _native_for(vals, W_dec) is not None:
-        return _NativeDecode.apply(idx.contiguous(), vals, W_dec)
-    return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+    if _native_for(vals, W_dec, bias) is not None:
+        return _NativeDecode.apply(idx.contiguous(), vals, W_dec, bias)
+    return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + bias
+
+
+@torch.no_grad()
+def project_rows_(W: torch.Tensor, G: torch.Tensor) -> None:
+    """G[j] -= <G[j], W[j]> W[j] in place, for unit-norm rows W: [n, d]. One pass (native)."""
+    ext = _native_for(W, G)
+    if ext is not None and W.is_contiguous() and G.is_contiguous():
+        ext.project_rows(W, G)
+    else:
+        G -= (G * W).sum(dim=1, keepdim=True) * W
+
+
+@torch.no_grad()
+def normalize_rows_(W: torch.Tensor) -> None:
+    """W[j] /= ||W[j]|| in place. W: [n, d]. One pass (native)."""
+    ext = _native_for(W)
+    if ext is not None and W.is_contiguous():
+        ext.normalize_rows(W)
+    else:
+        W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)

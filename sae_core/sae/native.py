@@ -6,20 +6,25 @@ backward. All are deterministic: every output element is written by one thread i
 
 `load()` returns the compiled module, or None when no compiler is available or
 SAEFLOW_NATIVE_KERNELS=0; callers then use stock torch ops (same results to rounding).
-Build once ahead of time with `python -m sae_core.sae.native`.
+The first call compiles (~1 min here); build ahead of time with
+`python -c "from sae_core.sae import native; native.load()"`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import warnings
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <functional>
 #include <vector>
 
@@ -81,44 +86,24 @@ std::vector<at::Tensor> topk_rows(at::Tensor pre, int64_t k) {
   return {vals, idx};
 }
 
-// out[b] = sum_i vals[b, i] * W[idx[b, i]]. idx, vals: [B, K]; W: [n, d] -> [B, d]. B K d MACs.
-at::Tensor gather_sum(at::Tensor idx, at::Tensor vals, at::Tensor W) {
+// out[b] = bias + sum_i vals[b, i] * W[idx[b, i]]. idx, vals: [B, K]; W: [n, d]; bias: [d]
+// -> [B, d]. B K d MACs; each output row is built in cache, written once.
+at::Tensor gather_sum(at::Tensor idx, at::Tensor vals, at::Tensor W, at::Tensor bias) {
   const int64_t B = idx.size(0), K = idx.size(1), d = W.size(1);
-  auto out = at::zeros({B, d}, W.options());
+  auto out = at::empty({B, d}, W.options());
   const int64_t* I = idx.data_ptr<int64_t>();
   const float* Vv = vals.data_ptr<float>();
   const float* Wp = W.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
   float* O = out.data_ptr<float>();
   at::parallel_for(0, B, grain(K * d), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       float* o = O + b * d;
+      std::copy(bp, bp + d, o);
       for (int64_t i = 0; i < K; ++i) {
         const float v = Vv[b * K + i];
         const float* w = Wp + I[b * K + i] * d;
         for (int64_t c = 0; c < d; ++c) o[c] += v * w[c];
-      }
-    }
-  });
-  return out;
-}
-
-// out[b, i] = <g[b], W[idx[b, i]]>. idx: [B, K]; W: [n, d]; g: [B, d] -> [B, K]. B K d MACs.
-at::Tensor row_dots(at::Tensor idx, at::Tensor W, at::Tensor g) {
-  const int64_t B = idx.size(0), K = idx.size(1), d = W.size(1);
-  auto out = at::empty({B, K}, W.options());
-  const int64_t* I = idx.data_ptr<int64_t>();
-  const float* Wp = W.data_ptr<float>();
-  const float* G = g.data_ptr<float>();
-  float* O = out.data_ptr<float>();
-  at::parallel_for(0, B, grain(K * d), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* gb = G + b * d;
-      for (int64_t i = 0; i < K; ++i) {
-        const float* w = Wp + I[b * K + i] * d;
-        float s = 0.f;
-#pragma omp simd reduction(+:s)
-        for (int64_t c = 0; c < d; ++c) s += gb[c] * w[c];
-        O[b * K + i] = s;
       }
     }
   });
@@ -130,7 +115,7 @@ at::Tensor row_dots(at::Tensor idx, at::Tensor W, at::Tensor g) {
 // -> [n, d]. One thread owns each output row: no atomics, a fixed summation order. B K d MACs.
 at::Tensor scatter_rows(at::Tensor crow, at::Tensor entries, int64_t K, at::Tensor coef, at::Tensor src) {
   const int64_t n = crow.size(0) - 1, d = src.size(1);
-  auto out = at::zeros({n, d}, src.options());
+  auto out = at::empty({n, d}, src.options());
   const int64_t* C = crow.data_ptr<int64_t>();
   const int64_t* E = entries.data_ptr<int64_t>();
   const float* F = coef.data_ptr<float>();
@@ -139,6 +124,7 @@ at::Tensor scatter_rows(at::Tensor crow, at::Tensor entries, int64_t K, at::Tens
   at::parallel_for(0, n, grain(entries.numel() / std::max<int64_t>(1, n) * d), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       float* o = O + j * d;
+      std::fill(o, o + d, 0.f);
       for (int64_t e = C[j]; e < C[j + 1]; ++e) {
         const float f = F[E[e]];
         const float* s = S + (E[e] / K) * d;
@@ -169,35 +155,124 @@ std::vector<at::Tensor> csr_by_latent(at::Tensor idx, int64_t n) {
   return {crow, entries};
 }
 
+// Decoder backward in one pass over the entries grouped by latent: for latent j and each of
+// its entries e = b K + i, with g = grad[b] read once for both products:
+//   d_vals[e] = <g, W[j]>   and   d_W[j] += vals[e] * g.
+// crow: [n+1]; entries: [B K]; vals: [B, K]; W: [n, d]; grad: [B, d] -> (d_vals [B, K], d_W [n, d]).
+// 2 B K d MACs; W[j] and d_W[j] stay in cache while the grad rows stream.
+std::vector<at::Tensor> decode_backward(at::Tensor crow, at::Tensor entries, int64_t K, at::Tensor vals,
+                                        at::Tensor W, at::Tensor grad) {
+  const int64_t n = crow.size(0) - 1, d = W.size(1);
+  auto d_vals = at::empty(vals.sizes(), vals.options());
+  auto d_W = at::empty({n, d}, W.options());
+  const int64_t* C = crow.data_ptr<int64_t>();
+  const int64_t* E = entries.data_ptr<int64_t>();
+  const float* Vv = vals.data_ptr<float>();
+  const float* Wp = W.data_ptr<float>();
+  const float* G = grad.data_ptr<float>();
+  float* DV = d_vals.data_ptr<float>();
+  float* DW = d_W.data_ptr<float>();
+  at::parallel_for(0, n, grain(2 * entries.numel() / std::max<int64_t>(1, n) * d), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* w = Wp + j * d;
+      float* o = DW + j * d;
+      std::fill(o, o + d, 0.f);
+      for (int64_t e = C[j]; e < C[j + 1]; ++e) {
+        const float* g = G + (E[e] / K) * d;
+        const float v = Vv[E[e]];
+        float dot = 0.f;
+#pragma omp simd reduction(+:dot)
+        for (int64_t c = 0; c < d; ++c) { dot += g[c] * w[c]; }
+        for (int64_t c = 0; c < d; ++c) o[c] += v * g[c];
+        DV[E[e]] = dot;
+      }
+    }
+  });
+  return {d_vals, d_W};
+}
+
+// Unit-norm decoder rows, one pass each. W, G: [n, d].
+// project: G[j] -= <G[j], W[j]> W[j] (the gradient's component along its row, removed).
+void project_rows(at::Tensor W, at::Tensor G) {
+  TORCH_CHECK(W.is_contiguous() && G.is_contiguous() && W.sizes() == G.sizes());
+  const int64_t n = W.size(0), d = W.size(1);
+  const float* Wp = W.data_ptr<float>();
+  float* Gp = G.data_ptr<float>();
+  at::parallel_for(0, n, grain(2 * d), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* w = Wp + j * d;
+      float* g = Gp + j * d;
+      float dot = 0.f;
+#pragma omp simd reduction(+:dot)
+      for (int64_t c = 0; c < d; ++c) dot += g[c] * w[c];
+      for (int64_t c = 0; c < d; ++c) g[c] -= dot * w[c];
+    }
+  });
+}
+
+// normalize: W[j] /= ||W[j]|| (rows of zero norm are left as they are).
+void normalize_rows(at::Tensor W) {
+  TORCH_CHECK(W.is_contiguous());
+  const int64_t n = W.size(0), d = W.size(1);
+  float* Wp = W.data_ptr<float>();
+  at::parallel_for(0, n, grain(2 * d), [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      float* w = Wp + j * d;
+      float sq = 0.f;
+#pragma omp simd reduction(+:sq)
+      for (int64_t c = 0; c < d; ++c) sq += w[c] * w[c];
+      if (sq > 0.f) {
+        const float inv = 1.f / std::sqrt(sq);
+        for (int64_t c = 0; c < d; ++c) w[c] *= inv;
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("project_rows", &project_rows);
+  m.def("decode_backward", &decode_backward);
+  m.def("normalize_rows", &normalize_rows);
   m.def("csr_by_latent", &csr_by_latent);
   m.def("topk_rows", &topk_rows);
   m.def("gather_sum", &gather_sum);
-  m.def("row_dots", &row_dots);
   m.def("scatter_rows", &scatter_rows);
 }
 """
 
 
+def _cpu_tag() -> str:
+    """A short digest of this CPU's feature flags: -march=native builds must not be shared
+    between machines with different instruction sets."""
+    try:
+        flags = next(
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha256(flags.encode()).hexdigest()[:8]
+
+
 @cache
 def load() -> ModuleType | None:
-    """The compiled kernels (built once per source version into torch's extension cache)."""
+    """The compiled kernels (built once per source version and CPU into torch's extension cache)."""
     if os.environ.get("SAEFLOW_NATIVE_KERNELS", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load_inline
 
         return load_inline(
-            name="saeflow_sparse_kernels",
+            name=f"saeflow_sparse_kernels_{_cpu_tag()}",
             cpp_sources=[_SOURCE],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as err:  # noqa: BLE001 - no compiler/headers: fall back to stock ops
-        warnings.warn(f"native SAE kernels unavailable ({type(err).__name__}); using stock torch ops", stacklevel=2)
+        warnings.warn(
+            f"native SAE kernels unavailable ({type(err).__name__}); using stock torch ops",
+            stacklevel=2,
+        )
         return None
-
-
-if __name__ == "__main__":
-    print("native kernels:", "built" if load() is not None else "unavailable")

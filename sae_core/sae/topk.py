@@ -43,7 +43,9 @@ class Selection(NamedTuple):
     """Which latents a training step uses for each token."""
 
     idx: torch.Tensor  # [B, k] (or [B, 4k] with multi-TopK), descending pre-activation
+    pre: torch.Tensor  # [B, k] their pre-activations
     aux_idx: torch.Tensor  # [B, k_aux'] dead latents for AuxK, [B, 0] when none
+    aux_pre: torch.Tensor  # [B, k_aux'] their pre-activations
 
 
 class Codes(NamedTuple):
@@ -59,8 +61,8 @@ def normalized_mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
     The denominator is a constant of the data (target carries no gradient here).
     """
-    with torch.no_grad():  # sum ||t||^2 - ||sum t||^2 / B: two fast passes (torch.var is slow)
-        base = target.pow(2).sum() - target.sum(dim=0).pow(2).sum() / target.shape[0]
+    with torch.no_grad():  # centred first: no cancellation when the data sit far from 0
+        base = (target - target.mean(dim=0)).pow(2).sum()
     return F.mse_loss(recon, target, reduction="sum") / base.clamp_min(1e-12)
 
 
@@ -103,17 +105,15 @@ class TopKSAE(nn.Module):
         """TopK (4k with multi-TopK, descending so the first k are TopK_k) and AuxK's choice:
         the top k_aux among the dead latents only. pre: [B, n]. Cost ~B n + B n_dead."""
         k_main = 4 * self.k if self.cfg.multi_topk else self.k
-        _, idx = kernels.topk(pre, k_main)
-        aux_idx = idx[:, :0]
+        vals, idx = kernels.topk(pre, k_main)
+        aux_vals, aux_idx = vals[:, :0], idx[:, :0]
         if dead_mask is not None and self.cfg.aux_alpha > 0 and bool(dead_mask.any()):
             dead = dead_mask.nonzero().squeeze(1)
-            _, local = kernels.topk(pre.index_select(1, dead), min(self.k_aux, dead.numel()))
+            aux_vals, local = kernels.topk(pre.index_select(1, dead), min(self.k_aux, dead.numel()))
             aux_idx = dead[local]
-        return Selection(idx, aux_idx)
+        return Selection(idx, vals, aux_idx, aux_vals)
 
-    def losses(
-        self, x: torch.Tensor, pre: torch.Tensor, sel: Selection, dense: bool = False
-    ) -> ForwardOutput:
+    def losses(self, x: torch.Tensor, sel: Selection, dense: bool = False) -> ForwardOutput:
         """Decode the selected latents and score them. x: [B, d] normalised; O(B K d) sparse.
 
         dense=True is the reference: full GEMMs with autograd, same selections.
@@ -121,20 +121,25 @@ class TopKSAE(nn.Module):
         k, k_main = self.k, sel.idx.shape[1]
         use_aux = sel.aux_idx.shape[1] > 0
         all_idx = torch.cat([sel.idx, sel.aux_idx], dim=1) if use_aux else sel.idx
+        all_pre = torch.cat([sel.pre, sel.aux_pre], dim=1) if use_aux else sel.pre
         acts = torch.relu(
-            kernels.gather_preacts(x, self.b_pre, self.W_enc, self.b_enc, pre, all_idx, dense)
+            kernels.selected_preacts(x, self.b_pre, self.W_enc, self.b_enc, all_pre, all_idx, dense)
         )
         vals = acts[:, :k]
-        recon = kernels.sparse_decode(sel.idx[:, :k], vals, self.W_dec, dense) + self.b_pre
+        recon = kernels.sparse_decode(sel.idx[:, :k], vals, self.W_dec, self.b_pre, dense)
         nmse = normalized_mse(x, recon)
         loss = nmse
         if k_main > k:  # multi-TopK: L(k) + L(4k) / 8
-            recon_4k = kernels.sparse_decode(sel.idx, acts[:, :k_main], self.W_dec, dense) + self.b_pre
+            recon_4k = kernels.sparse_decode(
+                sel.idx, acts[:, :k_main], self.W_dec, self.b_pre, dense
+            )
             loss = loss + normalized_mse(x, recon_4k) / 8
         aux_loss = x.new_zeros(())
         if use_aux:
             residual = (x - recon).detach()
-            aux_recon = kernels.sparse_decode(sel.aux_idx, acts[:, k_main:], self.W_dec, dense)
+            aux_recon = kernels.sparse_decode(
+                sel.aux_idx, acts[:, k_main:], self.W_dec, dense=dense
+            )
             aux_loss = normalized_mse(residual, aux_recon).nan_to_num(0.0)
             loss = loss + self.cfg.aux_alpha * aux_loss
         return ForwardOutput(sel.idx[:, :k], vals, recon, loss, nmse, aux_loss, sel.aux_idx)
@@ -147,21 +152,23 @@ class TopKSAE(nn.Module):
         Cost (sparse): one encoder GEMM, a top-k over [B, n], then O(B K d) (K = k, 4k with
         multi-TopK, + k_aux).
         """
-        pre = self.preacts(x)
-        return self.losses(x, pre, self.select(pre, dead_mask), dense)
+        return self.losses(x, self.select(self.preacts(x), dead_mask), dense)
+
+    def free_buffer(self) -> None:
+        """Drop the [B, n] pre-activation buffer kept between training steps."""
+        self._pre_buffer = None
 
     # Unit-norm decoder -----------------------------------------------------------------------
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Remove from each decoder row's gradient its component along the row (before the step)."""
-        g, W = self.W_dec.grad, self.W_dec
-        if g is not None:
-            g -= (g * W).sum(dim=1, keepdim=True) * W
+        if self.W_dec.grad is not None:
+            kernels.project_rows_(self.W_dec, self.W_dec.grad)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale every decoder row to unit norm (after the step)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        kernels.normalize_rows_(self.W_dec)
 
     # Inference on raw activations ------------------------------------------------------------
     @torch.no_grad()
@@ -181,7 +188,7 @@ class TopKSAE(nn.Module):
         `stats` comes from `encode` (Codes.stats); it is required in per_token mode, where
         each token's shift and scale are not recoverable from the codes.
         """
-        recon = kernels.sparse_decode(idx, vals.to(self.W_dec.dtype), self.W_dec) + self.b_pre
+        recon = kernels.sparse_decode(idx, vals.to(self.W_dec.dtype), self.W_dec, self.b_pre)
         return self.norm.invert(recon, stats)
 
     @torch.no_grad()

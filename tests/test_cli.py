@@ -1,0 +1,82 @@
+"""Bad input through the CLI: one clear line naming the field or resource, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, list(args), env=env)
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def tiny_args(tiny_llama_dir, tiny_corpus_dir, tmp_path):
+    return [
+        "--set", f"model.path={tiny_llama_dir}",
+        "--set", "model.hook=resid_post.2",
+        "--set", f"data.corpus={tiny_corpus_dir}",
+        "--store", str(tmp_path / "store"),
+    ]  # fmt: skip
+
+
+def test_unknown_preset():
+    assert_one_line_error(invoke("run", "--preset", "nightly"), "unknown preset 'nightly'", "demo")
+
+
+def test_unknown_config_key():
+    assert_one_line_error(invoke("run", "--set", "sae.kk=3"), "sae.kk", "unknown key")
+
+
+def test_k_greater_than_n():
+    assert_one_line_error(invoke("run", "--set", "sae.k=5000"), "sae.k=5000", "n_latents")
+
+
+def test_hook_beyond_the_models_depth(tiny_args):
+    result = invoke("run", *tiny_args, "--set", "model.hook=resid_post.9")
+    assert_one_line_error(result, "model.hook", "4 layers")
+
+
+def test_missing_corpus_path(tiny_args, tmp_path):
+    result = invoke("run", *tiny_args, "--set", f"data.corpus={tmp_path / 'missing'}")
+    assert_one_line_error(result, "data.corpus")
+
+
+def test_missing_model_path(tiny_args, tmp_path):
+    result = invoke("run", *tiny_args, "--set", f"model.path={tmp_path / 'no-model'}")
+    assert_one_line_error(result, "model.path")
+
+
+def test_unreachable_s3_endpoint(tiny_args):
+    env = {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    result = invoke("run", *tiny_args, "--store", "s3://bucket/prefix", env=env)
+    assert_one_line_error(result, "http://127.0.0.1:9", "unreachable")
+
+
+def test_bad_input_writes_nothing_to_the_store(tiny_args, tmp_path):
+    invoke("run", *tiny_args, "--set", "model.hook=resid_post.9")
+    assert not (tmp_path / "store").exists()
+
+
+def test_config_command_prints_the_resolved_yaml():
+    result = invoke("config", "--set", "sae.k=48")
+    assert result.exit_code == 0
+    assert "k: 48" in result.output and "hook: resid_post.15" in result.output
