@@ -83,7 +83,7 @@ class TrainConfig(_Strict):
     lr: float | None = Field(None, gt=0, description="Default 2e-4 / sqrt(n / 2^14).")
     seed: int = Field(0, ge=0)
     checkpoint_every_tokens: int = Field(2**16, ge=1)
-    grad_clip_norm: float | None = Field(None, gt=0, description="Clip the gradient norm (off: None)")
+    grad_clip_norm: float | None = Field(None, gt=0, description="Gradient-norm clip; None: off")
     device: str = "auto"
 
 
