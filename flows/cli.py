@@ -18,6 +18,8 @@ from sae_core.validation import ValidationFailed
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Train and evaluate sparse autoencoders."
 )
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: scripts that print figures.")
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 # Errors the user can fix: shown as one line, no traceback.
@@ -80,6 +82,26 @@ def run(
     except USER_ERRORS as err:
         _fail(err)
     print_summary(result, time.perf_counter() - started)
+
+
+@bench_app.command("train")
+def bench_train(
+    d: int = 576,
+    n: int = 4608,
+    k: int = 32,
+    batch: int = 4096,
+    steps: int = 10,
+    device: str = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Time SAE training steps on synthetic data against one dense GEMM of the same shape."""
+    import json
+
+    from sae_core.bench import bench_train as run_bench
+
+    result = run_bench(d=d, n=n, k=k, batch=batch, steps=steps, device=device, verbose=not json_out)
+    if json_out:
+        typer.echo(json.dumps(result))
 
 
 def print_summary(result, seconds: float) -> None:  # noqa: ANN001 - PipelineResult, imported lazily
