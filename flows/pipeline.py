@@ -16,6 +16,7 @@ from tasks.caching import run_stage
 from tasks.data import extract_activations, sample_tokens
 from tasks.evaluate import EvalRef, evaluate_sae
 from tasks.registry import RegistryRef, register_model
+from tasks.report import ReportRef, report_run
 from tasks.train import train_sae
 from tasks.validate import ValidationReport, validate_activations
 
@@ -30,6 +31,7 @@ class PipelineResult(BaseModel):
     sae: DatasetRef
     evaluation: EvalRef
     registry: RegistryRef
+    report: ReportRef
 
 
 @task(name="preflight", cache_policy=NO_CACHE)
@@ -74,6 +76,10 @@ def pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResult:
     registry = run(
         register_model, sae=sae, evaluation=evaluation, config=config, registry=config.registry
     )
+    cfg = config
+    title = f"{cfg.name}: {cfg.model.path} {cfg.model.hook}, n={cfg.sae.n_latents}, k={cfg.sae.k}"
+    report = run(report_run, sae=sae, evaluation=evaluation, registry=registry, title=title)
+    print(f"report: {report.markdown}")
     return PipelineResult(
         stages=run.states,
         tokens=tokens,
@@ -82,4 +88,5 @@ def pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResult:
         sae=sae,
         evaluation=evaluation,
         registry=registry,
+        report=report,
     )

@@ -1,15 +1,25 @@
-"""Activation datasets: extraction to Parquet shards, and deterministic shuffled reading.
+"""Activation datasets: the Parquet layout and extraction (several hooks, one forward pass, resumable).
 
-One row per token: `activation: fixed_size_list<float>[d]`, `sequence` (the context_id of
-the tokens dataset), `position`, `token_id`. Shards hold `shard_rows` rows (the last fewer)
-and are written by a background thread so Parquet encoding overlaps the next forward pass.
+One dataset per hook, one row per token: the activation [d] (sae_core.layout: how it is stored),
+`sequence` (the context_id of the tokens dataset), `position`, `token_id`. Each split is cut into shards of
+`shard_rows` rows (from data.shard_mb unless data.shard_rows is set; the last shard fewer).
+
+Extraction reads the token contexts in batches of about data.batch_tokens tokens, runs the model
+only up to the deepest requested hook, and hands each hook's rows to a `ShardWriter`, which cuts
+shards and encodes and writes them in a background thread so the model does not wait on storage.
+After each shard is written a completion mark records where the next shard starts (batch, rows
+of that batch already written), so an interrupted extraction restarts at the first unwritten
+shard (with `Store.resuming`). Storage dtype: data.storage_dtype for float32/float16 models;
+bfloat16 activations are stored as float32 (exact; Parquet has no bfloat16, float16 would clip).
+Reading lives in sae_core.loader.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,127 +30,264 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sae_core.config import ConfigError, DataConfig
-from sae_core.models import HookPoint, check_hook, run_to_hook
+from sae_core.layout import (  # noqa: F401 - ACTIVATION_SCHEMA re-exported: the contract's name
+    ACTIVATION_SCHEMA,
+    STORAGE_SCHEMA,
+    activation_matrix,
+    storage_batch,
+)
+from sae_core.loader import (  # noqa: F401 - re-exported: train.py and others read through here
+    iter_batches,
+    load_split_tensor,
+    read_split,
+)
+from sae_core.models import HookPoint, check_hook, model_width, run_to_hooks
 from sae_core.refs import DatasetRef
 from sae_core.store import DatasetWriter
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the storage layout (sae_core.layout)
 SPLITS = ("train", "eval")
-_ARROW_FLOATS = {"float32": pa.float32(), "float16": pa.float16()}
 _TORCH_FLOATS = {"float32": torch.float32, "float16": torch.float16}
 _ROW_GROUP = 8192  # rows per Parquet row group: the unit a streaming reader fetches
+_INDEX_BYTES = 8 + 4 + 4  # sequence, position, token_id per row
 
 
-def ACTIVATION_SCHEMA(width: int, dtype: str = "float32") -> pa.Schema:  # noqa: N802 - contract name
-    """Arrow schema of an activation shard of width `width` stored as `dtype`."""
-    return pa.schema(
-        [
-            ("activation", pa.list_(_ARROW_FLOATS[dtype], width)),
-            ("sequence", pa.int64()),
-            ("position", pa.int32()),
-            ("token_id", pa.int32()),
-        ]
-    )
+def shard_rows(data_cfg: DataConfig, width: int, dtype: str) -> int:
+    """Rows per shard: data.shard_rows, else data.shard_mb worth of rows in whole row groups."""
+    if data_cfg.shard_rows is not None:
+        return data_cfg.shard_rows
+    row_bytes = width * np.dtype(dtype).itemsize + _INDEX_BYTES
+    rows = int(data_cfg.shard_mb * 2**20 // row_bytes)
+    return max(1, rows // _ROW_GROUP * _ROW_GROUP or rows)
 
 
-def _read_tokens(ref: DatasetRef, split: str, context_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids [C, T] int64, context ids [C]) of one split of a tokens dataset."""
+def storage_dtype(model: nn.Module, data_cfg: DataConfig) -> str:
+    """The dtype activations are stored in: float32 for bfloat16 models, else as configured."""
+    if next(model.parameters()).dtype == torch.bfloat16:
+        return "float32"
+    return data_cfg.storage_dtype
+
+
+# Reading the token contexts -----------------------------------------------------------------
+def _count_contexts(ref: DatasetRef, split: str) -> int:
     with ref.open_store().open(f"{ref.path}/{split}.parquet") as fh:
-        table = pq.read_table(fh, columns=["tokens", "context_id"])
-    tokens = table.column("tokens").combine_chunks().flatten().to_numpy().astype(np.int64)
-    return tokens.reshape(-1, context_len), table.column("context_id").to_numpy()
+        return pq.ParquetFile(fh).metadata.num_rows
 
 
-class _ShardSink:
-    """Collects rows and writes full shards of `shard_rows` in a background thread."""
+def _token_batches(
+    ref: DatasetRef, split: str, context_len: int, per_batch: int, start: int
+) -> Iterator[tuple[int, Tensor, np.ndarray]]:
+    """(batch index, token ids [B, T] int64, context ids [B]) for batches `start`, `start+1`, ...
 
-    def __init__(self, writer: DatasetWriter, split: str, width: int, dtype: str, shard_rows: int):
-        self.writer, self.split, self.shard_rows = writer, split, shard_rows
-        self.schema = ACTIVATION_SCHEMA(width, dtype)
-        self.pending: list[dict[str, np.ndarray]] = []
+    Streams the split's Parquet file, so memory holds about one batch whatever the corpus size.
+    """
+    index, ids_carry, ctx_carry = 0, [], []
+    with ref.open_store().open(f"{ref.path}/{split}.parquet") as fh:
+        for rb in pq.ParquetFile(fh).iter_batches(
+            batch_size=max(per_batch, 1024), columns=["tokens", "context_id"]
+        ):
+            flat = rb.column("tokens").flatten().to_numpy(zero_copy_only=False)
+            if flat.size != rb.num_rows * context_len:
+                raise ValueError(
+                    f"tokens {ref.uri} split {split}: contexts are not all {context_len} tokens"
+                )
+            ids_carry.append(flat.astype(np.int64).reshape(-1, context_len))
+            ctx_carry.append(rb.column("context_id").to_numpy(zero_copy_only=False))
+            ids, ctx = np.concatenate(ids_carry), np.concatenate(ctx_carry)
+            full = len(ids) // per_batch * per_batch
+            for b in range(0, full, per_batch):
+                if index >= start:
+                    yield index, torch.from_numpy(ids[b : b + per_batch]), ctx[b : b + per_batch]
+                index += 1
+            ids_carry, ctx_carry = [ids[full:]], [ctx[full:]]
+    if ids_carry and len(ids_carry[0]) and index >= start:  # the last, partial batch
+        yield index, torch.from_numpy(ids_carry[0]), ctx_carry[0]
+
+
+# Writing shards -----------------------------------------------------------------------------
+@dataclass
+class _Piece:
+    """The rows of one batch (from row `offset` of that batch on) not yet in a shard."""
+
+    batch: int
+    offset: int
+    dropped_before: int  # rows dropped by max_norm in the batches before this one
+    columns: dict[str, np.ndarray]  # activation [R, d], sequence, position, token_id, norm [R]
+
+    @property
+    def rows(self) -> int:
+        return len(self.columns["sequence"])
+
+    def split(self, n: int) -> tuple[dict[str, np.ndarray], _Piece]:
+        head = {k: v[:n] for k, v in self.columns.items()}
+        tail = _Piece(
+            self.batch,
+            self.offset + n,
+            self.dropped_before,
+            {k: v[n:] for k, v in self.columns.items()},
+        )
+        return head, tail
+
+
+class ShardWriter:
+    """Cuts one split's rows into shards of `rows_per_shard` and writes them in a background thread.
+
+    Rows arrive per batch (`add`). After a shard is written, a completion mark
+    `_progress/{split}/NNNNN.json` records its manifest entry and where the next shard starts:
+    `next_batch` and `skip` (rows of that batch already in shards). A new ShardWriter on the same
+    dataset folder picks up after the last contiguous mark: its `next_batch` says which batch to
+    restart from, and `add` drops the rows that are already written.
+    """
+
+    def __init__(
+        self, writer: DatasetWriter, split: str, width: int, dtype: str, rows_per_shard: int
+    ):
+        self.writer, self.split, self.rows_per_shard = writer, split, rows_per_shard
+        self.schema = STORAGE_SCHEMA(width, dtype)
+        marks = writer.done_marks(split)
+        self.shards: list[dict[str, Any]] = []
+        last: dict[str, Any] | None = None
+        while (mark := marks.get(f"{len(self.shards):05d}")) is not None:
+            self.shards.append(mark["shard"])
+            last = mark
+        self.next_batch, self.skip = (last["next_batch"], last["skip"]) if last else (0, 0)
+        self.dropped = last["dropped_before"] if last else 0
+        self.last_batch = self.next_batch - 1
+        self.pending: list[_Piece] = []
         self.pending_rows = 0
-        self.shards: list[Future[dict[str, Any]]] = []
+        self.in_flight: Future[None] | None = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
 
-    def add(self, columns: dict[str, np.ndarray]) -> None:
-        self.pending.append(columns)
-        self.pending_rows += len(columns["sequence"])
-        while self.pending_rows >= self.shard_rows:
-            self._flush(self.shard_rows)
+    def add(self, batch: int, columns: dict[str, np.ndarray], dropped: int) -> None:
+        """Rows of batch `batch` (in order, every batch once) and how many max_norm dropped."""
+        if batch < self.next_batch:
+            return  # written by an earlier attempt
+        skip = self.skip if batch == self.next_batch else 0
+        piece = _Piece(batch, 0, self.dropped, columns).split(skip)[1]
+        self.dropped += dropped
+        self.last_batch = batch
+        self.pending.append(piece)
+        self.pending_rows += piece.rows
+        while self.pending_rows >= self.rows_per_shard:
+            self._cut(self.rows_per_shard)
 
-    def _flush(self, rows: int) -> None:
-        merged = {k: np.concatenate([p[k] for p in self.pending]) for k in self.pending[0]}
-        shard = {k: v[:rows] for k, v in merged.items()}
-        rest = {k: v[rows:] for k, v in merged.items()}
-        self.pending = [rest] if len(rest["sequence"]) else []
+    def _cut(self, rows: int) -> None:
+        parts: list[dict[str, np.ndarray]] = []
+        need = rows
+        while need and self.pending:
+            piece = self.pending[0]
+            if piece.rows <= need:
+                parts.append(piece.columns)
+                self.pending.pop(0)
+                need -= piece.rows
+            else:
+                head, self.pending[0] = piece.split(need)
+                parts.append(head)
+                need = 0
         self.pending_rows -= rows
-        # At most one shard in flight: bounds memory to about two shards.
-        if self.shards:
-            self.shards[-1].result()
-        name = f"{self.split}/shard-{len(self.shards):05d}.parquet"
-        self.shards.append(self.pool.submit(self._write, name, shard))
+        if self.pending:
+            nxt = self.pending[0]
+            resume = {
+                "next_batch": nxt.batch,
+                "skip": nxt.offset,
+                "dropped_before": nxt.dropped_before,
+            }
+        else:
+            resume = {"next_batch": self.last_batch + 1, "skip": 0, "dropped_before": self.dropped}
+        # At most one shard in flight: memory stays at about two shards.
+        if self.in_flight is not None:
+            self.in_flight.result()
+        index = len(self.shards)
+        self.shards.append({})  # filled by the writer thread
+        self.in_flight = self.pool.submit(self._write, index, parts, resume)
 
-    def _write(self, name: str, cols: dict[str, np.ndarray]) -> dict[str, Any]:
-        width = self.schema.field("activation").type.list_size
-        table = pa.table(
-            {
-                "activation": pa.FixedSizeListArray.from_arrays(
-                    pa.array(cols["activation"].reshape(-1)), width
-                ),
-                "sequence": pa.array(cols["sequence"]),
-                "position": pa.array(cols["position"]),
-                "token_id": pa.array(cols["token_id"]),
-            },
-            schema=self.schema,
-        )
+    def _write(
+        self, index: int, parts: list[dict[str, np.ndarray]], resume: dict[str, int]
+    ) -> None:
+        batches = [storage_batch(p, self.schema) for p in parts]
+        table = pa.Table.from_batches(batches, schema=self.schema)
         buf = io.BytesIO()
         # Activations barely compress; plain encoding keeps reads a memcpy.
         pq.write_table(
             table, buf, compression="none", use_dictionary=False, row_group_size=_ROW_GROUP
         )
-        self.writer.write_bytes(name, buf.getvalue())
-        return {"name": name, "rows": table.num_rows, "bytes": buf.tell()}
+        name = f"{self.split}/shard-{index:05d}.parquet"
+        self.writer.write_bytes(name, buf.getbuffer())
+        norms = np.concatenate([p["norm"] for p in parts])
+        entry = {
+            "name": name,
+            "rows": table.num_rows,
+            "bytes": buf.tell(),
+            "norm_sum": float(norms.sum(dtype=np.float64)),
+            "norm_max": float(norms.max(initial=0.0)),
+        }
+        self.shards[index] = entry
+        self.writer.mark_done(f"{self.split}/{index:05d}", {"shard": entry, **resume})
 
     def close(self) -> list[dict[str, Any]]:
-        """Write the last partial shard, wait for all writes; the shard list for the manifest."""
+        """Write the last partial shard, wait for every write; the split's shard entries."""
         try:
             if self.pending_rows:
-                self._flush(self.pending_rows)
-            return [f.result() for f in self.shards]
+                self._cut(self.pending_rows)
+            if self.in_flight is not None:
+                self.in_flight.result()
+            return self.shards
         finally:
             self.pool.shutdown(wait=True)
 
     def abort(self) -> None:
-        # The dataset stays uncommitted (no manifest); just stop the writer thread.
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        # The shard already handed to the writer (at most one) is finished with its mark: it is
+        # valid progress for the next attempt. A failed write just leaves no mark.
+        self.pool.shutdown(wait=True)
 
 
+# Extraction ---------------------------------------------------------------------------------
 def _batch_rows(
-    model: nn.Module, ids: Tensor, context_ids: np.ndarray, point: HookPoint, data_cfg: DataConfig
-) -> tuple[dict[str, np.ndarray], Tensor]:
-    """Rows of one batch `ids: [B, T]` (position 0 and norms over max_norm dropped), and
-    the kept rows' norms `[R]`. Cost: one forward through the blocks up to the hook."""
-    first = 1 if data_cfg.skip_first_position else 0
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        acts = run_to_hook(model, ids.to(device), point)[:, first:, :].float()  # [B, T', d]
-        norms = acts.norm(dim=-1)  # [B, T']
-        if data_cfg.max_norm is None:
-            keep = torch.ones_like(norms, dtype=torch.bool)
-        else:
-            keep = norms <= data_cfg.max_norm
-        rows = acts[keep].to(_TORCH_FLOATS[data_cfg.storage_dtype]).cpu().numpy()  # [R, d]
-        kept_norms = norms[keep].cpu()
-    keep = keep.cpu()
+    outputs: list[Tensor],
+    ids: Tensor,
+    context_ids: np.ndarray,
+    first: int,
+    max_norm: float | None,
+    dtype: str,
+) -> list[tuple[dict[str, np.ndarray], int]]:
+    """Per hook output `[B, T, d]`: the rows to store (position < first and norms over max_norm
+    dropped), with their norms `[R]`, and the number dropped by max_norm."""
     B, T = ids.shape
-    positions = torch.arange(first, T, dtype=torch.int32).expand(B, -1)
-    columns = {
-        "activation": rows,
-        "sequence": np.repeat(context_ids, T - first)[keep.reshape(-1).numpy()],
-        "position": positions[keep].numpy(),
-        "token_id": ids[:, first:][keep].numpy().astype(np.int32),
+    index = {
+        "sequence": np.repeat(context_ids, T - first),
+        "position": np.tile(np.arange(first, T, dtype=np.int32), B),
+        "token_id": ids[:, first:].reshape(-1).numpy().astype(np.int32),
     }
-    return columns, kept_norms
+    rows = []
+    for out in outputs:
+        x = out[:, first:, :].reshape(B * (T - first), -1).float()  # [R, d]
+        norms = torch.linalg.vector_norm(x, dim=-1)
+        columns = dict(index)
+        dropped = 0
+        if max_norm is not None:
+            keep = norms <= max_norm
+            dropped = int((~keep).sum())
+            x, norms = x[keep], norms[keep]
+            mask = keep.cpu().numpy()
+            columns = {k: v[mask] for k, v in index.items()}
+        columns["activation"] = x.to(_TORCH_FLOATS[dtype]).cpu().numpy()
+        columns["norm"] = norms.cpu().numpy()
+        rows.append((columns, dropped))
+    return rows
+
+
+def _split_entry(sink: ShardWriter, split: str, max_norm: float | None) -> dict[str, Any]:
+    shards = sink.close()
+    rows = sum(s["rows"] for s in shards)
+    if rows == 0:
+        raise ConfigError(f"data.max_norm={max_norm}: dropped every {split} row; raise or unset it")
+    return {
+        "rows": rows,
+        "dropped_max_norm": sink.dropped,
+        "norm_mean": sum(s["norm_sum"] for s in shards) / rows,
+        "norm_max": max(s["norm_max"] for s in shards),
+        "shards": shards,
+    }
 
 
 def _extract_split(
@@ -148,50 +295,100 @@ def _extract_split(
     tokens: DatasetRef,
     split: str,
     context_len: int,
-    point: HookPoint,
+    points: list[HookPoint],
     data_cfg: DataConfig,
-    writer: DatasetWriter,
+    sinks: list[ShardWriter],
+    dtype: str,
     progress: bool,
-) -> tuple[int, dict[str, Any]]:
-    """Extract one split into shards; (width, the split's manifest entry)."""
-    ids, context_ids = _read_tokens(tokens, split, context_len)
-    sink: _ShardSink | None = None
-    kept = dropped = 0
-    norm_sum, norm_max, width = 0.0, 0.0, 0
-    step = data_cfg.batch_contexts
-    bar = tqdm(total=len(ids), unit="ctx", desc=f"extract {split}", disable=not progress)
+) -> list[dict[str, Any]]:
+    """Extract one split for every hook; the split's manifest entry per hook."""
+    per_batch = max(1, data_cfg.batch_tokens // context_len)
+    contexts = _count_contexts(tokens, split)
+    n_batches = -(-contexts // per_batch)
+    start = min(s.next_batch for s in sinks)
+    first = 1 if data_cfg.skip_first_position else 0
+    device = next(model.parameters()).device
+    bar = tqdm(
+        total=contexts,
+        initial=min(contexts, start * per_batch),
+        unit="ctx",
+        desc=f"extract {split}",
+        disable=not progress,
+    )
     try:
-        for b in range(0, len(ids), step):
-            batch = torch.from_numpy(ids[b : b + step])
-            columns, norms = _batch_rows(model, batch, context_ids[b : b + step], point, data_cfg)
-            width = columns["activation"].shape[1]
-            if sink is None:
-                sink = _ShardSink(writer, split, width, data_cfg.storage_dtype, data_cfg.shard_rows)
-            sink.add(columns)
-            kept += len(norms)
-            dropped += batch[:, 1 if data_cfg.skip_first_position else 0 :].numel() - len(norms)
-            if len(norms):
-                norm_sum += float(norms.sum())
-                norm_max = max(norm_max, float(norms.max()))
-            bar.update(len(batch))
-        shards = sink.close() if sink is not None else []
+        if start < n_batches:
+            for b, ids, context_ids in _token_batches(tokens, split, context_len, per_batch, start):
+                with torch.inference_mode():
+                    outputs = run_to_hooks(model, ids.to(device), points)
+                    rows = _batch_rows(outputs, ids, context_ids, first, data_cfg.max_norm, dtype)
+                for sink, (columns, dropped) in zip(sinks, rows, strict=True):
+                    sink.add(b, columns, dropped)
+                bar.update(len(ids))
+        return [_split_entry(sink, split, data_cfg.max_norm) for sink in sinks]
     except BaseException:
-        if sink is not None:
+        for sink in sinks:
             sink.abort()
         raise
     finally:
         bar.close()
-    if kept == 0:
+
+
+def extract_hooks(
+    model: nn.Module,
+    tokens: DatasetRef,
+    data_cfg: DataConfig,
+    hooks: Sequence[str],
+    writers: Sequence[DatasetWriter],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run `model` over every context of the tokens dataset once, writing one dataset per hook.
+
+    Per forward: about `batch_tokens` tokens as [B, T] contexts -> one [B, T, d] activation per
+    hook; position 0 is dropped if `skip_first_position`, rows with norm > `max_norm` if it is set.
+    Cost: the blocks up to the deepest hook, for every token of both splits. Writers opened with
+    `Store.resuming` continue an interrupted extraction. Returns (and sets) each manifest.
+    """
+    if len(hooks) != len(writers) or not hooks:
+        raise ValueError(f"extract_hooks: {len(hooks)} hooks for {len(writers)} writers")
+    points = [check_hook(model.config, hook) for hook in hooks]
+    src = tokens.manifest()
+    if data_cfg.skip_first_position and src["context_len"] < 2:
+        raise ConfigError("data.context_len: must exceed 1 when data.skip_first_position is on")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and src.get("vocab_size", 0) > vocab:
         raise ConfigError(
-            f"data.max_norm={data_cfg.max_norm}: dropped every {split} row; raise or unset it"
+            f"tokens {tokens.uri}: tokenizer vocabulary {src['vocab_size']} exceeds the "
+            f"model's {vocab}; use the model's own tokenizer"
         )
-    return width, {
-        "rows": kept,
-        "dropped_max_norm": dropped,
-        "norm_mean": norm_sum / kept,
-        "norm_max": norm_max,
-        "shards": shards,
-    }
+    width, dtype = model_width(model.config), storage_dtype(model, data_cfg)
+    rows_per_shard = shard_rows(data_cfg, width, dtype)
+    splits: list[dict[str, Any]] = [{} for _ in hooks]
+    for split in SPLITS:
+        sinks = [ShardWriter(w, split, width, dtype, rows_per_shard) for w in writers]
+        entries = _extract_split(
+            model, tokens, split, src["context_len"], points, data_cfg, sinks, dtype, progress
+        )
+        for per_hook, entry in zip(splits, entries, strict=True):
+            per_hook[split] = entry
+    for writer, point, per_hook in zip(writers, points, splits, strict=True):
+        writer.manifest = {
+            "kind": "activations",
+            "schema_version": SCHEMA_VERSION,
+            "fingerprint": writer.dataset.rsplit("/", 1)[-1],
+            "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "hook": str(point),
+            "dtype": dtype,
+            "width": width,
+            "context_len": src["context_len"],
+            "batch_tokens": data_cfg.batch_tokens,
+            "shard_rows": rows_per_shard,
+            "skip_first_position": data_cfg.skip_first_position,
+            "max_norm": data_cfg.max_norm,
+            "tokens": {"uri": tokens.uri, "fingerprint": tokens.fingerprint},
+            "splits": per_hook,
+        }
+    return [w.manifest for w in writers]
 
 
 def extract_activations(
@@ -202,108 +399,5 @@ def extract_activations(
     writer: DatasetWriter,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run `model` to `hook` over every context of the tokens dataset and write the rows.
-
-    Per forward: `batch_contexts` contexts [B, T] -> activations [B, T, d]; position 0 is
-    dropped if `skip_first_position`, rows with norm > `max_norm` if it is set. Cost: the
-    blocks up to the hook only, for every token of both splits. Returns (and sets) the manifest.
-    """
-    point = check_hook(model.config, hook)
-    src = tokens.manifest()
-    if data_cfg.skip_first_position and src["context_len"] < 2:
-        raise ConfigError("data.context_len: must exceed 1 when data.skip_first_position is on")
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and src.get("vocab_size", 0) > vocab:
-        raise ConfigError(
-            f"tokens {tokens.uri}: tokenizer vocabulary {src['vocab_size']} exceeds the "
-            f"model's {vocab}; use the model's own tokenizer"
-        )
-    splits: dict[str, Any] = {}
-    for split in SPLITS:
-        width, splits[split] = _extract_split(
-            model, tokens, split, src["context_len"], point, data_cfg, writer, progress
-        )
-    writer.manifest = {
-        "kind": "activations",
-        "schema_version": SCHEMA_VERSION,
-        "fingerprint": writer.dataset.rsplit("/", 1)[-1],
-        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-        "hook": str(point),
-        "dtype": data_cfg.storage_dtype,
-        "width": width,
-        "context_len": src["context_len"],
-        "skip_first_position": data_cfg.skip_first_position,
-        "max_norm": data_cfg.max_norm,
-        "tokens": {"uri": tokens.uri, "fingerprint": tokens.fingerprint},
-        "splits": splits,
-    }
-    return writer.manifest
-
-
-def _split_manifest(ref: DatasetRef, split: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    manifest = ref.manifest()
-    if manifest.get("kind") != "activations":
-        raise ValueError(f"dataset {ref.uri} holds {manifest.get('kind')!r}, not activations")
-    if split not in manifest["splits"]:
-        raise ValueError(
-            f"dataset {ref.uri} has no split {split!r}; it has {', '.join(manifest['splits'])}"
-        )
-    return manifest, manifest["splits"][split]
-
-
-def read_split(ref: DatasetRef, split: str) -> Iterator[pa.RecordBatch]:
-    """Stream a split's rows, shard by shard, as record batches of up to 8192 rows."""
-    _, info = _split_manifest(ref, split)
-    store = ref.open_store()
-    for shard in info["shards"]:
-        with store.open(f"{ref.path}/{shard['name']}") as fh:
-            yield from pq.ParquetFile(fh).iter_batches(batch_size=_ROW_GROUP)
-
-
-def activation_matrix(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
-    """The `activation` column as a `[rows, d]` numpy view (no copy) in the storage dtype."""
-    column = batch.column("activation")
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=True).reshape(-1, column.type.list_size)
-
-
-def load_split_tensor(ref: DatasetRef, split: str) -> Tensor:
-    """All activations of a split as one `[N, d]` float32 tensor (N*d*4 bytes of memory)."""
-    manifest, info = _split_manifest(ref, split)
-    out = torch.empty(info["rows"], manifest["width"], dtype=torch.float32)
-    view = out.numpy()
-    row = 0
-    for batch in read_split(ref, split):
-        view[row : row + batch.num_rows] = activation_matrix(batch)
-        row += batch.num_rows
-    if row != info["rows"]:
-        raise ValueError(
-            f"dataset {ref.uri} split {split}: read {row} rows, manifest says {info['rows']}"
-        )
-    return out
-
-
-def iter_batches(
-    ref: DatasetRef,
-    split: str,
-    batch_size: int,
-    seed: int,
-    epoch: int = 0,
-    start_batch: int = 0,
-) -> Iterator[Tensor]:
-    """Shuffled `[batch_size, d]` float32 batches of a split, the last partial batch dropped.
-
-    The order is a permutation drawn from a generator seeded with `seed + epoch`: the same
-    arguments give the same batches, and `start_batch` skips the first batches of an epoch
-    (to resume training mid-epoch) without changing the rest.
-    """
-    data = load_split_tensor(ref, split)
-    if batch_size > len(data):
-        raise ConfigError(
-            f"train.batch_size={batch_size} exceeds the {len(data)} rows of split '{split}' "
-            f"of {ref.uri}; lower it or raise data.train_tokens"
-        )
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + epoch))
-    for b in range(start_batch, len(data) // batch_size):
-        yield data[order[b * batch_size : (b + 1) * batch_size]]
+    """One hook's dataset: `extract_hooks` with a single hook. Returns (and sets) the manifest."""
+    return extract_hooks(model, tokens, data_cfg, [hook], [writer], progress)[0]

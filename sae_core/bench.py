@@ -43,6 +43,7 @@ def bench_train(
     device: str = "auto",
     threads: int | None = None,
     multi_topk: bool = False,
+    dtype: str = "float32",
     seed: int = 0,
     verbose: bool = True,
 ) -> dict[str, Any]:
@@ -50,7 +51,8 @@ def bench_train(
 
     Returns medians in milliseconds, tokens/s, the GEMM ratio, peak memory and the breakdown
     (median ms per phase: normalize, gemm, topk, decode, backward, optimizer). Prints a table
-    unless verbose=False.
+    unless verbose=False. dtype: the step's GEMM precision (train.dtype); the reference GEMM
+    stays float32, so the ratio says what bfloat16 buys against the float32 product.
     """
     dev = pick_device(device)
     rss_before = _peak_rss_mb()
@@ -65,7 +67,9 @@ def bench_train(
     # and say nothing about the step.
     sae_cfg = SAEConfig(n_latents=n, k=k, multi_topk=multi_topk, b_pre_init="mean")
     trainer = Trainer(
-        init_sae(d, sae_cfg, data[: min(len(data), 8192)], seed), TrainConfig(batch_size=batch), dev
+        init_sae(d, sae_cfg, data[: min(len(data), 8192)], seed),
+        TrainConfig(batch_size=batch, dtype=dtype),
+        dev,
     )
     W = torch.randn(d, n, generator=g).to(dev)
     ref_out = torch.empty(batch, n, device=dev)
@@ -110,6 +114,7 @@ def bench_train(
         "batch": batch,
         "steps": steps,
         "device": str(dev),
+        "dtype": dtype,
         "threads": torch.get_num_threads(),
         "native_kernels": dev.type == "cpu" and native.load() is not None,
         "step_ms": round(step, 2),
@@ -127,7 +132,7 @@ def bench_train(
             sum(p.numel() for p in trainer.sae.parameters()) * 4 * 4 / 2**20, 1
         ),
         "data_mb": round(data.numel() * data.element_size() / 2**20, 1),
-        "bxn_buffer_mb": round(batch * n * 4 / 2**20, 1),
+        "bxn_buffer_mb": round(batch * n * (torch.finfo(getattr(torch, dtype)).bits // 8) / 2**20, 1),
         "cpu_count": os.cpu_count(),
     }
     if dev.type == "cuda":
@@ -139,7 +144,7 @@ def bench_train(
 
 def format_result(r: dict[str, Any]) -> str:
     head = (
-        f"d={r['d']} n={r['n']} k={r['k']} B={r['batch']} on {r['device']} ({r['threads']} threads, "
+        f"d={r['d']} n={r['n']} k={r['k']} B={r['batch']} {r['dtype']} on {r['device']} ({r['threads']} threads, "
         f"native kernels: {r['native_kernels']})"
     )
     lines = [
@@ -152,6 +157,7 @@ def format_result(r: dict[str, Any]) -> str:
         + "  (ms)",
         f"  peak RSS {r['peak_rss_mb']:.0f} MiB, +{r['peak_rss_growth_mb']:.0f} MiB during the run "
         f"(model+grad+Adam {r['model_state_mb']:.0f}, data {r['data_mb']:.0f}, "
-        f"B x n buffer {r['bxn_buffer_mb']:.0f} + the reference GEMM's output {r['bxn_buffer_mb']:.0f} MiB)",
+        f"B x n buffer {r['bxn_buffer_mb']:.0f} + the reference GEMM's output "
+        f"{r['batch'] * r['n'] * 4 / 2**20:.0f} MiB)",
     ]
     return "\n".join(lines)

@@ -48,9 +48,18 @@ class DataConfig(_Strict):
         gt=0,
         description="Drop tokens whose activation norm exceeds this (explicit outlier filter).",
     )
-    batch_contexts: int = Field(32, ge=1, description="Contexts per extraction forward pass.")
-    shard_rows: int = Field(65536, ge=1, description="Activation rows per Parquet shard.")
-    storage_dtype: Literal["float32", "float16"] = "float32"
+    batch_tokens: int = Field(
+        2048, ge=1, description="Tokens per extraction forward pass (whole contexts, at least one)."
+    )
+    shard_mb: float = Field(128, gt=0, description="Target size of an activation shard in MiB.")
+    shard_rows: int | None = Field(
+        None, ge=1, description="Rows per activation shard; overrides data.shard_mb when set."
+    )
+    storage_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="Stored activation dtype. bfloat16 models' activations are always stored as "
+        "float32: exact for bf16, where float16 would clip its range (Parquet has no bfloat16).",
+    )
 
 
 class SAEConfig(_Strict):
@@ -63,6 +72,11 @@ class SAEConfig(_Strict):
         10_000_000, ge=1, description="A latent is dead after this many tokens without firing."
     )
     multi_topk: bool = False
+    batch_topk: bool = Field(
+        False,
+        description="BatchTopK: keep the top k*B pre-activations of each training batch (k per "
+        "token on average); inference keeps those above a threshold estimated in training.",
+    )
     normalize: Literal["per_token", "global", "none"] = "per_token"
     b_pre_init: Literal["geometric_median", "mean"] = "geometric_median"
 
@@ -74,6 +88,8 @@ class SAEConfig(_Strict):
             )
         if self.multi_topk and 4 * self.k > self.n_latents:
             raise ValueError("sae.multi_topk needs 4*k <= n_latents; lower sae.k or disable it")
+        if self.multi_topk and self.batch_topk:
+            raise ValueError("sae.batch_topk and sae.multi_topk cannot be combined; disable one")
         return self
 
 
@@ -84,11 +100,59 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0)
     checkpoint_every_tokens: int = Field(2**16, ge=1)
     grad_clip_norm: float | None = Field(None, gt=0, description="Gradient-norm clip; None: off")
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Keep an exponential moving average of the weights (e.g. 0.999) and save it "
+        "as the trained SAE; None: off.",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Precision of the encoder GEMM (the step's one dense product); the rest "
+        "stays float32. float32 is deterministic; bfloat16 pays off on GPUs and CPUs with bf16 units.",
+    )
     device: str = "auto"
 
 
 class EvalConfig(_Strict):
-    batch_contexts: int = Field(32, ge=1)
+    batch_contexts: int = Field(
+        16, ge=1, description="Eval contexts per forward pass (each holds [B, T, vocab] logits)."
+    )
+    ablation_samples: int = Field(
+        128, ge=0, description="Single-latent ablations for ablation sparsity; 0 turns it off."
+    )
+    ablation_horizon: int = Field(
+        16, ge=1, description="Positions from the ablated token on whose logits are compared."
+    )
+    probe_contexts: int = Field(
+        512, ge=0, description="Probe contexts (one per document first); 0 turns probes off."
+    )
+    probe_tokens: int = Field(8192, ge=1, description="Labelled tokens sampled for token tasks.")
+    seed: int = Field(0, ge=0, description="Seed of the ablation and probe samples.")
+
+
+class SweepConfig(_Strict):
+    """The grid `saeflow sweep` trains: every (n_latents, k, seed) with k <= n_latents."""
+
+    n_latents: list[int] = Field([1152, 2304, 4608], min_length=1)
+    k: list[int] = Field([16, 32, 64], min_length=1)
+    seeds: list[int] = Field([0], min_length=1, description="Training seeds (train.seed).")
+
+    @model_validator(mode="after")
+    def _valid_grid(self) -> SweepConfig:
+        for name in ("n_latents", "k", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values) or min(values) < (0 if name == "seeds" else 1):
+                raise ValueError(
+                    f"{name}={values}: give distinct {'non-negative' if name == 'seeds' else 'positive'} integers"
+                )
+        if max(self.k) > min(self.n_latents):
+            raise ValueError(
+                f"k={self.k} has k > n for n_latents={self.n_latents}; "
+                "keep every k <= the smallest n"
+            )
+        return self
 
 
 class RegistryConfig(_Strict):
@@ -109,6 +173,7 @@ class PipelineConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
+    sweep: SweepConfig = SweepConfig()
 
 
 def available_presets() -> list[str]:

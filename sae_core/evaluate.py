@@ -1,8 +1,17 @@
-"""Evaluate a trained SAE on the eval split: reconstruction and downstream next-token loss."""
+"""Evaluate a trained SAE on the eval split: reconstruction, downstream loss, ablation sparsity
+and probe loss.
+
+The part of the model below the hook comes from the eval set's `Baseline` (run once, shared by
+every SAE and variant); here only the part above it runs: per batch, once with the clean
+activation and once with the SAE's reconstruction spliced in, plus the single-latent ablations.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -10,15 +19,45 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from sae_core.metrics import DownstreamStats, ReconstructionStats, next_token_ce
-from sae_core.models import forward_with_replacement
+from sae_core.ablation import sample_ablation_sparsity
+from sae_core.baseline import Baseline, with_tail
+from sae_core.config import EvalConfig
+from sae_core.metrics import (
+    DensityHistogram,
+    DownstreamStats,
+    ReconstructionStats,
+    next_token_ce,
+    next_token_kl,
+)
+from sae_core.probe_data import ProbeSet
+from sae_core.probes import ProbeResult, evaluate_probes, probe_summary
 from sae_core.refs import DatasetRef
 from sae_core.sae import TopKSAE
+from sae_core.splice import SplitModel
 
 
 class EvalResult(NamedTuple):
-    metrics: dict[str, float]
-    latent_fire_counts: list[int]
+    metrics: dict[str, float]  # flat figures (what MLflow logs)
+    latent_fire_counts: list[int]  # [n] firings over the eval tokens
+    density: DensityHistogram
+    probes: list[ProbeResult]
+    ablation_sparsity: list[float]  # one value per single-latent ablation
+    seconds: dict[str, float]  # wall time per phase
+
+
+class _Clock:
+    """Wall time per phase, summed over repeated entries."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
 
 
 def load_eval_contexts(tokens: DatasetRef) -> torch.Tensor:
@@ -30,54 +69,89 @@ def load_eval_contexts(tokens: DatasetRef) -> torch.Tensor:
 
 def evaluate_sae(
     sae: TopKSAE,
-    model: torch.nn.Module,
-    tokens: DatasetRef,
-    hook: str,
-    batch_contexts: int,
+    split: SplitModel,
+    contexts: torch.Tensor,
+    baseline: Baseline,
+    cfg: EvalConfig,
     first_position: int,
+    probe_set: ProbeSet | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    """Splice the SAE's reconstruction into the model at `hook` and measure what it costs.
+    """contexts: [C, T] (the ones `baseline` was computed on).
 
     Positions < first_position keep their clean activations in every variant (they are outside
     the SAE's training distribution, e.g. the attention sink at position 0).
-    Cost per batch: three forward passes of the model (clean, spliced, zero-ablated).
+    Cost: the part above the hook twice per batch (clean, spliced), the SAE on every token,
+    `cfg.ablation_samples` ablations (see sae_core.ablation), the encoder on the probe set.
     """
-    contexts = load_eval_contexts(tokens)
-    device = next(model.parameters()).device
+    clock = _Clock()
+    device = next(split.model.parameters()).device
     sae = sae.to(device).eval()
     recon = ReconstructionStats(sae.n_latents)
     downstream = DownstreamStats()
-
-    def replace_tail(
-        fn: Callable[[torch.Tensor], torch.Tensor],
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        def replace(h: torch.Tensor) -> torch.Tensor:
-            out = h.clone()
-            out[:, first_position:] = fn(h[:, first_position:])
-            return out
-
-        return replace
-
-    def splice(h: torch.Tensor) -> torch.Tensor:
-        flat = h.reshape(-1, h.shape[-1]).float()
-        codes = sae.encode(flat)
-        x_hat = sae.decode(*codes)
-        recon.update(flat, x_hat, codes.idx, codes.vals)
-        return x_hat.reshape(h.shape).to(h.dtype)
-
-    variants: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
-        "clean": None,
-        "spliced": replace_tail(splice),
-        "zero": replace_tail(torch.zeros_like),
-    }
-    batches = range(0, contexts.shape[0], batch_contexts)
+    batches = range(0, contexts.shape[0], cfg.batch_contexts)
     with torch.inference_mode():
         for start in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
-            ids = contexts[start : start + batch_contexts].to(device)
+            stop = start + cfg.batch_contexts
+            ids = contexts[start:stop].to(device)
+            act = baseline.act[start:stop].to(device)
+            feed = (
+                None
+                if baseline.block_input is None
+                else baseline.block_input[start:stop].to(device)
+            )
             terms = ids.shape[0] * (ids.shape[1] - 1 - first_position)
-            for name, replace in variants.items():
-                logits = forward_with_replacement(model, ids, hook, replace)
-                downstream.update(name, next_token_ce(logits, ids, first_position), terms)
+            with clock("lm above hook: clean"):
+                clean = split.logits(ids, act, feed)
+            with clock("sae: encode+decode"):
+                x = act[:, first_position:].reshape(-1, act.shape[-1]).float()
+                codes = sae.encode(x)
+                x_hat = sae.decode(*codes)
+                shift, scale = codes.stats
+                recon.update(
+                    x, x_hat, (x - shift) / scale, (x_hat - shift) / scale, codes.idx, codes.vals
+                )
+            with clock("lm above hook: spliced"):
+                tail = x_hat.reshape(act.shape[0], -1, act.shape[-1]).to(act.dtype)
+                spliced = split.logits(ids, with_tail(act, first_position, tail), feed)
+            with clock("ce and kl on logits"):
+                downstream.add("clean", next_token_ce(clean, ids, first_position), terms)
+                downstream.add(
+                    "spliced",
+                    next_token_ce(spliced, ids, first_position),
+                    terms,
+                    kl_sum=next_token_kl(clean, spliced, first_position),
+                )
+            del clean, spliced  # [B, T, V] each: free before the next batch allocates
+    for name, ce_sum in baseline.ce_sums.items():
+        downstream.add(name, ce_sum, baseline.terms)
     metrics = recon.result() | downstream.result()
-    return EvalResult(metrics=metrics, latent_fire_counts=recon.fire_counts.tolist())
+
+    sparsity = torch.zeros(0)
+    if cfg.ablation_samples:
+        with clock("ablation sparsity"):
+            sparsity = sample_ablation_sparsity(
+                split,
+                sae,
+                contexts,
+                baseline,
+                first_position,
+                cfg.ablation_samples,
+                cfg.ablation_horizon,
+                cfg.seed,
+                progress,
+            )
+        metrics["ablation_sparsity"] = float(sparsity.mean()) if sparsity.numel() else float("nan")
+    probes: list[ProbeResult] = []
+    if probe_set is not None:
+        with clock("probes"):
+            probes = evaluate_probes(sae.cpu(), probe_set)
+        metrics |= probe_summary(probes)
+    return EvalResult(
+        metrics=metrics,
+        latent_fire_counts=recon.fire_counts.tolist(),
+        density=recon.histogram(),
+        probes=probes,
+        ablation_sparsity=sparsity.tolist(),
+        seconds=dict(clock.seconds),
+    )

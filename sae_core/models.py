@@ -11,8 +11,8 @@ A hook is `KIND.LAYER`:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -78,6 +78,16 @@ def num_layers(config: Any) -> int:
     )
 
 
+def model_width(config: Any) -> int:
+    """Width d of the residual stream (and of every hook's activation) of an HF config."""
+    width = getattr(_text_config(config), "hidden_size", None)  # GPT-2 maps n_embd to it
+    if not isinstance(width, int):
+        raise ConfigError(
+            f"model: cannot tell the width of a {type(config).__name__}; use a decoder-only LM"
+        )
+    return width
+
+
 def check_hook(config: Any, hook: str | HookPoint) -> HookPoint:
     """Parse `hook` and check its layer exists in the model; returns the HookPoint."""
     point = HookPoint.parse(hook)
@@ -90,12 +100,19 @@ def check_hook(config: Any, hook: str | HookPoint) -> HookPoint:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return _layers_holder(model)[2]
+
+
+def _layers_holder(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(the module holding the decoder blocks, its attribute name, the blocks)."""
     for path in _LAYER_PATHS:
-        node: Any = model
-        for attr in path.split("."):
-            node = getattr(node, attr, None)
+        *parents, attr = path.split(".")
+        holder: Any = model
+        for name in parents:
+            holder = getattr(holder, name, None)
+        node = getattr(holder, attr, None)
         if isinstance(node, nn.ModuleList):
-            return node
+            return holder, attr, node
     raise ConfigError(
         f"model: cannot find the decoder blocks of {type(model).__name__} "
         f"(looked for {', '.join(_LAYER_PATHS)}); use a Llama, Mistral, Qwen, GPT-2 or GPT-NeoX model"
@@ -162,26 +179,57 @@ class _StopForward(Exception):
 
 
 def run_to_hook(model: nn.Module, input_ids: Tensor, hook: str | HookPoint) -> Tensor:
-    """The activation at `hook` for `input_ids: [B, T]` -> `[B, T, d]`.
+    """The activation at `hook` for `input_ids: [B, T]` -> `[B, T, d]` (see run_to_hooks)."""
+    return run_to_hooks(model, input_ids, [hook])[0]
 
-    Runs the blocks up to and including the hook and stops there: the later blocks, the final
-    norm and the unembedding (most of the cost at deep hooks) never run. Grad mode is the
-    caller's: wrap in `torch.inference_mode()` for extraction.
+
+def run_to_hooks(
+    model: nn.Module, input_ids: Tensor, hooks: Sequence[str | HookPoint]
+) -> list[Tensor]:
+    """The activations at several hooks from one forward pass over `input_ids: [B, T]`:
+    one `[B, T, d]` tensor per hook, in the order given.
+
+    Runs the blocks up to the deepest hook and stops there: the later blocks, the final norm
+    and the unembedding (most of the cost at early hooks) never run. Grad mode is the caller's:
+    wrap in `torch.inference_mode()` for extraction.
     """
-    captured: list[Tensor] = []
+    points = [HookPoint.parse(h) for h in hooks]
+    unique = list(dict.fromkeys(points))
+    captured: dict[HookPoint, Tensor] = {}
 
-    def stop(activation: Tensor) -> None:
-        captured.append(activation)
-        raise _StopForward
+    def capture(point: HookPoint) -> Callable[[Tensor], None]:
+        def fn(activation: Tensor) -> None:
+            captured[point] = activation
+            # Hooks fire in forward order, so the last one to fire is the deepest.
+            if len(captured) == len(unique):
+                raise _StopForward
 
-    with _hooked(model, hook, stop):
+        return fn
+
+    with ExitStack() as stack:
+        for point in unique:
+            stack.enter_context(_hooked(model, point, capture(point)))
         try:
             model(input_ids=input_ids, use_cache=False)
         except _StopForward:
             pass
-    if not captured:
-        raise RuntimeError(f"hook {hook} did not fire during the forward pass")
-    return captured[0]
+    missing = [str(p) for p in unique if p not in captured]
+    if missing:
+        raise RuntimeError(f"hooks {', '.join(missing)} did not fire during the forward pass")
+    return [captured[p] for p in points]
+
+
+@contextmanager
+def truncated(model: nn.Module, n_layers: int) -> Iterator[nn.Module]:
+    """The model's base (embeddings, blocks, final norm; no unembedding) with only its first
+    `n_layers` decoder blocks, for as long as the block lasts: a bare forward of the depth an
+    extraction to layer `n_layers - 1` runs."""
+    holder, attr, layers = _layers_holder(model)
+    setattr(holder, attr, nn.ModuleList(list(layers)[:n_layers]))
+    try:
+        yield model.base_model
+    finally:
+        setattr(holder, attr, layers)
 
 
 def forward_with_replacement(

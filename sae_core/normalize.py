@@ -58,7 +58,9 @@ class InputNorm:
             shift = x.mean(dim=1, keepdim=True)
             centred = x - shift
             scale = centred.norm(dim=1, keepdim=True).clamp_min(_EPS)
-            return centred / scale, NormStats(shift, scale)
+            # In place (when no gradient is asked for): one [B, d] temporary instead of two.
+            x_norm = centred.div_(scale) if not centred.requires_grad else centred / scale
+            return x_norm, NormStats(shift, scale)
         zero = x.new_zeros(())
         if self.mode == "global":
             return x * self.global_scale, NormStats(zero, x.new_tensor(1.0 / self.global_scale))

@@ -7,10 +7,19 @@ it inside `Store.writing` (data first, manifest last). Orchestrators wrap these 
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from functools import cached_property
 from typing import Any, NamedTuple
 
 from sae_core.assets import resolve_corpus, resolve_model_path
-from sae_core.config import DataConfig, EvalConfig, ModelConfig, SAEConfig, TrainConfig
+from sae_core.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    SAEConfig,
+    TrainConfig,
+)
 from sae_core.fingerprint import code_fingerprint, fingerprint, path_fingerprint
 from sae_core.refs import DatasetRef
 from sae_core.store import Store
@@ -79,7 +88,8 @@ def sample_tokens(
 _ACTIVATION_FIELDS = {
     "skip_first_position",
     "max_norm",
-    "batch_contexts",
+    "batch_tokens",
+    "shard_mb",
     "shard_rows",
     "storage_dtype",
 }
@@ -101,19 +111,36 @@ def locate_activations(tokens: DatasetRef, model: ModelConfig, data: DataConfig)
 def extract_activations(
     tokens: DatasetRef, model: ModelConfig, data: DataConfig, progress: bool = True
 ) -> DatasetRef:
+    return extract_hook_datasets(tokens, model, data, [model.hook], progress)[0]
+
+
+def extract_hook_datasets(
+    tokens: DatasetRef,
+    model: ModelConfig,
+    data: DataConfig,
+    hooks: list[str],
+    progress: bool = True,
+) -> list[DatasetRef]:
+    """One activations dataset per hook (each located as if it were `model.hook`), the missing
+    ones from a single pass over the tokens; an interrupted pass resumes where it stopped."""
     from sae_core import activations
     from sae_core.models import load_model
 
-    loc = locate_activations(tokens, model, data)
-    if (manifest := loc.committed()) is not None:
-        return loc.ref(manifest["splits"]["train"]["rows"])
-    loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
-    with Store(tokens.store).writing(loc.path) as writer:
-        manifest = activations.extract_activations(
-            loaded.model, tokens, data, model.hook, writer, progress
-        )
-        manifest["fingerprint"] = loc.fingerprint
-    return loc.ref(manifest["splits"]["train"]["rows"])
+    locs = [locate_activations(tokens, model.model_copy(update={"hook": h}), data) for h in hooks]
+    manifests = [loc.committed() for loc in locs]
+    todo = [i for i, manifest in enumerate(manifests) if manifest is None]
+    if todo:
+        loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
+        store = Store(tokens.store)
+        with ExitStack() as stack:
+            writers = [stack.enter_context(store.resuming(locs[i].path)) for i in todo]
+            made = activations.extract_hooks(
+                loaded.model, tokens, data, [hooks[i] for i in todo], writers, progress
+            )
+            for i, manifest in zip(todo, made, strict=True):
+                manifest["fingerprint"] = locs[i].fingerprint
+                manifests[i] = manifest
+    return [loc.ref(m["splits"]["train"]["rows"]) for loc, m in zip(locs, manifests, strict=True)]
 
 
 # training ------------------------------------------------------------------------------------
@@ -126,6 +153,7 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
         train.model_dump(exclude={"device"}),
         code=(
             "sae_core.train",
+            "sae_core.loader",  # the batch order
             "sae_core.sae.topk",
             "sae_core.sae.kernels",
             "sae_core.sae.native",
@@ -137,12 +165,14 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
 def train_sae(
     acts: DatasetRef, sae: SAEConfig, train: TrainConfig, progress: bool = True
 ) -> DatasetRef:
+    from sae_core import faults
     from sae_core import train as training
 
     loc = locate_sae(acts, sae, train)
     if (manifest := loc.committed()) is None:
-        with Store(acts.store).writing(loc.path) as writer:
-            training.train_sae(
+        # faults.open_store: SAEFLOW_INJECT_FAULT can fail checkpoint writes, to test re-runs.
+        with faults.open_store(acts.store).writing(loc.path) as writer:
+            result = training.train_sae(
                 acts,
                 sae,
                 train,
@@ -151,11 +181,165 @@ def train_sae(
                 progress=progress,
             )
             writer.manifest["fingerprint"] = loc.fingerprint
+            writer.manifest["resumed_from_tokens"] = result.resumed_from_tokens
             manifest = writer.manifest
     return loc.ref(manifest.get("tokens_seen", 0))
 
 
 # evaluation ----------------------------------------------------------------------------------
+class _ModelOnce:
+    """The model and its split at the hook, loaded on first use only (cached stages never load it)."""
+
+    def __init__(self, model: ModelConfig):
+        self.cfg = model
+
+    @cached_property
+    def loaded(self) -> Any:
+        from sae_core.models import load_model
+
+        return load_model(resolve_model_path(self.cfg.path), self.cfg.dtype, self.cfg.device)
+
+    @cached_property
+    def split(self) -> Any:
+        from sae_core.splice import SplitModel
+
+        return SplitModel(self.loaded.model, self.cfg.hook)
+
+
+def _first_position(data: DataConfig) -> int:
+    return 1 if data.skip_first_position else 0
+
+
+def locate_baseline(tokens: DatasetRef, model: ModelConfig, data: DataConfig) -> Location:
+    return _located(
+        "baseline",
+        tokens.store,
+        tokens.fingerprint,
+        _model_identity(model),
+        model.hook,
+        model.dtype,
+        data.skip_first_position,
+        code=("sae_core.baseline", "sae_core.splice", "sae_core.models", "sae_core.metrics"),
+    )
+
+
+def prepare_baseline(
+    tokens: DatasetRef,
+    model: ModelConfig,
+    data: DataConfig,
+    eval: EvalConfig,
+    lm: _ModelOnce,
+    progress: bool = True,
+) -> tuple[DatasetRef, Any]:
+    """The eval set's part below the hook and its zero/mean-ablation CE: (ref, Baseline)."""
+    from sae_core import baseline
+    from sae_core.evaluate import load_eval_contexts
+
+    loc = locate_baseline(tokens, model, data)
+    store = Store(tokens.store)
+    if (manifest := loc.committed()) is not None:
+        data_bytes = store.read_bytes(f"{loc.path}/{baseline.FILE}")
+        return loc.ref(manifest["contexts"]), baseline.baseline_from(data_bytes, manifest)
+    contexts = load_eval_contexts(tokens)
+    result = baseline.compute_baseline(
+        lm.split, contexts, eval.batch_contexts, _first_position(data), progress
+    )
+    with store.writing(loc.path) as writer:
+        writer.write_bytes(baseline.FILE, baseline.baseline_bytes(result))
+        writer.manifest = {
+            "kind": "baseline",
+            "fingerprint": loc.fingerprint,
+            "tokens": tokens.uri,
+            "hook": model.hook,
+            "contexts": contexts.shape[0],
+            "ce_sums": result.ce_sums,
+            "terms": result.terms,
+        }
+    return loc.ref(contexts.shape[0]), result
+
+
+_PROBE_DATA_FIELDS = {"corpus", "text_column", "context_len", "skip_first_position"}
+_PROBE_EVAL_FIELDS = {"probe_contexts", "probe_tokens", "seed"}
+
+
+def locate_probe_set(
+    store: str, model: ModelConfig, data: DataConfig, eval: EvalConfig
+) -> Location:
+    corpus = resolve_corpus(data.corpus)
+    return _located(
+        "probes",
+        store,
+        path_fingerprint(corpus) if isinstance(corpus, list) else corpus,
+        data.model_dump(include=_PROBE_DATA_FIELDS),
+        eval.model_dump(include=_PROBE_EVAL_FIELDS),
+        _model_identity(model),
+        model.hook,
+        model.dtype,
+        code=("sae_core.probe_data", "sae_core.splice", "sae_core.models", "sae_core.tokens"),
+    )
+
+
+def prepare_probe_set(
+    store: str,
+    model: ModelConfig,
+    data: DataConfig,
+    eval: EvalConfig,
+    lm: _ModelOnce,
+    progress: bool = True,
+) -> tuple[DatasetRef, Any]:
+    """Probe contexts, labels and activations at the hook: (ref, ProbeSet)."""
+    import tempfile
+
+    from sae_core import probe_data
+    from sae_core.tokens import load_corpus
+
+    loc = locate_probe_set(store, model, data, eval)
+    st = Store(store)
+    if (manifest := loc.committed()) is not None:
+        data_bytes = st.read_bytes(f"{loc.path}/{probe_data.FILE}")
+        return loc.ref(manifest["contexts"]), probe_data.probe_set_from(data_bytes, manifest)
+    with tempfile.TemporaryDirectory(prefix="saeflow-datasets-") as cache_dir:
+        corpus = load_corpus(resolve_corpus(data.corpus), cache_dir)
+        result = probe_data.build_probe_set(
+            lm.split,
+            corpus,
+            data.text_column,
+            lm.loaded.tokenizer,
+            data.context_len,
+            _first_position(data),
+            eval.probe_contexts,
+            eval.probe_tokens,
+            eval.batch_contexts,
+            eval.seed,
+            progress,
+        )
+    with st.writing(loc.path) as writer:
+        writer.write_bytes(probe_data.FILE, probe_data.probe_set_bytes(result))
+        writer.manifest = {
+            "kind": "probe_set",
+            "fingerprint": loc.fingerprint,
+            "corpus": data.corpus,
+            "hook": model.hook,
+            "contexts": int(result.acts.shape[0]),
+            "token_sample": int(result.token_sample.shape[0]),
+            "genres": result.genres,
+            "pos_classes": list(probe_data.POS_CLASSES),
+        }
+    return loc.ref(int(result.acts.shape[0])), result
+
+
+_EVAL_CODE = (
+    "sae_core.evaluate",
+    "sae_core.metrics",
+    "sae_core.models",
+    "sae_core.splice",
+    "sae_core.baseline",
+    "sae_core.ablation",
+    "sae_core.probes",
+    "sae_core.probe_data",
+)
+
+
 def locate_evaluation(
     sae: DatasetRef, tokens: DatasetRef, model: ModelConfig, data: DataConfig, eval: EvalConfig
 ) -> Location:
@@ -167,10 +351,19 @@ def locate_evaluation(
         _model_identity(model),
         model.hook,
         model.dtype,
-        data.skip_first_position,
+        data.model_dump(include=_PROBE_DATA_FIELDS),
         eval,
-        code=("sae_core.evaluate", "sae_core.metrics", "sae_core.models"),
+        code=_EVAL_CODE,
     )
+
+
+def _check_eval(data: DataConfig, eval: EvalConfig) -> None:
+    room = data.context_len - _first_position(data)
+    if eval.ablation_samples and eval.ablation_horizon > room:
+        raise ConfigError(
+            f"eval.ablation_horizon={eval.ablation_horizon} exceeds the {room} scored positions "
+            f"of a context (data.context_len={data.context_len}); lower it or set eval.ablation_samples=0"
+        )
 
 
 def evaluate_sae(
@@ -181,31 +374,153 @@ def evaluate_sae(
     eval: EvalConfig,
     progress: bool = True,
 ) -> tuple[DatasetRef, dict[str, float]]:
+    """Evaluate a trained SAE; the eval set's baseline and the probe set are prepared (or
+    reused from the store) on the way."""
+    import time
+
     from sae_core import evaluate
-    from sae_core.models import load_model
     from sae_core.sae import load_sae
 
     loc = locate_evaluation(sae, tokens, model, data, eval)
     if (manifest := loc.committed()) is None:
-        loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
-        trained = load_sae(sae)
+        _check_eval(data, eval)
+        lm = _ModelOnce(model)
+        started = time.perf_counter()
+        _ = lm.split
+        seconds = {"load model": time.perf_counter() - started}
+        start = time.perf_counter()
+        base_ref, base = prepare_baseline(tokens, model, data, eval, lm, progress)
+        seconds["baseline (once per eval set)"] = time.perf_counter() - start
+        probe_ref, probe_set = None, None
+        if eval.probe_contexts:
+            start = time.perf_counter()
+            probe_ref, probe_set = prepare_probe_set(tokens.store, model, data, eval, lm, progress)
+            seconds["probe set (once per corpus)"] = time.perf_counter() - start
         result = evaluate.evaluate_sae(
-            trained,
-            loaded.model,
-            tokens,
-            model.hook,
-            eval.batch_contexts,
-            first_position=1 if data.skip_first_position else 0,
-            progress=progress,
+            load_sae(sae),
+            lm.split,
+            evaluate.load_eval_contexts(tokens),
+            base,
+            eval,
+            _first_position(data),
+            probe_set,
+            progress,
         )
+        seconds |= result.seconds
+        seconds["total"] = time.perf_counter() - started
+        sae_manifest = sae.manifest()
         with Store(sae.store).writing(loc.path) as writer:
             writer.write_json("latent_fire_counts.json", result.latent_fire_counts)
+            writer.write_json("density_histogram.json", result.density._asdict())
+            writer.write_json("probes.json", [p._asdict() for p in result.probes])
+            writer.write_json("ablation_sparsity.json", result.ablation_sparsity)
             writer.manifest = {
                 "kind": "evaluation",
                 "fingerprint": loc.fingerprint,
                 "sae": sae.uri,
+                "n_latents": sae_manifest.get("n"),
+                "k": sae_manifest.get("k"),
                 "tokens": tokens.uri,
+                "baseline": base_ref.uri,
+                "probe_set": probe_ref.uri if probe_ref else None,
                 "metrics": result.metrics,
+                "seconds": seconds,
             }
             manifest = writer.manifest
     return loc.ref(int(manifest["metrics"]["eval_tokens"])), manifest["metrics"]
+
+
+# reports -------------------------------------------------------------------------------------
+_REPORT_CODE = ("sae_core.report", "sae_core.plots", "sae_core.scaling", "sae_core.sweep")
+
+
+class WrittenReport(NamedTuple):
+    ref: DatasetRef
+    markdown: str
+    table: list[dict[str, Any]]
+
+
+def _write_report(store: Store, loc: Location, report: Any, kind: str) -> WrittenReport:
+    from sae_core.report import REPORT_FILE
+
+    with store.writing(loc.path) as writer:
+        for name, png in report.images.items():
+            writer.write_bytes(name, png)
+        writer.write_bytes(REPORT_FILE, report.markdown.encode())
+        writer.write_json("table.json", report.table)
+        writer.manifest = {
+            "kind": kind,
+            "fingerprint": loc.fingerprint,
+            "files": [REPORT_FILE, "table.json", *report.images],
+        }
+    return WrittenReport(loc.ref(), report.markdown, report.table)
+
+
+def _read_report(store: Store, loc: Location) -> WrittenReport:
+    from sae_core.report import REPORT_FILE
+
+    markdown = store.read_bytes(f"{loc.path}/{REPORT_FILE}").decode()
+    return WrittenReport(loc.ref(), markdown, store.read_json(f"{loc.path}/table.json"))
+
+
+def locate_run_report(sae: DatasetRef, evaluation: DatasetRef, title: str) -> Location:
+    return _located(
+        "run_report", sae.store, sae.fingerprint, evaluation.fingerprint, title, code=_REPORT_CODE
+    )
+
+
+def write_run_report(sae: DatasetRef, evaluation: DatasetRef, title: str) -> WrittenReport:
+    """report.md, its figures and table.json for one trained, evaluated SAE."""
+    from sae_core.metrics import DensityHistogram
+    from sae_core.report import run_report
+
+    loc = locate_run_report(sae, evaluation, title)
+    store = Store(sae.store)
+    if loc.committed() is not None:
+        return _read_report(store, loc)
+    sae_m, eval_m = sae.manifest(), evaluation.manifest()
+    probes = [
+        {k: p[k] for k in ("task", "latent", "loss", "baseline_loss", "positives")}
+        for p in store.read_json(f"{evaluation.path}/probes.json")
+    ]
+    report = run_report(
+        title,
+        {k: sae_m.get(k) for k in ("d", "n", "k", "tokens_seen", "steps")},
+        eval_m["metrics"],
+        probes,
+        store.read_json(f"{sae.path}/history.json"),
+        DensityHistogram(**store.read_json(f"{evaluation.path}/density_histogram.json")),
+        eval_m.get("seconds", {}),
+        {"sae": sae.uri, "evaluation": evaluation.uri},
+    )
+    return _write_report(store, loc, report, "run_report")
+
+
+def locate_sweep_report(points: list[Any], fit: Any, title: str) -> Location:
+    """points: sae_core.sweep.SweepPoint; fit: sae_core.scaling.ScalingFit or None."""
+    return _located(
+        "sweep_report",
+        points[0].sae.store,
+        [(p.n, p.k, p.seed, p.evaluation.fingerprint) for p in points],
+        fit,
+        title,
+        code=_REPORT_CODE,
+    )
+
+
+def write_sweep_report(points: list[Any], fit: Any, title: str) -> WrittenReport:
+    """report.md, the sweep figures and table.json for a grid of trained, evaluated SAEs."""
+    from sae_core.report import sweep_report
+    from sae_core.sweep import SweepRow
+
+    loc = locate_sweep_report(points, fit, title)
+    store = Store(points[0].sae.store)
+    if loc.committed() is not None:
+        return _read_report(store, loc)
+    rows, histories = [], []
+    for p in points:
+        train_dead = p.sae.manifest().get("dead_fraction", float("nan"))
+        rows.append(SweepRow(p.n, p.k, p.seed, p.metrics, train_dead))
+        histories.append((rows[-1].label, store.read_json(f"{p.sae.path}/history.json")))
+    report = sweep_report(title, rows, fit, histories)
+    return _write_report(store, loc, report, "sweep_report")

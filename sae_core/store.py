@@ -1,7 +1,9 @@
 """The store: datasets addressed by URI (local directory or s3://), committed atomically.
 
 A dataset is a folder of data files plus `_MANIFEST.json`. Writers put the data first and the
-manifest last, so a folder without a manifest is never taken for a finished dataset.
+manifest last, so a folder without a manifest is never taken for a finished dataset. A long
+writer may leave per-part completion markers under `_progress/` so that an interrupted attempt
+resumes (`Store.resuming`); they go once the manifest is written.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from fsspec.core import url_to_fs
 from sae_core.env import saeflow_home
 
 MANIFEST = "_MANIFEST.json"
+PROGRESS = "_progress"  # completion markers of an unfinished dataset (Store.resuming)
+_TEMPORARY = ".tmp-"  # infix of a local write not yet renamed into place
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=@+-]*$")
 
 
@@ -30,7 +34,8 @@ class StoreError(RuntimeError):
 
 
 def default_store_uri() -> str:
-    return str(saeflow_home() / "store")
+    """SAEFLOW_STORE if set (e.g. by `saeflow services env`), else $SAEFLOW_HOME/store."""
+    return os.environ.get("SAEFLOW_STORE") or str(saeflow_home() / "store")
 
 
 def safe_relpath(rel: str) -> str:
@@ -74,7 +79,9 @@ class Store:
         options: dict[str, Any] = {}
         if self.protocol == "s3":
             # Endpoint and credentials come from the standard AWS variables.
-            self.endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            self.endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+                "AWS_ENDPOINT_URL"
+            )
             if self.endpoint:
                 options["client_kwargs"] = {"endpoint_url": self.endpoint}
             options["config_kwargs"] = {
@@ -132,11 +139,11 @@ class Store:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         return self.fs.open(path, mode)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    def write_bytes(self, rel: str, data: bytes | memoryview) -> None:
         """Write one object atomically: a PUT on S3, write-then-rename locally."""
         path = self.path(rel)
         if self.protocol == "file":
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = f"{path}{_TEMPORARY}{uuid.uuid4().hex[:8]}"
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -144,7 +151,7 @@ class Store:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         else:
-            self.fs.pipe_file(path, data)
+            self.fs.pipe_file(path, bytes(data))  # botocore takes bytes, not views
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
@@ -163,8 +170,27 @@ class Store:
 
     def rm(self, rel: str) -> None:
         path = self.path(rel)
-        if self.fs.exists(path):
+        if not self.fs.exists(path):
+            return
+        if self.protocol != "s3":
             self.fs.rm(path, recursive=True)
+            return
+        found = self.fs.find(path, withdirs=True, detail=True)
+        self.fs.rm(path, recursive=True)
+        self._drop_folder_markers(
+            [p for p, i in found.items() if i["type"] == "directory"] + [path]
+        )
+
+    def _drop_folder_markers(self, folders: list[str]) -> None:
+        """Delete `key/` folder entries, deepest first: some servers (SeaweedFS) keep emptied
+        folders, which would still list. Deleting an absent key is a no-op on S3."""
+        from fsspec.asyn import sync
+
+        for folder in sorted(set(folders), key=len, reverse=True):
+            bucket, _, key = folder.partition("/")
+            if key:
+                sync(self.fs.loop, self.fs._call_s3, "delete_object", Bucket=bucket, Key=f"{key}/")
+        self.invalidate_cache()
 
     def invalidate_cache(self) -> None:
         # s3fs caches listings; another process may have written since.
@@ -190,12 +216,35 @@ class Store:
         partial data stays invisible (no manifest) and is cleared by the next attempt.
         """
         self.rm(dataset)
+        with self._committing(dataset) as writer:
+            yield writer
+
+    @contextmanager
+    def _committing(self, dataset: str) -> Iterator[DatasetWriter]:
         writer = DatasetWriter(self, dataset)
         yield writer
         if writer.manifest is None:
             raise StoreError(f"dataset {dataset}: writer finished without a manifest")
         writer.manifest.setdefault("uri", self.url(dataset))
         self.write_json(f"{dataset}/{MANIFEST}", writer.manifest)
+
+    @contextmanager
+    def resuming(self, dataset: str) -> Iterator[DatasetWriter]:
+        """Like `writing`, but what an interrupted attempt finished stays for the caller to skip.
+
+        The caller marks each finished part (`DatasetWriter.mark_done`) after writing it and
+        reads the marks back (`DatasetWriter.done_marks`) to resume. Only half-written local
+        temporaries of the last attempt are cleared. On normal exit the manifest is committed,
+        then the marks are removed.
+        """
+        self.invalidate_cache()
+        if self.protocol == "file" and self.fs.exists(self.path(dataset)):
+            for leftover in self.fs.find(self.path(dataset)):
+                if _TEMPORARY in leftover.rsplit("/", 1)[-1]:
+                    self.fs.rm_file(leftover)
+        with self._committing(dataset) as writer:
+            yield writer
+        self.rm(f"{dataset}/{PROGRESS}")
 
 
 class DatasetWriter:
@@ -212,8 +261,21 @@ class DatasetWriter:
     def open(self, name: str, mode: str = "wb") -> IO[Any]:
         return self.store.open(self.rel(name), mode)
 
-    def write_bytes(self, name: str, data: bytes) -> None:
+    def write_bytes(self, name: str, data: bytes | memoryview) -> None:
         self.store.write_bytes(self.rel(name), data)
 
     def write_json(self, name: str, obj: Any) -> None:
         self.store.write_json(self.rel(name), obj)
+
+    def mark_done(self, part: str, record: dict[str, Any]) -> None:
+        """Record that `part` (e.g. `train/00003`) is written; call after its data is in place."""
+        self.write_json(f"{PROGRESS}/{part}.json", record)
+
+    def done_marks(self, group: str) -> dict[str, dict[str, Any]]:
+        """The marks of an earlier attempt under `group` (e.g. `train`), by part name."""
+        folder = f"{self.dataset}/{PROGRESS}/{group}"
+        return {
+            name.removesuffix(".json"): self.store.read_json(f"{folder}/{name}")
+            for name in self.store.listdir(folder)
+            if name.endswith(".json")
+        }

@@ -71,7 +71,7 @@ def _local_files(files: list[str] | str) -> list[str] | None:
     return list(files)
 
 
-def _load_corpus(files: list[str] | str, cache_dir: str) -> Any:
+def load_corpus(files: list[str] | str, cache_dir: str) -> Any:
     """A `datasets.Dataset` of documents from local files (cached under `cache_dir`) or the hub."""
     import datasets
 
@@ -204,7 +204,7 @@ def sample_tokens(
         tempfile.TemporaryDirectory(prefix="saeflow-datasets-") as cache_dir,
         _quiet_datasets(not progress),
     ):
-        corpus = _load_corpus(files, cache_dir)
+        corpus = load_corpus(files, cache_dir)
         if isinstance(
             corpus, datasets.DatasetDict | datasets.IterableDataset | datasets.IterableDatasetDict
         ):

@@ -7,9 +7,10 @@ Layers, outermost first:
   exists, checkpoints every N tokens, returns the Trainer.
 - `Trainer.step(x_raw)`: one optimiser step on a [B, d] batch.
 
-A checkpoint (one safetensors file, written atomically) holds the weights, Adam's moments,
-the dead-latent counters, the data cursor (epoch, batch), the RNG state and the history, so a
-run killed at any point restarts from it and, on CPU, ends with bit-identical weights.
+A checkpoint (one safetensors file, written atomically) holds the weights (with BatchTopK's
+threshold), their moving average (train.ema_decay), Adam's moments, the dead-latent counters,
+the data cursor (epoch, batch), the RNG state and the history, so a run killed at any point
+restarts from it and, on CPU, ends with bit-identical weights.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def init_sae(d: int, sae_cfg: SAEConfig, sample: torch.Tensor, seed: int) -> Top
 
 
 class Trainer:
-    """Owns the SAE, its optimiser, the dead-latent counters and the training state."""
+    """Owns the SAE, its optimiser, the dead-latent counters, the weights' moving average (when
+    train.ema_decay is set) and the training state."""
 
     def __init__(self, sae: TopKSAE, train_cfg: TrainConfig, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -115,8 +117,20 @@ class Trainer:
             self.sae.parameters(), lr=self.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True
         )
         self.dead = DeadLatents(sae.n_latents, sae.cfg.dead_window_tokens, self.device)
+        self.ema: dict[str, torch.Tensor] | None = None
+        if train_cfg.ema_decay is not None:
+            self.ema = {name: p.detach().clone() for name, p in self.sae.named_parameters()}
+        self.gemm_dtype = getattr(torch, train_cfg.dtype)
         self.state = TrainState()
         self.resumed_from_tokens = 0
+
+    def final_sae(self) -> TopKSAE:
+        """The SAE to ship: the moving average of the weights when enabled, else the weights."""
+        if self.ema is None:
+            return self.sae
+        sae = TopKSAE(self.sae.d, self.sae.cfg, self.sae.norm).to(self.device)
+        sae.load_state_dict(self.sae.state_dict() | self.ema)
+        return sae
 
     def step(
         self, x_raw: torch.Tensor, mark: Callable[[str], None] | None = None
@@ -130,9 +144,12 @@ class Trainer:
         sae = self.sae
         x, _ = sae.norm.apply(x_raw.to(self.device, torch.float32, non_blocking=True))
         mark("normalize")
-        pre = sae.preacts(x)
+        # b_enc is added by the top-k as it reads the GEMM's output (one pass fewer over B x n).
+        pre = sae.preacts(x, with_bias=False, dtype=self.gemm_dtype)
         mark("gemm")
-        sel = sae.select(pre, self.dead.mask())
+        sel = sae.select(pre, self.dead.mask(), bias=sae.b_enc)
+        if sae.cfg.batch_topk:
+            sae.update_threshold(sel)
         mark("topk")
         out = sae.losses(x, sel)
         mark("decode")
@@ -144,6 +161,10 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip_norm)
         self.opt.step()
         sae.normalize_decoder()
+        if self.ema is not None:
+            with torch.no_grad():
+                for name, p in sae.named_parameters():
+                    self.ema[name].lerp_(p, 1 - self.cfg.ema_decay)
         self.dead.update(out.latent_idx, out.latent_vals)
         mark("optimizer")
 
@@ -168,8 +189,10 @@ class Trainer:
         """Everything needed to continue bit-identically, as one safetensors byte string."""
         tensors: dict[str, torch.Tensor] = {}
         names = [name for name, _ in self.sae.named_parameters()]
-        for name, p in self.sae.named_parameters():
-            tensors[f"model.{name}"] = p.detach()
+        for name, t in self.sae.state_dict().items():
+            tensors[f"model.{name}"] = t
+        for name, t in (self.ema or {}).items():
+            tensors[f"ema.{name}"] = t
         for i, state in self.opt.state_dict()["state"].items():
             for key, value in state.items():
                 tensors[f"optim.{names[i]}.{key}"] = value
@@ -224,6 +247,9 @@ class Trainer:
             if f"optim.{name}.exp_avg" in tensors
         }
         trainer.opt.load_state_dict(opt_state)
+        if trainer.ema is not None:
+            for name, t in trainer.ema.items():
+                t.copy_(tensors[f"ema.{name}"])
         trainer.dead.since.copy_(tensors["dead.since"])
         torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and trainer.device.type == "cuda":
@@ -371,7 +397,7 @@ def train_sae(
         device=pick_device(train_cfg.device),
         progress=progress,
     )
-    sae = trainer.sae
+    sae = trainer.final_sae()
     history = trainer.state.history
     writer.write_bytes(WEIGHTS_FILE, sae.cpu().to_bytes())
     writer.write_json("config.json", {"sae": sae_cfg.model_dump(), "train": train_cfg.model_dump()})

@@ -16,13 +16,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from sae_core.layout import REQUIRED_COLUMNS, activation_layout, flat_values
+from sae_core.loader import open_shard
 from sae_core.refs import DatasetRef
 from sae_core.store import Store
 
-REQUIRED_COLUMNS = ("activation", "sequence", "position", "token_id")
 _READ_ROWS = 16384  # rows per record batch: ~38 MB of float32 at d=576
 
 
@@ -69,35 +69,25 @@ def shard_path(split: str, name: str) -> str:
     return name if "/" in name else f"{split}/{name}"
 
 
-def _activation_layout(schema: pa.Schema) -> tuple[int, str, str]:
-    """(width, dtype, error) read from the Arrow schema; error is "" when the layout is usable."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
-    if missing:
-        return -1, "", f"missing columns {', '.join(missing)}"
-    kind = schema.field("activation").type
-    if not pa.types.is_fixed_size_list(kind):
-        return -1, "", f"activation column is {kind}, expected fixed_size_list<float>[d]"
-    if not pa.types.is_floating(kind.value_type):
-        return (
-            kind.list_size,
-            str(kind.value_type),
-            f"activation values are {kind.value_type}, expected float",
-        )
-    return kind.list_size, np.dtype(kind.value_type.to_pandas_dtype()).name, ""
-
-
-def _activation_matrix(column: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
-    """x: [rows, width] float32; a null activation row becomes NaN so it counts as non-finite."""
+def _activation_matrix(batch: pa.RecordBatch | pa.Table, width: int) -> np.ndarray:
+    """x: [rows, width] float32 of either storage layout; a null row becomes NaN so it counts as
+    non-finite."""
+    column = batch.column("activation")
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    # flatten() honours slice offsets and skips null rows, unlike .values; Arrow's cast from
-    # float16 is ~10x faster than numpy's.
-    flat = column.flatten().cast(pa.float32()).to_numpy(zero_copy_only=False).reshape(-1, width)
+    flat, _ = flat_values(batch)
+    # Arrow's cast from float16 is ~10x faster than numpy's.
+    x = flat.cast(pa.float32()).to_numpy(zero_copy_only=False).reshape(-1, width)
     if not column.null_count:
-        return flat
-    x = np.full((len(column), width), np.nan, dtype=np.float32)
-    x[column.is_valid().to_numpy(zero_copy_only=False)] = flat
-    return x
+        return x
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    if len(x) == len(column):  # the binary layout keeps null rows' slots
+        x = x.copy()
+        x[~valid] = np.nan
+        return x
+    full = np.full((len(column), width), np.nan, dtype=np.float32)  # a list skips them
+    full[valid] = x
+    return full
 
 
 class SummaryBuilder:
@@ -116,7 +106,7 @@ class SummaryBuilder:
 
     def add(self, batch: pa.RecordBatch | pa.Table) -> None:
         """batch: B rows. Cost: ~6 passes over the [B, d] float32 matrix."""
-        x = _activation_matrix(batch.column("activation"), self.width)
+        x = _activation_matrix(batch, self.width)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported, not warned about
             self._add(batch, x)
 
@@ -163,7 +153,7 @@ class SummaryBuilder:
 
 def summarize_table(table: pa.Table | pa.RecordBatch) -> TableSummary:
     """Summaries of an in-memory activations table; width comes from its schema."""
-    width, _, error = _activation_layout(table.schema)
+    width, _, error = activation_layout(table.schema)
     if error:
         raise ValueError(f"not an activations table: {error}")
     builder = SummaryBuilder(width)
@@ -185,9 +175,8 @@ def summarize_shard(
     }
     rows_read, width_read, dtype_read = 0, -1, None
     try:
-        with store.open(f"{dataset}/{shard_path(split, name)}", "rb") as fh:
-            parquet = pq.ParquetFile(fh)
-            width_read, dtype_found, error = _activation_layout(parquet.schema_arrow)
+        with open_shard(store, f"{dataset}/{shard_path(split, name)}") as parquet:
+            width_read, dtype_found, error = activation_layout(parquet.schema_arrow)
             if error:
                 raise ValueError(error)
             builder = SummaryBuilder(width_read)

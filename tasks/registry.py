@@ -1,27 +1,43 @@
-"""Prefect task: record a trained, evaluated SAE in MLflow and register a model version."""
+"""Prefect task: record a trained, evaluated SAE in MLflow and register a model version.
+
+The run holds params, evaluation metrics, training curves, the config, the data lineage (the
+activations and token datasets as MLflow dataset inputs: store URI + fingerprint) and the git
+revision. The model version is a pickle-free pyfunc (models-from-code, tasks/pyfunc_model.py)
+that loads the safetensors weights. `MlflowRegistry` gives the promotion gate its registry.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
-from sae_core.config import PipelineConfig, RegistryConfig
+import sae_core
+from sae_core.config import ConfigError, PipelineConfig, RegistryConfig
 from sae_core.env import saeflow_home
+from sae_core.export import ORIGIN_FILE, Origin
 from sae_core.fingerprint import fingerprint
+from sae_core.lineage import sae_lineage
 from sae_core.refs import DatasetRef
+from sae_core.sae import WEIGHTS_FILE
 from sae_core.stages import Location
 from tasks.caching import CommittedOutput
 from tasks.common import TASK_DEFAULTS
 from tasks.evaluate import EvalRef
 
 FINGERPRINT_TAG = "saeflow.fingerprint"
-# The files of an SAE dataset that make up the registered artifact.
-SAE_ARTIFACTS = ("sae.safetensors", "config.json", "history.json")
+# Small files of an SAE dataset kept with the run (the weights travel in the model).
+RUN_ARTIFACTS = ("config.json", "history.json")
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_NAME_IN_RUN = "sae"
 
 
 class RegistryRef(BaseModel):
@@ -129,6 +145,7 @@ def _log_and_register(
 
     store = sae.open_store()
     history = store.read_json(f"{sae.path}/history.json")
+    lineage = sae_lineage(sae)
     run_name = f"{config.name}-{sae.fingerprint[:8]}"
     with mlflow.start_run(
         experiment_id=_experiment_id(registry.experiment), run_name=run_name
@@ -141,8 +158,12 @@ def _log_and_register(
                 "saeflow.sae_uri": sae.uri,
                 "saeflow.sae_fingerprint": sae.fingerprint,
                 "saeflow.eval_uri": evaluation.dataset.uri,
+                "saeflow.data_fingerprint": lineage.activations.fingerprint,
+                **_git_tags(),
             }
         )
+        mlflow.log_input(_dataset_input("activations", lineage.activations), context="training")
+        mlflow.log_input(_dataset_input("tokens", lineage.tokens), context="evaluation")
         curve = [
             Metric(key=f"train/{key}", value=float(value), timestamp=0, step=int(row["tokens"]))
             for row in history
@@ -152,14 +173,151 @@ def _log_and_register(
         for start in range(0, len(curve), 1000):
             client.log_batch(run.info.run_id, metrics=curve[start : start + 1000])
         with tempfile.TemporaryDirectory() as tmp:
-            for name in SAE_ARTIFACTS:
+            for name in (*RUN_ARTIFACTS, WEIGHTS_FILE):
                 Path(tmp, name).write_bytes(store.read_bytes(f"{sae.path}/{name}"))
-            mlflow.log_artifacts(tmp, "sae")
-        source = f"{run.info.artifact_uri}/sae"
-    try:
-        client.get_registered_model(registry.model_name)
-    except Exception:  # noqa: BLE001 - first version of this model
-        client.create_registered_model(registry.model_name)
-    return client.create_model_version(
-        registry.model_name, source=source, run_id=run.info.run_id, tags={FINGERPRINT_TAG: fp}
+            for name in RUN_ARTIFACTS:
+                mlflow.log_artifact(str(Path(tmp, name)), "sae")
+            origin = Origin(
+                model=lineage.model, hook=lineage.hook, context_size=lineage.context_len
+            )
+            Path(tmp, ORIGIN_FILE).write_text(origin.model_dump_json())
+            model = _log_pyfunc(Path(tmp), sae.manifest())
+    version = mlflow.register_model(
+        model.model_uri, registry.model_name, tags={FINGERPRINT_TAG: fp}
     )
+    _link_run(run.info.run_id, registry.model_name, str(version.version))
+    return version
+
+
+def _dataset_input(kind: str, ref: DatasetRef) -> Any:
+    """An MLflow dataset naming a store dataset without copying it: its URI and fingerprint."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    uri = ref.uri if "://" in ref.uri else Path(ref.uri).as_uri()
+    with warnings.catch_warnings():
+        # MLflow registers its local source for two schemes and warns that it had to choose.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uri)
+    return MetaDataset(source, name=f"{kind}-{ref.fingerprint}", digest=ref.fingerprint)
+
+
+def _git_tags() -> dict[str, str]:
+    """The code's git revision (MLflow's own tag name) and whether the tree had local edits."""
+    repo = Path(sae_core.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+        return {}
+    return {"mlflow.source.git.commit": commit, "saeflow.git_dirty": str(dirty).lower()}
+
+
+def _log_pyfunc(folder: Path, manifest: dict[str, Any]) -> Any:
+    """Log the SAE as a pickle-free pyfunc model: the code file, the safetensors weights, a
+    copy of sae_core (so loading needs no saeflow install) and a tensor signature."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    d, n = int(manifest["d"]), int(manifest["n"])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n))]),
+    )
+    code = folder / "code" / "sae_core"
+    shutil.copytree(
+        Path(sae_core.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return mlflow.pyfunc.log_model(
+        name=MODEL_NAME_IN_RUN,
+        python_model=str(PYFUNC_FILE),
+        # "sae" is the key pyfunc_model.py loads; origin.json is for `saeflow export`.
+        artifacts={"sae": str(folder / WEIGHTS_FILE), "origin": str(folder / ORIGIN_FILE)},
+        code_paths=[str(code)],
+        signature=signature,
+        input_example=np.zeros((1, d), dtype=np.float32),
+        # Stated rather than inferred: inference would import and probe the model.
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            "safetensors",
+            "pydantic>=2",
+            "pyyaml",
+            "numpy",
+            f"mlflow=={mlflow.__version__}",
+        ],
+    )
+
+
+def _link_run(run_id: str, model: str, version: str) -> None:
+    """A Prefect artifact pointing at the MLflow run and the version it registered."""
+    create_markdown_artifact(
+        key="mlflow-run",
+        description="Where this run's SAE is recorded",
+        markdown=(
+            f"MLflow run `{run_id}` ({tracking_uri()}), registered as "
+            f"`{model}` version {version}: `models:/{model}/{version}`"
+        ),
+    )
+
+
+class MlflowRegistry:
+    """The promotion gate's registry (sae_core.promotion.Registry) on MLflow's model registry;
+    a version's metrics are those its run logged."""
+
+    def __init__(self) -> None:
+        self.client = _client()
+
+    def version_for_alias(self, name: str, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            aliases = self.client.get_registered_model(name).aliases
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # no such model yet
+                return None
+            raise
+        return str(aliases[alias]) if alias in aliases else None
+
+    def metrics(self, name: str, version: str) -> dict[str, float]:
+        run_id = self.client.get_model_version(name, version).run_id
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def tag_version(self, name: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, value)
+
+
+def registered_sae(model_uri: str) -> tuple[Any, Origin]:
+    """The TopKSAE and origin of a registered version (`models:/NAME@ALIAS`, `models:/NAME/N`),
+    read from its artifacts: the safetensors weights and origin.json."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from sae_core.sae import TopKSAE
+
+    _client()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+        except MlflowException as err:
+            raise ConfigError(f"{model_uri}: {err.message.splitlines()[0]}") from None
+        weights = next(folder.rglob(WEIGHTS_FILE), None)
+        if weights is None:
+            raise ConfigError(
+                f"{model_uri}: no {WEIGHTS_FILE} in the model; was it registered by saeflow?"
+            )
+        origin_file = next(folder.rglob(ORIGIN_FILE), None)
+        origin = Origin.model_validate_json(origin_file.read_text()) if origin_file else Origin()
+        return TopKSAE.load_safetensors(weights), origin

@@ -1,8 +1,11 @@
 """Prefect task: check an activations dataset with a Great Expectations suite before training on it.
 
 sae_core.validation reduces each shard to flat tables; here an ephemeral GE context checks them
-shard by shard (facts, per-token, per-dimension), then the split totals against the manifest.
-great_expectations is imported on first use: the import alone takes ~5 s.
+shard by shard (facts, per-token, per-dimension), then the split totals against the manifest, then
+an overview with one row per shard. The overview, the split checks and every failed check become
+GE data docs (HTML), committed to the store as `validation/<dataset fingerprint>/` with the report
+as its manifest, and linked from the flow run's artifacts. great_expectations is imported on first
+use: the import alone takes ~5 s.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 from prefect import task
+from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
@@ -21,6 +25,7 @@ from pydantic import BaseModel
 from sae_core.config import ConfigError
 from sae_core.refs import DatasetRef
 from sae_core.stages import Location
+from sae_core.store import Store
 from sae_core.validation import (
     ShardSummary,
     ValidationFailed,
@@ -28,6 +33,7 @@ from sae_core.validation import (
     summarize_dataset,
 )
 from tasks.caching import CommittedOutput
+from tasks.datadocs import DataDocs
 
 _SHOWN_FAILURES = 12
 # Extraction filters norms in torch; numpy recomputes them, so allow rounding at the boundary.
@@ -42,6 +48,7 @@ class ValidationReport(BaseModel):
     shards: int
     rows: int
     failures: list[str]
+    docs: str  # URL of the data docs' index page on the store
 
 
 @cache
@@ -66,7 +73,14 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 class _Suites:
     """One ephemeral GE context holding a dataframe asset and a suite per summary table."""
 
-    def __init__(self, manifest: dict[str, Any], vocab_size: int, min_norm: float, max_norm: float):
+    def __init__(
+        self,
+        manifest: dict[str, Any],
+        vocab_size: int,
+        min_norm: float,
+        max_norm: float,
+        run_name: str,
+    ):
         gx = _gx()
         import great_expectations.expectations as gxe
         from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -141,22 +155,36 @@ class _Suites:
                     description="shard rows sum to split rows",
                 ),
             ],
+            "overview": [
+                gxe.ExpectColumnValuesToBeInSet(
+                    column="failed", value_set=[""], description="every shard passes"
+                ),
+            ],
         }
         self._batches = {
             name: source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
             for name in expectations
         }
         self._suites = {
-            name: gx.ExpectationSuite(name=f"saeflow-{name}", expectations=exps)
+            name: context.suites.add(gx.ExpectationSuite(name=f"saeflow-{name}", expectations=exps))
             for name, exps in expectations.items()
         }
+        self.docs = DataDocs(context, run_name)
 
     def check(
-        self, table: str, frame: pd.DataFrame, where: str, params: dict[str, Any] | None = None
+        self,
+        table: str,
+        frame: pd.DataFrame,
+        where: str,
+        params: dict[str, Any] | None = None,
+        keep: bool = False,
     ) -> list[str]:
-        """One line per failed expectation: `where: description: what was seen`."""
+        """One line per failed expectation: `where: description: what was seen`. The result goes
+        to the data docs if it failed or `keep` is set."""
         batch = self._batches[table].get_batch(batch_parameters={"dataframe": frame})
         result = batch.validate(self._suites[table], expectation_parameters=params or {})
+        if keep or not result.success:
+            self.docs.record(self._suites[table].name, result, where)
         return [
             f"{where}: {r.expectation_config.description}: {_detail(r, params or {})}"
             for r in result.results
@@ -203,25 +231,62 @@ def _check_shard(suites: _Suites, summary: ShardSummary) -> list[str]:
     return failures
 
 
-def _raise_failed(ref: DatasetRef, bad_shards: set[str], shards: int, failures: list[str]) -> None:
+def _raise_failed(report: ValidationReport, bad_shards: set[str]) -> None:
+    failures = report.failures
     lines = failures[:_SHOWN_FAILURES]
     if len(failures) > len(lines):
         lines.append(f"... and {len(failures) - len(lines)} more")
-    head = f"activations {ref.uri} failed validation ({len(bad_shards)} of {shards} shards"
+    lines.append(f"data docs: {report.docs}")
+    head = (
+        f"activations {report.dataset} failed validation "
+        f"({len(bad_shards)} of {report.shards} shards"
+    )
     raise ValidationFailed(head + "):\n  " + "\n  ".join(lines))
 
 
-def _validated_dataset(ref: DatasetRef, **_: object) -> Location:
-    return Location(ref.store, ref.path, ref.fingerprint)
+def _validation_location(ref: DatasetRef, **_: object) -> Location:
+    return Location(ref.store, f"validation/{ref.fingerprint}", ref.fingerprint)
 
 
-# Keyed to the dataset: if it is removed, the next run validates the recomputed one again.
+def _validated(location: Location, args: dict[str, Any]) -> bool:
+    # Both the docs and the dataset they describe: if either is gone, validate again.
+    ref: DatasetRef = args["ref"]
+    return location.committed() is not None and ref.open_store().is_committed(ref.path)
+
+
+def _link_artifacts(report: ValidationReport) -> None:
+    """The data docs and the outcome as artifacts of the flow run (only inside a Prefect run)."""
+    if TaskRunContext.get() is None:
+        return
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    create_link_artifact(
+        key="validation-docs",
+        link=report.docs,
+        link_text="Great Expectations data docs",
+        description=f"Validation of {report.dataset}",
+    )
+    outcome = "passed" if report.passed else f"**failed** ({len(report.failures)} checks)"
+    failures = "".join(f"\n- `{line}`" for line in report.failures[:_SHOWN_FAILURES])
+    create_markdown_artifact(
+        key="validation-report",
+        markdown=(
+            f"### Validation {outcome}\n\n| dataset | shards | rows |\n|---|---|---|\n"
+            f"| `{report.dataset}` | {report.shards} | {report.rows} |\n\n"
+            f"[data docs]({report.docs}){failures}\n"
+        ),
+        description="Great Expectations suite over per-shard summaries",
+    )
+
+
+# Cached on the validation folder, which holds the data docs; recomputed when it or the dataset
+# it describes is gone.
 @task(
     name="validate",
     retries=0,
     persist_result=True,
     result_serializer="json",
-    cache_policy=CommittedOutput(locate=_validated_dataset),
+    cache_policy=CommittedOutput(locate=_validation_location, is_done=_validated),
 )
 def validate_activations(
     ref: DatasetRef,
@@ -232,11 +297,12 @@ def validate_activations(
     raise_on_failure: bool = True,
 ) -> ValidationReport:
     """Check every shard of an activations dataset: readable, finite, norms in range, token ids
-    in [0, vocab_size), positions in the context, widths, dtypes and row counts as the manifest says.
+    in [0, vocab_size), positions in the context, widths, dtypes and row counts as the manifest
+    says. Writes the data docs and the report to `validation/<fingerprint>/` on the dataset's store.
 
     Raises ValidationFailed naming each failing shard and expectation (unless raise_on_failure is
     False, when the report carries them). Cost: one streaming read of the dataset plus ~0.1-0.3 s
-    of GE per shard and table.
+    of GE per shard and table, and ~1 s to render the docs.
     """
     if vocab_size < 1 or not 0 <= min_norm < max_norm:
         raise ConfigError(
@@ -244,19 +310,19 @@ def validate_activations(
             "need vocab_size >= 1 and 0 <= min_norm < max_norm"
         )
     manifest = activation_manifest(ref)
-    suites = _Suites(manifest, vocab_size, min_norm, max_norm)
+    suites = _Suites(manifest, vocab_size, min_norm, max_norm, f"validate-{ref.fingerprint}")
     failures: list[str] = []
     bad_shards: set[str] = set()
     rows_read: dict[str, int] = {}
-    shards = 0
+    overview: list[dict[str, Any]] = []
     for summary in summarize_dataset(ref, progress=progress):
-        shards += 1
+        facts = summary.facts
         found = _check_shard(suites, summary)
         if found:
-            bad_shards.add(summary.facts.shard)
+            bad_shards.add(facts.shard)
             failures += found
-        split = summary.facts.split
-        rows_read[split] = rows_read.get(split, 0) + summary.facts.rows_read
+        rows_read[facts.split] = rows_read.get(facts.split, 0) + facts.rows_read
+        overview.append({"shard": facts.shard, "rows": facts.rows_read, "failed": "; ".join(found)})
     splits = pd.DataFrame(
         [
             {
@@ -269,18 +335,30 @@ def validate_activations(
         ]
     )
     for i, name in enumerate(splits["split"]):
-        failures += suites.check("splits", splits.iloc[[i]], f"split {name}")
-    total = sum(rows_read.values())
-    report = ValidationReport(
-        dataset=ref.uri, passed=not failures, shards=shards, rows=total, failures=failures
+        failures += suites.check("splits", splits.iloc[[i]], f"split {name}", keep=True)
+    suites.check(
+        "overview", pd.DataFrame(overview, columns=["shard", "rows", "failed"]), "shards", keep=True
     )
+    location = _validation_location(ref)
+    with Store(location.store).writing(location.path) as writer:
+        report = ValidationReport(
+            dataset=ref.uri,
+            passed=not failures,
+            shards=len(overview),
+            rows=sum(rows_read.values()),
+            failures=failures,
+            docs=suites.docs.publish(writer),
+        )
+        writer.manifest = {"kind": "validation", "fingerprint": ref.fingerprint} | report.model_dump()
+    _link_artifacts(report)
     if failures and raise_on_failure:
-        _raise_failed(ref, bad_shards, shards, failures)
+        _raise_failed(report, bad_shards)
     _logger().info(
-        "validated %s: %d shards, %d rows, %s",
+        "validated %s: %d shards, %d rows, %s; data docs %s",
         ref.uri,
-        shards,
-        total,
+        report.shards,
+        report.rows,
         "passed" if report.passed else f"{len(failures)} failures",
+        report.docs,
     )
     return report

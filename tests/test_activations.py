@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from sae_core.activations import (
-    ACTIVATION_SCHEMA,
-    activation_matrix,
+    STORAGE_SCHEMA,
     extract_activations,
-    iter_batches,
-    load_split_tensor,
-    read_split,
+    extract_hooks,
+    shard_rows,
 )
 from sae_core.config import ConfigError, DataConfig
+from sae_core.layout import activation_layout, activation_matrix
+from sae_core.loader import iter_batches, load_split_tensor, read_split
 from sae_core.models import load_model, run_to_hook
 from sae_core.refs import DatasetRef
 from sae_core.store import Store
@@ -27,7 +27,7 @@ BASE = {
     "train_tokens": 640,
     "eval_tokens": 160,
     "seed": 0,
-    "batch_contexts": 8,
+    "batch_tokens": 128,
     "shard_rows": 100,
 }
 
@@ -87,7 +87,8 @@ def test_manifest_and_shards(store, acts):
             data = store.read_bytes(f"{ref.path}/{shard['name']}")
             assert len(data) == shard["bytes"]
             table = pq.read_table(pa.BufferReader(data))
-            assert table.schema == ACTIVATION_SCHEMA(64, "float32")
+            assert table.schema == STORAGE_SCHEMA(64, "float32")
+            assert activation_layout(table.schema) == (64, "float32", "")
             assert table.num_rows == shard["rows"]
     assert store.manifest(ref.path)["splits"] == manifest["splits"]
 
@@ -145,7 +146,7 @@ def test_float16_full_positions_and_max_norm(store, loaded, tokens_ref, acts):
     table = pq.read_table(
         store.open(f"{ref.path}/{manifest['splits']['train']['shards'][0]['name']}")
     )
-    assert table.schema.field("activation").type == pa.list_(pa.float16(), 64)
+    assert activation_layout(table.schema) == (64, "float16", "")
     assert 0 in table.column("position").to_pylist()
     data = load_split_tensor(ref, "train")
     assert data.dtype == torch.float32 and data.shape == (640, 64)
@@ -160,3 +161,148 @@ def test_float16_full_positions_and_max_norm(store, loaded, tokens_ref, acts):
     with pytest.raises(ConfigError, match=r"data\.max_norm.*dropped every"):
         _extract(store, loaded, tokens_ref, "anone", max_norm=1e-9)
     assert not store.is_committed("activations/anone")
+
+
+def _layer_calls(model, layer: int):
+    """A counter of forward calls into decoder block `layer`, and the hook handle."""
+    calls = {"n": 0}
+
+    def count(*_):
+        calls["n"] += 1
+
+    return calls, model.model.layers[layer].register_forward_hook(count)
+
+
+def test_several_hooks_from_one_forward_pass(store, loaded, tokens_ref, acts):
+    hooks = ["resid_post.1", "resid_pre.0", "mlp_out.2"]
+    calls, handle = _layer_calls(loaded.model, 0)
+    later, later_handle = _layer_calls(loaded.model, 3)
+    try:
+        with (
+            store.writing("activations/m0") as w0,
+            store.writing("activations/m1") as w1,
+            store.writing("activations/m2") as w2,
+        ):
+            manifests = extract_hooks(
+                loaded.model, tokens_ref, DataConfig(**BASE), hooks, [w0, w1, w2], progress=False
+            )
+    finally:
+        handle.remove()
+        later_handle.remove()
+    # 40 train + 10 eval contexts, 8 per forward: 5 + 2 passes, none past the deepest hook.
+    assert calls["n"] == 7 and later["n"] == 0
+    assert [m["hook"] for m in manifests] == hooks
+    single = load_split_tensor(acts[1], "train")
+    ref0 = DatasetRef(store=store.uri, path="activations/m0", fingerprint="m0")
+    torch.testing.assert_close(load_split_tensor(ref0, "train"), single, rtol=0, atol=0)
+    ref2 = DatasetRef(store=store.uri, path="activations/m2", fingerprint="m2")
+    assert not torch.equal(load_split_tensor(ref2, "train"), single)
+
+
+def test_shard_size_from_megabytes_and_batches_by_tokens():
+    data = DataConfig(**{**BASE, "shard_rows": None, "shard_mb": 128})
+    rows = shard_rows(data, 576, "float32")
+    assert rows % 8192 == 0 and 120 * 2**20 < rows * (576 * 4 + 16) <= 128 * 2**20
+    assert shard_rows(data.model_copy(update={"shard_mb": 0.01}), 64, "float16") == 72
+    assert shard_rows(data.model_copy(update={"shard_rows": 100}), 64, "float32") == 100
+
+
+def test_bfloat16_model_is_stored_as_float32(store, tiny_llama_dir, tokens_ref):
+    model = load_model(str(tiny_llama_dir), dtype="bfloat16", device="cpu").model
+    with store.writing("activations/bf16") as w:
+        manifest = extract_activations(
+            model, tokens_ref, DataConfig(**BASE, storage_dtype="float16"), "resid_post.1", w,
+            progress=False,
+        )  # fmt: skip
+    assert manifest["dtype"] == "float32" and manifest["model_dtype"] == "bfloat16"
+    shard = manifest["splits"]["train"]["shards"][0]["name"]
+    table = pq.read_table(store.open(f"activations/bf16/{shard}"))
+    assert activation_layout(table.schema) == (64, "float32", "")
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_interrupted_extraction_resumes_at_the_first_unwritten_shard(
+    store, loaded, tokens_ref, acts
+):
+    path = "activations/resume"
+    calls, handle = _layer_calls(loaded.model, 0)
+
+    def kill_at_third_batch(*_):
+        if calls["n"] == 3:  # after 3 batches of 8 * 15 rows: shards 0-2 written, 60 rows pending
+            raise _Killed
+
+    killer = loaded.model.model.layers[0].register_forward_pre_hook(kill_at_third_batch)
+    try:
+        with pytest.raises(_Killed), store.resuming(path) as w:
+            extract_activations(
+                loaded.model, tokens_ref, DataConfig(**BASE), "resid_post.1", w, False
+            )
+    finally:
+        killer.remove()
+    assert not store.is_committed(path)
+    assert store.listdir(f"{path}/_progress/train") == ["00000.json", "00001.json", "00002.json"]
+    mark = store.read_json(f"{path}/_progress/train/00002.json")
+    assert (mark["next_batch"], mark["skip"]) == (2, 60)  # 300 rows = batches 0, 1 and 60 of 2
+    calls["n"] = 0
+    try:
+        with store.resuming(path) as w:
+            manifest = extract_activations(
+                loaded.model, tokens_ref, DataConfig(**BASE), "resid_post.1", w, False
+            )
+    finally:
+        handle.remove()
+    # Restarted at batch 2 of 5 (train), then the 2 eval batches.
+    assert calls["n"] == 3 + 2
+    assert not store.exists(f"{path}/_progress")
+    assert manifest["splits"] == acts[0]["splits"]
+    ref = DatasetRef(store=store.uri, path=path, fingerprint="resume")
+    torch.testing.assert_close(
+        load_split_tensor(ref, "train"), load_split_tensor(acts[1], "train"), rtol=0, atol=0
+    )
+
+
+@pytest.mark.slow
+def test_sigkilled_extraction_restarts_at_the_first_unwritten_shard(
+    tiny_llama_dir, tiny_corpus_dir, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    store = Store(str(tmp_path / "store"))
+    loaded = load_model(str(tiny_llama_dir), device="cpu")
+    data = DataConfig(**{**BASE, "train_tokens": 3200})
+    with store.writing("tokens/t") as w:
+        sample_tokens(data, loaded.tokenizer, str(tiny_corpus_dir), w, progress=False)
+    worker = [sys.executable, str(Path(__file__).with_name("extract_worker.py"))]
+    args = [str(tiny_llama_dir), store.uri, "tokens/t"]
+    marks = tmp_path / "store/activations/killed/_progress/train"
+    victim = subprocess.Popen([*worker, *args, "0.05"], env=os.environ.copy())
+    deadline = time.monotonic() + 120
+    while len(list(marks.glob("*.json"))) < 3:
+        assert victim.poll() is None and time.monotonic() < deadline, "worker ended early"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert not store.is_committed("activations/killed")
+    done = len(list(marks.glob("*.json")))
+    assert subprocess.run([*worker, *args, "0"], timeout=300).returncode == 0
+    killed = store.manifest("activations/killed")
+    with store.writing("activations/whole") as w:
+        whole = extract_activations(
+            loaded.model, DatasetRef(store=store.uri, path="tokens/t", fingerprint="t"),
+            DataConfig(context_len=16, batch_tokens=64, shard_rows=50), "resid_post.1", w, False,
+        )  # fmt: skip
+    assert killed["splits"] == whole["splits"] and done < len(whole["splits"]["train"]["shards"])
+
+    def train_rows(name: str) -> torch.Tensor:
+        ref = DatasetRef(store=store.uri, path=f"activations/{name}", fingerprint=name)
+        return load_split_tensor(ref, "train")
+
+    torch.testing.assert_close(train_rows("killed"), train_rows("whole"), rtol=0, atol=0)

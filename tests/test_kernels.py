@@ -29,7 +29,24 @@ def test_topk_matches_torch(kernel_path):
         assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
 
 
-def test_scatter_outer_matches_index_add(kernel_path):
+def test_topk_adds_the_bias_as_it_reads(kernel_path):
+    g = torch.Generator().manual_seed(5)
+    x, bias = torch.randn(32, 300, generator=g), torch.randn(300, generator=g)
+    vals, idx = kernels.topk(x, 9, bias)
+    ref_vals, ref_idx = (x + bias).topk(9, dim=1)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(vals, ref_vals)
+
+
+def test_encoder_preacts_without_bias():
+    g = torch.Generator().manual_seed(6)
+    x, b_pre = torch.randn(8, 5, generator=g), torch.randn(5, generator=g)
+    W, b = torch.randn(11, 5, generator=g), torch.randn(11, generator=g)
+    full = kernels.encoder_preacts(x, b_pre, W, b)
+    torch.testing.assert_close(kernels.encoder_preacts(x, b_pre, W, None) + b, full)
+
+
+def test_scatter_outer_matches_index_add():
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 50, (40, 6), generator=g)
     coef, src = torch.randn(40, 6, generator=g), torch.randn(40, 9, generator=g)
@@ -51,10 +68,11 @@ def test_sparse_decode_matches_dense(kernel_path):
     )
 
 
-@pytest.mark.parametrize("multi_topk", [False, True])
-def test_sparse_step_gradients_equal_dense_reference(multi_topk, kernel_path):
+@pytest.mark.parametrize("variant", ["topk", "multi_topk", "batch_topk"])
+def test_sparse_step_gradients_equal_dense_reference(variant, kernel_path):
     torch.manual_seed(0)
-    sae = TopKSAE(24, SAEConfig(n_latents=160, k=6, k_aux=12, multi_topk=multi_topk))
+    flags = {"multi_topk": variant == "multi_topk", "batch_topk": variant == "batch_topk"}
+    sae = TopKSAE(24, SAEConfig(n_latents=160, k=6, k_aux=12, **flags))
     with torch.no_grad():
         sae.b_pre.normal_()
         sae.b_enc.normal_(0, 0.2)
@@ -69,6 +87,8 @@ def test_sparse_step_gradients_equal_dense_reference(multi_topk, kernel_path):
         runs[dense] = (out, {n: p.grad.clone() for n, p in sae.named_parameters()})
     (sparse_out, sparse_grads), (dense_out, dense_grads) = runs[False], runs[True]
     assert sparse_out.aux_loss > 0 and sparse_out.aux_idx.shape[1] == 12
+    if variant == "batch_topk":  # rows of different lengths: some padding slots were exercised
+        assert (sparse_out.latent_vals == 0).any() and sparse_out.latent_idx.shape[1] > 6
     assert torch.allclose(sparse_out.loss, dense_out.loss, rtol=1e-5)
     assert torch.allclose(sparse_out.recon, dense_out.recon, atol=1e-5)
     for name, g in dense_grads.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ ALL_STAGES = [
     "train_sae",
     "evaluate_sae",
     "register_model",
+    "report_run",
 ]
 
 
@@ -105,9 +107,12 @@ def test_registry_holds_the_version_with_its_alias(first_run):
     run = client.get_run(reg.run_id)
     assert run.data.metrics["nmse"] == pytest.approx(result.evaluation.metrics["nmse"])
     assert run.data.params["sae.k"] == "8"
-    artifacts = {a.path for a in client.list_artifacts(reg.run_id, "sae")}
-    assert "sae/sae.safetensors" in artifacts
-    assert not any(a.endswith((".pkl", ".pickle")) for a in artifacts)
+    assert {a.path for a in client.list_artifacts(reg.run_id, "sae")} >= {"sae/history.json"}
+    # The weights travel in the pickle-free pyfunc model (tests/test_registry.py loads it).
+    model = mlflow.artifacts.download_artifacts(f"models:/tiny-sae/{reg.version}")
+    files = [p.name for p in Path(model).rglob("*") if p.is_file()]
+    assert "sae.safetensors" in files
+    assert not any(f.endswith((".pkl", ".pickle")) or "cloudpickle" in f for f in files)
 
 
 def test_second_run_is_cached_and_registers_nothing_new(first_run):
@@ -127,6 +132,7 @@ def test_changing_the_sae_reruns_only_train_evaluate_register(
         "train_sae",
         "evaluate_sae",
         "register_model",
+        "report_run",
     ]
     assert changed.sae.path != result.sae.path
     assert int(changed.registry.version) == int(result.registry.version) + 1

@@ -140,3 +140,35 @@ def test_loading_a_foreign_file_is_a_clear_error(tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "x.safetensors")
     with pytest.raises(ConfigError, match="not a saeflow"):
         TopKSAE.load_safetensors(tmp_path / "x.safetensors")
+
+
+def test_batch_topk_keeps_exactly_the_k_b_largest_of_the_batch():
+    from sae_core.sae.topk import batch_topk
+
+    g = torch.Generator().manual_seed(7)
+    pre = torch.randn(40, 96, generator=g)
+    pre[3] += 4  # one token holds far more than 2k of the batch's largest: the candidate pool grows
+    vals, idx, thr = batch_topk(pre, 5)
+    kept = vals > float("-inf")
+    assert int(kept.sum()) == 40 * 5
+    expected = pre.reshape(-1).topk(40 * 5).values
+    assert torch.equal(vals[kept].sort(descending=True).values, expected)
+    assert torch.equal(pre.gather(1, idx)[kept], vals[kept]) and thr == expected[-1]
+    assert int(kept[3].sum()) > 10  # far more than 2k for that token
+
+
+def test_batch_topk_encode_uses_the_threshold_and_it_round_trips(tmp_path):
+    sae = _sae(batch_topk=True)
+    x = torch.randn(30, 20)
+    assert sae.encode(x).idx.shape == (30, 5)  # no threshold yet: top k per token
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    codes = sae.encode(x)
+    xn, _ = sae.norm.apply(x)
+    pre = sae.preacts(xn)
+    assert torch.equal((codes.vals > 0).sum(dim=1), (pre > 0.3).sum(dim=1))
+    assert ((codes.vals == 0) | (codes.vals > 0.3)).all()
+    sae.save_safetensors(tmp_path / "b.safetensors")
+    loaded = TopKSAE.load_safetensors(tmp_path / "b.safetensors")
+    assert loaded.threshold == sae.threshold
+    torch.testing.assert_close(loaded.reconstruct(x), sae.reconstruct(x))

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load as load_tensors
 
 from sae_core.activations import ACTIVATION_SCHEMA
 from sae_core.config import ConfigError, SAEConfig, TrainConfig
@@ -125,9 +126,16 @@ def test_train_sae_rejects_a_batch_larger_than_the_data(tmp_path):
         )
 
 
-def _run(store, x, stop=None, every=1024, epochs=2):
-    sae_cfg = SAEConfig(n_latents=64, k=3, dead_window_tokens=512, multi_topk=False)
-    train_cfg = TrainConfig(batch_size=128, epochs=epochs, lr=3e-3, checkpoint_every_tokens=every)
+def _run(store, x, stop=None, every=1024, epochs=2, extras=False):
+    """extras: BatchTopK (its threshold is state) and a moving average of the weights."""
+    sae_cfg = SAEConfig(n_latents=64, k=3, dead_window_tokens=512, batch_topk=extras)
+    train_cfg = TrainConfig(
+        batch_size=128,
+        epochs=epochs,
+        lr=3e-3,
+        checkpoint_every_tokens=every,
+        ema_decay=0.9 if extras else None,
+    )
     return run_training(
         32,
         sae_cfg,
@@ -142,17 +150,20 @@ def _run(store, x, stop=None, every=1024, epochs=2):
     )
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("extras", [False, True], ids=["topk", "batchtopk_ema"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, extras):
     x, _ = sparse_dictionary_data(2048)
-    full = _run(None, x)
+    full = _run(None, x, extras=extras)
     store = Store(str(tmp_path / "store"))
     # Interrupted mid-epoch 1 (step 21), after the checkpoint at step 16 (2048 tokens).
-    first = _run(store, x, stop=21)
+    first = _run(store, x, stop=21, extras=extras)
     assert first.state.step == 21
     torch.manual_seed(12345)  # the restart must not depend on the process's RNG state
-    resumed = _run(store, x)
+    resumed = _run(store, x, extras=extras)
     assert resumed.resumed_from_tokens == 2048
     assert resumed.state.step == full.state.step == 32
+    for name, t in full.final_sae().state_dict().items():
+        assert torch.equal(t, resumed.final_sae().state_dict()[name]), name
     for name, p in full.sae.named_parameters():
         assert torch.equal(p, dict(resumed.sae.named_parameters())[name]), name
     assert torch.equal(full.dead.since, resumed.dead.since)
@@ -242,3 +253,60 @@ def test_auxk_revives_dead_latents():
     assert dead_plain >= 0.4
     assert dead_aux <= 0.1
     assert nmse_aux < nmse_plain
+
+
+def test_batch_topk_averages_k_in_training_and_its_threshold_on_held_out_data():
+    x, _ = sparse_dictionary_data(2**13 + 2048, d=32, n_features=64, active=3)
+    train, held = x[: 2**13], x[2**13 :]
+    sae_cfg = SAEConfig(n_latents=128, k=4, batch_topk=True, dead_window_tokens=2048)
+    trainer = run_training(
+        32,
+        sae_cfg,
+        TrainConfig(batch_size=256, epochs=3, lr=3e-3),
+        tensor_source(train, 256, 0),
+        len(train) // 256,
+        lambda: train[:2048],
+        progress=False,
+    )
+    l0 = [r["l0"] for r in trainer.state.history]
+    codes = trainer.sae.encode(held)
+    held_l0 = float((codes.vals > 0).sum(dim=1).float().mean())
+    print(f"BatchTopK L0: training {sum(l0) / len(l0):.3f}, held-out {held_l0:.3f} (k = 4)")
+    assert all(abs(v - 4) < 1e-6 for v in l0)  # k B of each batch, k per token on average
+    assert (codes.vals > 0).sum(dim=1).max() > 4  # tokens differ: some use more than k
+    assert 0.8 * 4 <= held_l0 <= 1.2 * 4
+
+
+def test_ema_weights_are_what_gets_saved(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    x, _ = sparse_dictionary_data(2048)
+    acts = write_activations(store, "activations/ema", x, x[:256])
+    train_cfg = TrainConfig(batch_size=256, epochs=2, lr=3e-3, device="cpu", ema_decay=0.8)
+    with store.writing("sae/ema") as writer:
+        train_sae(
+            acts, SAEConfig(n_latents=48, k=3), train_cfg, writer, "checkpoints/ema", progress=False
+        )
+    saved = load_sae(DatasetRef(store=store.uri, path="sae/ema", fingerprint="test"))
+    ckpt = load_tensors(store.read_bytes(f"checkpoints/ema/{CHECKPOINT_FILE}"))
+    for name, p in saved.named_parameters():
+        assert torch.equal(p, ckpt[f"ema.{name}"]), name  # the moving average...
+        assert not torch.equal(p, ckpt[f"model.{name}"]), name  # ...not the last weights
+
+
+def test_bf16_gemm_trains_and_float32_stays_the_default():
+    assert TrainConfig().dtype == "float32"
+    x, _ = sparse_dictionary_data(4096)
+    curves = {}
+    for dtype in ("float32", "bfloat16"):
+        sae = init_sae(32, SAEConfig(n_latents=64, k=3), x[:1024], seed=0)
+        trainer = Trainer(sae, TrainConfig(batch_size=256, lr=3e-3, dtype=dtype))
+        source = tensor_source(x, 256, 0)
+        for epoch in range(2):
+            for batch in source(epoch, 0):
+                trainer.step(batch)
+        assert sae._pre_buffer.dtype == getattr(torch, dtype)  # the GEMM ran in this dtype...
+        assert sae.W_enc.dtype == torch.float32  # ...the weights and the rest stay float32
+        curves[dtype] = [r["nmse"] for r in trainer.state.history]
+    bf16, fp32 = curves["bfloat16"], curves["float32"]
+    assert bf16[-1] < 0.85 * bf16[0]  # it learns...
+    assert abs(bf16[-1] - fp32[-1]) < 0.02 * fp32[-1]  # ...about as well as float32

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sae_core.config import ConfigError
+from sae_core.layout import STORAGE_SCHEMA, storage_batch
 from sae_core.refs import DatasetRef
 from sae_core.store import Store
 from sae_core.validation import (
@@ -25,15 +26,26 @@ WIDTH, VOCAB, CONTEXT = 16, 1000, 8
 SHARDS = {"train": [100, 100], "eval": [50]}
 
 
-def activation_table(x: np.ndarray, token_id: np.ndarray, dtype: str = "float32") -> pa.Table:
-    """x: [N, d] -> a shard table in the activations schema."""
+def activation_table(
+    x: np.ndarray, token_id: np.ndarray, dtype: str = "float32", stored: bool = False
+) -> pa.Table:
+    """x: [N, d] -> a shard table: the list layout (schema version 1), or the storage layout
+    extraction writes now (version 2) if `stored`."""
     n, d = x.shape
+    index = {
+        "sequence": np.arange(n) // (CONTEXT - 1),
+        "position": np.arange(n) % (CONTEXT - 1) + 1,
+        "token_id": token_id,
+    }
+    if stored:
+        batch = storage_batch({"activation": x.astype(dtype), **index}, STORAGE_SCHEMA(d, dtype))
+        return pa.Table.from_batches([batch])
     values = pa.array(x.astype(dtype).reshape(-1))
     return pa.table(
         {
             "activation": pa.FixedSizeListArray.from_arrays(values, d),
-            "sequence": pa.array(np.arange(n) // (CONTEXT - 1), pa.int64()),
-            "position": pa.array(np.arange(n) % (CONTEXT - 1) + 1, pa.int32()),
+            "sequence": pa.array(index["sequence"], pa.int64()),
+            "position": pa.array(index["position"], pa.int32()),
             "token_id": pa.array(token_id, pa.int32()),
         }
     )
@@ -42,7 +54,9 @@ def activation_table(x: np.ndarray, token_id: np.ndarray, dtype: str = "float32"
 Mutate = Callable[[str, int, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def make_dataset(root: Path, mutate: Mutate | None = None, dtype: str = "float32") -> DatasetRef:
+def make_dataset(
+    root: Path, mutate: Mutate | None = None, dtype: str = "float32", stored: bool = False
+) -> DatasetRef:
     """A committed activations dataset; `mutate(split, index, x, token_id)` may damage a shard."""
     store, path = Store(str(root)), "activations/test"
     rng = np.random.default_rng(0)
@@ -57,12 +71,12 @@ def make_dataset(root: Path, mutate: Mutate | None = None, dtype: str = "float32
                     x, token_id = mutate(split, i, x, token_id)
                 name = f"shard-{i:05d}.parquet"
                 with writer.open(f"{split}/{name}") as fh:
-                    pq.write_table(activation_table(x, token_id, dtype), fh)
+                    pq.write_table(activation_table(x, token_id, dtype, stored), fh)
                 shards.append({"name": name, "rows": rows, "bytes": 0})
             splits[split] = {"rows": sum(sizes), "shards": shards}
         writer.manifest = {
             "kind": "activations",
-            "schema_version": 1,
+            "schema_version": 2 if stored else 1,
             "fingerprint": "test",
             "model": "tiny",
             "hook": "resid_post.1",
@@ -187,6 +201,32 @@ def test_damaged_shard_is_named(tmp_path, change, expected):
     assert "shard-00000" not in message
 
 
+def test_stored_float16_layout_passes(tmp_path):
+    ref = make_dataset(tmp_path, dtype="float16", stored=True)
+    report = validate_activations.fn(ref, VOCAB, progress=False)
+    assert report.passed and report.rows == 250
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (_set(np.nan), "no NaN/inf values: 1 of 100 rows"),
+        (_narrow, f"width {WIDTH} as in manifest: observed {WIDTH - 4}"),
+    ],
+    ids=["nan", "wrong-width"],
+)
+def test_damage_in_the_stored_layout_is_named(tmp_path, change, expected):
+    ref = make_dataset(tmp_path, damage_shard(("train", 1), change), stored=True)
+    assert f"train/shard-00001.parquet: {expected}" in failure_of(ref)
+
+
+def test_truncated_stored_shard_is_named(tmp_path):
+    ref = make_dataset(tmp_path, stored=True)
+    shard = tmp_path / "activations/test/train/shard-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[: len(shard.read_bytes()) // 2])
+    assert "train/shard-00001.parquet: unreadable: ArrowInvalid" in failure_of(ref)
+
+
 def test_each_damaged_shard_is_named_once(tmp_path):
     damages = {("train", 0): _set(1e7), ("train", 1): _freeze, ("eval", 0): _token(-1)}
 
@@ -195,7 +235,8 @@ def test_each_damaged_shard_is_named_once(tmp_path):
 
     lines = failure_of(make_dataset(tmp_path, mutate)).splitlines()
     assert "(3 of 3 shards)" in lines[0]
-    assert lines[1:] == [
+    assert lines[-1] == f"  data docs: file://{tmp_path}/validation/test/docs/index.html"
+    assert lines[1:-1] == [
         "  eval/shard-00000.parquet: token_id in [0, 1000): 1 of 50 rows, e.g. -1",
         "  train/shard-00000.parquet: norm in [0.001, 1e+06]: 1 of 100 rows, e.g. 10000000.0",
         "  train/shard-00001.parquet: no constant dimension: 1 of 16 rows, e.g. True",
@@ -269,3 +310,55 @@ def test_not_an_activations_dataset(tmp_path):
 def test_bad_arguments_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="min_norm"):
         validate_activations.fn(make_dataset(tmp_path), VOCAB, min_norm=10.0, max_norm=1.0)
+
+
+def _docs_pages(store: Store, folder: str) -> list[str]:
+    return [p.rsplit(f"{folder}/", 1)[1] for p in store.fs.find(store.path(folder))]
+
+
+def test_data_docs_are_written_to_the_store(tmp_path):
+    ref = make_dataset(tmp_path, damage_shard(("train", 1), _set(np.inf)))
+    report = validate_activations.fn(ref, VOCAB, progress=False, raise_on_failure=False)
+    store = ref.open_store()
+    assert report.docs == f"file://{tmp_path}/validation/test/docs/index.html"
+    saved = store.manifest("validation/test")
+    assert saved["kind"] == "validation" and saved["failures"] == report.failures
+    pages = _docs_pages(store, "validation/test/docs")
+    assert "index.html" in pages
+    assert {p.split("/")[1] for p in pages if p.startswith("expectations/")} >= {
+        "saeflow-tokens.html",
+        "saeflow-overview.html",
+    }
+    results = [p for p in pages if p.startswith("validations/")]
+    # The overview, the two split checks and the one failing shard table; passing shards only
+    # appear as rows of the overview.
+    assert sorted(p.split("/")[1] for p in results) == [
+        "saeflow-overview",
+        "saeflow-splits",
+        "saeflow-splits",
+        "saeflow-tokens",
+    ]
+    assert any(p.endswith("train__shard-00001.parquet.html") for p in results)
+    failing = next(p for p in results if p.startswith("validations/saeflow-tokens"))
+    html = store.read_bytes(f"validation/test/docs/{failing}").decode()
+    assert "no NaN/inf values" in html
+    assert not any(p.endswith(".gif") for p in pages)
+
+
+def test_validation_links_its_docs_from_the_flow_run(prefect, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    ref = make_dataset(tmp_path)
+
+    @flow
+    def check():
+        return validate_activations(ref, VOCAB, progress=False)
+
+    report = check()
+    with get_client(sync_client=True) as client:
+        links = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["validation-docs"]))
+        )
+    assert any(report.docs in a.data for a in links)

@@ -8,8 +8,10 @@ chosen latents per token: the decoder is a gather-sum over them, and the encoder
 scatters B K rows of d into its weight gradient, so the step costs about one dense GEMM plus
 O(B K d) work instead of the ~6 GEMMs of a dense implementation.
 
-On CPU with float32 the native kernels (`sae_core.sae.native`) run top-k, the gather-sum, the
-row dot products and the scatters; elsewhere (CUDA, bf16, no compiler) stock torch ops do
+On CPU with float32 the native kernels (`sae_core.sae.native`) run top-k and, in
+`fused_losses`, the whole sparse loss: one token-major pass (decoder, residuals, and the dot
+products the backward needs) and one latent-major pass (both weight gradients at once).
+Elsewhere (CUDA, bf16, no compiler) stock torch ops compose the same step under autograd
 (topk, embedding_bag, a CSR x dense product). Both paths are tested against the dense reference.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,28 +38,41 @@ def _native_for(*tensors: torch.Tensor) -> ModuleType | None:
     return native.load()
 
 
-def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise top-k, descending. x: [B, m] -> (vals [B, k], idx [B, k] int64). ~B m work."""
-    ext = _native_for(x)
+def topk_native(x: torch.Tensor) -> ModuleType | None:
+    """The native module when `topk` runs natively on x (CPU float32), else None."""
+    return _native_for(x)
+
+
+def topk(
+    x: torch.Tensor, k: int, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise top-k of x + bias, descending. x: [B, m]; bias: [m] or None -> (vals [B, k],
+    idx [B, k] int64). ~B m work; the native kernel adds the bias as it reads (no [B, m] temporary)."""
+    ext = _native_for(x) if bias is None else _native_for(x, bias)
     if ext is not None:
-        vals, idx = ext.topk_rows(x.contiguous(), k)
+        empty = x.new_empty(0)
+        vals, idx = ext.topk_rows(x.contiguous(), k, empty if bias is None else bias.contiguous())
         return vals, idx
-    return x.topk(k, dim=1, sorted=True)
+    return (x if bias is None else x + bias).topk(k, dim=1, sorted=True)
 
 
 def encoder_preacts(
     x: torch.Tensor,
     b_pre: torch.Tensor,
     W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
+    b_enc: torch.Tensor | None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(x - b_pre) W_enc^T + b_enc, without autograd. x: [B, d] -> [B, n]. Cost 2 B d n flops.
 
     `out` lets the caller reuse one [B, n] buffer across steps (the step's only B x n tensor).
+    b_enc=None leaves the bias out, for a `topk(..., bias=b_enc)` to add while reading: a bias
+    in the GEMM costs two more passes over its [B, n] output (a broadcast copy, then beta=1).
     """
     with torch.no_grad():
         xc = x - b_pre
+        if b_enc is None:
+            return torch.mm(xc, W_enc.t(), out=out)
         if out is None:
             return torch.addmm(b_enc, xc, W_enc.t())
         return torch.addmm(b_enc, xc, W_enc.t(), out=out)
@@ -66,14 +82,10 @@ def scatter_outer(idx: torch.Tensor, coef: torch.Tensor, src: torch.Tensor, n: i
     """G^T src for the sparse G [B, n] with G[b, idx[b, i]] += coef[b, i].
 
     idx, coef: [B, K]; src: [B, d] -> [n, d], i.e. out[idx[b, i]] += coef[b, i] * src[b].
-    Cost: a sort of B K indices plus B K d multiply-adds (entries grouped by latent, one output
-    row per thread); no [B, K, d] temporary and no dense [B, n] matrix.
+    Cost: a sort of B K indices plus B K d multiply-adds as a CSR x dense product; no
+    [B, K, d] temporary and no dense [B, n] matrix.
     """
     B, K = idx.shape
-    ext = _native_for(coef, src)
-    if ext is not None:
-        crow, entries = ext.csr_by_latent(idx.contiguous(), n)
-        return ext.scatter_rows(crow, entries, K, coef.contiguous(), src.contiguous())
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)  # stable: a fixed summation order, deterministic
     counts = torch.bincount(flat, minlength=n)
@@ -137,29 +149,6 @@ def selected_preacts(
     return _SelectedPreacts.apply(x, b_pre, W_enc, b_enc, values, idx)
 
 
-class _NativeDecode(torch.autograd.Function):
-    """Gather-sum decoder; backward: one latent-wise pass gives d vals and d W together."""
-
-    @staticmethod
-    def forward(ctx, idx, vals, W_dec, bias):  # noqa: ANN001 - autograd signature
-        ctx.save_for_backward(idx, vals, W_dec)
-        return native.load().gather_sum(
-            idx, vals.contiguous(), W_dec.contiguous(), bias.contiguous()
-        )
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001
-        idx, vals, W_dec = ctx.saved_tensors
-        grad = grad.contiguous()
-        ext = native.load()
-        crow, entries = ext.csr_by_latent(idx, W_dec.shape[0])
-        d_vals, d_W = ext.decode_backward(
-            crow, entries, idx.shape[1], vals.contiguous(), W_dec.contiguous(), grad
-        )
-        d_bias = grad.sum(dim=0) if ctx.needs_input_grad[3] else None
-        return None, d_vals, d_W, d_bias
-
-
 def sparse_decode(
     idx: torch.Tensor,
     vals: torch.Tensor,
@@ -170,8 +159,8 @@ def sparse_decode(
     """bias + sum_i vals[b, i] W_dec[idx[b, i]]. idx, vals: [B, K]; W_dec: [n, d]; bias: [d]
     -> [B, d].
 
-    Sparse: B K d flops forward and backward (d vals as row dot products, d W_dec as a scatter
-    of rows). dense=True builds the [B, n] latent matrix and multiplies (2 B n d flops each
+    Sparse: B K d flops forward and backward (embedding_bag; the native gather-sum without
+    autograd). dense=True builds the [B, n] latent matrix and multiplies (2 B n d flops each
     way), for reference.
     """
     if bias is None:
@@ -180,9 +169,132 @@ def sparse_decode(
         z = vals.new_zeros(idx.shape[0], W_dec.shape[0]).scatter_add(1, idx, vals)
         return z @ W_dec + bias
     vals = vals.to(W_dec.dtype)
-    if _native_for(vals, W_dec, bias) is not None:
-        return _NativeDecode.apply(idx.contiguous(), vals, W_dec, bias)
+    ext = _native_for(vals, W_dec, bias)
+    if ext is not None and not torch.is_grad_enabled():  # inference: the native gather-sum
+        return ext.gather_sum(idx.contiguous(), vals.contiguous(), W_dec.contiguous(), bias.contiguous())
     return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + bias
+
+
+class LossTerms(NamedTuple):
+    """The sparse loss of one batch: loss = nmse (+ L(4k)/8) + aux_alpha * aux_loss."""
+
+    loss: torch.Tensor  # []
+    nmse: torch.Tensor  # [] TopK-k normalised MSE
+    aux_loss: torch.Tensor  # [] AuxK normalised MSE of the residual (0 without AuxK)
+    recon: torch.Tensor  # [B, d] TopK-k reconstruction (no gradient flows through it)
+
+
+class _FusedLoss(torch.autograd.Function):
+    """TopK / multi-TopK / AuxK loss of given selections, forward and backward in native kernels.
+
+    The loss gradient w.r.t. each selected activation is a multiple of <residual, w_i>, which
+    the forward computes while the decoder rows are in cache; the backward turns the upstream
+    gradients into those multiples and makes one latent-major pass for d W_dec and d W_enc.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_pre, W_enc, b_enc, W_dec, idx, pre, k, k_main, aux_alpha):  # noqa: ANN001
+        ext = native.load()
+        B, d = x.shape
+        acts = pre.clamp_min(0)
+        recon, rows, dots, head, sq, colsum = ext.decode_forward(
+            x, x.mean(dim=0), b_pre, W_dec, idx, acts, k, k_main
+        )
+        sq = sq.sum(dim=0, dtype=torch.float64)  # |x - mean|^2, |r_main|^2, |r_multi|^2, |r_aux|^2
+        base_x = sq[0].clamp_min(1e-12)
+        nmse = sq[1] / base_x
+        loss = nmse + sq[2] / base_x / 8  # sq[2] = 0 without multi-TopK
+        aux_loss = base_aux = sq.new_zeros(())
+        sum_main, sum_multi = colsum.double()  # [d] each: sum over tokens of r_main, r_multi
+        if idx.shape[1] > k_main:
+            # The residual x - recon = -r_main, centred: |r_main|^2 summed minus B |mean|^2.
+            base_aux = (sq[1] - sum_main.pow(2).sum() / B).clamp_min(1e-12)
+            aux_loss = (sq[3] / base_aux).nan_to_num(0.0)
+            loss = loss + aux_alpha * aux_loss
+        ctx.save_for_backward(b_pre, W_enc, idx, pre, acts, rows, dots, head)
+        ctx.consts = (k, k_main, aux_alpha, float(base_x), float(base_aux), sum_main, sum_multi)
+        ctx.mark_non_differentiable(recon)
+        return loss.float(), nmse.float(), aux_loss.float(), recon
+
+    @staticmethod
+    def backward(ctx, g_loss, g_nmse, g_aux, _g_recon):  # noqa: ANN001
+        b_pre, W_enc, idx, pre, acts, rows, dots, head = ctx.saved_tensors
+        k, k_main, alpha, base_x, base_aux, sum_main, sum_multi = ctx.consts
+        d, K, multi = b_pre.shape[0], idx.shape[1], k_main > k
+        gl, gn, ga = float(g_loss), float(g_nmse), float(g_aux)
+        c_main = 2 * (gl + gn) / base_x  # d loss / d r_main = c_main r_main, and so on
+        c_multi = 2 * gl / (8 * base_x)
+        c_aux = 2 * (gl * alpha + ga) / base_aux if K > k_main else 0.0
+        scale = torch.full((K,), c_main)
+        scale[k:k_main] = c_multi
+        scale[k_main:] = c_aux
+        d_act = dots * scale
+        if multi:
+            d_act[:, :k] += c_multi * head
+        dpre = d_act * (pre > 0)
+        # Slot classes: 0 head (TopK-k), 1 tail of the 4k code, then AuxK; class c reads the
+        # token's residual slot 1 + c of `rows` times coef_scale. The head's gradient with
+        # multi-TopK is c_main r_main + c_multi r_multi: written over r_main, in place (a second
+        # backward through this graph then fails autograd's version check instead of going wrong).
+        r_main = rows[:, d : 2 * d]
+        coef_scale = scale.clone()
+        if multi:
+            r_main.mul_(c_main).add_(rows[:, 2 * d : 3 * d], alpha=c_multi)
+            coef_scale[:k] = 1.0
+        cls = torch.zeros(K, dtype=torch.int64)
+        cls[k:k_main] = 1
+        cls[k_main:] = 2 if multi else 1
+        ext = native.load()
+        crow, entries = ext.csr_by_latent(idx, W_enc.shape[0])
+        d_W_dec, d_W_enc, d_b_enc = ext.weight_grads(
+            crow, entries, cls, rows, acts * coef_scale, dpre, b_pre
+        )
+        d_b_pre = (c_main * sum_main + c_multi * sum_multi).float() - d_b_enc @ W_enc
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            direct = r_main if multi else c_main * r_main  # d loss / d x through the target x
+            d_x = F.embedding_bag(idx, W_enc, per_sample_weights=dpre, mode="sum") - direct
+        return d_x, d_b_pre, d_W_enc, d_b_enc, d_W_dec, None, None, None, None, None
+
+
+def fused_available(*tensors: torch.Tensor) -> bool:
+    """Whether `fused_losses` can run on these tensors (CPU float32 and a compiled extension)."""
+    return _native_for(*tensors) is not None
+
+
+def fused_losses(
+    x: torch.Tensor,
+    b_pre: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    idx: torch.Tensor,
+    pre: torch.Tensor,
+    k: int,
+    k_main: int,
+    aux_alpha: float,
+) -> LossTerms:
+    """The sparse loss of selected latents, gradients to x, b_pre, W_enc, b_enc and W_dec.
+
+    x: [B, d] normalised; idx, pre: [B, K] latents and their pre-activations: slots [0, k) the
+    TopK code, [k, k_main) the rest of the 4k code (multi-TopK), [k_main, K) AuxK's. Cost:
+    forward ~2 B K d MACs (each gathered decoder row read once), backward 2 B K d MACs plus
+    O(B K + n d); no [B, K, d] temporary, no dense [B, n] matrix.
+    """
+    return LossTerms(
+        *_FusedLoss.apply(
+            x.contiguous(),
+            b_pre,
+            W_enc,
+            b_enc,
+            W_dec.contiguous(),
+            idx.contiguous(),
+            pre.contiguous(),
+            k,
+            k_main,
+            aux_alpha,
+        )
+    )
 
 
 @torch.no_grad()

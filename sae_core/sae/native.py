@@ -34,52 +34,153 @@ static inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work_per_item));
 }
 
-// pre: [B, n] float32 -> (vals [B, k] descending, idx [B, k] int64; ties: lower index first).
-// Per row: a threshold from a sample of m = max(n/8, 4k) entries (its q-th largest, q ~ 2 k m / n,
-// so about 2k entries of the row pass), a branch-free pass collecting the entries >= it, then a
-// partial sort of those. If fewer than k pass, the sample's k-th largest is used: it cannot
-// exceed the row's k-th largest, so the top-k always passes. ~2 n + O(m) work per row.
-std::vector<at::Tensor> topk_rows(at::Tensor pre, int64_t k) {
+// 16 floats, unaligned loads and stores allowed: GCC/Clang emit AVX-512 (two AVX2 halves, or
+// NEON quarters, elsewhere). The d-length loops below keep their sums in these registers.
+typedef float vf __attribute__((vector_size(64), aligned(4), may_alias));
+constexpr int64_t VL = 16;
+static inline vf vload(const float* p) { return *(const vf*)p; }
+static inline void vstore(float* p, vf v) { *(vf*)p = v; }
+static inline vf vbcast(float s) { return vf{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+static inline float hsum(vf v) {
+  float s = 0.f;
+  for (int t = 0; t < VL; ++t) s += v[t];
+  return s;
+}
+// Gathered rows come from L3 or memory: ask for the next ones while this one is summed.
+static inline void prefetch_row(const float* p, int64_t d) {
+  for (int64_t c = 0; c < d; c += VL) __builtin_prefetch(p + c);
+}
+
+// out = base + sum_i coef[i] * W[rows[i]] over d columns (base may be null: 0). Sums stay in
+// registers 128 columns at a time, so each output element is written once.
+static void gather_row(float* out, const float* base, const float* W, int64_t d, const int64_t* rows,
+                       const float* coef, int64_t cnt) {
+  int64_t c0 = 0;
+  for (; c0 + 8 * VL <= d; c0 += 8 * VL) {
+    vf acc[8];
+    for (int t = 0; t < 8; ++t) acc[t] = base ? vload(base + c0 + t * VL) : vbcast(0.f);
+    for (int64_t i = 0; i < cnt; ++i) {
+      const vf v = vbcast(coef[i]);
+      const float* w = W + rows[i] * d + c0;
+      for (int t = 0; t < 8; ++t) acc[t] += v * vload(w + t * VL);
+    }
+    for (int t = 0; t < 8; ++t) vstore(out + c0 + t * VL, acc[t]);
+  }
+  for (; c0 + VL <= d; c0 += VL) {
+    vf acc = base ? vload(base + c0) : vbcast(0.f);
+    for (int64_t i = 0; i < cnt; ++i) acc += vbcast(coef[i]) * vload(W + rows[i] * d + c0);
+    vstore(out + c0, acc);
+  }
+  for (; c0 < d; ++c0) {
+    float acc = base ? base[c0] : 0.f;
+    for (int64_t i = 0; i < cnt; ++i) acc += coef[i] * W[rows[i] * d + c0];
+    out[c0] = acc;
+  }
+}
+
+static inline float dot(const float* a, const float* b, int64_t d) {
+  vf s0 = vbcast(0.f), s1 = vbcast(0.f);
+  int64_t c = 0;
+  for (; c + 2 * VL <= d; c += 2 * VL) {
+    s0 += vload(a + c) * vload(b + c);
+    s1 += vload(a + c + VL) * vload(b + c + VL);
+  }
+  for (; c + VL <= d; c += VL) s0 += vload(a + c) * vload(b + c);
+  float s = hsum(s0 + s1);
+  for (; c < d; ++c) s += a[c] * b[c];
+  return s;
+}
+
+static inline float sqdist(const float* a, const float* b, int64_t d) {
+  vf s0 = vbcast(0.f);
+  int64_t c = 0;
+  for (; c + VL <= d; c += VL) {
+    const vf t = vload(a + c) - vload(b + c);
+    s0 += t * t;
+  }
+  float s = hsum(s0);
+  for (; c < d; ++c) s += (a[c] - b[c]) * (a[c] - b[c]);
+  return s;
+}
+
+// Top-k of pre + bias per row. pre: [B, n] float32; bias: [n] (or empty: none) -> (vals [B, k]
+// descending, idx [B, k] int64; ties: lower index first). Adding the bias here, while the row is
+// read anyway, spares the encoder GEMM a pass over its [B, n] output.
+// Per row, a safe threshold from block maxima: the row is read as groups of G vectors, and a
+// lane-wise max over each group gives 16 block maxima at once (block = the G entries of one lane).
+// The k-th largest of nb >= k block maxima is the minimum of k distinct entries, so it cannot
+// exceed the row's k-th largest, and only a few entries more than k reach it. Then only the
+// blocks whose maximum reaches it are scanned and the survivors partially sorted.
+// ~n/16 vector ops + O(nb + k log k) per row.
+std::vector<at::Tensor> topk_rows(at::Tensor pre, int64_t k, at::Tensor bias) {
   TORCH_CHECK(pre.dim() == 2 && pre.scalar_type() == at::kFloat && pre.is_contiguous());
   const int64_t B = pre.size(0), n = pre.size(1);
   TORCH_CHECK(k >= 1 && k <= n);
-  const int64_t m = std::min(n, std::max(n / 8, 4 * k));
-  const int64_t q = std::min(k, std::max<int64_t>(1, (2 * k * m + n - 1) / n));
+  if (bias.numel() == 0) bias = at::zeros({n}, pre.options());
+  TORCH_CHECK(bias.is_contiguous() && bias.numel() == n && bias.scalar_type() == at::kFloat);
+  const float* bb = bias.data_ptr<float>();
+  // G vectors per group: about 8k block maxima (a tight threshold) but no more than 32 entries
+  // per block; the last n % (16 G) entries are blocks of one.
+  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(32, n / (8 * k)));
+  const int64_t span = G * VL, groups = n / span, tail0 = groups * span, nb = groups * VL + (n - tail0);
   auto vals = at::empty({B, k}, pre.options());
   auto idx = at::empty({B, k}, pre.options().dtype(at::kLong));
   const float* P = pre.data_ptr<float>();
   float* V = vals.data_ptr<float>();
   int64_t* I = idx.data_ptr<int64_t>();
   at::parallel_for(0, B, grain(n), [&](int64_t b0, int64_t b1) {
-    std::vector<float> sample(m);
-    std::vector<int64_t> cand(n);
+    std::vector<float> bmax(nb), sel(nb);
     std::vector<std::pair<float, int64_t>> top(n);
     for (int64_t b = b0; b < b1; ++b) {
       const float* p = P + b * n;
-      std::copy(p, p + m, sample.begin());
-      std::nth_element(sample.begin(), sample.begin() + (q - 1), sample.end(), std::greater<float>());
-      // Most 16-entry blocks hold no candidate: test a block with one vectorised OR first.
-      auto collect = [&](float thr) {
-        int64_t c = 0, j = 0;
-        for (; j + 16 <= n; j += 16) {
-          int above = 0;
-#pragma omp simd reduction(|:above)
-          for (int t = 0; t < 16; ++t) above |= (p[j + t] >= thr);
-          if (!above) continue;
-          for (int t = 0; t < 16; ++t) { cand[c] = j + t; c += (p[j + t] >= thr); }
+      for (int64_t q = 0; q < groups; ++q) {
+        const float *pg = p + q * span, *bg = bb + q * span;
+        vf m = vload(pg) + vload(bg);
+        for (int64_t v = 1; v < G; ++v) {
+          const vf w = vload(pg + v * VL) + vload(bg + v * VL);
+          m = m > w ? m : w;
         }
-        for (; j < n; ++j) { cand[c] = j; c += (p[j] >= thr); }
-        return c;
-      };
-      int64_t c = collect(sample[q - 1]);
-      if (c < k) {
-        std::nth_element(sample.begin(), sample.begin() + (k - 1), sample.end(), std::greater<float>());
-        c = collect(sample[k - 1]);
+        vstore(bmax.data() + q * VL, m);
       }
-      for (int64_t t = 0; t < c; ++t) top[t] = {p[cand[t]], cand[t]};
-      std::partial_sort(top.begin(), top.begin() + k, top.begin() + c, [](const auto& a, const auto& z) {
+      for (int64_t j = tail0; j < n; ++j) bmax[groups * VL + j - tail0] = p[j] + bb[j];
+      // thr = the k-th largest block maximum, found among the maxima that reach a cheap bound:
+      // the least of the maxima of k disjoint runs of block maxima (k distinct maxima reach it).
+      float lo = bmax[0];
+      for (int64_t r = 0; r < k; ++r) {
+        float m = bmax[r * nb / k];
+        for (int64_t q = r * nb / k + 1; q < (r + 1) * nb / k; ++q) m = std::max(m, bmax[q]);
+        lo = r == 0 ? m : std::min(lo, m);
+      }
+      int64_t ns = 0;
+      for (int64_t q = 0; q < nb; ++q) {
+        sel[ns] = bmax[q];
+        ns += bmax[q] >= lo;
+      }
+      std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.begin() + ns, std::greater<float>());
+      const float thr = sel[k - 1];
+      int64_t c = 0;
+      for (int64_t q = 0; q < nb; ++q) {
+        if (!(bmax[q] >= thr)) continue;
+        if (q >= groups * VL) {  // a tail entry, its own block
+          const int64_t j = tail0 + (q - groups * VL);
+          top[c++] = {p[j] + bb[j], j};
+          continue;
+        }
+        const int64_t base = (q / VL) * span + q % VL;
+        for (int64_t v = 0; v < G; ++v) {
+          const int64_t j = base + v * VL;
+          const float val = p[j] + bb[j];
+          top[c] = {val, j};
+          c += val >= thr;
+        }
+      }
+      const auto desc = [](const auto& a, const auto& z) {
         return a.first > z.first || (a.first == z.first && a.second < z.second);
-      });
+      };
+      if (c <= 2 * k)  // the usual case: a few more survivors than k
+        std::sort(top.begin(), top.begin() + c, desc);
+      else
+        std::partial_sort(top.begin(), top.begin() + k, top.begin() + c, desc);
       for (int64_t t = 0; t < k; ++t) { V[b * k + t] = top[t].first; I[b * k + t] = top[t].second; }
     }
   });
@@ -87,7 +188,7 @@ std::vector<at::Tensor> topk_rows(at::Tensor pre, int64_t k) {
 }
 
 // out[b] = bias + sum_i vals[b, i] * W[idx[b, i]]. idx, vals: [B, K]; W: [n, d]; bias: [d]
-// -> [B, d]. B K d MACs; each output row is built in cache, written once.
+// -> [B, d]. B K d MACs; the next token's rows are prefetched while this one is summed.
 at::Tensor gather_sum(at::Tensor idx, at::Tensor vals, at::Tensor W, at::Tensor bias) {
   const int64_t B = idx.size(0), K = idx.size(1), d = W.size(1);
   auto out = at::empty({B, d}, W.options());
@@ -98,41 +199,193 @@ at::Tensor gather_sum(at::Tensor idx, at::Tensor vals, at::Tensor W, at::Tensor 
   float* O = out.data_ptr<float>();
   at::parallel_for(0, B, grain(K * d), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      float* o = O + b * d;
-      std::copy(bp, bp + d, o);
-      for (int64_t i = 0; i < K; ++i) {
-        const float v = Vv[b * K + i];
-        const float* w = Wp + I[b * K + i] * d;
-        for (int64_t c = 0; c < d; ++c) o[c] += v * w[c];
-      }
+      if (b + 1 < b1)
+        for (int64_t i = 0; i < K; ++i) prefetch_row(Wp + I[(b + 1) * K + i] * d, d);
+      gather_row(O + b * d, bp, Wp, d, I + b * K, Vv + b * K, K);
     }
   });
   return out;
 }
 
-// out[j] = sum over entries e of latent j (CSR rows crow[j]..crow[j+1], entries e = b K + i in
-// ascending order) of coef[e] * src[b]. crow: [n+1]; entries: [B K]; coef: [B, K]; src: [B, d]
-// -> [n, d]. One thread owns each output row: no atomics, a fixed summation order. B K d MACs.
-at::Tensor scatter_rows(at::Tensor crow, at::Tensor entries, int64_t K, at::Tensor coef, at::Tensor src) {
-  const int64_t n = crow.size(0) - 1, d = src.size(1);
-  auto out = at::empty({n, d}, src.options());
-  const int64_t* C = crow.data_ptr<int64_t>();
-  const int64_t* E = entries.data_ptr<int64_t>();
-  const float* F = coef.data_ptr<float>();
-  const float* S = src.data_ptr<float>();
-  float* O = out.data_ptr<float>();
-  at::parallel_for(0, n, grain(entries.numel() / std::max<int64_t>(1, n) * d), [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      float* o = O + j * d;
-      std::fill(o, o + d, 0.f);
-      for (int64_t e = C[j]; e < C[j + 1]; ++e) {
-        const float f = F[E[e]];
-        const float* s = S + (E[e] / K) * d;
-        for (int64_t c = 0; c < d; ++c) o[c] += f * s[c];
+// The training decoder, token by token, and everything its backward needs from the rows it
+// gathers. idx, acts: [B, K] with slots [0, k) the TopK code, [k, k_main) the rest of the 4k
+// code (multi-TopK; k_main = k otherwise) and [k_main, K) AuxK's dead latents; x: [B, d]
+// normalised inputs; centre: [d] their batch mean; b_pre: [d]; W: [n, d] the decoder.
+// Per token b, with w_i = W[idx[b, i]]:
+//   recon   = b_pre + sum_{i<k} a_i w_i           r_main  = recon - x
+//   r_multi = r_main + sum_{k<=i<k_main} a_i w_i            (multi-TopK: recon_4k - x)
+//   r_aux   = r_main + sum_{i>=k_main} a_i w_i              (AuxK: aux recon minus the residual x - recon)
+//   dots[b, i] = <r, w_i> with r the residual of slot i's term; head[b, i] = <r_multi, w_i>, i < k
+//   sq[b] = (|x - centre|^2, |r_main|^2, |r_multi|^2, |r_aux|^2)
+// and colsum = (sum_b r_main, sum_b r_multi): [2, d]. The loss gradient w.r.t. a_i is a multiple of
+// these dots, so the backward never gathers a decoder row again.
+// rows: [B, S d], per token [x | r_main | r_multi | r_aux] (S = 2 + the terms present): the
+// backward reads a token's input and residual together, one contiguous stretch per entry.
+// Returns [recon, rows, dots, head, sq, colsum] (head: empty without multi-TopK).
+// Cost ~2 B K d MACs. Columns go 128 at a time: each gathered row piece is summed into registers
+// and, once the residual piece is known, dotted with it while still in L1; the next token's rows
+// are prefetched meanwhile. Tokens are split into a fixed number of groups whose column sums are
+// added in order, so results do not depend on the thread count.
+struct DecodeArgs {
+  int64_t d, K, k, k_main, ld;  // ld = S d, the stride of `rows`
+  const float *X, *ctr, *bp, *W, *A;
+  const int64_t* I;
+  float *R, *XS, *RM, *RMU, *RA, *D, *H, *SQ;  // XS, RM, RMU, RA: slots of `rows`
+};
+
+template <int NV>
+static void decode_columns(const DecodeArgs& g, int64_t b, int64_t c0, vf* pd, vf* ph, vf* sums, float* cs_main,
+                           float* cs_multi) {
+  const int64_t d = g.d, K = g.K, k = g.k, k_main = g.k_main;
+  const int64_t* ib = g.I + b * K;
+  const float* ab = g.A + b * K;
+  const float* xb = g.X + b * d + c0;
+  vf acc[NV], r[NV];
+  for (int t = 0; t < NV; ++t) acc[t] = vload(g.bp + c0 + t * VL);
+  for (int64_t i = 0; i < k; ++i) {
+    const vf a = vbcast(ab[i]);
+    const float* w = g.W + ib[i] * d + c0;
+    for (int t = 0; t < NV; ++t) acc[t] += a * vload(w + t * VL);
+  }
+  for (int t = 0; t < NV; ++t) {
+    const vf xv = vload(xb + t * VL), xc = xv - vload(g.ctr + c0 + t * VL);
+    vstore(g.R + b * d + c0 + t * VL, acc[t]);
+    vstore(g.XS + b * g.ld + c0 + t * VL, xv);
+    r[t] = acc[t] - xv;
+    vstore(g.RM + b * g.ld + c0 + t * VL, r[t]);
+    vstore(cs_main + c0 + t * VL, vload(cs_main + c0 + t * VL) + r[t]);
+    sums[0] += xc * xc;
+    sums[1] += r[t] * r[t];
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    const float* w = g.W + ib[i] * d + c0;
+    vf s = pd[i];
+    for (int t = 0; t < NV; ++t) s += r[t] * vload(w + t * VL);
+    pd[i] = s;
+  }
+  if (k_main > k) {
+    vf rm[NV];
+    for (int t = 0; t < NV; ++t) rm[t] = r[t];
+    for (int64_t i = k; i < k_main; ++i) {
+      const vf a = vbcast(ab[i]);
+      const float* w = g.W + ib[i] * d + c0;
+      for (int t = 0; t < NV; ++t) rm[t] += a * vload(w + t * VL);
+    }
+    for (int t = 0; t < NV; ++t) {
+      vstore(g.RMU + b * g.ld + c0 + t * VL, rm[t]);
+      vstore(cs_multi + c0 + t * VL, vload(cs_multi + c0 + t * VL) + rm[t]);
+      sums[2] += rm[t] * rm[t];
+    }
+    for (int64_t i = 0; i < k_main; ++i) {
+      const float* w = g.W + ib[i] * d + c0;
+      vf s = i < k ? ph[i] : pd[i];
+      for (int t = 0; t < NV; ++t) s += rm[t] * vload(w + t * VL);
+      (i < k ? ph[i] : pd[i]) = s;
+    }
+  }
+  if (K > k_main) {
+    for (int64_t i = k_main; i < K; ++i) {
+      const vf a = vbcast(ab[i]);
+      const float* w = g.W + ib[i] * d + c0;
+      for (int t = 0; t < NV; ++t) r[t] += a * vload(w + t * VL);
+    }
+    for (int t = 0; t < NV; ++t) {
+      vstore(g.RA + b * g.ld + c0 + t * VL, r[t]);
+      sums[3] += r[t] * r[t];
+    }
+    for (int64_t i = k_main; i < K; ++i) {
+      const float* w = g.W + ib[i] * d + c0;
+      vf s = pd[i];
+      for (int t = 0; t < NV; ++t) s += r[t] * vload(w + t * VL);
+      pd[i] = s;
+    }
+  }
+}
+
+// The last d % 16 columns, one at a time (same formulas as decode_columns).
+static void decode_tail(const DecodeArgs& g, int64_t b, int64_t c0, float* td, float* th, float* ts, float* cs_main,
+                        float* cs_multi) {
+  const int64_t d = g.d, K = g.K, k = g.k, k_main = g.k_main;
+  const int64_t* ib = g.I + b * K;
+  const float* ab = g.A + b * K;
+  for (int64_t c = c0; c < d; ++c) {
+    float acc = g.bp[c];
+    for (int64_t i = 0; i < k; ++i) acc += ab[i] * g.W[ib[i] * d + c];
+    const float xv = g.X[b * d + c], xc = xv - g.ctr[c];
+    float r = acc - xv;
+    g.R[b * d + c] = acc;
+    g.XS[b * g.ld + c] = xv;
+    g.RM[b * g.ld + c] = r;
+    cs_main[c] += r;
+    ts[0] += xc * xc;
+    ts[1] += r * r;
+    for (int64_t i = 0; i < k; ++i) td[i] += r * g.W[ib[i] * d + c];
+    if (k_main > k) {
+      float rm = r;
+      for (int64_t i = k; i < k_main; ++i) rm += ab[i] * g.W[ib[i] * d + c];
+      g.RMU[b * g.ld + c] = rm;
+      cs_multi[c] += rm;
+      ts[2] += rm * rm;
+      for (int64_t i = 0; i < k_main; ++i) (i < k ? th[i] : td[i]) += rm * g.W[ib[i] * d + c];
+    }
+    if (K > k_main) {
+      for (int64_t i = k_main; i < K; ++i) r += ab[i] * g.W[ib[i] * d + c];
+      g.RA[b * g.ld + c] = r;
+      ts[3] += r * r;
+      for (int64_t i = k_main; i < K; ++i) td[i] += r * g.W[ib[i] * d + c];
+    }
+  }
+}
+
+std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tensor b_pre, at::Tensor W,
+                                       at::Tensor idx, at::Tensor acts, int64_t k, int64_t k_main) {
+  TORCH_CHECK(x.is_contiguous() && W.is_contiguous() && idx.is_contiguous() && acts.is_contiguous());
+  const int64_t B = x.size(0), d = x.size(1), K = idx.size(1);
+  const bool multi = k_main > k, aux = K > k_main;
+  auto opt = x.options();
+  auto none = at::empty({0}, opt);
+  const int64_t S = 2 + multi + aux;
+  auto recon = at::empty({B, d}, opt), rows = at::empty({B, S * d}, opt);
+  float* RW = rows.data_ptr<float>();
+  auto dots = at::empty({B, K}, opt);
+  auto head = multi ? at::empty({B, k}, opt) : none;
+  auto sq = at::empty({B, 4}, opt);
+  constexpr int64_t NG = 16;  // fixed token groups for the column sums
+  auto colsum_g = at::zeros({NG, 2, d}, opt);
+  DecodeArgs g{d, K, k, k_main, S * d, x.data_ptr<float>(), centre.data_ptr<float>(), b_pre.data_ptr<float>(),
+               W.data_ptr<float>(), acts.data_ptr<float>(), idx.data_ptr<int64_t>(), recon.data_ptr<float>(),
+               RW, RW + d, multi ? RW + 2 * d : nullptr, aux ? RW + (S - 1) * d : nullptr, dots.data_ptr<float>(),
+               multi ? head.data_ptr<float>() : nullptr, sq.data_ptr<float>()};
+  float* CS = colsum_g.data_ptr<float>();
+  const int64_t dv = d / VL * VL;
+  at::parallel_for(0, NG, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<vf> pd(K), ph(k);
+    std::vector<float> td(K), th(k);
+    for (int64_t q = q0; q < q1; ++q) {
+      float* cs_main = CS + q * 2 * d;
+      float* cs_multi = cs_main + d;
+      const int64_t b0 = q * B / NG, b1 = (q + 1) * B / NG;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (b + 1 < b1)
+          for (int64_t i = 0; i < k_main; ++i) prefetch_row(g.W + g.I[(b + 1) * K + i] * d, d);
+        std::fill(pd.begin(), pd.end(), vbcast(0.f));
+        std::fill(ph.begin(), ph.end(), vbcast(0.f));
+        std::fill(td.begin(), td.end(), 0.f);
+        std::fill(th.begin(), th.end(), 0.f);
+        vf sums[4] = {vbcast(0.f), vbcast(0.f), vbcast(0.f), vbcast(0.f)};
+        float ts[4] = {0.f, 0.f, 0.f, 0.f};
+        int64_t c0 = 0;
+        for (; c0 + 8 * VL <= dv; c0 += 8 * VL) decode_columns<8>(g, b, c0, pd.data(), ph.data(), sums, cs_main, cs_multi);
+        for (; c0 < dv; c0 += VL) decode_columns<1>(g, b, c0, pd.data(), ph.data(), sums, cs_main, cs_multi);
+        decode_tail(g, b, dv, td.data(), th.data(), ts, cs_main, cs_multi);
+        for (int64_t i = 0; i < K; ++i) g.D[b * K + i] = hsum(pd[i]) + td[i];
+        if (multi)
+          for (int64_t i = 0; i < k; ++i) g.H[b * k + i] = hsum(ph[i]) + th[i];
+        for (int t = 0; t < 4; ++t) g.SQ[b * 4 + t] = hsum(sums[t]) + ts[t];
       }
     }
   });
-  return out;
+  return {recon, rows, dots, head, sq, colsum_g.sum(0)};
 }
 
 // Entries of idx [B, K] grouped by latent (a stable counting sort): crow [n+1] and entries
@@ -155,40 +408,77 @@ std::vector<at::Tensor> csr_by_latent(at::Tensor idx, int64_t n) {
   return {crow, entries};
 }
 
-// Decoder backward in one pass over the entries grouped by latent: for latent j and each of
-// its entries e = b K + i, with g = grad[b] read once for both products:
-//   d_vals[e] = <g, W[j]>   and   d_W[j] += vals[e] * g.
-// crow: [n+1]; entries: [B K]; vals: [B, K]; W: [n, d]; grad: [B, d] -> (d_vals [B, K], d_W [n, d]).
-// 2 B K d MACs; W[j] and d_W[j] stay in cache while the grad rows stream.
-std::vector<at::Tensor> decode_backward(at::Tensor crow, at::Tensor entries, int64_t K, at::Tensor vals,
-                                        at::Tensor W, at::Tensor grad) {
-  const int64_t n = crow.size(0) - 1, d = W.size(1);
-  auto d_vals = at::empty(vals.sizes(), vals.options());
-  auto d_W = at::empty({n, d}, W.options());
-  const int64_t* C = crow.data_ptr<int64_t>();
-  const int64_t* E = entries.data_ptr<int64_t>();
-  const float* Vv = vals.data_ptr<float>();
-  const float* Wp = W.data_ptr<float>();
-  const float* G = grad.data_ptr<float>();
-  float* DV = d_vals.data_ptr<float>();
-  float* DW = d_W.data_ptr<float>();
+// Both weight gradients of the sparse step in one pass over the entries grouped by latent: for
+// latent j and each of its entries e = b K + i (ascending, a fixed summation order),
+//   d_W_dec[j] += coef_dec[e] * G_c[b]           (c = cls[i]: the slot's loss term)
+//   d_W_enc[j] += dpre[e] * (x[b] - b_pre)       d_b_enc[j] += dpre[e]
+// crow: [n+1]; entries: [B K]; cls: [K] int64; rows: [B, S d], per token [x | G_0 | G_1 ...]
+// (decode_forward's layout; G_c the per-token loss gradient of term c, up to a factor in
+// coef_dec); coef_dec, dpre: [B, K]; b_pre: [d] -> (d_W_dec [n, d], d_W_enc [n, d], d_b_enc [n]).
+// 2 B K d MACs, bound by reading each entry's token row: one thread owns each latent, its two
+// gradient rows stay in L1 while the token rows stream in, two entries per sweep, the next two
+// prefetched.
+std::vector<at::Tensor> weight_grads(at::Tensor crow, at::Tensor entries, at::Tensor cls, at::Tensor rows,
+                                     at::Tensor coef_dec, at::Tensor dpre, at::Tensor b_pre) {
+  TORCH_CHECK(rows.is_contiguous() && coef_dec.is_contiguous() && dpre.is_contiguous());
+  const int64_t n = crow.size(0) - 1, d = b_pre.size(0), ld = rows.size(1), K = coef_dec.size(1);
+  auto d_dec = at::empty({n, d}, rows.options()), d_enc = at::empty({n, d}, rows.options());
+  auto d_benc = at::empty({n}, rows.options());
+  const int64_t *C = crow.data_ptr<int64_t>(), *E = entries.data_ptr<int64_t>(), *CL = cls.data_ptr<int64_t>();
+  const float *CD = coef_dec.data_ptr<float>(), *DP = dpre.data_ptr<float>();
+  const float *RW = rows.data_ptr<float>(), *bp = b_pre.data_ptr<float>();
+  float *OD = d_dec.data_ptr<float>(), *OE = d_enc.data_ptr<float>(), *OB = d_benc.data_ptr<float>();
+  const int64_t dv = d / VL * VL;
   at::parallel_for(0, n, grain(2 * entries.numel() / std::max<int64_t>(1, n) * d), [&](int64_t j0, int64_t j1) {
+    std::vector<const float*> xr, gr;
+    std::vector<float> cd, dp;
     for (int64_t j = j0; j < j1; ++j) {
-      const float* w = Wp + j * d;
-      float* o = DW + j * d;
-      std::fill(o, o + d, 0.f);
-      for (int64_t e = C[j]; e < C[j + 1]; ++e) {
-        const float* g = G + (E[e] / K) * d;
-        const float v = Vv[E[e]];
-        float dot = 0.f;
-#pragma omp simd reduction(+:dot)
-        for (int64_t c = 0; c < d; ++c) { dot += g[c] * w[c]; }
-        for (int64_t c = 0; c < d; ++c) o[c] += v * g[c];
-        DV[E[e]] = dot;
+      const int64_t cnt = C[j + 1] - C[j];
+      xr.resize(cnt); gr.resize(cnt); cd.resize(cnt); dp.resize(cnt);
+      float db = 0.f;
+      for (int64_t t = 0; t < cnt; ++t) {
+        const int64_t e = E[C[j] + t], b = e / K;
+        xr[t] = RW + b * ld;
+        gr[t] = xr[t] + (1 + CL[e - b * K]) * d;
+        cd[t] = CD[e];
+        dp[t] = DP[e];
+        db += dp[t];
+      }
+      OB[j] = db;
+      float* od = OD + j * d;
+      float* oe = OE + j * d;
+      for (int64_t c = 0; c < d; ++c) { od[c] = 0.f; oe[c] = -db * bp[c]; }
+      auto fetch = [&](int64_t u) { prefetch_row(xr[u], d); prefetch_row(gr[u], d); };
+      for (int64_t u = 0; u < std::min<int64_t>(cnt, 2); ++u) fetch(u);
+      int64_t t = 0;
+      for (; t + 2 <= cnt; t += 2) {
+        for (int64_t u = t + 2; u < std::min(cnt, t + 4); ++u) fetch(u);
+        const float a0 = cd[t], a1 = cd[t + 1], p0 = dp[t], p1 = dp[t + 1];
+        const float *g0 = gr[t], *g1 = gr[t + 1], *x0 = xr[t], *x1 = xr[t + 1];
+        int64_t c = 0;
+        for (; c < dv; c += VL) {
+          vstore(od + c, vload(od + c) + vbcast(a0) * vload(g0 + c) + vbcast(a1) * vload(g1 + c));
+          vstore(oe + c, vload(oe + c) + vbcast(p0) * vload(x0 + c) + vbcast(p1) * vload(x1 + c));
+        }
+        for (; c < d; ++c) {
+          od[c] += a0 * g0[c] + a1 * g1[c];
+          oe[c] += p0 * x0[c] + p1 * x1[c];
+        }
+      }
+      for (; t < cnt; ++t) {
+        int64_t c = 0;
+        for (; c < dv; c += VL) {
+          vstore(od + c, vload(od + c) + vbcast(cd[t]) * vload(gr[t] + c));
+          vstore(oe + c, vload(oe + c) + vbcast(dp[t]) * vload(xr[t] + c));
+        }
+        for (; c < d; ++c) {
+          od[c] += cd[t] * gr[t][c];
+          oe[c] += dp[t] * xr[t][c];
+        }
       }
     }
   });
-  return {d_vals, d_W};
+  return {d_dec, d_enc, d_benc};
 }
 
 // Unit-norm decoder rows, one pass each. W, G: [n, d].
@@ -202,10 +492,8 @@ void project_rows(at::Tensor W, at::Tensor G) {
     for (int64_t j = j0; j < j1; ++j) {
       const float* w = Wp + j * d;
       float* g = Gp + j * d;
-      float dot = 0.f;
-#pragma omp simd reduction(+:dot)
-      for (int64_t c = 0; c < d; ++c) dot += g[c] * w[c];
-      for (int64_t c = 0; c < d; ++c) g[c] -= dot * w[c];
+      const float s = dot(g, w, d);
+      for (int64_t c = 0; c < d; ++c) g[c] -= s * w[c];
     }
   });
 }
@@ -218,9 +506,7 @@ void normalize_rows(at::Tensor W) {
   at::parallel_for(0, n, grain(2 * d), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       float* w = Wp + j * d;
-      float sq = 0.f;
-#pragma omp simd reduction(+:sq)
-      for (int64_t c = 0; c < d; ++c) sq += w[c] * w[c];
+      const float sq = dot(w, w, d);
       if (sq > 0.f) {
         const float inv = 1.f / std::sqrt(sq);
         for (int64_t c = 0; c < d; ++c) w[c] *= inv;
@@ -231,12 +517,12 @@ void normalize_rows(at::Tensor W) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("project_rows", &project_rows);
-  m.def("decode_backward", &decode_backward);
   m.def("normalize_rows", &normalize_rows);
   m.def("csr_by_latent", &csr_by_latent);
   m.def("topk_rows", &topk_rows);
   m.def("gather_sum", &gather_sum);
-  m.def("scatter_rows", &scatter_rows);
+  m.def("decode_forward", &decode_forward);
+  m.def("weight_grads", &weight_grads);
 }
 """
 
@@ -255,6 +541,10 @@ def _cpu_tag() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:8]
 
 
+def _source_tag() -> str:
+    return hashlib.sha256(_SOURCE.encode()).hexdigest()[:8]
+
+
 @cache
 def load() -> ModuleType | None:
     """The compiled kernels (built once per source version and CPU into torch's extension cache)."""
@@ -264,9 +554,11 @@ def load() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         return load_inline(
-            name=f"saeflow_sparse_kernels_{_cpu_tag()}",
+            # Keyed by source too: processes holding another version of this file (a concurrent
+            # test run, an older checkout) build elsewhere instead of overwriting this build.
+            name=f"saeflow_sparse_kernels_{_cpu_tag()}_{_source_tag()}",
             cpp_sources=[_SOURCE],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

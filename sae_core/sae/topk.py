@@ -25,6 +25,7 @@ from sae_core.sae import kernels
 FORMAT = "saeflow.topk"
 FORMAT_VERSION = "1"
 FIRE_THRESHOLD = 1e-3  # a latent "fires" on a token when its activation exceeds this
+THRESHOLD_DECAY = 0.9  # BatchTopK: moving-average decay of the inference threshold
 
 
 class ForwardOutput(NamedTuple):
@@ -42,8 +43,8 @@ class ForwardOutput(NamedTuple):
 class Selection(NamedTuple):
     """Which latents a training step uses for each token."""
 
-    idx: torch.Tensor  # [B, k] (or [B, 4k] with multi-TopK), descending pre-activation
-    pre: torch.Tensor  # [B, k] their pre-activations
+    idx: torch.Tensor  # [B, k] ([B, 4k] multi-TopK, [B, w] BatchTopK), descending pre-activation
+    pre: torch.Tensor  # [B, k] their pre-activations (BatchTopK padding slots: -inf)
     aux_idx: torch.Tensor  # [B, k_aux'] dead latents for AuxK, [B, 0] when none
     aux_pre: torch.Tensor  # [B, k_aux'] their pre-activations
 
@@ -66,8 +67,35 @@ def normalized_mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(recon, target, reduction="sum") / base.clamp_min(1e-12)
 
 
+def batch_topk(
+    pre: torch.Tensor, k: int, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchTopK selection: the k B largest activations of the whole batch (relu(pre + bias)).
+
+    pre: [B, n]; bias: [n] or None -> (vals [B, w], idx [B, w], thr []): each row's kept
+    latents first, descending, then padding slots with vals = -inf; w is the largest count kept
+    in a row. Exact: each row's top m are candidates and m doubles while some row's m-th
+    candidate still reaches the threshold (a row could hold more). Cost ~B n per round (one
+    round unless some token needs more than 2k latents) plus a top-(k B) of the B m candidates.
+    """
+    B, n = pre.shape
+    m = min(n, 2 * k)
+    while True:
+        vals, idx = kernels.topk(pre, m, bias)
+        vals = vals.float()
+        thr = vals.clamp_min(0).reshape(-1).topk(min(k * B, vals.numel())).values[-1]
+        if m == n or not bool((vals[:, -1] >= thr).any()):
+            break
+        m = min(n, 2 * m)
+    keep = (vals >= thr) & (vals > 0)
+    width = max(1, int(keep.sum(dim=1).max()))
+    vals, keep = vals[:, :width], keep[:, :width]
+    return vals.masked_fill(~keep, float("-inf")), idx[:, :width], thr
+
+
 class TopKSAE(nn.Module):
-    """TopK SAE of width d with cfg.n_latents latents, k of them active per token."""
+    """TopK SAE of width d with cfg.n_latents latents, k of them active per token (BatchTopK:
+    k per token on average over a training batch, a learned threshold at inference)."""
 
     def __init__(
         self,
@@ -88,43 +116,108 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(self.n_latents))
         self.b_pre = nn.Parameter(torch.zeros(d))
         self._pre_buffer: torch.Tensor | None = None
+        if cfg.batch_topk:
+            # BatchTopK's inference threshold, estimated during training (NaN until then: encode
+            # falls back to the top k per token).
+            self.register_buffer("threshold", torch.tensor(float("nan")))
 
     # Encoder and selection -----------------------------------------------------------------
-    def preacts(self, x: torch.Tensor) -> torch.Tensor:
+    def preacts(
+        self, x: torch.Tensor, with_bias: bool = True, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Dense pre-activations [B, n] of normalised x [B, d], no autograd: the step's one GEMM.
 
         Written into one buffer reused across calls of the same shape (the only B x n tensor).
+        with_bias=False leaves b_enc out for `select(..., bias=b_enc)` to add as it reads.
+        dtype: the GEMM's precision (e.g. torch.bfloat16; default the weights' dtype).
         """
+        dtype = dtype or self.W_enc.dtype
         shape = (x.shape[0], self.n_latents)
         buf = self._pre_buffer
-        if buf is None or buf.shape != shape or buf.device != x.device or buf.dtype != x.dtype:
-            buf = self._pre_buffer = torch.empty(shape, device=x.device, dtype=x.dtype)
-        return kernels.encoder_preacts(x, self.b_pre, self.W_enc, self.b_enc, out=buf)
+        if buf is None or buf.shape != shape or buf.device != x.device or buf.dtype != dtype:
+            buf = self._pre_buffer = torch.empty(shape, device=x.device, dtype=dtype)
+        return kernels.encoder_preacts(
+            x.to(dtype),
+            self.b_pre.to(dtype),
+            self.W_enc.to(dtype),
+            self.b_enc.to(dtype) if with_bias else None,
+            out=buf,
+        )
 
-    def select(self, pre: torch.Tensor, dead_mask: torch.Tensor | None = None) -> Selection:
-        """TopK (4k with multi-TopK, descending so the first k are TopK_k) and AuxK's choice:
-        the top k_aux among the dead latents only. pre: [B, n]. Cost ~B n + B n_dead."""
-        k_main = 4 * self.k if self.cfg.multi_topk else self.k
-        vals, idx = kernels.topk(pre, k_main)
-        aux_vals, aux_idx = vals[:, :0], idx[:, :0]
-        if dead_mask is not None and self.cfg.aux_alpha > 0 and bool(dead_mask.any()):
-            dead = dead_mask.nonzero().squeeze(1)
-            aux_vals, local = kernels.topk(pre.index_select(1, dead), min(self.k_aux, dead.numel()))
-            aux_idx = dead[local]
-        return Selection(idx, vals, aux_idx, aux_vals)
+    def select(
+        self,
+        pre: torch.Tensor,
+        dead_mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> Selection:
+        """TopK (4k with multi-TopK, descending so the first k are TopK_k; BatchTopK: the top
+        k B of the batch) and AuxK's choice: the top k_aux among the dead latents only.
+
+        pre: [B, n] (any float dtype); bias: [n] still to add to pre (see `preacts`), or None.
+        Cost ~B n + B n_dead. The returned pre-activations are float32.
+        """
+        with torch.no_grad():
+            if bias is not None and kernels.topk_native(pre) is None:
+                pre.add_(bias.to(pre.dtype))  # stock top-k: add it in place, no second buffer
+                bias = None
+            if self.cfg.batch_topk:
+                vals, idx, _ = batch_topk(pre, self.k, bias)
+            else:
+                vals, idx = kernels.topk(pre, 4 * self.k if self.cfg.multi_topk else self.k, bias)
+            aux_vals, aux_idx = vals[:, :0], idx[:, :0]
+            if dead_mask is not None and self.cfg.aux_alpha > 0 and bool(dead_mask.any()):
+                k_aux = min(self.k_aux, int(dead_mask.sum()))
+                if kernels.topk_native(pre) is not None:
+                    # Live latents get a bias of -inf: the same buffer, no [B, n_dead] copy.
+                    base = pre.new_zeros(self.n_latents) if bias is None else bias
+                    aux_bias = base.masked_fill(~dead_mask, float("-inf"))
+                    aux_vals, aux_idx = kernels.topk(pre, k_aux, aux_bias)
+                else:
+                    dead = dead_mask.nonzero().squeeze(1)
+                    aux_vals, local = kernels.topk(pre.index_select(1, dead), k_aux)
+                    aux_idx = dead[local]
+        return Selection(idx, vals.float(), aux_idx, aux_vals.float())
+
+    @torch.no_grad()
+    def update_threshold(self, sel: Selection, decay: float = THRESHOLD_DECAY) -> None:
+        """BatchTopK: fold this batch's smallest kept activation into the inference threshold
+        (an exponential moving average; the first batch sets it)."""
+        kept = sel.pre[sel.pre > 0]
+        if kept.numel() == 0:
+            return
+        low = kept.min()
+        if torch.isnan(self.threshold):
+            self.threshold.copy_(low)
+        else:
+            self.threshold.mul_(decay).add_(low, alpha=1 - decay)
 
     def losses(self, x: torch.Tensor, sel: Selection, dense: bool = False) -> ForwardOutput:
         """Decode the selected latents and score them. x: [B, d] normalised; O(B K d) sparse.
 
+        On CPU float32 the native fused kernels run it; elsewhere stock ops under autograd.
         dense=True is the reference: full GEMMs with autograd, same selections.
         """
-        k, k_main = self.k, sel.idx.shape[1]
+        # BatchTopK's code has a variable width; its padding slots hold pre = -inf (act 0, no gradient).
+        k = sel.idx.shape[1] if self.cfg.batch_topk else self.k
+        k_main = sel.idx.shape[1]
         use_aux = sel.aux_idx.shape[1] > 0
         all_idx = torch.cat([sel.idx, sel.aux_idx], dim=1) if use_aux else sel.idx
         all_pre = torch.cat([sel.pre, sel.aux_pre], dim=1) if use_aux else sel.pre
+        if not dense and kernels.fused_available(x, self.W_dec, self.W_enc):
+            terms = kernels.fused_losses(
+                x, self.b_pre, self.W_enc, self.b_enc, self.W_dec, all_idx, all_pre,
+                k, k_main, self.cfg.aux_alpha,
+            )
+            vals = torch.relu(sel.pre[:, :k])
+            return ForwardOutput(
+                sel.idx[:, :k], vals, terms.recon, terms.loss, terms.nmse, terms.aux_loss,
+                sel.aux_idx,
+            )
         acts = torch.relu(
             kernels.selected_preacts(x, self.b_pre, self.W_enc, self.b_enc, all_pre, all_idx, dense)
         )
+        if self.cfg.batch_topk:  # the dense reference recomputes padding slots: zero them
+            acts = acts * (all_pre > float("-inf"))
         vals = acts[:, :k]
         recon = kernels.sparse_decode(sel.idx[:, :k], vals, self.W_dec, self.b_pre, dense)
         nmse = normalized_mse(x, recon)
@@ -173,9 +266,19 @@ class TopKSAE(nn.Module):
     # Inference on raw activations ------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x_raw: torch.Tensor) -> Codes:
-        """x_raw: [B, d] -> Codes(idx [B, k], vals [B, k], stats). Cost: one GEMM + top-k."""
+        """x_raw: [B, d] -> Codes(idx [B, w], vals [B, w], stats). Cost: one GEMM + top-k.
+
+        w = k, except for a BatchTopK SAE with a threshold: every latent whose pre-activation
+        reaches it is kept, w is the largest count in the batch and shorter rows are padded
+        with value 0 (count active latents as vals > 0).
+        """
         x, stats = self.norm.apply(x_raw.to(self.W_enc.dtype))
         pre = kernels.encoder_preacts(x, self.b_pre, self.W_enc, self.b_enc)
+        if self.cfg.batch_topk and not torch.isnan(self.threshold):
+            thr = self.threshold.clamp_min(0)
+            width = max(1, int((pre > thr).sum(dim=1).max()))
+            vals, idx = kernels.topk(pre, min(width, self.n_latents))
+            return Codes(idx, torch.where(vals > thr, vals, 0.0), stats)
         vals, idx = kernels.topk(pre, self.k)
         return Codes(idx, torch.relu(vals), stats)
 
@@ -207,7 +310,7 @@ class TopKSAE(nn.Module):
         }
 
     def to_bytes(self) -> bytes:
-        tensors = {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         return save_tensors(tensors, metadata=self.metadata())
 
     def save_safetensors(self, target: str | Path | IO[bytes]) -> None:

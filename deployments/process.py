@@ -1,0 +1,76 @@
+"""Detached server processes: start one with its own log, tell whether a recorded pid is still it, stop it.
+
+Servers run in their own session (process group), so they outlive the command that started them
+and a stop reaches every process they spawned.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `args` in a new session, stdout and stderr appended to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+
+
+def is_running(pid: int, marker: str = "") -> bool:
+    """Whether `pid` is alive and, where /proc tells, its command line contains `marker`
+    (a recorded pid may have been reused by an unrelated process since)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but someone else's: not ours
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if marker and cmdline.exists():
+        try:
+            return marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return False
+    return True
+
+
+def _gone(pid: int, process: subprocess.Popen | None) -> bool:
+    if process is not None:
+        return process.poll() is not None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie is gone for our purposes: it serves nothing (its parent reaps it).
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "\nState:\tZ" in status.read_text()
+
+
+def terminate(pid: int, timeout: float = 15.0, process: subprocess.Popen | None = None) -> None:
+    """SIGTERM the process group led by `pid`; SIGKILL it if it is still there after `timeout`."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid, process):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if process is not None:
+        process.wait()

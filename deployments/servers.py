@@ -1,0 +1,218 @@
+"""Remote mode: an MLflow tracking server and a Prefect server on loopback, as services.
+
+`saeflow services up` starts them after SeaweedFS (deployments/services.py lists them in that
+order); `saeflow services env` prints MLFLOW_TRACKING_URI and PREFECT_API_URL, and the pipeline
+uses whatever those name. State lives under `$SAEFLOW_HOME/services/<name>/`:
+- mlflow: SQLite backend (`mlflow.db`); artifacts on the SeaweedFS store (s3://BUCKET/mlartifacts),
+  served through the tracking server, so clients need no S3 credentials;
+- prefect: its PREFECT_HOME (database, settings).
+Both are HTTP servers checked by a health URL; the shared lifecycle is `_HttpServer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deployments.process import is_running, spawn, terminate
+
+if TYPE_CHECKING:
+    from deployments.services import SeaweedFS, ServiceStatus
+
+QUIET = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class _HttpServer:
+    """A server process started detached, recorded in server.json, checked by `health_url`."""
+
+    name = ""
+
+    def __init__(self, home: Path | None, port: int):
+        from deployments.services import services_home
+
+        self.dir = (home or services_home()) / self.name
+        self.port = port
+
+    # What each server defines ------------------------------------------------------------------
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def server_env(self) -> dict[str, str]:
+        return {}
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.endpoint}/health"
+
+    @property
+    def marker(self) -> str:
+        """Text in the server's command line: a recorded pid reused by another process is not it."""
+        return str(self.dir)
+
+    # Lifecycle ---------------------------------------------------------------------------------
+    @property
+    def _record(self) -> Path:
+        return self.dir / "server.json"
+
+    @property
+    def _log(self) -> Path:
+        return self.dir / "server.log"
+
+    def _pid(self) -> int | None:
+        if not self._record.exists():
+            return None
+        pid = json.loads(self._record.read_text())["pid"]
+        return pid if is_running(pid, marker=self.marker) else None
+
+    def status(self) -> ServiceStatus:
+        from deployments.services import ServiceStatus
+
+        pid = self._pid()
+        return ServiceStatus(
+            self.name,
+            running=pid is not None,
+            serving=pid is not None and _answers(self.health_url),
+            pid=pid,
+            endpoint=self.endpoint,
+            state_dir=str(self.dir),
+            detail=f"log {self._log}",
+        )
+
+    def up(self, timeout: float = 60.0) -> ServiceStatus:
+        from deployments.services import _private_dir
+
+        process = None
+        if self._pid() is None:
+            _private_dir(self.dir)
+            env = {**os.environ, **QUIET, **self.server_env()}
+            process = spawn(self.command(), self._log, env)
+            self._record.write_text(json.dumps({"pid": process.pid, "endpoint": self.endpoint}))
+        deadline = time.monotonic() + timeout
+        while not _answers(self.health_url):
+            # The child we just started is watched directly: until it has exec'd, its command
+            # line is still ours, so the record check would call it gone.
+            if process.poll() is not None if process else self._pid() is None:
+                raise RuntimeError(f"{self.name} server exited; see {self._log}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.name} server not serving after {timeout:.0f} s; see {self._log}"
+                )
+            time.sleep(0.5)
+        return self.status()
+
+    def down(self) -> ServiceStatus:
+        pid = self._pid()
+        if pid is not None:
+            terminate(pid)
+        self._record.unlink(missing_ok=True)
+        return self.status()
+
+
+class MlflowServer(_HttpServer):
+    """`mlflow server`: SQLite in its state folder, artifacts proxied to the SeaweedFS store."""
+
+    name = "mlflow"
+
+    def __init__(self, home: Path | None = None, port: int = 5000, s3: SeaweedFS | None = None):
+        from deployments.services import SeaweedFS
+
+        super().__init__(home, port)
+        self.s3 = s3 or SeaweedFS(home)
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.dir / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{self.s3.bucket}/mlartifacts",
+        ]
+
+    def server_env(self) -> dict[str, str]:
+        s3 = self.s3.env(reveal=True)
+        return {
+            "MLFLOW_S3_ENDPOINT_URL": s3["AWS_ENDPOINT_URL"],
+            **{
+                k: s3[k]
+                for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+            },
+            # Only the tracking API and artifact proxy: no job runner (~0.4 GiB in all).
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+
+    def up(self, timeout: float = 60.0) -> ServiceStatus:
+        if not self.s3.status().serving:
+            raise RuntimeError(
+                "mlflow keeps its artifacts on the S3 store: start seaweedfs first "
+                "(saeflow services up seaweedfs mlflow)"
+            )
+        return super().up(timeout)
+
+    def env(self, reveal: bool = False) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_URI": self.endpoint}
+
+
+class PrefectServer(_HttpServer):
+    """`prefect server start`, its database and settings under its state folder."""
+
+    name = "prefect"
+
+    def __init__(self, home: Path | None = None, port: int = 4200):
+        super().__init__(home, port)
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+
+    def server_env(self) -> dict[str, str]:
+        return {"PREFECT_HOME": str(self.dir / "home")}
+
+    @property
+    def marker(self) -> str:
+        return f"--port {self.port}"  # its state folder is in its environment, not its arguments
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.endpoint}/api/health"
+
+    def env(self, reveal: bool = False) -> dict[str, str]:
+        return {"PREFECT_API_URL": f"{self.endpoint}/api"}
