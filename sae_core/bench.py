@@ -132,7 +132,9 @@ def bench_train(
             sum(p.numel() for p in trainer.sae.parameters()) * 4 * 4 / 2**20, 1
         ),
         "data_mb": round(data.numel() * data.element_size() / 2**20, 1),
-        "bxn_buffer_mb": round(batch * n * (torch.finfo(getattr(torch, dtype)).bits // 8) / 2**20, 1),
+        "bxn_buffer_mb": round(
+            batch * n * (torch.finfo(getattr(torch, dtype)).bits // 8) / 2**20, 1
+        ),
         "cpu_count": os.cpu_count(),
     }
     if dev.type == "cuda":

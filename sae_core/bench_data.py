@@ -3,7 +3,8 @@
 bench_extract: tokens/s of `activations.extract_hooks` (forward to the deepest hook, rows, Parquet
 shards written in the background) against a bare forward of the same model truncated after that
 hook's block and against a full-depth forward (logits), over the same token batches, interleaved
-per repeat. ratio = extraction / bare (median over repeats); the target is >= 0.9.
+per repeat (the pair's order alternating). ratio = extraction / bare, the median of the per-repeat
+ratios; the target is >= 0.9.
 
 bench_load: on each store given (local and/or S3), a synthetic activations dataset is written,
 then read back sequentially and through the shuffled streaming reader (GB/s, tokens/s), then a
@@ -141,8 +142,10 @@ def bench_extract(
         bare()  # warm-up: allocator, kernels, page cache of the weights
         times: dict[str, list[float]] = {"bare": [], "extract": [], "full": []}
         for run in range(repeats):
-            times["bare"].append(_timed(bare))
-            times["extract"].append(_timed(lambda run=run: extract(run)))
+            # Alternate which of the pair goes first, so a trend in the load favours neither.
+            pair = [("bare", bare), ("extract", lambda run=run: extract(run))]
+            for key, fn in pair if run % 2 == 0 else pair[::-1]:
+                times[key].append(_timed(fn))
             times["full"].append(_timed(full))
         shards = len(target.manifest("bench-extract/acts-0-0")["splits"]["train"]["shards"])
         for run in range(repeats):

@@ -34,5 +34,9 @@ def apply_runtime_env() -> None:
     for key, value in RUNTIME_DEFAULTS.items():
         os.environ.setdefault(key, value)
     # Prefect keeps its database and cached results in saeflow's state directory.
-    prefect_home = Path(os.environ.setdefault("PREFECT_HOME", str(saeflow_home() / "prefect")))
-    prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect creates only the last level
+    os.environ.setdefault("PREFECT_HOME", str(saeflow_home() / "prefect"))
+
+
+def ensure_prefect_home() -> None:
+    """Create PREFECT_HOME's parents: Prefect creates only the last level. Called by flows/."""
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

@@ -346,7 +346,8 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
         # window, the share of latents silent over the whole run.
         "dead_fraction": trainer.dead.fraction(),
         "dead_fraction_run": trainer.dead.fraction(window),
-    }
+        "weights": "ema" if trainer.ema is not None else "last",
+    } | ({"batch_topk_threshold": float(sae.threshold)} if sae.cfg.batch_topk else {})
 
 
 def train_sae(

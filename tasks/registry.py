@@ -61,7 +61,8 @@ def _experiment_id(name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    local = "MLFLOW_TRACKING_URI" not in os.environ
+    # A tracking server decides its own artifact root; a local database keeps them beside it.
+    local = tracking_uri().startswith(("sqlite:", "file:"))
     artifacts = (saeflow_home() / "mlartifacts").as_uri() if local else None
     return mlflow.create_experiment(name, artifact_location=artifacts)
 

@@ -306,3 +306,26 @@ def test_sigkilled_extraction_restarts_at_the_first_unwritten_shard(
         return load_split_tensor(ref, "train")
 
     torch.testing.assert_close(train_rows("killed"), train_rows("whole"), rtol=0, atol=0)
+
+
+def test_stage_extracts_several_hooks_once_and_shares_the_single_hook_location(
+    store, tiny_llama_dir, tokens_ref, monkeypatch
+):
+    from sae_core import models, stages
+    from sae_core.config import ModelConfig
+
+    model = ModelConfig(path=str(tiny_llama_dir), hook="resid_post.1", device="cpu")
+    data = DataConfig(**BASE)
+    refs = stages.extract_hook_datasets(tokens_ref, model, data, ["resid_post.1", "mlp_out.0"])
+    assert [r.path for r in refs] == [
+        stages.locate_activations(tokens_ref, model, data).path,
+        stages.locate_activations(tokens_ref, model.model_copy(update={"hook": "mlp_out.0"}), data).path,
+    ]  # fmt: skip
+    assert all(store.is_committed(r.path) and r.rows == 600 for r in refs)
+    assert not store.exists(f"{refs[0].path}/_progress")
+
+    def no_model(*_a, **_k):
+        raise AssertionError("committed datasets must not load the model")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    assert stages.extract_activations(tokens_ref, model, data, progress=False) == refs[0]

@@ -286,6 +286,7 @@ def test_ema_weights_are_what_gets_saved(tmp_path):
         train_sae(
             acts, SAEConfig(n_latents=48, k=3), train_cfg, writer, "checkpoints/ema", progress=False
         )
+    assert store.manifest("sae/ema")["weights"] == "ema"
     saved = load_sae(DatasetRef(store=store.uri, path="sae/ema", fingerprint="test"))
     ckpt = load_tensors(store.read_bytes(f"checkpoints/ema/{CHECKPOINT_FILE}"))
     for name, p in saved.named_parameters():

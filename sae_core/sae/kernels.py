@@ -171,7 +171,9 @@ def sparse_decode(
     vals = vals.to(W_dec.dtype)
     ext = _native_for(vals, W_dec, bias)
     if ext is not None and not torch.is_grad_enabled():  # inference: the native gather-sum
-        return ext.gather_sum(idx.contiguous(), vals.contiguous(), W_dec.contiguous(), bias.contiguous())
+        return ext.gather_sum(
+            idx.contiguous(), vals.contiguous(), W_dec.contiguous(), bias.contiguous()
+        )
     return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + bias
 
 

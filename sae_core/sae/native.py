@@ -1,8 +1,11 @@
 """Native CPU kernels for the sparse step, compiled on first use (torch cpp_extension + OpenMP).
 
 Each kernel is O(work actually needed): a row-wise top-k that filters each row against a
-threshold taken from a sample of it, and the B K d gathers and scatters of the sparse decoder and encoder
-backward. All are deterministic: every output element is written by one thread in a fixed order.
+threshold from its block maxima, and the B K d gathers and scatters of the sparse decoder and
+encoder backward, fused into one token-major pass (`decode_forward`) and one latent-major pass
+(`weight_grads`). Past the GEMM the step is bound by memory traffic, not arithmetic, so the
+kernels are arranged to read each gathered row once. All are deterministic: every output
+element is written by one thread in a fixed order, independent of the thread count.
 
 `load()` returns the compiled module, or None when no compiler is available or
 SAEFLOW_NATIVE_KERNELS=0; callers then use stock torch ops (same results to rounding).

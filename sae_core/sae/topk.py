@@ -205,12 +205,25 @@ class TopKSAE(nn.Module):
         all_pre = torch.cat([sel.pre, sel.aux_pre], dim=1) if use_aux else sel.pre
         if not dense and kernels.fused_available(x, self.W_dec, self.W_enc):
             terms = kernels.fused_losses(
-                x, self.b_pre, self.W_enc, self.b_enc, self.W_dec, all_idx, all_pre,
-                k, k_main, self.cfg.aux_alpha,
+                x,
+                self.b_pre,
+                self.W_enc,
+                self.b_enc,
+                self.W_dec,
+                all_idx,
+                all_pre,
+                k,
+                k_main,
+                self.cfg.aux_alpha,
             )
             vals = torch.relu(sel.pre[:, :k])
             return ForwardOutput(
-                sel.idx[:, :k], vals, terms.recon, terms.loss, terms.nmse, terms.aux_loss,
+                sel.idx[:, :k],
+                vals,
+                terms.recon,
+                terms.loss,
+                terms.nmse,
+                terms.aux_loss,
                 sel.aux_idx,
             )
         acts = torch.relu(
