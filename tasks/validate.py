@@ -349,7 +349,10 @@ def validate_activations(
             failures=failures,
             docs=suites.docs.publish(writer),
         )
-        writer.manifest = {"kind": "validation", "fingerprint": ref.fingerprint} | report.model_dump()
+        writer.manifest = {
+            "kind": "validation",
+            "fingerprint": ref.fingerprint,
+        } | report.model_dump()
     _link_artifacts(report)
     if failures and raise_on_failure:
         _raise_failed(report, bad_shards)
