@@ -123,13 +123,17 @@ def print_sweep_summary(result, seconds: float) -> None:  # noqa: ANN001 - Sweep
     from sae_core.report import SWEEP_COLUMNS
     from sae_core.scaling import PAPER
 
+    # Short headers and states keep the table readable in 80 columns; report.md has it all.
+    short = {"dead_fraction": "dead", "ce_loss_recovered": "CE rec", "kl_spliced": "KL",
+             "ablation_sparsity": "abl sp", "probe_loss": "probe"}  # fmt: skip
     points = Table(title="sweep (eval split)")
-    for name in ("n", "k", "seed", *SWEEP_COLUMNS, "train / evaluate"):
+    for name in ("n", "k", "seed", *(short.get(c, c) for c in SWEEP_COLUMNS), "train/eval"):
         points.add_column(name, justify="right")
     for p in result.points:
         label = f"n={p.n} k={p.k} seed={p.seed}"
-        values = [f"{p.metrics.get(c, float('nan')):.4g}" for c in SWEEP_COLUMNS]
-        points.add_row(str(p.n), str(p.k), str(p.seed), *values, result.states[label])
+        values = [f"{p.metrics.get(c, float('nan')):.3g}" for c in SWEEP_COLUMNS]
+        states = result.states[label].replace("Completed", "ran").replace("Cached", "cached")
+        points.add_row(str(p.n), str(p.k), str(p.seed), *values, states.replace(" ", ""))
     console.print(points)
     if result.fit is not None:
         law = "exp(a + b_k ln k + b_n ln n + g ln k ln n) + exp(z + e ln k)"

@@ -26,8 +26,9 @@ from sae_core.metrics import (
     DensityHistogram,
     DownstreamStats,
     ReconstructionStats,
-    next_token_ce,
-    next_token_kl,
+    ce_from_logprobs,
+    kl_from_logprobs,
+    next_token_logprobs,
 )
 from sae_core.probe_data import ProbeSet
 from sae_core.probes import ProbeResult, evaluate_probes, probe_summary
@@ -115,12 +116,15 @@ def evaluate_sae(
                 tail = x_hat.reshape(act.shape[0], -1, act.shape[-1]).to(act.dtype)
                 spliced = split.logits(ids, with_tail(act, first_position, tail), feed)
             with clock("ce and kl on logits"):
-                downstream.add("clean", next_token_ce(clean, ids, first_position), terms)
+                # One log-softmax per variant serves both its CE and the KL.
+                clean = next_token_logprobs(clean, first_position)
+                spliced = next_token_logprobs(spliced, first_position)
+                downstream.add("clean", ce_from_logprobs(clean, ids, first_position), terms)
                 downstream.add(
                     "spliced",
-                    next_token_ce(spliced, ids, first_position),
+                    ce_from_logprobs(spliced, ids, first_position),
                     terms,
-                    kl_sum=next_token_kl(clean, spliced, first_position),
+                    kl_sum=kl_from_logprobs(clean, spliced),
                 )
             del clean, spliced  # [B, T, V] each: free before the next batch allocates
     for name, ce_sum in baseline.ce_sums.items():

@@ -134,22 +134,38 @@ class ReconstructionStats:
 
 
 # Downstream -------------------------------------------------------------------------------------
+def next_token_logprobs(logits: Tensor, first: int = 0) -> Tensor:
+    """Log-probabilities of the next token predicted from positions first..T-2 (those with a
+    target). logits: [B, T, V] -> [B, T - 1 - first, V] float32."""
+    return logits[:, first:-1].float().log_softmax(dim=-1)
+
+
+def ce_from_logprobs(logprobs: Tensor, input_ids: Tensor, first: int = 0) -> Tensor:
+    """Summed next-token cross-entropy. logprobs: [B, T - 1 - first, V] from
+    `next_token_logprobs`; input_ids: [B, T]. Returns a 0-d tensor over B * (T - 1 - first) terms."""
+    target = input_ids[:, first + 1 :]
+    return -logprobs.gather(-1, target.unsqueeze(-1)).sum()
+
+
+def kl_from_logprobs(ref: Tensor, other: Tensor) -> Tensor:
+    """Summed KL(P_ref || P_other) over positions; both [B, P, V] log-probabilities -> 0-d."""
+    return F.kl_div(other, ref, log_target=True, reduction="sum")
+
+
 def next_token_ce(logits: Tensor, input_ids: Tensor, first: int = 0) -> Tensor:
     """Summed next-token cross-entropy of predictions made from positions >= first.
 
     logits: [B, T, V]; input_ids: [B, T]. Returns a 0-d tensor: the sum over B * (T - 1 - first) terms.
     """
-    pred = logits[:, first:-1].float()
-    target = input_ids[:, first + 1 :]
-    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
+    return ce_from_logprobs(next_token_logprobs(logits, first), input_ids, first)
 
 
 def next_token_kl(ref_logits: Tensor, logits: Tensor, first: int = 0) -> Tensor:
     """Summed KL(P_ref || P) of the next-token distributions predicted from positions
     first..T-2 (the positions `next_token_ce` scores). ref_logits, logits: [B, T, V] -> 0-d."""
-    ref = ref_logits[:, first:-1].float().log_softmax(dim=-1)
-    other = logits[:, first:-1].float().log_softmax(dim=-1)
-    return F.kl_div(other, ref, log_target=True, reduction="sum")
+    return kl_from_logprobs(
+        next_token_logprobs(ref_logits, first), next_token_logprobs(logits, first)
+    )
 
 
 def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_ablated: float) -> float:

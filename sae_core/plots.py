@@ -40,6 +40,14 @@ def _colors(values: Sequence[int], cmap: str = "viridis") -> dict[int, tuple]:
     return {v: scale(0.15 + 0.7 * i / max(len(ordered) - 1, 1)) for i, v in enumerate(ordered)}
 
 
+def _n_axis(ax, ns: Sequence[int]) -> None:
+    """Log-2 n axis ticked at the measured widths (the default ticks miss 1152, 2304)."""
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(ns))
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.minorticks_off()
+
+
 def _by(rows: Sequence[SweepRow], key: str) -> dict[int, list[SweepRow]]:
     groups: dict[int, list[SweepRow]] = {}
     for row in rows:
@@ -98,7 +106,7 @@ def nmse_vs_n(rows: Sequence[SweepRow], params: Sequence[float] | None) -> bytes
         )  # fmt: skip
         if params is not None:
             ax.plot(grid, scaling_law(params, grid, np.full_like(grid, k)), "-", color=colors[k])
-    ax.set_xscale("log", base=2)
+    _n_axis(ax, ns)
     ax.set_yscale("log")
     ax.set_xlabel("n (latents)")
     ax.set_ylabel("normalised MSE (eval)")
@@ -130,7 +138,7 @@ def dead_vs_n(rows: Sequence[SweepRow]) -> bytes:
             alpha=0.6,
             label=f"k = {k}, training",
         )
-    ax.set_xscale("log", base=2)
+    _n_axis(ax, [r.n for r in rows])
     ax.set_xlabel("n (latents)")
     ax.set_ylabel("fraction of dead latents")
     ax.set_ylim(bottom=0)
@@ -139,15 +147,22 @@ def dead_vs_n(rows: Sequence[SweepRow]) -> bytes:
     return _png(fig)
 
 
-def training_curves(curves: Sequence[tuple[str, list[dict]]]) -> bytes:
-    """NMSE and dead fraction against training tokens, one line per SAE (label, history.json)."""
+def training_curves(
+    curves: Sequence[tuple[str, list[dict]]], nk: Sequence[tuple[int, int]] | None = None
+) -> bytes:
+    """NMSE and dead fraction against training tokens, one line per SAE (label, history.json).
+
+    nk: each curve's (n, k), for a sweep: colour by n, line style by k.
+    """
     fig, (left, right) = _figure(ncols=2)
-    for label, history in curves:
+    colors = _colors([n for n, _ in nk]) if nk else {}
+    dashes = ["-", "--", ":", "-."]
+    styles = {k: dashes[i % 4] for i, k in enumerate(sorted({k for _, k in nk or []}))}
+    for i, (label, history) in enumerate(curves):
+        style = {"color": colors[nk[i][0]], "ls": styles[nk[i][1]]} if nk else {}
         tokens = [row["tokens"] for row in history]
-        (line,) = left.plot(tokens, [row["nmse"] for row in history], label=label, lw=1.2)
-        right.plot(
-            tokens, [row["dead_fraction"] for row in history], color=line.get_color(), lw=1.2
-        )
+        left.plot(tokens, [row["nmse"] for row in history], label=label, lw=1.3, **style)
+        right.plot(tokens, [row["dead_fraction"] for row in history], lw=1.3, **style)
     left.set_yscale("log")
     left.set_xlabel("training tokens")
     left.set_ylabel("normalised MSE (training batch)")

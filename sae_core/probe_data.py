@@ -178,6 +178,11 @@ def _windows(
     )
 
 
+def has_labels(corpus: Any) -> bool:
+    """Whether a corpus (`datasets.Dataset`) carries genres or part-of-speech tags."""
+    return "genre" in corpus.column_names or {"tags", "spans"} <= set(corpus.column_names)
+
+
 def build_probe_set(
     split: SplitModel,
     corpus: Any,

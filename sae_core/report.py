@@ -127,7 +127,8 @@ def sweep_report(
     fit: ScalingFit | None,
     histories: Sequence[tuple[str, list[dict]]],
 ) -> Report:
-    """A grid of SAEs: metric table, scaling-law fit and the sweep figures."""
+    """A grid of SAEs (rows and their training histories, in the same order): metric table,
+    scaling-law fit and the sweep figures."""
     table = [
         {"n": r.n, "k": r.k, "seed": r.seed}
         | {c: r.metrics.get(c, float("nan")) for c in SWEEP_COLUMNS}
@@ -139,7 +140,7 @@ def sweep_report(
         "ce_recovered_vs_l0.png": plots.ce_recovered_frontier(rows),
         "nmse_vs_n.png": plots.nmse_vs_n(rows, [fit.params[n] for n in NAMES] if fit else None),
         "dead_vs_n.png": plots.dead_vs_n(rows),
-        "training_curves.png": plots.training_curves(histories),
+        "training_curves.png": plots.training_curves(histories, [(r.n, r.k) for r in rows]),
     }
     captions = {
         "nmse_vs_l0.png": "NMSE vs L0 frontier",

@@ -8,7 +8,6 @@ it inside `Store.writing` (data first, manifest last). Orchestrators wrap these 
 from __future__ import annotations
 
 from contextlib import ExitStack
-from functools import cached_property
 from typing import Any, NamedTuple
 
 from sae_core.assets import resolve_corpus, resolve_model_path
@@ -187,25 +186,6 @@ def train_sae(
 
 
 # evaluation ----------------------------------------------------------------------------------
-class _ModelOnce:
-    """The model and its split at the hook, loaded on first use only (cached stages never load it)."""
-
-    def __init__(self, model: ModelConfig):
-        self.cfg = model
-
-    @cached_property
-    def loaded(self) -> Any:
-        from sae_core.models import load_model
-
-        return load_model(resolve_model_path(self.cfg.path), self.cfg.dtype, self.cfg.device)
-
-    @cached_property
-    def split(self) -> Any:
-        from sae_core.splice import SplitModel
-
-        return SplitModel(self.loaded.model, self.cfg.hook)
-
-
 def _first_position(data: DataConfig) -> int:
     return 1 if data.skip_first_position else 0
 
@@ -228,10 +208,12 @@ def prepare_baseline(
     model: ModelConfig,
     data: DataConfig,
     eval: EvalConfig,
-    lm: _ModelOnce,
+    split: Any,
     progress: bool = True,
 ) -> tuple[DatasetRef, Any]:
-    """The eval set's part below the hook and its zero/mean-ablation CE: (ref, Baseline)."""
+    """The eval set's part below the hook and its zero/mean-ablation CE: (ref, Baseline).
+
+    split: the model cut at the hook (sae_core.splice.SplitModel)."""
     from sae_core import baseline
     from sae_core.evaluate import load_eval_contexts
 
@@ -242,7 +224,7 @@ def prepare_baseline(
         return loc.ref(manifest["contexts"]), baseline.baseline_from(data_bytes, manifest)
     contexts = load_eval_contexts(tokens)
     result = baseline.compute_baseline(
-        lm.split, contexts, eval.batch_contexts, _first_position(data), progress
+        split, contexts, eval.batch_contexts, _first_position(data), progress
     )
     with store.writing(loc.path) as writer:
         writer.write_bytes(baseline.FILE, baseline.baseline_bytes(result))
@@ -284,10 +266,12 @@ def prepare_probe_set(
     model: ModelConfig,
     data: DataConfig,
     eval: EvalConfig,
-    lm: _ModelOnce,
+    split: Any,
+    tokenizer: Any,
     progress: bool = True,
 ) -> tuple[DatasetRef, Any]:
-    """Probe contexts, labels and activations at the hook: (ref, ProbeSet)."""
+    """Probe contexts, labels and activations at the hook: (ref, ProbeSet), or (ref, None)
+    when the corpus carries no labels (recorded, so the corpus is not read again)."""
     import tempfile
 
     from sae_core import probe_data
@@ -296,36 +280,42 @@ def prepare_probe_set(
     loc = locate_probe_set(store, model, data, eval)
     st = Store(store)
     if (manifest := loc.committed()) is not None:
+        if not manifest["contexts"]:
+            return loc.ref(0), None
         data_bytes = st.read_bytes(f"{loc.path}/{probe_data.FILE}")
         return loc.ref(manifest["contexts"]), probe_data.probe_set_from(data_bytes, manifest)
+    result = None
     with tempfile.TemporaryDirectory(prefix="saeflow-datasets-") as cache_dir:
         corpus = load_corpus(resolve_corpus(data.corpus), cache_dir)
-        result = probe_data.build_probe_set(
-            lm.split,
-            corpus,
-            data.text_column,
-            lm.loaded.tokenizer,
-            data.context_len,
-            _first_position(data),
-            eval.probe_contexts,
-            eval.probe_tokens,
-            eval.batch_contexts,
-            eval.seed,
-            progress,
-        )
+        if probe_data.has_labels(corpus):
+            result = probe_data.build_probe_set(
+                split,
+                corpus,
+                data.text_column,
+                tokenizer,
+                data.context_len,
+                _first_position(data),
+                eval.probe_contexts,
+                eval.probe_tokens,
+                eval.batch_contexts,
+                eval.seed,
+                progress,
+            )
+    contexts = 0 if result is None else int(result.acts.shape[0])
     with st.writing(loc.path) as writer:
-        writer.write_bytes(probe_data.FILE, probe_data.probe_set_bytes(result))
+        if result is not None:
+            writer.write_bytes(probe_data.FILE, probe_data.probe_set_bytes(result))
         writer.manifest = {
             "kind": "probe_set",
             "fingerprint": loc.fingerprint,
             "corpus": data.corpus,
             "hook": model.hook,
-            "contexts": int(result.acts.shape[0]),
-            "token_sample": int(result.token_sample.shape[0]),
-            "genres": result.genres,
+            "contexts": contexts,
+            "token_sample": 0 if result is None else int(result.token_sample.shape[0]),
+            "genres": [] if result is None else result.genres,
             "pos_classes": list(probe_data.POS_CLASSES),
         }
-    return loc.ref(int(result.acts.shape[0])), result
+    return loc.ref(contexts), result
 
 
 _EVAL_CODE = (
@@ -379,26 +369,30 @@ def evaluate_sae(
     import time
 
     from sae_core import evaluate
+    from sae_core.models import load_model
     from sae_core.sae import load_sae
+    from sae_core.splice import SplitModel
 
     loc = locate_evaluation(sae, tokens, model, data, eval)
     if (manifest := loc.committed()) is None:
         _check_eval(data, eval)
-        lm = _ModelOnce(model)
         started = time.perf_counter()
-        _ = lm.split
+        loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
+        split = SplitModel(loaded.model, model.hook)
         seconds = {"load model": time.perf_counter() - started}
         start = time.perf_counter()
-        base_ref, base = prepare_baseline(tokens, model, data, eval, lm, progress)
+        base_ref, base = prepare_baseline(tokens, model, data, eval, split, progress)
         seconds["baseline (once per eval set)"] = time.perf_counter() - start
         probe_ref, probe_set = None, None
         if eval.probe_contexts:
             start = time.perf_counter()
-            probe_ref, probe_set = prepare_probe_set(tokens.store, model, data, eval, lm, progress)
+            probe_ref, probe_set = prepare_probe_set(
+                tokens.store, model, data, eval, split, loaded.tokenizer, progress
+            )
             seconds["probe set (once per corpus)"] = time.perf_counter() - start
         result = evaluate.evaluate_sae(
             load_sae(sae),
-            lm.split,
+            split,
             evaluate.load_eval_contexts(tokens),
             base,
             eval,

@@ -9,7 +9,13 @@ import torch
 from conftest import _WORDS, build_tiny_llama, build_tokenizer
 
 from sae_core.config import SAEConfig
-from sae_core.probe_data import POS_CLASSES, build_probe_set, coarse_pos, token_classes
+from sae_core.probe_data import (
+    POS_CLASSES,
+    build_probe_set,
+    coarse_pos,
+    has_labels,
+    token_classes,
+)
 from sae_core.probes import evaluate_probes, probe_summary
 from sae_core.sae import TopKSAE
 from sae_core.splice import SplitModel
@@ -104,3 +110,12 @@ def test_probe_set_and_probes_on_a_tiny_model():
     assert set(summary) == {
         "probe_loss", "probe_baseline_loss", "probe_loss_sequence", "probe_loss_token"
     }  # fmt: skip
+
+
+def test_only_a_labelled_corpus_gets_a_probe_set():
+    import datasets
+
+    plain = datasets.Dataset.from_list([{"text": "a b c"}])
+    assert not has_labels(plain)
+    assert has_labels(datasets.Dataset.from_list([{"text": "a", "genre": "news"}]))
+    assert has_labels(datasets.Dataset.from_list(_tagged_docs(1)).remove_columns("genre"))
