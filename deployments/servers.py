@@ -1,18 +1,25 @@
 """Remote mode: an MLflow tracking server and a Prefect server on loopback, as services.
 
 `saeflow services up` starts them after SeaweedFS (deployments/services.py lists them in that
-order); `saeflow services env` prints MLFLOW_TRACKING_URI and PREFECT_API_URL, and the pipeline
-uses whatever those name. State lives under `$SAEFLOW_HOME/services/<name>/`:
+order); `saeflow services env` prints MLFLOW_TRACKING_URI and PREFECT_API_URL with their
+credentials, and the pipeline uses whatever those name. State lives under
+`$SAEFLOW_HOME/services/<name>/`:
 - mlflow: SQLite backend (`mlflow.db`); artifacts on the SeaweedFS store (s3://BUCKET/mlartifacts),
   served through the tracking server, so clients need no S3 credentials;
 - prefect: its PREFECT_HOME (database, settings).
-Both are HTTP servers checked by a health URL; the shared lifecycle is `_HttpServer`.
+Both are HTTP servers on loopback checked by a health URL (the one path open without
+credentials); the shared lifecycle is `_HttpServer`. Every other request needs HTTP basic auth
+(MLflow's basic-auth app, Prefect's API auth string) with a password generated once and kept
+owner-only in the state folder: other users of the machine reach neither the registry nor,
+through MLflow's artifact proxy, the store.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shlex
 import sys
 import time
 import urllib.request
@@ -29,6 +36,7 @@ QUIET = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
+USER = "saeflow"  # the one account of each server
 
 
 def _answers(url: str) -> bool:
@@ -69,6 +77,17 @@ class _HttpServer:
     def marker(self) -> str:
         """Text in the server's command line: a recorded pid reused by another process is not it."""
         return str(self.dir)
+
+    def secret(self, name: str, reveal: bool = True) -> str:
+        """A password generated on first use and kept (0600) in the state folder, so clients set
+        up once keep working across restarts; unless `reveal`, a `$(cat FILE)` reading it."""
+        from deployments.services import _private_dir, _write_private
+
+        path = self.dir / name
+        if not path.exists():
+            _private_dir(self.dir)
+            _write_private(path, secrets.token_hex(16))
+        return path.read_text().strip() if reveal else f"$(cat {shlex.quote(str(path))})"
 
     # Lifecycle ---------------------------------------------------------------------------------
     @property
@@ -152,11 +171,17 @@ class MlflowServer(_HttpServer):
             str(self.port),
             "--workers",
             "1",
+            "--app-name",
+            "basic-auth",
             "--backend-store-uri",
             f"sqlite:///{self.dir / 'mlflow.db'}",
             "--artifacts-destination",
             f"s3://{self.s3.bucket}/mlartifacts",
         ]
+
+    @property
+    def _auth_config(self) -> Path:
+        return self.dir / "basic_auth.ini"
 
     def server_env(self) -> dict[str, str]:
         s3 = self.s3.env(reveal=True)
@@ -168,18 +193,37 @@ class MlflowServer(_HttpServer):
             },
             # Only the tracking API and artifact proxy: no job runner (~0.4 GiB in all).
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            # Basic auth: the admin account is created with this password on first start.
+            "MLFLOW_AUTH_CONFIG_PATH": str(self._auth_config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.secret("password"),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret("flask_secret_key"),
         }
 
     def up(self, timeout: float = 60.0) -> ServiceStatus:
+        from deployments.services import _private_dir, _write_private
+
         if not self.s3.status().serving:
             raise RuntimeError(
                 "mlflow keeps its artifacts on the S3 store: start seaweedfs first "
                 "(saeflow services up seaweedfs mlflow)"
             )
+        _private_dir(self.dir)
+        _write_private(
+            self._auth_config,
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{self.dir / 'basic_auth.db'}\n"
+            f"admin_username = {USER}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        )
         return super().up(timeout)
 
     def env(self, reveal: bool = False) -> dict[str, str]:
-        return {"MLFLOW_TRACKING_URI": self.endpoint}
+        return {
+            "MLFLOW_TRACKING_URI": self.endpoint,
+            "MLFLOW_TRACKING_USERNAME": USER,
+            "MLFLOW_TRACKING_PASSWORD": self.secret("password", reveal),
+        }
 
 
 class PrefectServer(_HttpServer):
@@ -204,7 +248,10 @@ class PrefectServer(_HttpServer):
         ]
 
     def server_env(self) -> dict[str, str]:
-        return {"PREFECT_HOME": str(self.dir / "home")}
+        return {
+            "PREFECT_HOME": str(self.dir / "home"),
+            "PREFECT_SERVER_API_AUTH_STRING": f"{USER}:{self.secret('password')}",
+        }
 
     @property
     def marker(self) -> str:
@@ -215,4 +262,7 @@ class PrefectServer(_HttpServer):
         return f"{self.endpoint}/api/health"
 
     def env(self, reveal: bool = False) -> dict[str, str]:
-        return {"PREFECT_API_URL": f"{self.endpoint}/api"}
+        return {
+            "PREFECT_API_URL": f"{self.endpoint}/api",
+            "PREFECT_API_AUTH_STRING": f"{USER}:{self.secret('password', reveal)}",
+        }

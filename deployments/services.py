@@ -175,10 +175,10 @@ class SeaweedFS:
 
 
 def export_lines(env: dict[str, str], reveal: bool) -> list[str]:
-    """`export KEY=value` lines; a `$(cat FILE)` value is left for the shell to expand."""
+    """`export KEY=value` lines; a value holding `$(cat FILE)` is left for the shell to expand."""
     lines = []
     for key, value in env.items():
-        if not reveal and value.startswith("$(cat "):
+        if not reveal and "$(cat " in value:
             lines.append(f'export {key}="{value}"')
         else:
             lines.append(f"export {key}={shlex.quote(value)}")

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sae_core.config import ConfigError, PipelineConfig, load_config
-from sae_core.store import StoreError
+from sae_core.store import STORAGE_ERRORS, StoreError, storage_failure
 from sae_core.validation import ValidationFailed
 
 app = typer.Typer(
@@ -81,6 +81,8 @@ def run(
         result = pipeline(cfg, progress=progress)
     except USER_ERRORS as err:
         _fail(err)
+    except STORAGE_ERRORS as err:  # a disk or S3 failure that outlasted the task's retries
+        _fail(storage_failure(err))
     print_summary(result, time.perf_counter() - started)
 
 
@@ -116,6 +118,8 @@ def sweep(
         result = sweep_flow(cfg, progress=progress)
     except USER_ERRORS as err:
         _fail(err)
+    except STORAGE_ERRORS as err:
+        _fail(storage_failure(err))
     print_sweep_summary(result, time.perf_counter() - started)
 
 
@@ -155,6 +159,47 @@ def print_sweep_summary(result, seconds: float) -> None:  # noqa: ANN001 - Sweep
     console.print(f"finished in {seconds:.1f} s")
 
 
+@app.command()
+def frontier(
+    preset: PresetOpt = "demo",
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    degrees: GridOpt = None,
+    seeds: GridOpt = None,
+    encoder: Annotated[str | None, typer.Option(help="Expander encoder: tied or untied.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Trace the storage-fidelity frontier on one cached activation set: the dense TopK SAE,
+    an expander SAE per degree and parameter-matched dense SAEs, scored by CE loss recovered."""
+    options = {"frontier.degrees": degrees and f"[{degrees}]", "frontier.seeds": seeds and f"[{seeds}]",
+               "frontier.encoder": encoder}  # fmt: skip
+    overrides = [*(set_ or []), *(f"{key}={value}" for key, value in options.items() if value)]
+    cfg = _load(preset, overrides, store)
+    started = time.perf_counter()
+    try:
+        from sae_core.frontier import frontier_plan
+        from sae_core.preflight import preflight
+
+        frontier_plan(cfg, preflight(cfg).width)  # a bad degree fails in seconds
+        from flows.frontier import frontier as frontier_flow
+
+        result = frontier_flow(cfg, progress=progress)
+    except USER_ERRORS as err:
+        _fail(err)
+    table = Table(title="storage-fidelity frontier (eval split)")
+    columns = {"family": "{}", "degree": "{}", "n": "{}", "k": "{}", "seed": "{}",
+               "compression": "{:.1f}x", "bytes_ratio": "{:.1f}x", "ce_loss_recovered": "{:.3f}",
+               "retained": "{:.1%}", "dead_fraction": "{:.3f}"}  # fmt: skip
+    for name in columns:
+        table.add_column(name.replace("_", " "), justify="right")
+    for row in result.table:
+        table.add_row(*(fmt.format(row[name]) for name, fmt in columns.items()))
+    console.print(table)
+    console.print(f"report: {result.report.markdown}")
+    console.print(f"mlflow run: {result.report.mlflow_run_id}")
+    console.print(f"finished in {time.perf_counter() - started:.1f} s")
+
+
 @bench_app.command("train")
 def bench_train(
     d: int = 576,
@@ -163,6 +208,11 @@ def bench_train(
     batch: int = 4096,
     steps: int = 10,
     device: str = "auto",
+    kind: Annotated[str, typer.Option(help="SAE kind: topk or expander.")] = "topk",
+    degree: Annotated[
+        int | None, typer.Option(help="Expander: non-zeros per decoder direction.")
+    ] = None,
+    encoder: Annotated[str, typer.Option(help="Expander encoder: untied or tied.")] = "untied",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Time SAE training steps on synthetic data against one dense GEMM of the same shape."""
@@ -170,7 +220,21 @@ def bench_train(
 
     from sae_core.bench import bench_train as run_bench
 
-    result = run_bench(d=d, n=n, k=k, batch=batch, steps=steps, device=device, verbose=not json_out)
+    try:
+        result = run_bench(
+            d=d,
+            n=n,
+            k=k,
+            batch=batch,
+            steps=steps,
+            device=device,
+            verbose=not json_out,
+            kind=kind,  # type: ignore[arg-type]
+            degree=degree,
+            encoder=encoder,  # type: ignore[arg-type]
+        )
+    except USER_ERRORS as err:
+        _fail(err)
     if json_out:
         typer.echo(json.dumps(result))
 
@@ -399,6 +463,64 @@ def import_(
     )
 
 
+@app.command()
+def view(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="NAME@ALIAS, models:/NAME@ALIAS, models:/NAME/VERSION, a run id, or an SAE "
+            "dataset STORE/sae/FINGERPRINT."
+        ),
+    ],
+    export_dir: Annotated[
+        str | None,
+        typer.Option("--export", help="Write the viewer as a static site to this folder."),
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8000,
+    preset: PresetOpt = "demo",
+    set_: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Browse an SAE's latents in a local web page: contexts, histograms, logit lens and
+    explanations (computed on first use, then cached; settings: the preset's `latents`)."""
+    from pathlib import Path
+
+    from sae_core.viewer import make_server
+
+    cfg = _load(preset, set_, None)
+    try:
+        from flows.view import prepare
+
+        prepared = prepare(target, cfg.latents, progress)
+        figures = {k.removeprefix("explain/"): v for k, v in prepared.metrics.items()}
+        console.print(
+            f"explainability: mean precision {figures['precision_mean']:.3f}, recall "
+            f"{figures['recall_mean']:.3f}, F1 {figures['f1_mean']:.3f} over "
+            f"{figures['scored_latents']:.0f} scored latents ({prepared.site.ref.uri})",
+            highlight=False,
+        )
+        if export_dir:
+            files = prepared.site.export(Path(export_dir), progress)
+            console.print(
+                f"wrote {files} files to {export_dir}; browse them through a web server, e.g. "
+                f"python -m http.server --bind 127.0.0.1 -d {export_dir}",
+                highlight=False,
+            )
+            return
+        server = make_server(prepared.site, port)
+    except USER_ERRORS as err:
+        _fail(err)
+    except STORAGE_ERRORS as err:
+        _fail(storage_failure(err))
+    console.print(f"serving the latent viewer at {server.url} (Ctrl-C to stop)", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 services_app = typer.Typer(
     no_args_is_help=True, help="Local servers the pipeline can use; state in $SAEFLOW_HOME/services."
 )
@@ -486,7 +608,7 @@ def print_summary(result, seconds: float) -> None:  # noqa: ANN001 - PipelineRes
     metrics = Table(title="evaluation (eval split)")
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")
-    for name, value in sorted(result.evaluation.metrics.items()):
+    for name, value in sorted({**result.evaluation.metrics, **result.latents.metrics}.items()):
         metrics.add_row(name, f"{value:.4g}")
     where = Table(title="outputs")
     where.add_column("what")
@@ -495,6 +617,7 @@ def print_summary(result, seconds: float) -> None:  # noqa: ANN001 - PipelineRes
     where.add_row("activations", result.activations.uri)
     where.add_row("sae", result.sae.uri)
     where.add_row("evaluation", result.evaluation.dataset.uri)
+    where.add_row("latents (saeflow view)", result.latents.dataset.uri)
     reg = result.registry
     where.add_row("model", f"{reg.name} version {reg.version} @{reg.alias}")
     where.add_row("mlflow", f"{reg.tracking_uri} run {reg.run_id}")

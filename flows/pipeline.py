@@ -1,4 +1,5 @@
-"""The main flow: tokens -> activations -> validation -> training -> evaluation -> registry."""
+"""The main flow: tokens -> activations -> validation -> training -> evaluation -> registry ->
+latent statistics (the viewer's data, explainability logged to the registered run) -> report."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sae_core.store import default_store_uri
 from tasks.caching import run_stage
 from tasks.data import extract_activations, sample_tokens
 from tasks.evaluate import EvalRef, evaluate_sae
+from tasks.latents import LatentsRef, latent_stats
 from tasks.registry import RegistryRef, register_model
 from tasks.report import ReportRef, report_run
 from tasks.train import train_sae
@@ -31,6 +33,7 @@ class PipelineResult(BaseModel):
     sae: DatasetRef
     evaluation: EvalRef
     registry: RegistryRef
+    latents: LatentsRef
     report: ReportRef
 
 
@@ -76,6 +79,9 @@ def pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResult:
     registry = run(
         register_model, sae=sae, evaluation=evaluation, config=config, registry=config.registry
     )
+    latents = run(
+        latent_stats, sae=sae, latents=config.latents, registry=registry, progress=progress
+    )
     cfg = config
     title = f"{cfg.name}: {cfg.model.path} {cfg.model.hook}, n={cfg.sae.n_latents}, k={cfg.sae.k}"
     report = run(report_run, sae=sae, evaluation=evaluation, registry=registry, title=title)
@@ -88,5 +94,6 @@ def pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResult:
         sae=sae,
         evaluation=evaluation,
         registry=registry,
+        latents=latents,
         report=report,
     )

@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from sae_core.baseline import Baseline
 from sae_core.metrics import ablation_sparsity
-from sae_core.sae import TopKSAE
+from sae_core.sae import SparseAutoencoder
 from sae_core.splice import SplitModel
 
 
-def latent_contributions(sae: TopKSAE, x: Tensor) -> tuple[Tensor, Tensor]:
+def latent_contributions(sae: SparseAutoencoder, x: Tensor) -> tuple[Tensor, Tensor]:
     """x: [d] raw -> (latents [m], contributions [m, d]): each active latent's share of x_hat
     in raw space, x_hat - decode(codes without that latent)."""
     codes = sae.encode(x[None])
@@ -38,7 +38,7 @@ def latent_contributions(sae: TopKSAE, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def sample_ablation_sparsity(
     split: SplitModel,
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     contexts: Tensor,
     baseline: Baseline,
     first_position: int,

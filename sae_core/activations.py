@@ -207,9 +207,15 @@ class ShardWriter:
         batches = [storage_batch(p, self.schema) for p in parts]
         table = pa.Table.from_batches(batches, schema=self.schema)
         buf = io.BytesIO()
-        # Activations barely compress; plain encoding keeps reads a memcpy.
+        # Activations barely compress; plain encoding keeps reads a memcpy. Uncompressed floats
+        # would take a flipped bit silently: a CRC per page lets readers (loader.open_shard) see it.
         pq.write_table(
-            table, buf, compression="none", use_dictionary=False, row_group_size=_ROW_GROUP
+            table,
+            buf,
+            compression="none",
+            use_dictionary=False,
+            row_group_size=_ROW_GROUP,
+            write_page_checksum=True,
         )
         name = f"{self.split}/shard-{index:05d}.parquet"
         self.writer.write_bytes(name, buf.getbuffer())

@@ -3,6 +3,7 @@
 ratio = time(one dense x[B, d] @ W[d, n]) / time(one training step), both measured in the same
 run, interleaved (median of the per-step ratios; `ratio_best` = best GEMM / best step). A sparse-aware step is about one such GEMM plus O(B k d) work; a dense
 implementation costs ~6. The target on a 2-core CPU at d=576, k=32, B=4096 is ratio >= 0.7.
+kind="expander" times an Expander SAE's step (decoder with `degree` non-zeros per latent).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import os
 import resource
 import statistics
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import ValidationError
 
-from sae_core.config import SAEConfig, TrainConfig
+from sae_core.config import ConfigError, SAEConfig, TrainConfig, format_validation_error
 from sae_core.device import pick_device
 from sae_core.sae import native
 from sae_core.train import Trainer, init_sae
@@ -46,6 +48,9 @@ def bench_train(
     dtype: str = "float32",
     seed: int = 0,
     verbose: bool = True,
+    kind: Literal["topk", "expander"] = "topk",
+    degree: int | None = None,
+    encoder: Literal["untied", "tied"] = "untied",
 ) -> dict[str, Any]:
     """Time `steps` training steps (after `warmup`) on `data` [N, d] (default: Gaussian).
 
@@ -53,6 +58,8 @@ def bench_train(
     (median ms per phase: normalize, gemm, topk, decode, backward, optimizer). Prints a table
     unless verbose=False. dtype: the step's GEMM precision (train.dtype); the reference GEMM
     stays float32, so the ratio says what bfloat16 buys against the float32 product.
+    kind, degree, encoder: the SAE (sae.kind, sae.degree, sae.encoder); invalid ones raise
+    ConfigError naming the field.
     """
     dev = pick_device(device)
     rss_before = _peak_rss_mb()
@@ -65,7 +72,18 @@ def bench_train(
         raise ValueError(f"bench: data has {data.shape[0]} rows, fewer than batch={batch}")
     # b_pre from the mean: the geometric median's float64 temporaries would dominate peak memory
     # and say nothing about the step.
-    sae_cfg = SAEConfig(n_latents=n, k=k, multi_topk=multi_topk, b_pre_init="mean")
+    try:
+        sae_cfg = SAEConfig(
+            kind=kind,
+            n_latents=n,
+            k=k,
+            multi_topk=multi_topk,
+            b_pre_init="mean",
+            degree=degree,
+            encoder=encoder,
+        )
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
     trainer = Trainer(
         init_sae(d, sae_cfg, data[: min(len(data), 8192)], seed),
         TrainConfig(batch_size=batch, dtype=dtype),
@@ -108,6 +126,9 @@ def bench_train(
     # hits both sides of a pair alike; the median pair ratio is the headline figure.
     ratio = statistics.median(g / s for g, s in zip(gemm_ms, step_ms, strict=True))
     result: dict[str, Any] = {
+        "kind": kind,
+        "degree": degree if kind == "expander" else None,
+        "encoder": encoder if kind == "expander" else None,
         "d": d,
         "n": n,
         "k": k,
@@ -145,8 +166,9 @@ def bench_train(
 
 
 def format_result(r: dict[str, Any]) -> str:
+    sae = r["kind"] if r["kind"] == "topk" else f"expander degree={r['degree']} {r['encoder']}"
     head = (
-        f"d={r['d']} n={r['n']} k={r['k']} B={r['batch']} {r['dtype']} on {r['device']} ({r['threads']} threads, "
+        f"{sae} d={r['d']} n={r['n']} k={r['k']} B={r['batch']} {r['dtype']} on {r['device']} ({r['threads']} threads, "
         f"native kernels: {r['native_kernels']})"
     )
     lines = [

@@ -17,7 +17,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and inf pass `gt`/`ge` bounds (inf > 0) and would train a NaN SAE: refuse them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -63,7 +64,11 @@ class DataConfig(_Strict):
 
 
 class SAEConfig(_Strict):
-    kind: Literal["topk"] = "topk"
+    kind: Literal["topk", "expander"] = Field(
+        "topk",
+        description="topk: dense decoder (Gao et al.); expander: each decoder direction has "
+        "sae.degree non-zeros on a random expander graph (Mendoza-Smith, 2026).",
+    )
     n_latents: int = Field(4608, ge=1)
     k: int = Field(32, ge=1)
     k_aux: int | None = Field(None, ge=1, description="Dead latents used by AuxK; default d/2.")
@@ -79,6 +84,23 @@ class SAEConfig(_Strict):
     )
     normalize: Literal["per_token", "global", "none"] = "per_token"
     b_pre_init: Literal["geometric_median", "mean"] = "geometric_median"
+    degree: int | None = Field(
+        None,
+        ge=1,
+        description="Expander: non-zeros per decoder direction, 1 <= degree <= model width; "
+        "compression = width / degree.",
+    )
+    encoder: Literal["untied", "tied"] = Field(
+        "untied",
+        description="Expander: untied = a dense encoder (Gao's recipe); tied = the masked "
+        "decoder transposed at every step (the paper's choice).",
+    )
+    mask_seed: int = Field(0, ge=0, description="Expander: seed of the decoder's random graph.")
+    resample_dead: bool = Field(
+        False,
+        description="Expander: at every sae.dead_window_tokens boundary, re-initialise the dead "
+        "latents inside their mask support (the paper's choice).",
+    )
 
     @model_validator(mode="after")
     def _k_within_n(self) -> SAEConfig:
@@ -91,6 +113,39 @@ class SAEConfig(_Strict):
         if self.multi_topk and self.batch_topk:
             raise ValueError("sae.batch_topk and sae.multi_topk cannot be combined; disable one")
         return self
+
+    @model_validator(mode="after")
+    def _expander_fields(self) -> SAEConfig:
+        if self.kind == "expander" and self.degree is None:
+            raise ValueError(
+                "sae.kind=expander needs sae.degree (non-zeros per decoder direction, "
+                "1 <= degree <= model width); set e.g. sae.degree=8"
+            )
+        if self.kind == "topk":
+            defaults = {"degree": None, "encoder": "untied", "mask_seed": 0, "resample_dead": False}
+            stray = [name for name, value in defaults.items() if getattr(self, name) != value]
+            if stray:
+                raise ValueError(
+                    f"sae.kind=topk does not use {', '.join(f'sae.{name}' for name in stray)}; "
+                    "remove it or set sae.kind=expander"
+                )
+        return self
+
+
+def check_expander_graph(n_latents: int, width: int, degree: int) -> None:
+    """ConfigError naming sae.degree unless an expander decoder exists for this model width:
+    1 <= degree <= width, and degree * n_latents >= width (every coordinate used)."""
+    if not 1 <= degree <= width:
+        raise ConfigError(
+            f"sae.degree={degree} exceeds the model width {width}; "
+            f"choose 1 <= sae.degree <= {width}"
+        )
+    if degree * n_latents < width:
+        raise ConfigError(
+            f"sae.degree={degree} x sae.n_latents={n_latents} non-zeros cannot cover all "
+            f"{width} coordinates of the model width; raise sae.degree to at least "
+            f"{-(-width // n_latents)} or sae.n_latents"
+        )
 
 
 class TrainConfig(_Strict):
@@ -155,6 +210,76 @@ class SweepConfig(_Strict):
         return self
 
 
+class FrontierConfig(_Strict):
+    """What `saeflow frontier` trains beside the dense reference (the sae section): an expander
+    per degree and, per degree, a dense SAE with as many decoder values."""
+
+    degrees: list[int] = Field(
+        [1, 2, 4, 8, 16, 32, 64, 144, 576],
+        min_length=1,
+        description="Expander degrees (decoder non-zeros per latent), each in 1..model width.",
+    )
+    encoder: Literal["untied", "tied"] = Field(
+        "tied", description="The expanders' encoder; tied (the paper's) keeps the artifact compact."
+    )
+    resample_dead: bool = Field(False, description="Resample dead expander latents in-support.")
+    matched: bool = Field(True, description="Train the parameter-matched dense SAEs too.")
+    seeds: list[int] = Field([0], min_length=1, description="Training and mask seeds.")
+    full_eval: bool = Field(
+        False,
+        description="Also run probes and ablation sparsity (the frontier needs CE recovered only).",
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> FrontierConfig:
+        for name, low in (("degrees", 1), ("seeds", 0)):
+            values = getattr(self, name)
+            if len(set(values)) != len(values) or min(values) < low:
+                raise ValueError(
+                    f"frontier.{name}={values}: give distinct integers >= {low}"
+                )
+        return self
+
+
+class LatentsConfig(_Strict):
+    """The latent statistics behind `saeflow view` and the explainability metric
+    (sae_core.latent_stats), computed in one pass over the eval activations."""
+
+    top_contexts: int = Field(16, ge=1, le=256, description="Top activating contexts per latent.")
+    random_contexts: int = Field(
+        8, ge=0, le=256, description="Uniformly sampled firing contexts per latent (reservoir)."
+    )
+    window_before: int = Field(12, ge=0, le=256, description="Tokens shown before the peak.")
+    window_after: int = Field(4, ge=0, le=256, description="Tokens shown after the peak.")
+    histogram_bins: int = Field(
+        32, ge=2, le=1024, description="Bins of each latent's activation histogram (a power of 2)."
+    )
+    logit_tokens: int = Field(10, ge=1, le=100, description="Logit-lens tokens shown per side.")
+    max_ngram: int = Field(
+        3, ge=1, le=3, description="Longest n-gram an explanation may be (ending at the peak)."
+    )
+    batch_tokens: int = Field(
+        1024, ge=1, description="Activation rows per chunk (a [chunk, n] dense code matrix)."
+    )
+    sketch_width: int = Field(
+        2**20, ge=2**10, le=2**26, description="Count-min sketch width for n-gram counts."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the reservoir samples.")
+
+    @model_validator(mode="after")
+    def _power_of_two_bins(self) -> LatentsConfig:
+        if self.histogram_bins & (self.histogram_bins - 1):
+            raise ValueError(
+                f"latents.histogram_bins={self.histogram_bins}: choose a power of two, e.g. 32"
+            )
+        if self.max_ngram > self.window_before + 1:
+            raise ValueError(
+                f"latents.max_ngram={self.max_ngram} needs latents.window_before >= "
+                f"{self.max_ngram - 1}; raise window_before or lower max_ngram"
+            )
+        return self
+
+
 class RegistryConfig(_Strict):
     model_name: str = Field("saeflow-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     alias: str = Field("challenger", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
@@ -174,6 +299,8 @@ class PipelineConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
     sweep: SweepConfig = SweepConfig()
+    frontier: FrontierConfig = FrontierConfig()
+    latents: LatentsConfig = LatentsConfig()
 
 
 def available_presets() -> list[str]:
@@ -198,7 +325,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set '{text}': expected key.path=value, e.g. --set sae.k=64")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, LookupError, AttributeError):  # e.g. `!!int abc`
         value = raw
     return key.strip(), value
 
@@ -241,7 +368,7 @@ def load_config(
         )
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError, LookupError, AttributeError) as err:  # `!!int abc`
         raise ConfigError(f"preset {path}: not valid YAML ({err.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path}: expected a mapping of sections at the top level")

@@ -16,6 +16,9 @@ RUNTIME_DEFAULTS = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "GX_ANALYTICS_ENABLED": "false",
+    # The ephemeral Prefect server migrates a fresh database on first start; on 2 busy cores
+    # that outlasts Prefect's 20 s default and a newcomer's first run would fail.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 

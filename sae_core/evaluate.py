@@ -33,7 +33,7 @@ from sae_core.metrics import (
 from sae_core.probe_data import ProbeSet
 from sae_core.probes import ProbeResult, evaluate_probes, probe_summary
 from sae_core.refs import DatasetRef
-from sae_core.sae import TopKSAE
+from sae_core.sae import SparseAutoencoder
 from sae_core.splice import SplitModel
 
 
@@ -69,7 +69,7 @@ def load_eval_contexts(tokens: DatasetRef) -> torch.Tensor:
 
 
 def evaluate_sae(
-    sae: TopKSAE,
+    sae: SparseAutoencoder,
     split: SplitModel,
     contexts: torch.Tensor,
     baseline: Baseline,

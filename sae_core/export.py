@@ -34,11 +34,12 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_core.config import ConfigError, SAEConfig
 from sae_core.normalize import InputNorm
-from sae_core.sae import TopKSAE
+from sae_core.sae import SparseAutoencoder, TopKSAE, load_sae_bytes
 
 Format = Literal["saelens", "sparsify"]
 FORMATS: tuple[Format, ...] = ("saelens", "sparsify")
@@ -103,10 +104,17 @@ def _weights(sae: TopKSAE, scale_in: float) -> dict[str, torch.Tensor]:
         }
 
 
-def export_sae(sae: TopKSAE, out: Path, fmt: Format, origin: Origin | None = None) -> list[Path]:
-    """Write `sae` into folder `out` in format `fmt`; returns the files written."""
+def export_sae(
+    sae: SparseAutoencoder, out: Path, fmt: Format, origin: Origin | None = None
+) -> list[Path]:
+    """Write the TopK SAE `sae` into folder `out` in format `fmt`; returns the files written."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format '{fmt}': choose one of {', '.join(FORMATS)}")
+    if not isinstance(sae, TopKSAE):
+        raise ConfigError(
+            f"export: SAELens and sparsify hold TopK SAEs only, this one is sae.kind="
+            f"{sae.cfg.kind}; ship its saeflow .safetensors file (compact, no pickle) instead"
+        )
     origin = origin or Origin()
     mode, d = sae.norm.mode, sae.d
     if mode == "global":
@@ -271,7 +279,11 @@ def import_sae(folder: Path) -> tuple[TopKSAE, Origin]:
     """Read an SAELens or sparsify TopK SAE folder into a saeflow TopKSAE and its origin."""
     fmt = detect_format(folder)
     cfg = json.loads((folder / CFG_FILE).read_text())
-    tensors = {k: v.float() for k, v in load_file(str(folder / WEIGHTS[fmt])).items()}
+    weights = folder / WEIGHTS[fmt]
+    try:
+        tensors = {k: v.float() for k, v in load_file(str(weights)).items()}
+    except SafetensorError as err:  # a pickle or a damaged file: refused, never unpickled
+        raise ConfigError(f"{weights}: not a readable safetensors file ({err})") from None
     stored = (_read_saelens if fmt == "saelens" else _read_sparsify)(folder, cfg, tensors)
     _require(
         isinstance(stored.k, int) and stored.k >= 1, folder, "k", "missing; a TopK SAE needs k"
@@ -297,21 +309,19 @@ def import_sae(folder: Path) -> tuple[TopKSAE, Origin]:
     return sae, origin
 
 
-def load_source(source: str) -> tuple[TopKSAE, Origin]:
+def load_source(source: str) -> tuple[SparseAutoencoder, Origin]:
     """A saeflow SAE to export: a `.safetensors` file it wrote, or an SAE dataset on a store
     (`STORE/sae/FINGERPRINT`, local or s3://), whose lineage names the model and hook."""
     from sae_core.lineage import sae_lineage
-    from sae_core.refs import DatasetRef
+    from sae_core.refs import committed_dataset
     from sae_core.sae import load_sae
 
     if source.endswith(".safetensors"):
         if not Path(source).is_file():
             raise ConfigError(f"export source {source}: no such file")
-        return TopKSAE.load_safetensors(Path(source)), Origin()
-    store, _, path = source.rstrip("/").rpartition("/")
-    store, _, kind = store.rpartition("/")
-    ref = DatasetRef(store=store, path=f"{kind}/{path}", fingerprint=path)
-    if kind != "sae" or not ref.open_store().is_committed(ref.path):
+        return load_sae_bytes(Path(source).read_bytes()), Origin()
+    ref = committed_dataset(source, "sae")
+    if ref is None:
         raise ConfigError(
             f"export source {source}: not a saeflow .safetensors file or a committed "
             "STORE/sae/FINGERPRINT dataset; or give models:/NAME@ALIAS"

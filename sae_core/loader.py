@@ -19,6 +19,7 @@ the buffer, the next out of it into a batch.
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 import warnings
@@ -34,7 +35,7 @@ from torch import Tensor
 from sae_core.config import ConfigError
 from sae_core.layout import activation_matrix
 from sae_core.refs import DatasetRef
-from sae_core.store import Store
+from sae_core.store import DatasetDamaged, Store
 
 DEFAULT_BUFFER_TOKENS = 2**17  # 288 MiB of float32 rows at d=576
 DEFAULT_PREFETCH = 4  # ready batches queued ahead of the trainer
@@ -55,24 +56,48 @@ def split_manifest(ref: DatasetRef, split: str) -> tuple[dict[str, Any], dict[st
     return manifest, manifest["splits"][split]
 
 
-def open_shard(store: Store, rel: str) -> pq.ParquetFile:
+def _damaged(store: Store, rel: str, err: BaseException) -> BaseException:
+    """A parse error, a failed page checksum or a missing file: the shard is damaged (final, named).
+    An OSError with an errno (EIO, a reset connection) may pass: it is returned as it is, to retry."""
+    if isinstance(err, OSError) and err.errno not in (None, errno.ENOENT):
+        return err
+    reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    return DatasetDamaged(
+        f"shard {store.url(rel)} is damaged ({reason}); delete its dataset folder from the "
+        "store and run again to recompute it",
+        reason,
+    )
+
+
+def open_shard(store: Store, rel: str, verify: bool = False) -> pq.ParquetFile:
     """A shard ready to parse: a local file is read natively; an object on S3 is fetched whole
-    with concurrent ranged GETs (one shard in memory at a time: ~2-4x s3fs's sequential reads)."""
+    with concurrent ranged GETs (one shard in memory at a time: ~2-4x s3fs's sequential reads).
+
+    verify: check each page's CRC (extraction writes one) as it is read, so a flipped bit is
+    caught. Validation verifies; the training reader does not (it makes decoding ~4x slower)."""
     path = store.path(rel)
-    if store.protocol == "file":
-        return pq.ParquetFile(path)
-    size = store.fs.size(path)
-    starts = list(range(0, size, _RANGE_BYTES))
-    ends = [min(size, start + _RANGE_BYTES) for start in starts]
-    parts = store.fs.cat_ranges([path] * len(starts), starts, ends)
-    return pq.ParquetFile(pa.BufferReader(b"".join(parts)))
+    source: str | pa.BufferReader = path
+    if store.protocol != "file":
+        size = store.fs.size(path)
+        starts = list(range(0, size, _RANGE_BYTES))
+        ends = [min(size, start + _RANGE_BYTES) for start in starts]
+        parts = store.fs.cat_ranges([path] * len(starts), starts, ends)
+        source = pa.BufferReader(b"".join(parts))
+    try:
+        return pq.ParquetFile(source, page_checksum_verification=verify)
+    except (pa.ArrowException, OSError) as err:
+        raise _damaged(store, rel, err) from None
 
 
 def read_shard(store: Store, rel: str) -> Iterator[pa.RecordBatch]:
     """One shard's rows as record batches, a row group at a time."""
     with open_shard(store, rel) as parquet:
         for group in range(parquet.num_row_groups):
-            yield from parquet.read_row_group(group).to_batches()
+            try:
+                table = parquet.read_row_group(group)
+            except (pa.ArrowException, OSError) as err:
+                raise _damaged(store, rel, err) from None
+            yield from table.to_batches()
 
 
 def read_split(ref: DatasetRef, split: str) -> Iterator[pa.RecordBatch]:
@@ -93,8 +118,9 @@ def load_split_tensor(ref: DatasetRef, split: str) -> Tensor:
         view[row : row + batch.num_rows] = activation_matrix(batch)
         row += batch.num_rows
     if row != info["rows"]:
-        raise ValueError(
-            f"dataset {ref.uri} split {split}: read {row} rows, manifest says {info['rows']}"
+        raise DatasetDamaged(
+            f"dataset {ref.uri} split {split}: read {row} rows, manifest says {info['rows']}; "
+            "delete the dataset folder and run again to recompute it"
         )
     return out
 
@@ -106,19 +132,27 @@ def _as_tensor(rows: np.ndarray) -> Tensor:
         return torch.from_numpy(rows)
 
 
-def _shard_rows(ref: DatasetRef, shards: list[dict[str, Any]]) -> Generator[Tensor, None, None]:
+def _shard_rows(
+    ref: DatasetRef, shards: list[dict[str, Any]], width: int
+) -> Generator[Tensor, None, None]:
     """The rows of `shards`, in that order, as `[r, d]` tensors (one per row group), each shard's
-    row count checked against its manifest entry."""
+    row count and width checked against the manifest."""
     store = ref.open_store()
     for shard in shards:
         seen = 0
         for batch in read_shard(store, f"{ref.path}/{shard['name']}"):
             seen += batch.num_rows
-            yield _as_tensor(activation_matrix(batch))
+            rows = activation_matrix(batch)
+            if rows.shape[1] != width:
+                raise DatasetDamaged(
+                    f"dataset {ref.uri}: {shard['name']} holds rows of width {rows.shape[1]}, "
+                    f"the manifest says {width}; delete the dataset folder and run again"
+                )
+            yield _as_tensor(rows)
         if seen != shard["rows"]:
-            raise ValueError(
-                f"dataset {ref.uri}: {shard['name']} has {seen} rows, "
-                f"the manifest says {shard['rows']}"
+            raise DatasetDamaged(
+                f"dataset {ref.uri}: {shard['name']} has {seen} rows, the manifest says "
+                f"{shard['rows']}; delete the dataset folder and run again"
             )
 
 
@@ -155,7 +189,8 @@ def _shuffled(
     thread a few row groups ahead (S3 transfers and decoding overlap the shuffling), through
     the shuffle buffer."""
     order = torch.randperm(len(info["shards"]), generator=generator).tolist()
-    pieces = _prefetched(_shard_rows(ref, [info["shards"][i] for i in order]), _READ_AHEAD)
+    shards = [info["shards"][i] for i in order]
+    pieces = _prefetched(_shard_rows(ref, shards, width), _READ_AHEAD)
     try:
         yield from _shuffle_buffer(
             _Rows(pieces), width, dtype, batch_size, generator, buffer_tokens, start_batch

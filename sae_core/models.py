@@ -277,7 +277,10 @@ def load_model(
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype], **extra)
+        # Safetensors or GGUF only: pickle weights (pytorch_model.bin) can run code when loaded.
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=_DTYPES[dtype], use_safetensors=None if extra else True, **extra
+        )
     except Exception as err:  # noqa: BLE001 - any loader failure is a bad model.path
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(

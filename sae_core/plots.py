@@ -175,6 +175,40 @@ def training_curves(
     return _png(fig)
 
 
+def frontier(summary: Sequence[dict]) -> bytes:
+    """Storage-fidelity frontier (sae_core.frontier.frontier_summary rows): CE recovered
+    retained against decoder compression, log x; expanders and parameter-matched dense SAEs,
+    error bars one standard deviation over seeds, each point labelled with its degree."""
+    fig, (ax,) = _figure(width=6.4, height=4.4)
+    styles = {"expander": ("o-", "C0", "expander SAE"),
+              "matched": ("s--", "C1", "dense SAE, matched decoder values")}  # fmt: skip
+    for family, (marker, color, label) in styles.items():
+        rows = sorted(
+            (r for r in summary if r["family"] == family and np.isfinite(r["retained"])),
+            key=lambda r: r["compression"],
+        )  # CE recovered is NaN where ablating the hook does not hurt the model
+        if not rows:
+            continue
+        x = [r["compression"] for r in rows]
+        y = [r["retained"] for r in rows]
+        ax.errorbar(x, y, yerr=[r["retained_std"] for r in rows], fmt=marker, color=color,
+                    capsize=3, label=label, lw=1.3, ms=5)  # fmt: skip
+        if family == "expander":
+            for r in rows:
+                ax.annotate(f"d={r['degree']}", (r["compression"], r["retained"]), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.axhline(1.0, color="gray", lw=1, ls=":", label="dense reference")
+    if ax.has_data() and len(ax.lines) > 1:
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no finite CE loss recovered", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("compression (dense decoder values / decoder values)")
+    ax.set_ylabel("CE loss recovered, retained vs dense")
+    ax.set_title("Storage-fidelity frontier")
+    ax.legend(fontsize=8, loc="lower left")
+    return _png(fig)
+
+
 def density_histogram(hist: DensityHistogram) -> bytes:
     """Latents by log10 firing density over the eval tokens; dead latents in the title."""
     fig, (ax,) = _figure()

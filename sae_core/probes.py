@@ -15,7 +15,7 @@ from torch import Tensor
 
 from sae_core.metrics import best_single_latent_probe, standardize
 from sae_core.probe_data import MIN_POSITIVES, POS_CLASSES, ProbeSet
-from sae_core.sae import TopKSAE
+from sae_core.sae import SparseAutoencoder
 
 
 class ProbeResult(NamedTuple):
@@ -27,7 +27,7 @@ class ProbeResult(NamedTuple):
     positives: int  # positives over both halves
 
 
-def preactivations(sae: TopKSAE, x: Tensor, chunk: int = 4096) -> Tensor:
+def preactivations(sae: SparseAutoencoder, x: Tensor, chunk: int = 4096) -> Tensor:
     """Encoder pre-activations of raw activations. x: [N, d] -> [N, n] float32."""
     out = torch.empty(x.shape[0], sae.n_latents)
     with torch.no_grad():
@@ -38,7 +38,7 @@ def preactivations(sae: TopKSAE, x: Tensor, chunk: int = 4096) -> Tensor:
     return out
 
 
-def _mean_pooled(sae: TopKSAE, acts: Tensor, contexts_per_chunk: int = 64) -> Tensor:
+def _mean_pooled(sae: SparseAutoencoder, acts: Tensor, contexts_per_chunk: int = 64) -> Tensor:
     """acts: [C, P, d] -> [C, n], each latent's mean pre-activation over a context."""
     C, P, d = acts.shape
     out = torch.empty(C, sae.n_latents)
@@ -76,7 +76,9 @@ def _fit_level(
     return results
 
 
-def evaluate_probes(sae: TopKSAE, ps: ProbeSet, candidates: int = 64) -> list[ProbeResult]:
+def evaluate_probes(
+    sae: SparseAutoencoder, ps: ProbeSet, candidates: int = 64
+) -> list[ProbeResult]:
     """Every task the probe set supports (none when its corpus carries no labels).
 
     Cost: the encoder GEMM over the probe set's tokens, then Newton fits on `candidates`

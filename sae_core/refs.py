@@ -33,3 +33,12 @@ class DatasetRef(BaseModel):
                 f"dataset {self.uri} has no manifest: it was deleted or never finished"
             )
         return manifest
+
+
+def committed_dataset(uri: str, kind: str) -> DatasetRef | None:
+    """`STORE/KIND/FINGERPRINT` (a local path or s3://) as a reference, or None unless it names
+    a committed dataset of that kind."""
+    store, _, fp = uri.rstrip("/").rpartition("/")
+    store, _, found = store.rpartition("/")
+    ref = DatasetRef(store=store, path=f"{found}/{fp}", fingerprint=fp)
+    return ref if found == kind and ref.open_store().is_committed(ref.path) else None

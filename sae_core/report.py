@@ -162,3 +162,27 @@ def sweep_report(
         ]
     parts += ["## Figures\n", _images(images, captions)]
     return Report("\n".join(parts), table, images)
+
+
+def frontier_report(
+    title: str, table: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]]
+) -> Report:
+    """The storage-fidelity frontier (sae_core.frontier): per-SAE table, the seed-averaged
+    table in the paper's shape and the frontier plot."""
+    images = {"frontier.png": plots.frontier(summary)}
+    captions = {"frontier.png": "Storage-fidelity frontier"}
+    parts = [
+        f"# {title}\n",
+        "Dense TopK reference, expander SAEs by degree d (d non-zeros per decoder direction) and "
+        "dense SAEs with as many decoder values as each expander (n' = d n / m). compression = "
+        "dense decoder values / decoder values (m / d for an expander); bytes_ratio = dense "
+        "artifact bytes / artifact bytes; retained = CE loss recovered / the dense reference's "
+        "(same seed).\n",
+        "## Averaged over seeds\n",
+        _md_table(list(summary)),
+        "## Every SAE\n",
+        _md_table(list(table)),
+        "## Figures\n",
+        _images(images, captions),
+    ]
+    return Report("\n".join(parts), list(table), images)

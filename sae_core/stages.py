@@ -15,6 +15,7 @@ from sae_core.config import (
     ConfigError,
     DataConfig,
     EvalConfig,
+    LatentsConfig,
     ModelConfig,
     SAEConfig,
     TrainConfig,
@@ -153,7 +154,9 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
         code=(
             "sae_core.train",
             "sae_core.loader",  # the batch order
+            "sae_core.sae.base",
             "sae_core.sae.topk",
+            "sae_core.sae.expander",
             "sae_core.sae.kernels",
             "sae_core.sae.native",
             "sae_core.normalize",
@@ -424,6 +427,96 @@ def evaluate_sae(
     return loc.ref(int(manifest["metrics"]["eval_tokens"])), manifest["metrics"]
 
 
+# latent statistics ----------------------------------------------------------------------------
+_LATENTS_CODE = (
+    "sae_core.latent_stats",
+    "sae_core.latent_pages",
+    "sae_core.streaming",
+    "sae_core.explain",
+    "sae_core.logit_lens",
+    "sae_core.loader",
+    "sae_core.sae.base",
+)
+
+
+def _lineage_model(sae: DatasetRef) -> str:
+    """The model the SAE's activations came from, loadable here (a ConfigError if it is not)."""
+    from sae_core.lineage import sae_lineage
+
+    recorded = sae_lineage(sae).model
+    try:
+        return resolve_model_path(recorded)
+    except ConfigError:
+        raise ConfigError(
+            f"latent statistics of {sae.uri}: its model {recorded!r} (from the activations "
+            "manifest) is not on this machine; compute them where the SAE was trained"
+        ) from None
+
+
+def locate_latent_stats(sae: DatasetRef, latents: LatentsConfig) -> Location:
+    return _located(
+        "latents",
+        sae.store,
+        sae.fingerprint,
+        path_fingerprint(_lineage_model(sae)),  # content, not the name it was loaded by
+        latents,
+        code=_LATENTS_CODE,
+    )
+
+
+def compute_latent_stats(
+    sae: DatasetRef, latents: LatentsConfig, progress: bool = True
+) -> tuple[DatasetRef, dict[str, float]]:
+    """The viewer's dataset for a trained SAE (sae_core.latent_stats): statistics, contexts,
+    logit lens and explanations from one pass over its eval activations; returns (ref, the
+    explainability figures). The logit lens reads the model the activations came from."""
+    import time
+
+    from sae_core import latent_pages, latent_stats
+    from sae_core.lineage import sae_lineage
+    from sae_core.logit_lens import Unembedding
+    from sae_core.models import load_model
+    from sae_core.sae import load_sae
+
+    loc = locate_latent_stats(sae, latents)
+    if (manifest := loc.committed()) is None:
+        started = time.perf_counter()
+        lineage = sae_lineage(sae)
+        loaded = load_model(_lineage_model(sae), "float32", "cpu")
+        autoencoder, unembed = load_sae(sae), Unembedding.from_model(loaded.model)
+        stats = latent_stats.latent_statistics(
+            autoencoder, lineage.activations, unembed, latents, progress
+        )
+        about = {
+            "sae": sae.uri,
+            "sae_kind": autoencoder.cfg.kind,
+            "d": autoencoder.d,
+            "k": autoencoder.k,
+            "model": lineage.model,
+            "hook": lineage.hook,
+            "activations": lineage.activations.uri,
+        }
+        with Store(sae.store).writing(loc.path) as writer:
+            summary = latent_pages.write_latent_dataset(
+                stats,
+                lambda ids: loaded.tokenizer.batch_decode([[i] for i in ids]),
+                writer,
+                about,
+                latents,
+                progress,
+            )
+            writer.manifest = {
+                "kind": "latent_stats",
+                "fingerprint": loc.fingerprint,
+                **about,
+                "n_latents": autoencoder.n_latents,
+                "metrics": latent_pages.explainability_metrics(summary["explainability"]),
+                "seconds": time.perf_counter() - started,
+            }
+            manifest = writer.manifest
+    return loc.ref(int(manifest["n_latents"])), manifest["metrics"]
+
+
 # reports -------------------------------------------------------------------------------------
 _REPORT_CODE = ("sae_core.report", "sae_core.plots", "sae_core.scaling", "sae_core.sweep")
 
@@ -518,3 +611,39 @@ def write_sweep_report(points: list[Any], fit: Any, title: str) -> WrittenReport
         histories.append((rows[-1].label, store.read_json(f"{p.sae.path}/history.json")))
     report = sweep_report(title, rows, fit, histories)
     return _write_report(store, loc, report, "sweep_report")
+
+
+def locate_frontier_report(points: list[Any], title: str) -> Location:
+    """points: sae_core.frontier.FrontierPoint."""
+    return _located(
+        "frontier_report",
+        points[0].sae.store,
+        [(p.family, p.degree, p.n, p.k, p.seed, p.evaluation.fingerprint) for p in points],
+        title,
+        code=_REPORT_CODE + ("sae_core.frontier",),
+    )
+
+
+def write_frontier_report(points: list[Any], title: str) -> WrittenReport:
+    """report.md, the frontier plot and table.json for the frontier's trained, evaluated SAEs.
+    Reads each SAE once for its storage figures."""
+    from sae_core.frontier import FrontierRow, frontier_summary, frontier_table
+    from sae_core.report import frontier_report
+    from sae_core.sae import load_sae, storage_report
+
+    loc = locate_frontier_report(points, title)
+    store = Store(points[0].sae.store)
+    if loc.committed() is not None:
+        return _read_report(store, loc)
+    rows = []
+    for p in points:
+        storage = storage_report(load_sae(p.sae))
+        rows.append(
+            FrontierRow(
+                p.family, p.degree, p.n, p.k, p.seed, p.metrics,
+                storage["decoder_values"], storage["artifact_bytes"],
+            )  # fmt: skip
+        )
+    table = frontier_table(rows)
+    report = frontier_report(title, table, frontier_summary(table))
+    return _write_report(store, loc, report, "frontier_report")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+from botocore.exceptions import BotoCoreError, ClientError
 from fsspec.core import url_to_fs
 
 from sae_core.env import saeflow_home
@@ -31,6 +32,29 @@ _SAFE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=@+-]*$")
 
 class StoreError(RuntimeError):
     """The store cannot be reached or used: the message names the URI and the fix."""
+
+
+class DatasetDamaged(StoreError):
+    """A committed dataset's data no longer matches its manifest (a missing, truncated or
+    altered file): the message names the file and the fix; `reason` is the finding alone."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
+
+
+# What a failing disk or S3 endpoint raises (a full disk, a refused connection, a timeout). Not
+# user errors: tasks retry them; once the retries are spent the CLI reports them in one line.
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, BotoCoreError, ClientError)
+
+
+def storage_failure(err: BaseException) -> StoreError:
+    """A storage error that a stage could not get past (after its retries), as one line."""
+    reason = (str(err).strip().splitlines() or [""])[0][:300]
+    return StoreError(
+        f"storage error ({type(err).__name__}: {reason}); fix the store (disk space, "
+        "permissions, S3 server or credentials) and run again: finished stages are kept"
+    )
 
 
 def default_store_uri() -> str:
@@ -47,6 +71,12 @@ def safe_relpath(rel: str) -> str:
                 f"store path '{rel}': part '{part}' is not allowed (letters, digits, _.-=@+)"
             )
     return "/".join(parts)
+
+
+def _redacted(uri: str) -> str:
+    """`s3://KEY:SECRET@bucket/x` -> `s3://***@bucket/x`."""
+    scheme, sep, rest = uri.partition("://")
+    return f"{scheme}{sep}***@{rest.split('@', 1)[1]}" if "@" in rest.split("/", 1)[0] else uri
 
 
 def _probe_endpoint(endpoint: str, timeout: float = 3.0) -> None:
@@ -67,6 +97,12 @@ class Store:
 
     def __init__(self, uri: str | None = None):
         uri = uri or default_store_uri()
+        if "@" in urlsplit(uri).netloc:
+            # The URI is recorded in manifests, MLflow params and logs: a secret in it would leak.
+            raise StoreError(
+                f"store '{_redacted(uri)}': credentials in the URI are refused (they would be "
+                "logged); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE instead"
+            )
         if "://" not in uri:
             uri = str(Path(uri).expanduser().resolve())
         self.uri = uri.rstrip("/")
@@ -145,11 +181,16 @@ class Store:
         if self.protocol == "file":
             tmp = f"{path}{_TEMPORARY}{uuid.uuid4().hex[:8]}"
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                # A full disk must not also keep the half-written copy: it holds the space.
+                Path(tmp).unlink(missing_ok=True)
+                raise
         else:
             self.fs.pipe_file(path, bytes(data))  # botocore takes bytes, not views
 

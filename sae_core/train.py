@@ -1,4 +1,4 @@
-"""Training a TopK SAE: Adam, AuxK dead-latent bookkeeping, checkpoints and exact resume.
+"""Training an SAE (any kind): Adam, AuxK dead-latent bookkeeping, checkpoints and exact resume.
 
 Layers, outermost first:
 - `train_sae(acts, sae_cfg, train_cfg, writer, checkpoint_dir)`: reads the stored activations,
@@ -11,6 +11,12 @@ A checkpoint (one safetensors file, written atomically) holds the weights (with 
 threshold), their moving average (train.ema_decay), Adam's moments, the dead-latent counters,
 the data cursor (epoch, batch), the RNG state and the history, so a run killed at any point
 restarts from it and, on CPU, ends with bit-identical weights.
+
+Expander SAEs with sae.resample_dead: at every dead_window_tokens boundary the latents dead
+at that moment are re-initialised inside their mask support (`ExpanderSAE.resample_`), their
+rows of Adam's moments and of the moving average reset, and their silence counters restarted
+(a full window before they count as dead again). The draw is seeded by (train.seed, step), so
+a resumed run resamples identically.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from tqdm.auto import tqdm
 from sae_core.config import ConfigError, SAEConfig, TrainConfig
 from sae_core.normalize import InputNorm, geometric_median
 from sae_core.refs import DatasetRef
-from sae_core.sae import WEIGHTS_FILE, TopKSAE
-from sae_core.sae.topk import FIRE_THRESHOLD, safetensors_metadata
+from sae_core.sae import WEIGHTS_FILE, SparseAutoencoder, build_sae, storage_report
+from sae_core.sae.base import FIRE_THRESHOLD, safetensors_metadata
 from sae_core.store import DatasetWriter, Store
 
 CHECKPOINT_FILE = "last.safetensors"
@@ -86,17 +92,17 @@ class TrainState:
 
 @dataclass
 class TrainResult:
-    sae: TopKSAE
+    sae: SparseAutoencoder
     history: list[dict[str, float]]
     manifest: dict[str, Any]
     resumed_from_tokens: int  # 0 for a fresh run
 
 
-def init_sae(d: int, sae_cfg: SAEConfig, sample: torch.Tensor, seed: int) -> TopKSAE:
-    """A fresh SAE: normalisation fitted on `sample` [N, d] raw, b_pre at its (normalised)
-    geometric median or mean, tied encoder/decoder drawn from `seed`."""
+def init_sae(d: int, sae_cfg: SAEConfig, sample: torch.Tensor, seed: int) -> SparseAutoencoder:
+    """A fresh SAE of kind sae_cfg.kind: normalisation fitted on `sample` [N, d] raw, b_pre at
+    its (normalised) geometric median or mean, tied encoder/decoder drawn from `seed`."""
     norm = InputNorm.fit(sae_cfg.normalize, sample)
-    sae = TopKSAE(d, sae_cfg, norm, generator=torch.Generator().manual_seed(seed))
+    sae = build_sae(d, sae_cfg, norm, generator=torch.Generator().manual_seed(seed))
     x, _ = norm.apply(sample.float())
     centre = geometric_median(x) if sae_cfg.b_pre_init == "geometric_median" else x.mean(dim=0)
     with torch.no_grad():
@@ -108,7 +114,9 @@ class Trainer:
     """Owns the SAE, its optimiser, the dead-latent counters, the weights' moving average (when
     train.ema_decay is set) and the training state."""
 
-    def __init__(self, sae: TopKSAE, train_cfg: TrainConfig, device: torch.device | str = "cpu"):
+    def __init__(
+        self, sae: SparseAutoencoder, train_cfg: TrainConfig, device: torch.device | str = "cpu"
+    ):
         self.device = torch.device(device)
         self.sae = sae.to(self.device)
         self.cfg = train_cfg
@@ -124,11 +132,11 @@ class Trainer:
         self.state = TrainState()
         self.resumed_from_tokens = 0
 
-    def final_sae(self) -> TopKSAE:
+    def final_sae(self) -> SparseAutoencoder:
         """The SAE to ship: the moving average of the weights when enabled, else the weights."""
         if self.ema is None:
             return self.sae
-        sae = TopKSAE(self.sae.d, self.sae.cfg, self.sae.norm).to(self.device)
+        sae = build_sae(self.sae.d, self.sae.cfg, self.sae.norm).to(self.device)
         sae.load_state_dict(self.sae.state_dict() | self.ema)
         return sae
 
@@ -172,6 +180,9 @@ class Trainer:
         st.step += 1
         st.tokens_seen += x.shape[0]
         st.batch_in_epoch += 1
+        window = sae.cfg.dead_window_tokens
+        boundary = st.tokens_seen // window > (st.tokens_seen - x.shape[0]) // window
+        resampled = self.resample_dead() if sae.cfg.resample_dead and boundary else 0
         record = {
             "step": st.step,
             "tokens": st.tokens_seen,
@@ -180,9 +191,31 @@ class Trainer:
             "aux_loss": float(out.aux_loss.detach()),
             "l0": float((out.latent_vals > 0).sum()) / x.shape[0],
             "dead_fraction": self.dead.fraction(),
-        }
+        } | ({"resampled": resampled} if sae.cfg.resample_dead else {})
         st.history.append(record)
         return record
+
+    @torch.no_grad()
+    def resample_dead(self) -> int:
+        """Re-initialise the dead latents inside their support (expander SAEs); returns how many.
+
+        Their rows of Adam's moments and of the moving average follow, and their silence
+        counters restart. Seeded by (train.seed, step): a resumed run draws the same values.
+        """
+        dead = self.dead.mask().nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return 0
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.state.step)
+        params = dict(self.sae.named_parameters())
+        for name in self.sae.resample_(dead, g):
+            p = params[name]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in self.opt.state.get(p, {}):
+                    self.opt.state[p][key][dead] = 0.0
+            if self.ema is not None:
+                self.ema[name][dead] = p[dead]
+        self.dead.since[dead] = 0
+        return int(dead.numel())
 
     # Checkpoints -------------------------------------------------------------------------------
     def checkpoint_bytes(self) -> bytes:
@@ -226,7 +259,7 @@ class Trainer:
                 "checkpoint was written with another train config; delete its checkpoint folder to start over"
             )
         tensors = load_tensors(data)
-        sae = TopKSAE(
+        sae = build_sae(
             int(meta["d"]),
             SAEConfig.model_validate_json(meta["config"]),
             InputNorm.from_json(json.loads(meta["normalization"])),
@@ -333,6 +366,7 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
     tail = st.history[-max(1, len(st.history) // 20) :]
     window = min(sae.cfg.dead_window_tokens, max(st.tokens_seen, 1))
     return {
+        "sae_kind": sae.cfg.kind,
         "d": sae.d,
         "n": sae.n_latents,
         "k": sae.k,
@@ -347,6 +381,7 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
         "dead_fraction": trainer.dead.fraction(),
         "dead_fraction_run": trainer.dead.fraction(window),
         "weights": "ema" if trainer.ema is not None else "last",
+        "storage": storage_report(sae),
     } | ({"batch_topk_threshold": float(sae.threshold)} if sae.cfg.batch_topk else {})
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from sae_core.layout import REQUIRED_COLUMNS, activation_layout, flat_values
 from sae_core.loader import open_shard
 from sae_core.refs import DatasetRef
-from sae_core.store import Store
+from sae_core.store import DatasetDamaged, Store
 
 _READ_ROWS = 16384  # rows per record batch: ~38 MB of float32 at d=576
 
@@ -175,7 +175,7 @@ def summarize_shard(
     }
     rows_read, width_read, dtype_read = 0, -1, None
     try:
-        with open_shard(store, f"{dataset}/{shard_path(split, name)}") as parquet:
+        with open_shard(store, f"{dataset}/{shard_path(split, name)}", verify=True) as parquet:
             width_read, dtype_found, error = activation_layout(parquet.schema_arrow)
             if error:
                 raise ValueError(error)
@@ -195,7 +195,10 @@ def summarize_shard(
             width_read=width_read,
             dtype_read=dtype_read,
             readable=False,
-            error=f"{type(err).__name__}: {message}",
+            # The reader's own error, not its wrapper (which repeats the shard's name).
+            error=err.reason
+            if isinstance(err, DatasetDamaged)
+            else f"{type(err).__name__}: {message}",
         )
         return ShardSummary(fact, pd.DataFrame(), pd.DataFrame())
     fact = ShardFacts(

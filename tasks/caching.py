@@ -1,9 +1,13 @@
-"""Prefect caching that never serves a reference to data the store no longer holds."""
+"""Prefect caching that never serves a reference to data the store no longer holds, and one
+computation of a stage's output at a time."""
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect import Task
@@ -12,6 +16,8 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.utilities.hashing import hash_objects
 
+from sae_core.env import saeflow_home
+from sae_core.locks import file_lock
 from sae_core.stages import Location
 
 STANDARD = INPUTS - "progress" + TASK_SOURCE
@@ -54,9 +60,27 @@ def _key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if k != "progress"}
 
 
+def stage_lock_path(location: Location) -> Path:
+    """The lock file of one stage output, in the state directory shared by local runs."""
+    key = hashlib.sha256("\n".join(location).encode()).hexdigest()[:32]
+    return saeflow_home() / "locks" / f"{key}.lock"
+
+
 def run_stage(task: Task, **inputs: Any) -> State:
-    """Call a stage task; when its output is missing from the store, recompute and re-cache it."""
+    """Call a stage task; when its output is missing from the store, recompute and re-cache it.
+
+    Runs sharing the state directory compute one output at a time: a second run of the same
+    stage waits for the first (a kernel lock, released even if its holder is killed), then
+    finds the output committed and reuses it instead of clearing and rewriting it."""
     policy = task.cache_policy
-    if isinstance(policy, CommittedOutput) and policy.output_missing(inputs):
-        task = task.with_options(refresh_cache=True)
-    return task(**inputs, return_state=True)
+    if not isinstance(policy, CommittedOutput):
+        return task(**inputs, return_state=True)
+    location = policy.locate(**_key_inputs(inputs))
+
+    def waiting() -> None:
+        print(f"{task.name}: another run is computing {location.path}; waiting for it")
+
+    with file_lock(stage_lock_path(location), timeout=math.inf, on_wait=waiting):
+        if policy.output_missing(inputs):
+            task = task.with_options(refresh_cache=True)
+        return task(**inputs, return_state=True)

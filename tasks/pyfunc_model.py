@@ -17,9 +17,11 @@ WEIGHTS_ARTIFACT = "sae"  # the key of the safetensors file in the model's artif
 class SAELatents(PythonModel):
     # No type hints on these two: MLflow would read them as a competing signature.
     def load_context(self, context):
-        from sae_core.sae import TopKSAE
+        from pathlib import Path
 
-        self.sae = TopKSAE.load_safetensors(context.artifacts[WEIGHTS_ARTIFACT]).eval()
+        from sae_core.sae import load_sae_bytes
+
+        self.sae = load_sae_bytes(Path(context.artifacts[WEIGHTS_ARTIFACT]).read_bytes()).eval()
 
     def predict(self, context, model_input, params=None):
         import numpy as np

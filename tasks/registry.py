@@ -301,12 +301,12 @@ class MlflowRegistry:
 
 
 def registered_sae(model_uri: str) -> tuple[Any, Origin]:
-    """The TopKSAE and origin of a registered version (`models:/NAME@ALIAS`, `models:/NAME/N`),
+    """The SAE (any kind) and origin of a registered version (`models:/NAME@ALIAS`, `models:/NAME/N`),
     read from its artifacts: the safetensors weights and origin.json."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from sae_core.sae import TopKSAE
+    from sae_core.sae import load_sae_bytes
 
     _client()
     with tempfile.TemporaryDirectory() as tmp:
@@ -321,4 +321,4 @@ def registered_sae(model_uri: str) -> tuple[Any, Origin]:
             )
         origin_file = next(folder.rglob(ORIGIN_FILE), None)
         origin = Origin.model_validate_json(origin_file.read_text()) if origin_file else Origin()
-        return TopKSAE.load_safetensors(weights), origin
+        return load_sae_bytes(weights.read_bytes()), origin

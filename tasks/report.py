@@ -7,13 +7,14 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from sae_core import stages
+from sae_core.frontier import FrontierPoint
 from sae_core.refs import DatasetRef
 from sae_core.scaling import NAMES, ScalingFit
 from sae_core.sweep import SweepPoint
@@ -24,6 +25,8 @@ from tasks.registry import RegistryRef, _client, _experiment_id
 
 REPORT_DIR = "report"  # artifact folder of the report in an MLflow run
 SWEEP_TAG = "saeflow.sweep_report"
+FRONTIER_TAG = "saeflow.frontier_report"
+_IDENTITY = ("family", "degree", "n", "k", "seed")  # a frontier row's params, not its figures
 
 
 class ReportRef(BaseModel):
@@ -85,42 +88,52 @@ def _locate_sweep(
     return stages.locate_sweep_report(points, fit, title)
 
 
-def _sweep_run(
+class ChildRun(NamedTuple):
+    """One SAE of a sweep or frontier, as a nested MLflow run."""
+
+    name: str
+    sae_uri: str
+    params: dict[str, Any]
+    metrics: dict[str, float]
+
+
+def _grid_run(
     client: Any,
     experiment: str,
     written: stages.WrittenReport,
-    points: list[SweepPoint],
-    fit: ScalingFit | None,
+    tag: str,
+    metrics: dict[str, float],
+    children: list[ChildRun],
 ) -> str:
-    """The sweep's MLflow run (found by the report's fingerprint, else created): the fit as
-    metrics, the report as artifacts, one nested run per SAE with its params and metrics."""
+    """The MLflow run of a sweep or frontier report (found by its tag and the report's
+    fingerprint, else created): `metrics`, the report as artifacts, one nested run per SAE."""
     experiment_id = _experiment_id(experiment)
-    tag = f"tags.`{SWEEP_TAG}` = '{written.ref.fingerprint}'"
-    found = client.search_runs([experiment_id], filter_string=tag, max_results=1)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{tag}` = '{written.ref.fingerprint}'", max_results=1
+    )
     if found:
         return found[0].info.run_id
+    kind = tag.removeprefix("saeflow.").removesuffix("_report")
     run = client.create_run(
         experiment_id,
-        run_name=f"sweep-{written.ref.fingerprint[:8]}",
-        tags={SWEEP_TAG: written.ref.fingerprint, "saeflow.report_uri": written.ref.uri},
+        run_name=f"{kind}-{written.ref.fingerprint[:8]}",
+        tags={tag: written.ref.fingerprint, "saeflow.report_uri": written.ref.uri},
     )
     run_id = run.info.run_id
-    if fit is not None:
-        for name in NAMES:
-            client.log_metric(run_id, f"fit/{name}", fit.params[name])
-        client.log_metric(run_id, "fit/rmse_log", fit.rmse_log)
-        client.log_metric(run_id, "fit/max_rel_err", fit.max_rel_err)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
     _log_report(client, run_id, written.ref)
-    for p in points:
+    for c in children:
         child = client.create_run(
             experiment_id,
-            run_name=f"n{p.n}-k{p.k}-s{p.seed}",
-            tags={"mlflow.parentRunId": run_id, "saeflow.sae_uri": p.sae.uri},
+            run_name=c.name,
+            tags={"mlflow.parentRunId": run_id, "saeflow.sae_uri": c.sae_uri},
         )
-        for key, value in {"sae.n_latents": p.n, "sae.k": p.k, "train.seed": p.seed}.items():
+        for key, value in c.params.items():
             client.log_param(child.info.run_id, key, value)
-        for key, value in p.metrics.items():
-            client.log_metric(child.info.run_id, key, value)
+        for key, value in c.metrics.items():
+            if math.isfinite(value):
+                client.log_metric(child.info.run_id, key, value)
         client.set_terminated(child.info.run_id)
     client.set_terminated(run_id)
     return run_id
@@ -132,5 +145,42 @@ def report_sweep(
 ) -> ReportRef:
     written = stages.write_sweep_report(points, fit, title)
     _post(written, "saeflow-sweep-report", f"{title}: {len(points)} SAEs")
-    run_id = _sweep_run(_client(), experiment, written, points, fit)
+    metrics = {}
+    if fit is not None:
+        metrics = {f"fit/{name}": fit.params[name] for name in NAMES} | {
+            "fit/rmse_log": fit.rmse_log,
+            "fit/max_rel_err": fit.max_rel_err,
+        }
+    children = [
+        ChildRun(
+            f"n{p.n}-k{p.k}-s{p.seed}",
+            p.sae.uri,
+            {"sae.n_latents": p.n, "sae.k": p.k, "train.seed": p.seed},
+            p.metrics,
+        )
+        for p in points
+    ]
+    run_id = _grid_run(_client(), experiment, written, SWEEP_TAG, metrics, children)
+    return _ref(written, run_id)
+
+
+def _locate_frontier(points: list[FrontierPoint], title: str, experiment: str) -> stages.Location:
+    return stages.locate_frontier_report(points, title)
+
+
+@task(
+    name="report_frontier", cache_policy=CommittedOutput(locate=_locate_frontier), **TASK_DEFAULTS
+)
+def report_frontier(points: list[FrontierPoint], title: str, experiment: str) -> ReportRef:
+    """The frontier's report on the store, as Prefect artifacts, and as an MLflow run whose
+    nested runs carry each SAE's row of the table (compression, retained, ...)."""
+    written = stages.write_frontier_report(points, title)
+    _post(written, "saeflow-frontier-report", f"{title}: {len(points)} SAEs")
+    children = []
+    for p, row in zip(points, written.table, strict=True):
+        params = {"family": p.family, "sae.degree": p.degree, "sae.n_latents": p.n,
+                  "sae.k": p.k, "train.seed": p.seed}  # fmt: skip
+        figures = {k: float(v) for k, v in row.items() if k not in _IDENTITY}
+        children.append(ChildRun(p.label.replace(" ", "-"), p.sae.uri, params, figures))
+    run_id = _grid_run(_client(), experiment, written, FRONTIER_TAG, {}, children)
     return _ref(written, run_id)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sae_core.bench import PHASES, bench_train
+from sae_core.config import ConfigError
 
 
 def test_bench_train_reports_ratio_breakdown_and_memory():
@@ -11,3 +14,27 @@ def test_bench_train_reports_ratio_breakdown_and_memory():
     assert set(r["breakdown_ms"]) == set(PHASES)
     assert sum(r["breakdown_ms"].values()) <= r["step_ms"] * 1.5
     assert r["bxn_buffer_mb"] == round(32 * 64 * 4 / 2**20, 1) and r["peak_rss_mb"] > 0
+
+
+def test_bench_train_times_an_expander_step_with_the_same_fields():
+    dense = bench_train(d=16, n=64, k=4, batch=32, steps=1, warmup=1, device="cpu", verbose=False)
+    r = bench_train(
+        d=16,
+        n=64,
+        k=4,
+        batch=32,
+        steps=1,
+        warmup=1,
+        device="cpu",
+        verbose=False,
+        kind="expander",
+        degree=4,
+        encoder="tied",
+    )
+    assert set(r) == set(dense) and r["step_ms"] > 0
+    assert (r["kind"], r["degree"], r["encoder"]) == ("expander", 4, "tied")
+
+
+def test_bench_train_names_a_bad_sae_field():
+    with pytest.raises(ConfigError, match="sae.degree"):
+        bench_train(d=16, n=64, k=4, batch=32, steps=1, device="cpu", verbose=False, degree=4)

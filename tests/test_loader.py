@@ -15,7 +15,7 @@ from sae_core.activations import ACTIVATION_SCHEMA
 from sae_core.config import ConfigError
 from sae_core.loader import iter_batches, load_split_tensor
 from sae_core.refs import DatasetRef
-from sae_core.store import Store
+from sae_core.store import DatasetDamaged, Store
 
 D = 4
 
@@ -136,5 +136,5 @@ def test_errors(tmp_path):
     manifest = store.read_json("acts/_MANIFEST.json")
     manifest["splits"]["train"]["shards"][1]["rows"] = 90
     store.write_json("acts/_MANIFEST.json", manifest)
-    with pytest.raises(ValueError, match="shard-00001.parquet has 100 rows, the manifest says 90"):
+    with pytest.raises(DatasetDamaged, match="shard-00001.parquet has 100 rows, the manifest says 90"):
         list(iter_batches(ref, "train", 10, seed=0, buffer_tokens=40))

@@ -17,6 +17,7 @@ ALL_STAGES = [
     "train_sae",
     "evaluate_sae",
     "register_model",
+    "latent_stats",
     "report_run",
 ]
 
@@ -132,6 +133,7 @@ def test_changing_the_sae_reruns_only_train_evaluate_register(
         "train_sae",
         "evaluate_sae",
         "register_model",
+        "latent_stats",
         "report_run",
     ]
     assert changed.sae.path != result.sae.path
@@ -148,3 +150,34 @@ def test_deleted_output_is_recomputed_not_served_from_cache(first_run, local_sto
     assert again.sae == result.sae
     # Downstream stages see the same SAE fingerprint, so they stay cached.
     assert again.stages["evaluate_sae"] == "Cached"
+
+
+def test_explainability_is_logged_to_the_registered_run(first_run):
+    import mlflow
+
+    _, result = first_run
+    run = mlflow.MlflowClient(result.registry.tracking_uri).get_run(result.registry.run_id)
+    for key in ("explain/precision_mean", "explain/recall_mean", "explain/f1_mean"):
+        assert run.data.metrics[key] == pytest.approx(result.latents.metrics[key])
+    assert run.data.tags["saeflow.latents_uri"] == result.latents.dataset.uri
+
+
+def test_view_targets_resolve_through_the_registry(first_run):
+    import mlflow
+
+    from sae_core.config import ConfigError
+    from tasks.latents import sae_for
+
+    _, result = first_run
+    reg = result.registry
+    client = mlflow.MlflowClient(reg.tracking_uri)
+    client.set_registered_model_alias("tiny-sae", "viewing", reg.version)  # others move
+    expected = (result.sae.uri, reg.run_id)
+    targets = ("tiny-sae@viewing", f"models:/tiny-sae/{reg.version}", reg.run_id)
+    for target in (*targets, f"runs:/{reg.run_id}"):
+        ref, run_id = sae_for(target)
+        assert (ref.uri, run_id) == expected, target
+    latest = max(client.search_model_versions("name = 'tiny-sae'"), key=lambda v: int(v.version))
+    assert sae_for("tiny-sae")[1] == latest.run_id  # a bare name: the latest version
+    with pytest.raises(ConfigError, match="nosuch.*registered models: .*tiny-sae"):
+        sae_for("nosuch@champion")

@@ -10,7 +10,7 @@ import torch
 from sae_core.config import ConfigError, SAEConfig
 from sae_core.normalize import InputNorm
 from sae_core.sae import TopKSAE
-from sae_core.sae.topk import safetensors_metadata
+from sae_core.sae.base import safetensors_metadata
 
 
 def _sae(normalize: str = "per_token", **kw) -> TopKSAE:
@@ -143,7 +143,7 @@ def test_loading_a_foreign_file_is_a_clear_error(tmp_path):
 
 
 def test_batch_topk_keeps_exactly_the_k_b_largest_of_the_batch():
-    from sae_core.sae.topk import batch_topk
+    from sae_core.sae.base import batch_topk
 
     g = torch.Generator().manual_seed(7)
     pre = torch.randn(40, 96, generator=g)

@@ -1,33 +1,107 @@
 """Sparse autoencoders. Public API:
 
-- `TopKSAE(d, cfg: SAEConfig, norm: InputNorm | None = None)`: the Gao et al. TopK SAE.
+- `SparseAutoencoder`: what every kind provides (`sae_core.sae.base`); two kinds (cfg.kind):
+  - `TopKSAE(d, cfg, norm=None, generator=None)`: the Gao et al. TopK SAE, dense W_enc, W_dec.
+  - `ExpanderSAE(d, cfg, norm=None, generator=None)`: the decoder masked by a random expander
+    graph, stored compactly (rows, values) with cfg.degree non-zeros per latent.
+- Every kind:
   - `forward(x_norm [B, d], dead_mask=None) -> ForwardOutput(latent_idx, latent_vals, recon,
     loss, nmse, aux_loss)`: training pass on *normalised* inputs (`sae.norm.apply(x_raw)[0]`).
   - `encode(x_raw [B, d]) -> Codes(idx [B, k], vals [B, k], stats)`; `decode(idx, vals, stats)`
     -> raw [B, d]; `sae.decode(*sae.encode(x))` round-trips (stats carry per-token shift and
-    scale, required in per_token mode); `reconstruct(x_raw) -> x_hat_raw`.
-  - `save_safetensors(path | fileobj)`, `TopKSAE.load_safetensors(path | fileobj | bytes)`:
-    weights + config + normalisation constants in one safetensors file, no pickle.
+    scale, required in per_token mode); `reconstruct(x_raw) -> x_hat_raw`;
+    `omp_encode(x_raw, k=None) -> Codes`: orthogonal matching pursuit over the decoder.
+  - `dense_decoder() -> [n, d]`, `encoder_matrix() -> [n, d]`: the dense equivalents.
+  - `save_safetensors(path | fileobj)`, `to_bytes()`, `Kind.load_safetensors(...)`: weights +
+    config + normalisation constants in one safetensors file, no pickle.
   - attributes: d, n_latents, k, k_aux, cfg, norm (InputNorm).
-- `load_sae(ref: DatasetRef) -> TopKSAE`: the `sae.safetensors` of a committed sae dataset.
+- `build_sae(d, cfg, norm=None, generator=None)`: the kind cfg.kind names.
+- `load_sae_bytes(data)`: any kind's safetensors file; `load_sae(ref: DatasetRef)`: the
+  `sae.safetensors` of a committed sae dataset.
+- `storage_report(sae) -> dict`: learned decoder values and artifact bytes against the dense
+  TopK equivalent.
 - Training lives in `sae_core.train.train_sae`; kernels in `sae_core.sae.kernels`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sae_core.sae.topk import Codes, ForwardOutput, TopKSAE
+import torch
+
+from sae_core.config import ConfigError, SAEConfig
+from sae_core.normalize import InputNorm
+from sae_core.sae.base import Codes, ForwardOutput, SparseAutoencoder, safetensors_metadata
+from sae_core.sae.expander import ExpanderSAE
+from sae_core.sae.topk import TopKSAE
 
 if TYPE_CHECKING:
     from sae_core.refs import DatasetRef
 
 WEIGHTS_FILE = "sae.safetensors"
+KINDS: dict[str, type[SparseAutoencoder]] = {"topk": TopKSAE, "expander": ExpanderSAE}
 
 
-def load_sae(ref: DatasetRef) -> TopKSAE:
+def build_sae(
+    d: int,
+    cfg: SAEConfig,
+    norm: InputNorm | None = None,
+    generator: torch.Generator | None = None,
+) -> SparseAutoencoder:
+    """A fresh SAE of the kind cfg.kind names, its weights drawn from `generator`."""
+    return KINDS[cfg.kind](d, cfg, norm, generator)
+
+
+def load_sae_bytes(data: bytes) -> SparseAutoencoder:
+    """Any kind's safetensors file, by its `format` metadata."""
+    fmt = safetensors_metadata(data).get("format")
+    kind = next((cls for cls in KINDS.values() if cls.FORMAT == fmt), None)
+    if kind is None:
+        known = ", ".join(cls.FORMAT for cls in KINDS.values())
+        raise ConfigError(f"not a saeflow SAE file (format={fmt!r}; expected one of {known})")
+    return kind.from_bytes(data)
+
+
+def load_sae(ref: DatasetRef) -> SparseAutoencoder:
     """The trained SAE stored in a committed sae dataset."""
-    return TopKSAE.from_bytes(ref.open_store().read_bytes(f"{ref.path}/{WEIGHTS_FILE}"))
+    return load_sae_bytes(ref.open_store().read_bytes(f"{ref.path}/{WEIGHTS_FILE}"))
 
 
-__all__ = ["Codes", "ForwardOutput", "TopKSAE", "WEIGHTS_FILE", "load_sae"]
+def storage_report(sae: SparseAutoencoder) -> dict[str, Any]:
+    """What the decoder and the shipped artifact cost against the dense TopK SAE of the same
+    n and d (W_enc and W_dec dense float32).
+
+    decoder_values: learned decoder values (n degree; n d for TopK); dense_decoder_values: n d;
+    compression: d / degree; artifact_bytes: len(sae.to_bytes()); dense_artifact_bytes: that
+    file with its weight tensors replaced by the dense TopK ones (exact up to the header's
+    tensor names and shapes, tens of bytes). Cost: one serialisation of the SAE.
+    """
+    degree = sae.degree if isinstance(sae, ExpanderSAE) else sae.d
+    n, d = sae.n_latents, sae.d
+    artifact = len(sae.to_bytes())
+    payload = sum(t.nbytes for t in sae.state_dict().values())
+    biases = sae.b_enc.nbytes + sae.b_pre.nbytes
+    threshold = sae.threshold.nbytes if sae.cfg.batch_topk else 0
+    dense_payload = 2 * n * d * 4 + biases + threshold
+    return {
+        "decoder_values": n * degree,
+        "dense_decoder_values": n * d,
+        "compression": d / degree,
+        "artifact_bytes": artifact,
+        "dense_artifact_bytes": artifact - payload + dense_payload,
+    }
+
+
+__all__ = [
+    "Codes",
+    "ExpanderSAE",
+    "ForwardOutput",
+    "KINDS",
+    "SparseAutoencoder",
+    "TopKSAE",
+    "WEIGHTS_FILE",
+    "build_sae",
+    "load_sae",
+    "load_sae_bytes",
+    "storage_report",
+]

@@ -1,0 +1,378 @@
+"""What every SAE kind shares: selection (TopK, multi-TopK, BatchTopK, AuxK), the sparse loss,
+the raw-space codec, OMP inference and safetensors I/O. A kind supplies its weights, the
+encoder's dense matrix, the selected pre-activations with gradients, the sparse decoder and
+the decoder's unit-norm constraint.
+
+Shapes: B tokens, d model width, n latents, K selected latents per token. Latent-major layout:
+decoder row j is the unit-norm direction of latent j.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import IO, Any, ClassVar, NamedTuple, Self
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from sae_core.config import ConfigError, SAEConfig
+from sae_core.normalize import InputNorm, NormStats
+from sae_core.sae import kernels
+from sae_core.sae.omp import omp
+
+FORMAT_VERSION = "1"
+FIRE_THRESHOLD = 1e-3  # a latent "fires" on a token when its activation exceeds this
+THRESHOLD_DECAY = 0.9  # BatchTopK: moving-average decay of the inference threshold
+
+
+class ForwardOutput(NamedTuple):
+    """One training forward pass on normalised inputs x: [B, d]."""
+
+    latent_idx: torch.Tensor  # [B, k] int64
+    latent_vals: torch.Tensor  # [B, k] after ReLU (may be 0)
+    recon: torch.Tensor  # [B, d] normalised space
+    loss: torch.Tensor  # nmse (+ multi-TopK term) + aux_alpha * aux_loss
+    nmse: torch.Tensor  # MSE / MSE of predicting the batch mean
+    aux_loss: torch.Tensor  # AuxK normalised MSE of the residual (0 when nothing is dead)
+    aux_idx: torch.Tensor  # [B, k_aux'] the dead latents AuxK used ([B, 0] when none)
+
+
+class Selection(NamedTuple):
+    """Which latents a training step uses for each token."""
+
+    idx: torch.Tensor  # [B, k] ([B, 4k] multi-TopK, [B, w] BatchTopK), descending pre-activation
+    pre: torch.Tensor  # [B, k] their pre-activations (BatchTopK padding slots: -inf)
+    aux_idx: torch.Tensor  # [B, k_aux'] dead latents for AuxK, [B, 0] when none
+    aux_pre: torch.Tensor  # [B, k_aux'] their pre-activations
+
+
+class Codes(NamedTuple):
+    """Sparse codes of raw activations; `stats` undoes the input normalisation in `decode`."""
+
+    idx: torch.Tensor  # [B, k] int64
+    vals: torch.Tensor  # [B, k]
+    stats: NormStats
+
+
+def normalized_mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """sum ||target - recon||^2 / sum ||target - mean(target)||^2 over the batch. [B, d] -> [].
+
+    The denominator is a constant of the data (target carries no gradient here).
+    """
+    with torch.no_grad():  # centred first: no cancellation when the data sit far from 0
+        base = (target - target.mean(dim=0)).pow(2).sum()
+    return F.mse_loss(recon, target, reduction="sum") / base.clamp_min(1e-12)
+
+
+def batch_topk(
+    pre: torch.Tensor, k: int, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchTopK selection: the k B largest activations of the whole batch (relu(pre + bias)).
+
+    pre: [B, n]; bias: [n] or None -> (vals [B, w], idx [B, w], thr []): each row's kept
+    latents first, descending, then padding slots with vals = -inf; w is the largest count kept
+    in a row. Exact: each row's top m are candidates and m doubles while some row's m-th
+    candidate still reaches the threshold (a row could hold more). Cost ~B n per round (one
+    round unless some token needs more than 2k latents) plus a top-(k B) of the B m candidates.
+    """
+    B, n = pre.shape
+    m = min(n, 2 * k)
+    while True:
+        vals, idx = kernels.topk(pre, m, bias)
+        vals = vals.float()
+        thr = vals.clamp_min(0).reshape(-1).topk(min(k * B, vals.numel())).values[-1]
+        if m == n or not bool((vals[:, -1] >= thr).any()):
+            break
+        m = min(n, 2 * m)
+    keep = (vals >= thr) & (vals > 0)
+    width = max(1, int(keep.sum(dim=1).max()))
+    vals, keep = vals[:, :width], keep[:, :width]
+    return vals.masked_fill(~keep, float("-inf")), idx[:, :width], thr
+
+
+def safetensors_metadata(data: bytes) -> dict[str, Any]:
+    """The `__metadata__` of a safetensors byte string (an 8-byte length, then a JSON header)."""
+    if len(data) < 8:
+        raise ConfigError("safetensors data is truncated: fewer than 8 bytes")
+    (size,) = struct.unpack("<Q", data[:8])
+    try:  # anything else (a pickle, a truncated file) is refused here, never unpickled
+        header = json.loads(data[8 : 8 + size]) if size <= len(data) - 8 else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ConfigError("not a safetensors file: its header is missing or not JSON")
+    return header.get("__metadata__") or {}
+
+
+class SparseAutoencoder(nn.Module, ABC):
+    """An SAE of width d with cfg.n_latents latents, k of them active per token (BatchTopK: k per
+    token on average over a training batch, a learned threshold at inference).
+
+    z = ReLU(TopK_k(E (x - b_pre) + b_enc)), x_hat = D^T z + b_pre on normalised x, with the
+    kind's encoder E and decoder D, both [n, d] (`encoder_matrix`, `dense_decoder`).
+    """
+
+    FORMAT: ClassVar[str]  # the safetensors `format` metadata of the kind's files
+
+    def __init__(self, d: int, cfg: SAEConfig, norm: InputNorm | None = None):
+        super().__init__()
+        self.d, self.cfg = d, cfg
+        self.n_latents, self.k = cfg.n_latents, cfg.k
+        self.k_aux = cfg.k_aux if cfg.k_aux is not None else max(1, d // 2)
+        self.norm = norm or InputNorm(cfg.normalize)
+        self.b_enc = nn.Parameter(torch.zeros(self.n_latents))
+        self.b_pre = nn.Parameter(torch.zeros(d))
+        self._pre_buffer: torch.Tensor | None = None
+        if cfg.batch_topk:
+            # BatchTopK's inference threshold, estimated during training (NaN until then: encode
+            # falls back to the top k per token).
+            self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    # What a kind provides --------------------------------------------------------------------
+    @abstractmethod
+    def encoder_matrix(self) -> torch.Tensor:
+        """The encoder as a dense [n, d] matrix: the one GEMM's weights (no autograd needed)."""
+
+    @abstractmethod
+    def dense_decoder(self) -> torch.Tensor:
+        """The decoder directions as a dense [n, d] matrix (differentiable w.r.t. the weights)."""
+
+    @abstractmethod
+    def selected_preacts(
+        self, x: torch.Tensor, pre: torch.Tensor, idx: torch.Tensor, dense: bool = False
+    ) -> torch.Tensor:
+        """Pre-activations at idx [B, K] of normalised x [B, d], with gradients to the encoder's
+        parameters; pre [B, K]: their values from the selection. dense=True: the reference."""
+
+    @abstractmethod
+    def sparse_decode(
+        self,
+        idx: torch.Tensor,
+        vals: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dense: bool = False,
+    ) -> torch.Tensor:
+        """bias + sum_i vals[b, i] D[idx[b, i]]: [B, K] codes -> [B, d], with autograd.
+        dense=True: the reference through the [B, n] code matrix and `dense_decoder`."""
+
+    @abstractmethod
+    def project_decoder_grad(self) -> None:
+        """Remove from each decoder direction's gradient its radial component (before the step)."""
+
+    @abstractmethod
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder direction to unit norm (after the step)."""
+
+    # Encoder and selection -------------------------------------------------------------------
+    def preacts(
+        self, x: torch.Tensor, with_bias: bool = True, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Dense pre-activations [B, n] of normalised x [B, d], no autograd: the step's one GEMM.
+
+        Written into one buffer reused across calls of the same shape (the only B x n tensor).
+        with_bias=False leaves b_enc out for `select(..., bias=b_enc)` to add as it reads.
+        dtype: the GEMM's precision (e.g. torch.bfloat16; default the weights' dtype).
+        """
+        dtype = dtype or self.b_enc.dtype
+        shape = (x.shape[0], self.n_latents)
+        buf = self._pre_buffer
+        if buf is None or buf.shape != shape or buf.device != x.device or buf.dtype != dtype:
+            buf = self._pre_buffer = torch.empty(shape, device=x.device, dtype=dtype)
+        with torch.no_grad():
+            W = self.encoder_matrix().to(dtype)
+        return kernels.encoder_preacts(
+            x.to(dtype),
+            self.b_pre.to(dtype),
+            W,
+            self.b_enc.to(dtype) if with_bias else None,
+            out=buf,
+        )
+
+    def select(
+        self,
+        pre: torch.Tensor,
+        dead_mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> Selection:
+        """TopK (4k with multi-TopK, descending so the first k are TopK_k; BatchTopK: the top
+        k B of the batch) and AuxK's choice: the top k_aux among the dead latents only.
+
+        pre: [B, n] (any float dtype); bias: [n] still to add to pre (see `preacts`), or None.
+        Cost ~B n + B n_dead. The returned pre-activations are float32.
+        """
+        with torch.no_grad():
+            if bias is not None and kernels.topk_native(pre) is None:
+                pre.add_(bias.to(pre.dtype))  # stock top-k: add it in place, no second buffer
+                bias = None
+            if self.cfg.batch_topk:
+                vals, idx, _ = batch_topk(pre, self.k, bias)
+            else:
+                vals, idx = kernels.topk(pre, 4 * self.k if self.cfg.multi_topk else self.k, bias)
+            aux_vals, aux_idx = vals[:, :0], idx[:, :0]
+            if dead_mask is not None and self.cfg.aux_alpha > 0 and bool(dead_mask.any()):
+                k_aux = min(self.k_aux, int(dead_mask.sum()))
+                if kernels.topk_native(pre) is not None:
+                    # Live latents get a bias of -inf: the same buffer, no [B, n_dead] copy.
+                    base = pre.new_zeros(self.n_latents) if bias is None else bias
+                    aux_bias = base.masked_fill(~dead_mask, float("-inf"))
+                    aux_vals, aux_idx = kernels.topk(pre, k_aux, aux_bias)
+                else:
+                    dead = dead_mask.nonzero().squeeze(1)
+                    aux_vals, local = kernels.topk(pre.index_select(1, dead), k_aux)
+                    aux_idx = dead[local]
+        return Selection(idx, vals.float(), aux_idx, aux_vals.float())
+
+    @torch.no_grad()
+    def update_threshold(self, sel: Selection, decay: float = THRESHOLD_DECAY) -> None:
+        """BatchTopK: fold this batch's smallest kept activation into the inference threshold
+        (an exponential moving average; the first batch sets it)."""
+        kept = sel.pre[sel.pre > 0]
+        if kept.numel() == 0:
+            return
+        low = kept.min()
+        if torch.isnan(self.threshold):
+            self.threshold.copy_(low)
+        else:
+            self.threshold.mul_(decay).add_(low, alpha=1 - decay)
+
+    def losses(self, x: torch.Tensor, sel: Selection, dense: bool = False) -> ForwardOutput:
+        """Decode the selected latents and score them under autograd. x: [B, d] normalised.
+
+        Cost: the kind's `selected_preacts` and `sparse_decode` on K = k (+ 3k multi-TopK,
+        + k_aux) latents per token. dense=True: the references, same selections.
+        """
+        # BatchTopK's code has a variable width; its padding slots hold pre = -inf (act 0, no gradient).
+        k = sel.idx.shape[1] if self.cfg.batch_topk else self.k
+        k_main = sel.idx.shape[1]
+        use_aux = sel.aux_idx.shape[1] > 0
+        all_idx = torch.cat([sel.idx, sel.aux_idx], dim=1) if use_aux else sel.idx
+        all_pre = torch.cat([sel.pre, sel.aux_pre], dim=1) if use_aux else sel.pre
+        acts = torch.relu(self.selected_preacts(x, all_pre, all_idx, dense))
+        if self.cfg.batch_topk:  # padding slots' pre-activations may be recomputed: zero them
+            acts = acts * (all_pre > float("-inf"))
+        vals = acts[:, :k]
+        recon = self.sparse_decode(sel.idx[:, :k], vals, self.b_pre, dense)
+        nmse = normalized_mse(x, recon)
+        loss = nmse
+        if k_main > k:  # multi-TopK: L(k) + L(4k) / 8
+            recon_4k = self.sparse_decode(sel.idx, acts[:, :k_main], self.b_pre, dense)
+            loss = loss + normalized_mse(x, recon_4k) / 8
+        aux_loss = x.new_zeros(())
+        if use_aux:
+            residual = (x - recon).detach()
+            aux_recon = self.sparse_decode(sel.aux_idx, acts[:, k_main:], dense=dense)
+            aux_loss = normalized_mse(residual, aux_recon).nan_to_num(0.0)
+            loss = loss + self.cfg.aux_alpha * aux_loss
+        return ForwardOutput(sel.idx[:, :k], vals, recon, loss, nmse, aux_loss, sel.aux_idx)
+
+    def forward(
+        self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, dense: bool = False
+    ) -> ForwardOutput:
+        """Training pass on normalised x: [B, d]; dead_mask: [n] bool, the latents AuxK may use.
+
+        Cost (sparse): one encoder GEMM, a top-k over [B, n], then the kind's sparse loss.
+        """
+        return self.losses(x, self.select(self.preacts(x), dead_mask), dense)
+
+    def free_buffer(self) -> None:
+        """Drop the [B, n] pre-activation buffer kept between training steps."""
+        self._pre_buffer = None
+
+    # Inference on raw activations ------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x_raw: torch.Tensor) -> Codes:
+        """x_raw: [B, d] -> Codes(idx [B, w], vals [B, w], stats). Cost: one GEMM + top-k.
+
+        w = k, except for a BatchTopK SAE with a threshold: every latent whose pre-activation
+        reaches it is kept, w is the largest count in the batch and shorter rows are padded
+        with value 0 (count active latents as vals > 0).
+        """
+        x, stats = self.norm.apply(x_raw.to(self.b_pre.dtype))
+        pre = kernels.encoder_preacts(x, self.b_pre, self.encoder_matrix(), self.b_enc)
+        if self.cfg.batch_topk and not torch.isnan(self.threshold):
+            thr = self.threshold.clamp_min(0)
+            width = max(1, int((pre > thr).sum(dim=1).max()))
+            vals, idx = kernels.topk(pre, min(width, self.n_latents))
+            return Codes(idx, torch.where(vals > thr, vals, 0.0), stats)
+        vals, idx = kernels.topk(pre, self.k)
+        return Codes(idx, torch.relu(vals), stats)
+
+    @torch.no_grad()
+    def omp_encode(self, x_raw: torch.Tensor, k: int | None = None) -> Codes:
+        """Orthogonal matching pursuit over the decoder instead of the encoder: x_raw [B, d] ->
+        Codes(idx [B, k], vals [B, k] signed least-squares coefficients, stats); k default
+        cfg.k. Runs on the normalised input with b_pre removed, so `decode` inverts it.
+
+        Cost: k dense [B, d] x [d, n] products plus O(B k^2 d + B k^3) (see `omp.omp`);
+        memory B k d for the chosen atoms: chunk large batches.
+        """
+        x, stats = self.norm.apply(x_raw.to(self.b_pre.dtype))
+        idx, vals = omp(x - self.b_pre, self.dense_decoder(), k or self.k)
+        return Codes(idx, vals, stats)
+
+    @torch.no_grad()
+    def decode(
+        self, idx: torch.Tensor, vals: torch.Tensor, stats: NormStats | None = None
+    ) -> torch.Tensor:
+        """Codes -> raw reconstruction [B, d]. idx, vals: [B, k]; the kind's sparse decoder.
+
+        `stats` comes from `encode` (Codes.stats); it is required in per_token mode, where
+        each token's shift and scale are not recoverable from the codes.
+        """
+        recon = self.sparse_decode(idx, vals.to(self.b_pre.dtype), self.b_pre)
+        return self.norm.invert(recon, stats)
+
+    @torch.no_grad()
+    def reconstruct(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """x_raw: [B, d] -> x_hat_raw: [B, d]."""
+        return self.decode(*self.encode(x_raw))
+
+    # Safetensors I/O -------------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": self.FORMAT,
+            "format_version": FORMAT_VERSION,
+            "d": str(self.d),
+            "config": self.cfg.model_dump_json(),
+            "normalization": json.dumps(self.norm.to_json()),
+        }
+
+    def to_bytes(self) -> bytes:
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        return save_tensors(tensors, metadata=self.metadata())
+
+    def save_safetensors(self, target: str | Path | IO[bytes]) -> None:
+        """Weights, config and normalisation constants in one safetensors file (no pickle)."""
+        data = self.to_bytes()
+        if isinstance(target, str | Path):
+            Path(target).write_bytes(data)
+        else:
+            target.write(data)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        meta = safetensors_metadata(data)
+        if meta.get("format") != cls.FORMAT:
+            raise ConfigError(
+                f"not a saeflow {cls.__name__} file (format={meta.get('format')!r}); "
+                "sae_core.sae.load_sae_bytes reads any kind"
+            )
+        cfg = SAEConfig.model_validate_json(meta["config"])
+        norm = InputNorm.from_json(json.loads(meta["normalization"]))
+        sae = cls(int(meta["d"]), cfg, norm)
+        sae.load_state_dict(load_tensors(data))
+        return sae
+
+    @classmethod
+    def load_safetensors(cls, source: str | Path | IO[bytes] | bytes) -> Self:
+        if isinstance(source, bytes):
+            return cls.from_bytes(source)
+        if isinstance(source, str | Path):
+            return cls.from_bytes(Path(source).read_bytes())
+        return cls.from_bytes(source.read())
