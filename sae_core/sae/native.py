@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from functools import cache
 from pathlib import Path
@@ -548,6 +549,14 @@ def _source_tag() -> str:
     return hashlib.sha256(_SOURCE.encode()).hexdigest()[:8]
 
 
+def _env_tag() -> str:
+    """The environment the build links against: two checkouts' venvs (other torch include
+    paths) sharing one build folder would each find the other's build stale and recompile."""
+    import torch
+
+    return hashlib.sha256(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:8]
+
+
 @cache
 def load() -> ModuleType | None:
     """The compiled kernels (built once per source version and CPU into torch's extension cache)."""
@@ -557,9 +566,10 @@ def load() -> ModuleType | None:
         from torch.utils.cpp_extension import load_inline
 
         return load_inline(
-            # Keyed by source too: processes holding another version of this file (a concurrent
-            # test run, an older checkout) build elsewhere instead of overwriting this build.
-            name=f"saeflow_sparse_kernels_{_cpu_tag()}_{_source_tag()}",
+            # Keyed by source and environment too: processes holding another version of this
+            # file or another venv (a concurrent test run, another checkout) build elsewhere
+            # instead of overwriting this build.
+            name=f"saeflow_sparse_kernels_{_cpu_tag()}_{_source_tag()}_{_env_tag()}",
             cpp_sources=[_SOURCE],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
