@@ -22,7 +22,7 @@ from sae_core.config import (
 )
 from sae_core.fingerprint import code_fingerprint, fingerprint, path_fingerprint
 from sae_core.refs import DatasetRef
-from sae_core.store import Store
+from sae_core.store import PROGRESS, Store
 
 
 class Location(NamedTuple):
@@ -129,9 +129,12 @@ def extract_hook_datasets(
     locs = [locate_activations(tokens, model.model_copy(update={"hook": h}), data) for h in hooks]
     manifests = [loc.committed() for loc in locs]
     todo = [i for i, manifest in enumerate(manifests) if manifest is None]
+    store = Store(tokens.store)
+    for loc, manifest in zip(locs, manifests, strict=True):
+        if manifest is not None:  # marks of an attempt killed between its commit and their removal
+            store.rm(f"{loc.path}/{PROGRESS}")
     if todo:
         loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
-        store = Store(tokens.store)
         with ExitStack() as stack:
             writers = [stack.enter_context(store.resuming(locs[i].path)) for i in todo]
             made = activations.extract_hooks(

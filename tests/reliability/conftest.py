@@ -21,7 +21,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner, Result
 
-from sae_core.store import Store
+from sae_core.store import PROGRESS, Store
 
 WORKER = Path(__file__).with_name("pipeline_worker.py")
 MODEL_NAME = "reliability-sae"
@@ -212,7 +212,7 @@ def _files(store: Store, folder: str) -> list[str]:
     return sorted(p.removeprefix(f"{root}/") for p in store.fs.find(root))
 
 
-def _whole(store: Store, path: str, manifest: dict[str, Any]) -> None:
+def _whole(store: Store, path: str, manifest: dict[str, Any], settled: bool) -> None:
     """Raise unless the committed dataset holds what its manifest promises, readable."""
     import pyarrow.parquet as pq
 
@@ -220,7 +220,7 @@ def _whole(store: Store, path: str, manifest: dict[str, Any]) -> None:
     from sae_core.sae import load_sae_bytes
 
     files = _files(store, path)
-    leftovers = [f for f in files if ".tmp-" in f or f.startswith("_progress/")]
+    leftovers = [f for f in files if ".tmp-" in f or (settled and f.startswith(PROGRESS))]
     assert not leftovers, f"leftovers of an unfinished attempt: {leftovers}"
     kind = manifest.get("kind")
     for name in (f for f in files if f.endswith(".json")):
@@ -241,14 +241,18 @@ def _whole(store: Store, path: str, manifest: dict[str, Any]) -> None:
         load_sae_bytes(store.read_bytes(f"{path}/sae.safetensors"))
 
 
-def store_problems(uri: str) -> list[str]:
+def store_problems(uri: str, settled: bool = True) -> list[str]:
     """What is wrong with the committed datasets of a store; [] when each is whole. Datasets
-    without a manifest (an interrupted attempt) are allowed: nothing takes them for finished."""
+    without a manifest (an interrupted attempt) are allowed: nothing takes them for finished.
+
+    settled=False: the store as a kill may leave it, where an extraction killed between its
+    commit and the removal of its completion marks (`_progress/`) still holds them: inert (no
+    reader looks at them), they go at the next run."""
     store = Store(uri)
     problems = []
     for path, manifest in committed(store).items():
         try:
-            _whole(store, path, manifest)
+            _whole(store, path, manifest, settled)
         except Exception as err:  # noqa: BLE001 - every finding is reported, not just the first
             problems.append(f"{path}: {type(err).__name__}: {err}")
     return problems
