@@ -6,19 +6,15 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import BaseModel
 
+from flows.grid import activation_set, train_and_evaluate
 from flows.pipeline import check_inputs
 from sae_core.config import PipelineConfig
 from sae_core.refs import DatasetRef
 from sae_core.scaling import ScalingFit
-from sae_core.store import default_store_uri
 from sae_core.sweep import SweepPoint, grid
 from tasks.caching import run_stage
-from tasks.data import extract_activations, sample_tokens
-from tasks.evaluate import evaluate_sae
 from tasks.report import ReportRef, report_sweep
 from tasks.sweep import fit_scaling
-from tasks.train import train_sae
-from tasks.validate import validate_activations
 
 
 class SweepResult(BaseModel):
@@ -33,46 +29,36 @@ class SweepResult(BaseModel):
 @flow(name="saeflow-sweep", log_prints=True)
 def sweep(config: PipelineConfig, progress: bool = True) -> SweepResult:
     points_to_run = grid(config)  # a bad grid fails here, before any work
-    facts = check_inputs(config)
-    store = config.store or default_store_uri()
-    model, data = config.model, config.data
-    tokens = run_stage(
-        sample_tokens, store=store, model=model, data=data, progress=progress
-    ).result()
-    acts = run_stage(
-        extract_activations, tokens=tokens, model=model, data=data, progress=progress
-    ).result()
-    run_stage(validate_activations, ref=acts, vocab_size=facts.vocab_size, progress=progress)
+    data = activation_set(config, check_inputs(config), progress)
     points: list[SweepPoint] = []
     states: dict[str, str] = {}
     for p in points_to_run:
-        trained = run_stage(train_sae, acts=acts, sae=p.sae, train=p.train, progress=progress)
-        sae = trained.result()
-        evaluated = run_stage(
-            evaluate_sae,
-            sae=sae,
-            tokens=tokens,
-            model=model,
-            data=data,
-            eval=config.eval,
-            progress=progress,
-        )
-        ev = evaluated.result()
+        done = train_and_evaluate(data, config, p.sae, p.train, config.eval, progress)
         points.append(
             SweepPoint(
-                n=p.n, k=p.k, seed=p.seed, sae=sae, evaluation=ev.dataset, metrics=ev.metrics
+                n=p.n,
+                k=p.k,
+                seed=p.seed,
+                sae=done.sae,
+                evaluation=done.evaluation.dataset,
+                metrics=done.evaluation.metrics,
             )
         )
-        states[f"n={p.n} k={p.k} seed={p.seed}"] = f"{trained.name} / {evaluated.name}"
+        states[f"n={p.n} k={p.k} seed={p.seed}"] = done.states
     fit = fit_scaling(points)
     if fit is not None:
         coefficients = ", ".join(f"{k}={v:.4g}" for k, v in fit.params.items())
         print(f"scaling law fit: {coefficients}; RMS log error {fit.rmse_log:.4f}")
-    title = f"{config.name} sweep: {model.path} {model.hook}"
+    title = f"{config.name} sweep: {config.model.path} {config.model.hook}"
     report = run_stage(
         report_sweep, points=points, fit=fit, title=title, experiment=config.registry.experiment
     ).result()
     print(f"sweep report: {report.markdown}")
     return SweepResult(
-        tokens=tokens, activations=acts, points=points, states=states, fit=fit, report=report
+        tokens=data.tokens,
+        activations=data.activations,
+        points=points,
+        states=states,
+        fit=fit,
+        report=report,
     )

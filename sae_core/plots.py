@@ -180,6 +180,7 @@ def frontier(summary: Sequence[dict]) -> bytes:
     retained against decoder compression, log x; expanders and parameter-matched dense SAEs,
     error bars one standard deviation over seeds, each point labelled with its degree."""
     fig, (ax,) = _figure(width=6.4, height=4.4)
+    plotted = False
     styles = {"expander": ("o-", "C0", "expander SAE"),
               "matched": ("s--", "C1", "dense SAE, matched decoder values")}  # fmt: skip
     for family, (marker, color, label) in styles.items():
@@ -189,6 +190,7 @@ def frontier(summary: Sequence[dict]) -> bytes:
         )  # CE recovered is NaN where ablating the hook does not hurt the model
         if not rows:
             continue
+        plotted = True
         x = [r["compression"] for r in rows]
         y = [r["retained"] for r in rows]
         ax.errorbar(x, y, yerr=[r["retained_std"] for r in rows], fmt=marker, color=color,
@@ -198,7 +200,7 @@ def frontier(summary: Sequence[dict]) -> bytes:
                 ax.annotate(f"d={r['degree']}", (r["compression"], r["retained"]), fontsize=7,
                             xytext=(4, 4), textcoords="offset points")  # fmt: skip
     ax.axhline(1.0, color="gray", lw=1, ls=":", label="dense reference")
-    if ax.has_data() and len(ax.lines) > 1:
+    if plotted:
         ax.set_xscale("log")
     else:
         ax.text(0.5, 0.5, "no finite CE loss recovered", ha="center", transform=ax.transAxes)

@@ -628,11 +628,10 @@ def locate_frontier_report(points: list[Any], title: str) -> Location:
 
 
 def write_frontier_report(points: list[Any], title: str) -> WrittenReport:
-    """report.md, the frontier plot and table.json for the frontier's trained, evaluated SAEs.
-    Reads each SAE once for its storage figures."""
+    """report.md, the frontier plot and table.json for the frontier's trained, evaluated SAEs;
+    their storage figures come from their manifests (written by training)."""
     from sae_core.frontier import FrontierRow, frontier_summary, frontier_table
     from sae_core.report import frontier_report
-    from sae_core.sae import load_sae, storage_report
 
     loc = locate_frontier_report(points, title)
     store = Store(points[0].sae.store)
@@ -640,7 +639,7 @@ def write_frontier_report(points: list[Any], title: str) -> WrittenReport:
         return _read_report(store, loc)
     rows = []
     for p in points:
-        storage = storage_report(load_sae(p.sae))
+        storage = p.sae.manifest()["storage"]
         rows.append(
             FrontierRow(
                 p.family, p.degree, p.n, p.k, p.seed, p.metrics,

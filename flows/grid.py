@@ -1,0 +1,63 @@
+"""What the sweep and frontier flows share: one cached activation set, then each SAE trained and
+evaluated on it through the pipeline's own cached tasks."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from sae_core.config import EvalConfig, PipelineConfig, SAEConfig, TrainConfig
+from sae_core.preflight import ModelFacts
+from sae_core.refs import DatasetRef
+from sae_core.store import default_store_uri
+from tasks.caching import run_stage
+from tasks.data import extract_activations, sample_tokens
+from tasks.evaluate import EvalRef, evaluate_sae
+from tasks.train import train_sae
+from tasks.validate import validate_activations
+
+
+class ActivationSet(NamedTuple):
+    tokens: DatasetRef
+    activations: DatasetRef
+
+
+class TrainedPoint(NamedTuple):
+    sae: DatasetRef
+    evaluation: EvalRef
+    states: str  # "train state / evaluate state" (Completed, Cached)
+
+
+def activation_set(config: PipelineConfig, facts: ModelFacts, progress: bool) -> ActivationSet:
+    """Tokens and validated activations of `config`, computed or from the cache."""
+    store = config.store or default_store_uri()
+    model, data = config.model, config.data
+    tokens = run_stage(
+        sample_tokens, store=store, model=model, data=data, progress=progress
+    ).result()
+    acts = run_stage(
+        extract_activations, tokens=tokens, model=model, data=data, progress=progress
+    ).result()
+    run_stage(validate_activations, ref=acts, vocab_size=facts.vocab_size, progress=progress)
+    return ActivationSet(tokens, acts)
+
+
+def train_and_evaluate(
+    data: ActivationSet,
+    config: PipelineConfig,
+    sae: SAEConfig,
+    train: TrainConfig,
+    evaluation: EvalConfig,
+    progress: bool,
+) -> TrainedPoint:
+    """One SAE trained on `data` and evaluated on its eval split, each stage cached."""
+    trained = run_stage(train_sae, acts=data.activations, sae=sae, train=train, progress=progress)
+    evaluated = run_stage(
+        evaluate_sae,
+        sae=trained.result(),
+        tokens=data.tokens,
+        model=config.model,
+        data=config.data,
+        eval=evaluation,
+        progress=progress,
+    )
+    return TrainedPoint(trained.result(), evaluated.result(), f"{trained.name} / {evaluated.name}")
