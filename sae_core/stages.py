@@ -7,6 +7,7 @@ it inside `Store.writing` (data first, manifest last). Orchestrators wrap these 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any, NamedTuple
 
@@ -155,7 +156,7 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
         sae,
         train.model_dump(exclude={"device"}),
         code=(
-            "sae_core.train",
+            "sae_core.train",  # one SAE or a group: the same loop, the same result
             "sae_core.loader",  # the batch order
             "sae_core.sae.base",
             "sae_core.sae.topk",
@@ -170,25 +171,38 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
 def train_sae(
     acts: DatasetRef, sae: SAEConfig, train: TrainConfig, progress: bool = True
 ) -> DatasetRef:
+    return train_sae_group(acts, [(sae, train)], progress)[0]
+
+
+def train_sae_group(
+    acts: DatasetRef, points: Sequence[tuple[SAEConfig, TrainConfig]], progress: bool = True
+) -> list[DatasetRef]:
+    """One committed SAE per (sae, train) point, each at its own `locate_sae` location (the one
+    a lone `train_sae` uses). Those not committed yet train together from one read of the data
+    (they must share `train.data_order`), each resuming from its checkpoint, then each commits.
+    """
     from sae_core import faults
     from sae_core import train as training
 
-    loc = locate_sae(acts, sae, train)
-    if (manifest := loc.committed()) is None:
+    locs = [locate_sae(acts, sae, train) for sae, train in points]
+    manifests = {loc: loc.committed() for loc in locs}  # one entry per distinct location
+    todo = [loc for loc, manifest in manifests.items() if manifest is None]
+    if todo:
+        configs = dict(zip(locs, points, strict=True))
+        members = [
+            training.GroupMember(*configs[loc], checkpoint_dir=f"checkpoints/{loc.fingerprint}")
+            for loc in todo
+        ]
         # faults.open_store: SAEFLOW_INJECT_FAULT can fail checkpoint writes, to test re-runs.
-        with faults.open_store(acts.store).writing(loc.path) as writer:
-            result = training.train_sae(
-                acts,
-                sae,
-                train,
-                writer,
-                checkpoint_dir=f"checkpoints/{loc.fingerprint}",
-                progress=progress,
-            )
-            writer.manifest["fingerprint"] = loc.fingerprint
-            writer.manifest["resumed_from_tokens"] = result.resumed_from_tokens
-            manifest = writer.manifest
-    return loc.ref(manifest.get("tokens_seen", 0))
+        store = faults.open_store(acts.store)
+        trainers = training.train_group(acts, members, store, progress)
+        for loc, trainer in zip(todo, trainers, strict=True):
+            with store.writing(loc.path) as writer:
+                training.write_trained(writer, acts, trainer)
+                writer.manifest["fingerprint"] = loc.fingerprint
+                writer.manifest["resumed_from_tokens"] = trainer.resumed_from_tokens
+                manifests[loc] = writer.manifest
+    return [loc.ref(manifests[loc].get("tokens_seen", 0)) for loc in locs]
 
 
 # evaluation ----------------------------------------------------------------------------------
