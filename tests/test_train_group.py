@@ -131,9 +131,8 @@ def test_an_interrupted_group_resumes_each_sae_from_its_own_checkpoint(tmp_path)
         assert_same_training(_alone(x, member), trained)
 
 
-@pytest.fixture
-def count_reads(monkeypatch):
-    """Calls of the training reader on the train split: (batch_size, epoch, start_batch)."""
+def count_train_reads(monkeypatch) -> list[tuple[int, int, int]]:
+    """Record every call of the training reader on a train split: (batch_size, epoch, start)."""
     from sae_core import activations
 
     calls: list[tuple[int, int, int]] = []
@@ -146,6 +145,11 @@ def count_reads(monkeypatch):
 
     monkeypatch.setattr(activations, "iter_batches", counted)
     return calls
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    return count_train_reads(monkeypatch)
 
 
 def _stored_acts(root) -> tuple[Store, object]:
