@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from sae_core.config import ConfigError
@@ -28,3 +30,10 @@ def pick_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"device '{name}': expected auto, cpu, cuda or cuda:N")
     return device
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of a device: a GPU's own, else this machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -180,29 +180,49 @@ def train_sae_group(
     """One committed SAE per (sae, train) point, each at its own `locate_sae` location (the one
     a lone `train_sae` uses). Those not committed yet train together from one read of the data
     (they must share `train.data_order`), each resuming from its checkpoint, then each commits.
+    A group whose training state would take more than half the device's memory trains in
+    chunks that fit, one read of the data each.
     """
     from sae_core import faults
     from sae_core import train as training
+    from sae_core.device import device_memory, pick_device
 
     locs = [locate_sae(acts, sae, train) for sae, train in points]
     manifests = {loc: loc.committed() for loc in locs}  # one entry per distinct location
+    configs = dict(zip(locs, points, strict=True))
     todo = [loc for loc, manifest in manifests.items() if manifest is None]
+    members = [
+        training.GroupMember(*configs[loc], checkpoint_dir=f"checkpoints/{loc.fingerprint}")
+        for loc in todo
+    ]
     if todo:
-        configs = dict(zip(locs, points, strict=True))
-        members = [
-            training.GroupMember(*configs[loc], checkpoint_dir=f"checkpoints/{loc.fingerprint}")
-            for loc in todo
-        ]
         # faults.open_store: SAEFLOW_INJECT_FAULT can fail checkpoint writes, to test re-runs.
         store = faults.open_store(acts.store)
-        trainers = training.train_group(acts, members, store, progress)
-        for loc, trainer in zip(todo, trainers, strict=True):
-            with store.writing(loc.path) as writer:
-                training.write_trained(writer, acts, trainer)
-                writer.manifest["fingerprint"] = loc.fingerprint
-                writer.manifest["resumed_from_tokens"] = trainer.resumed_from_tokens
-                manifests[loc] = writer.manifest
+        budget = device_memory(pick_device(members[0].train.device)) // 2
+        width = int(acts.manifest()["width"])
+        for chunk in training.split_by_memory(members, width, budget):
+            chunk_locs = [todo[i] for i in chunk]
+            chunk_members = [members[i] for i in chunk]
+            manifests |= _train_and_commit(acts, store, chunk_locs, chunk_members, progress)
     return [loc.ref(manifests[loc].get("tokens_seen", 0)) for loc in locs]
+
+
+def _train_and_commit(
+    acts: DatasetRef, store: Store, locs: list[Location], members: list[Any], progress: bool
+) -> dict[Location, dict[str, Any]]:
+    """Train `members` (sae_core.train.GroupMember) as one group, commit each at its location;
+    their manifests. The trainers are dropped on return, before another chunk starts."""
+    from sae_core import train as training
+
+    trainers = training.train_group(acts, members, store, progress)
+    manifests = {}
+    for loc, trainer in zip(locs, trainers, strict=True):
+        with store.writing(loc.path) as writer:
+            training.write_trained(writer, acts, trainer)
+            writer.manifest["fingerprint"] = loc.fingerprint
+            writer.manifest["resumed_from_tokens"] = trainer.resumed_from_tokens
+            manifests[loc] = writer.manifest
+    return manifests
 
 
 # evaluation ----------------------------------------------------------------------------------

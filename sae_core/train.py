@@ -317,6 +317,24 @@ def group_by_data_order(points: Sequence[tuple[SAEConfig, TrainConfig]]) -> list
     return list(groups.values())
 
 
+def split_by_memory(members: Sequence[GroupMember], d: int, budget: int) -> list[list[int]]:
+    """Indices of `members` in consecutive chunks whose training state together (the lower
+    bound `preflight.training_bytes` of each) stays within `budget` bytes; a member over the
+    budget alone gets a chunk of its own. Each chunk is one read of the data."""
+    from sae_core.preflight import training_bytes
+
+    chunks: list[list[int]] = []
+    used = budget + 1  # the first member opens a chunk
+    for i, member in enumerate(members):
+        need = training_bytes(member.sae, d)
+        if used + need > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += need
+    return chunks
+
+
 def _rng_state(device: torch.device) -> list[torch.Tensor]:
     """The process's RNG state (and the device's on CUDA)."""
     cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []

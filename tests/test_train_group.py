@@ -18,6 +18,7 @@ from sae_core.train import (
     group_by_data_order,
     run_group,
     run_training,
+    split_by_memory,
     tensor_source,
 )
 
@@ -192,3 +193,21 @@ def test_the_stage_commits_each_sae_where_a_lone_run_would_and_skips_committed_o
     count_reads.clear()
     assert stages.train_sae_group(acts, points, progress=False) == refs
     assert count_reads == []  # every SAE committed: nothing read, nothing trained
+
+
+def test_a_group_over_the_memory_budget_trains_in_chunks_that_fit(
+    tmp_path, count_reads, monkeypatch
+):
+    from sae_core import device
+    from sae_core.preflight import training_bytes
+
+    points = [(m.sae, m.train.model_copy(update={"device": "cpu"})) for m in _members(2048)]
+    sizes = [training_bytes(sae, D) for sae, _ in points]  # the tied expander's: 0
+    assert split_by_memory(_members(), D, sizes[0] + sizes[1]) == [[0, 1, 2]]
+    assert split_by_memory(_members(), D, sizes[0] + sizes[1] - 1) == [[0], [1, 2]]
+    assert split_by_memory(_members(), D, sizes[1] - 1) == [[0], [1], [2]]  # 1 alone is over
+    monkeypatch.setattr(device, "device_memory", lambda _: 2 * (sizes[0] + sizes[1] - 1))
+    store, acts = _stored_acts(tmp_path)
+    refs = stages.train_sae_group(acts, points, progress=False)
+    assert all(store.manifest(ref.path) is not None for ref in refs)
+    assert [epoch for _, epoch, _ in count_reads] == [0, 0, 1] * 2  # two chunks, two reads
