@@ -387,6 +387,13 @@ def bench_load(
 
 
 # Group training ------------------------------------------------------------------------------
+def _saving(seconds: dict[str, list[float]]) -> float:
+    """1 - group / one by one, on the medians."""
+    return round(
+        1 - statistics.median(seconds["group"]) / statistics.median(seconds["one_by_one"]), 3
+    )
+
+
 def bench_group(
     stores: dict[str, str],
     points: list[tuple[int, int]],
@@ -401,7 +408,8 @@ def bench_group(
     """For each named store URI: on a synthetic dataset, wall seconds to train the TopK SAEs of
     `points` [(n, k)] one after another (each reading the data itself, as a per-point sweep
     did) against as one group (`train.train_group`: one read for all), one epoch each, after
-    an untimed warm-up, the order alternating per repeat; the weights are checked identical."""
+    an untimed warm-up, the order alternating per repeat; wall and process CPU seconds (all
+    threads: the loader's too); the weights are checked identical."""
     from sae_core.train import GroupMember, train_group
 
     members = [
@@ -422,17 +430,18 @@ def bench_group(
         store.check()
         ref = write_synthetic(store, "bench-group/acts", rows, width, dtype, shard_mb)
         train_group(ref, members, store, progress=False)  # warm-up, untimed: first-touch costs
-        runs: dict[str, list[float]] = {"one_by_one_s": [], "group_s": []}
+        runs: dict[str, list[float]] = {way: [] for way in ("one_by_one", "group")}
+        cpu: dict[str, list[float]] = {way: [] for way in runs}
         loads = [_load_average()]
         for repeat in range(repeats):
-            order = ["one_by_one_s", "group_s"][:: 1 if repeat % 2 == 0 else -1]
-            for way in order:
-                start = time.perf_counter()
-                if way == "group_s":
+            for way in list(runs)[:: 1 if repeat % 2 == 0 else -1]:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                if way == "group":
                     grouped = train_group(ref, members, store, progress=verbose)
                 else:
                     alone = [train_group(ref, [m], store, progress=verbose)[0] for m in members]
                 runs[way].append(time.perf_counter() - start)
+                cpu[way].append(time.process_time() - start_cpu)
                 loads.append(_load_average())
         same = all(
             torch.equal(p, q)
@@ -453,8 +462,10 @@ def bench_group(
         if verbose:
             print(
                 f"{name} ({uri}): {len(points)} SAEs {points}, {rows} rows x {width} {dtype}\n"
-                f"  one by one {entry['one_by_one_s']} s   group {entry['group_s']} s   "
-                f"saving {100 * entry['saving']:.1f}%   identical weights: {same}   "
+                f"  one by one {entry['one_by_one_s']} s (CPU {entry['one_by_one_cpu_s']} s)   "
+                f"group {entry['group_s']} s (CPU {entry['group_cpu_s']} s)\n"
+                f"  saving (medians): wall {100 * entry['saving']:.1f}%, CPU "
+                f"{100 * entry['cpu_saving']:.1f}%   identical weights: {same}   "
                 f"load average {loads}"
             )
     return result

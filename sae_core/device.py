@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from sae_core.config import ConfigError
+from sae_core.env import machine_memory
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -36,4 +35,4 @@ def device_memory(device: torch.device) -> int:
     """Bytes of memory of a device: a GPU's own, else this machine's physical memory."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return machine_memory()

@@ -9,8 +9,6 @@ import struct
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-
 from sae_core.assets import resolve_corpus, resolve_model_path
 from sae_core.config import (
     ConfigError,
@@ -19,7 +17,7 @@ from sae_core.config import (
     SAEConfig,
     check_expander_graph,
 )
-from sae_core.device import device_memory
+from sae_core.env import machine_memory
 from sae_core.store import Store, default_store_uri
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -131,7 +129,7 @@ def check_sizes(config: PipelineConfig, facts: ModelFacts) -> None:
             "or raise data.train_tokens"
         )
     need = training_bytes(sae, facts.width)
-    memory = device_memory(torch.device("cpu"))
+    memory = machine_memory()
     if need > memory:
         raise ConfigError(
             f"sae.n_latents={sae.n_latents}: its weights, gradients and Adam moments need "

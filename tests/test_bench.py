@@ -48,7 +48,7 @@ def test_bench_group_times_both_ways_on_the_same_sae_results(tmp_path):
         batch=256, shard_mb=0.05, repeats=2, verbose=False,
     )  # fmt: skip
     entry = r["stores"]["local"]
-    assert len(entry["one_by_one_s"]) == len(entry["group_s"]) == 2
+    assert len(entry["one_by_one_s"]) == len(entry["group_cpu_s"]) == 2
     assert min(entry["one_by_one_s"] + entry["group_s"]) > 0 and entry["saving"] < 1
     assert entry["identical_weights"] is True and len(entry["load_average"]) == 5
     assert not (tmp_path / "store" / "bench-group").exists()
