@@ -451,10 +451,10 @@ def bench_group(
         store.rm("bench-group")
         entry = {
             "uri": uri,
-            **{way: [round(s, 2) for s in secs] for way, secs in runs.items()},
-            "saving": round(
-                1 - statistics.median(runs["group_s"]) / statistics.median(runs["one_by_one_s"]), 3
-            ),
+            **{f"{way}_s": [round(s, 2) for s in secs] for way, secs in runs.items()},
+            **{f"{way}_cpu_s": [round(s, 2) for s in secs] for way, secs in cpu.items()},
+            "saving": _saving(runs),
+            "cpu_saving": _saving(cpu),
             "identical_weights": same,
             "load_average": loads,
         }
