@@ -169,7 +169,8 @@ def test_the_stage_commits_each_sae_where_a_lone_run_would_and_skips_committed_o
     first_manifest = store.manifest(done_first.path)
     count_reads.clear()
 
-    refs = stages.train_sae_group(acts, points, progress=False)
+    *refs, again = stages.train_sae_group(acts, [*points, points[2]], progress=False)
+    assert again == refs[2]  # a point given twice is trained once
     assert refs[0] == done_first and store.manifest(done_first.path) == first_manifest
     assert count_reads == [(2048, 0, 0), (BATCH, 0, 0), (BATCH, 1, 0)]  # init sample, 2 epochs
     for ref, point in zip(refs, points, strict=True):
