@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import ExitStack
 from typing import Annotated
 
 import typer
@@ -276,6 +277,30 @@ def bench_extract(
         typer.echo(json.dumps(result))
 
 
+def _bench_stores(stack: ExitStack, s3: bool) -> dict[str, str]:
+    """A scratch local store and, with s3, a SeaweedFS started for the run (both undone by
+    `stack`): name -> store URI."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="saeflow-bench-")))
+    stores = {"local": str(scratch / "store")}
+    if s3:
+        from deployments import seaweedfs
+
+        try:
+            server = seaweedfs.start(scratch / "seaweedfs", s3_port=18333, port_base=18300)
+        except (FileNotFoundError, RuntimeError, TimeoutError) as err:
+            _fail(err)
+        stack.callback(seaweedfs.stop, server)
+        saved = dict(os.environ)
+        stack.callback(lambda: (os.environ.clear(), os.environ.update(saved)))
+        os.environ.update(server.env())
+        stores["s3"] = "s3://saeflow-bench/load"
+    return stores
+
+
 @bench_app.command("load")
 def bench_load(
     s3: Annotated[bool, typer.Option("--s3", help="Also on a SeaweedFS started for the run.")] = False,
@@ -290,30 +315,12 @@ def bench_load(
 ) -> None:
     """Load GB/s and tokens/s (local store, SeaweedFS with --s3) and the trainer's data-wait share."""
     import json
-    import os
-    import tempfile
-    from contextlib import ExitStack
-    from pathlib import Path
 
     from sae_core.bench_data import bench_load as run_bench
 
     with ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="saeflow-bench-")))
-        stores = {"local": str(scratch / "store")}
-        if s3:
-            from deployments import seaweedfs
-
-            try:
-                server = seaweedfs.start(scratch / "seaweedfs", s3_port=18333, port_base=18300)
-            except (FileNotFoundError, RuntimeError, TimeoutError) as err:
-                _fail(err)
-            stack.callback(seaweedfs.stop, server)
-            saved = dict(os.environ)
-            stack.callback(lambda: (os.environ.clear(), os.environ.update(saved)))
-            os.environ.update(server.env())
-            stores["s3"] = "s3://saeflow-bench/load"
         result = run_bench(
-            stores,
+            _bench_stores(stack, s3),
             rows=rows,
             width=width,
             dtype=dtype,
@@ -321,6 +328,40 @@ def bench_load(
             buffer_tokens=buffer_tokens,
             shard_mb=shard_mb,
             train_steps=train_steps,
+            verbose=not json_out,
+        )
+    if json_out:
+        typer.echo(json.dumps(result))
+
+
+@bench_app.command("group")
+def bench_group(
+    n: Annotated[
+        list[int] | None, typer.Option(help="Latents of one SAE (repeatable) [1152, 2304, 4608].")
+    ] = None,
+    k: Annotated[int, typer.Option(help="Active latents of every SAE.")] = 32,
+    s3: Annotated[bool, typer.Option("--s3", help="Also on a SeaweedFS started for the run.")] = False,
+    rows: int = 2**17,
+    width: int = 576,
+    dtype: str = "float32",
+    batch: int = 4096,
+    repeats: int = 1,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Training several SAEs one after another against as one group reading the data once."""
+    import json
+
+    from sae_core.bench_data import bench_group as run_bench
+
+    with ExitStack() as stack:
+        result = run_bench(
+            _bench_stores(stack, s3),
+            [(latents, k) for latents in n or [1152, 2304, 4608]],
+            rows=rows,
+            width=width,
+            dtype=dtype,
+            batch=batch,
+            repeats=repeats,
             verbose=not json_out,
         )
     if json_out:

@@ -1,13 +1,14 @@
 """The frontier flow: one cached activation set; the dense TopK reference, an expander SAE per
-degree and the parameter-matched dense SAEs, each trained and evaluated through the pipeline's
-own cached tasks; then the storage-fidelity table and plot (sae_core.frontier)."""
+degree and the parameter-matched dense SAEs, trained from one read of the data per seed and
+each evaluated, through the pipeline's own cached tasks; then the storage-fidelity table and
+plot (sae_core.frontier)."""
 
 from __future__ import annotations
 
 from prefect import flow
 from pydantic import BaseModel
 
-from flows.grid import activation_set, train_and_evaluate
+from flows.grid import activation_set, train_and_evaluate_all
 from flows.pipeline import check_inputs
 from sae_core.config import PipelineConfig
 from sae_core.frontier import FrontierPoint, frontier_plan
@@ -34,8 +35,10 @@ def frontier(config: PipelineConfig, progress: bool = True) -> FrontierResult:
     data = activation_set(config, facts, progress)
     points: list[FrontierPoint] = []
     states: dict[str, str] = {}
-    for p in plan:
-        done = train_and_evaluate(data, config, p.sae, p.train, evaluation, progress)
+    trained = train_and_evaluate_all(
+        data, config, [(p.sae, p.train) for p in plan], evaluation, progress
+    )
+    for p, done in zip(plan, trained, strict=True):
         points.append(
             FrontierPoint(
                 family=p.family,

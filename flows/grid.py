@@ -1,18 +1,21 @@
-"""What the sweep and frontier flows share: one cached activation set, then each SAE trained and
-evaluated on it through the pipeline's own cached tasks."""
+"""What the sweep and frontier flows share: one cached activation set, then the SAEs trained from
+one read of the data per group of points sharing a data order, and each evaluated, through the
+pipeline's own cached tasks."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from sae_core.config import EvalConfig, PipelineConfig, SAEConfig, TrainConfig
 from sae_core.preflight import ModelFacts
 from sae_core.refs import DatasetRef
 from sae_core.store import default_store_uri
+from sae_core.train import group_by_data_order
 from tasks.caching import run_stage
 from tasks.data import extract_activations, sample_tokens
 from tasks.evaluate import EvalRef, evaluate_sae
-from tasks.train import train_sae
+from tasks.train import train_group_stage, train_sae
 from tasks.validate import validate_activations
 
 
@@ -61,3 +64,23 @@ def train_and_evaluate(
         progress=progress,
     )
     return TrainedPoint(trained.result(), evaluated.result(), f"{trained.name} / {evaluated.name}")
+
+
+def train_and_evaluate_all(
+    data: ActivationSet,
+    config: PipelineConfig,
+    points: Sequence[tuple[SAEConfig, TrainConfig]],
+    evaluation: EvalConfig,
+    progress: bool,
+) -> list[TrainedPoint]:
+    """Every point trained on `data` and evaluated, in order.
+
+    The points that share a data order (`sae_core.train.data_order`) and are not on the store
+    yet train together, reading the data once per group; then each point goes through the
+    cached train and evaluate tasks as before (its SAE is committed by then, so a train task
+    that misses the cache only reads the manifest): per-point cache hits, states and results
+    are those of training each point alone.
+    """
+    for group in group_by_data_order(points):
+        train_group_stage(data.activations, [points[i] for i in group], progress)
+    return [train_and_evaluate(data, config, *p, evaluation, progress) for p in points]

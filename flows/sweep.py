@@ -1,12 +1,13 @@
-"""The sweep flow: one cached activation set, a grid of SAEs over n x k x seed, each trained and
-evaluated through the pipeline's own cached tasks, then the scaling-law fit and the report."""
+"""The sweep flow: one cached activation set, a grid of SAEs over n x k x seed trained from one
+read of the data per seed and each evaluated, through the pipeline's own cached tasks, then the
+scaling-law fit and the report."""
 
 from __future__ import annotations
 
 from prefect import flow
 from pydantic import BaseModel
 
-from flows.grid import activation_set, train_and_evaluate
+from flows.grid import activation_set, train_and_evaluate_all
 from flows.pipeline import check_inputs
 from sae_core.config import PipelineConfig
 from sae_core.refs import DatasetRef
@@ -32,8 +33,10 @@ def sweep(config: PipelineConfig, progress: bool = True) -> SweepResult:
     data = activation_set(config, check_inputs(config), progress)
     points: list[SweepPoint] = []
     states: dict[str, str] = {}
-    for p in points_to_run:
-        done = train_and_evaluate(data, config, p.sae, p.train, config.eval, progress)
+    trained = train_and_evaluate_all(
+        data, config, [(p.sae, p.train) for p in points_to_run], config.eval, progress
+    )
+    for p, done in zip(points_to_run, trained, strict=True):
         points.append(
             SweepPoint(
                 n=p.n,

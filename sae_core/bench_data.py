@@ -11,6 +11,9 @@ then read back sequentially and through the shuffled streaming reader (GB/s, tok
 real training run (TopK SAE, `train.run_training`) reads it through `loader.iter_batches`; the
 time spent waiting for batches is the data-wait share of step time (target < 5%), and the
 process's resident memory is sampled meanwhile (the dataset is larger than the shuffle buffer).
+
+bench_group: on each store given, wall time of training several SAEs one after another (each
+reading the data itself) against as one group reading it once (`train.train_group`).
 """
 
 from __future__ import annotations
@@ -379,5 +382,90 @@ def bench_load(
                 f"  training: step {t['step_ms']:.0f} ms, data wait {100 * t['data_wait_share']:.2f}% "
                 f"of step time (first fill {t['first_batch_s']:.2f} s), RSS +{t['rss_growth_mb']:.0f} MiB "
                 f"(peak {t['rss_peak_mb']:.0f} MiB)   load average {entry['load_average']}"
+            )
+    return result
+
+
+# Group training ------------------------------------------------------------------------------
+def _saving(seconds: dict[str, list[float]]) -> float:
+    """1 - group / one by one, on the medians."""
+    return round(
+        1 - statistics.median(seconds["group"]) / statistics.median(seconds["one_by_one"]), 3
+    )
+
+
+def bench_group(
+    stores: dict[str, str],
+    points: list[tuple[int, int]],
+    rows: int = 2**17,
+    width: int = 576,
+    dtype: str = "float32",
+    batch: int = 4096,
+    shard_mb: float = 128.0,
+    repeats: int = 1,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """For each named store URI: on a synthetic dataset, wall seconds to train the TopK SAEs of
+    `points` [(n, k)] one after another (each reading the data itself, as a per-point sweep
+    did) against as one group (`train.train_group`: one read for all), one epoch each, after
+    an untimed warm-up, the order alternating per repeat; wall and process CPU seconds (all
+    threads: the loader's too); the weights are checked identical."""
+    from sae_core.train import GroupMember, train_group
+
+    members = [
+        GroupMember(SAEConfig(n_latents=n, k=k), TrainConfig(batch_size=batch, device="cpu"))
+        for n, k in points
+    ]
+    result: dict[str, Any] = {
+        "rows": rows,
+        "width": width,
+        "dtype": dtype,
+        "batch": batch,
+        "points": points,
+        "threads": torch.get_num_threads(),
+        "stores": {},
+    }
+    for name, uri in stores.items():
+        store = Store(uri)
+        store.check()
+        ref = write_synthetic(store, "bench-group/acts", rows, width, dtype, shard_mb)
+        train_group(ref, members, store, progress=False)  # warm-up, untimed: first-touch costs
+        runs: dict[str, list[float]] = {way: [] for way in ("one_by_one", "group")}
+        cpu: dict[str, list[float]] = {way: [] for way in runs}
+        loads = [_load_average()]
+        for repeat in range(repeats):
+            for way in list(runs)[:: 1 if repeat % 2 == 0 else -1]:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                if way == "group":
+                    grouped = train_group(ref, members, store, progress=verbose)
+                else:
+                    alone = [train_group(ref, [m], store, progress=verbose)[0] for m in members]
+                runs[way].append(time.perf_counter() - start)
+                cpu[way].append(time.process_time() - start_cpu)
+                loads.append(_load_average())
+        same = all(
+            torch.equal(p, q)
+            for a, g in zip(alone, grouped, strict=True)
+            for p, q in zip(a.sae.parameters(), g.sae.parameters(), strict=True)
+        )
+        store.rm("bench-group")
+        entry = {
+            "uri": uri,
+            **{f"{way}_s": [round(s, 2) for s in secs] for way, secs in runs.items()},
+            **{f"{way}_cpu_s": [round(s, 2) for s in secs] for way, secs in cpu.items()},
+            "saving": _saving(runs),
+            "cpu_saving": _saving(cpu),
+            "identical_weights": same,
+            "load_average": loads,
+        }
+        result["stores"][name] = entry
+        if verbose:
+            print(
+                f"{name} ({uri}): {len(points)} SAEs {points}, {rows} rows x {width} {dtype}\n"
+                f"  one by one {entry['one_by_one_s']} s (CPU {entry['one_by_one_cpu_s']} s)   "
+                f"group {entry['group_s']} s (CPU {entry['group_cpu_s']} s)\n"
+                f"  saving (medians): wall {100 * entry['saving']:.1f}%, CPU "
+                f"{100 * entry['cpu_saving']:.1f}%   identical weights: {same}   "
+                f"load average {loads}"
             )
     return result

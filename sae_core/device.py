@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sae_core.config import ConfigError
+from sae_core.env import machine_memory
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -28,3 +29,10 @@ def pick_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise ConfigError(f"device '{name}': expected auto, cpu, cuda or cuda:N")
     return device
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of a device: a GPU's own, else this machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return machine_memory()

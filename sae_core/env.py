@@ -33,6 +33,11 @@ def asset_cache() -> Path:
     return Path(os.environ.get("SAEFLOW_CACHE", default)).resolve()
 
 
+def machine_memory() -> int:
+    """Bytes of physical memory of this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def apply_runtime_env() -> None:
     for key, value in RUNTIME_DEFAULTS.items():
         os.environ.setdefault(key, value)

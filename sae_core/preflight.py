@@ -5,7 +5,6 @@ from __future__ import annotations
 import codecs
 import json
 import math
-import os
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -18,6 +17,7 @@ from sae_core.config import (
     SAEConfig,
     check_expander_graph,
 )
+from sae_core.env import machine_memory
 from sae_core.store import Store, default_store_uri
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -128,8 +128,8 @@ def check_sizes(config: PipelineConfig, facts: ModelFacts) -> None:
             f"activations data.train_tokens={data.train_tokens} gives; lower train.batch_size "
             "or raise data.train_tokens"
         )
-    need = _training_bytes(sae, facts.width)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = training_bytes(sae, facts.width)
+    memory = machine_memory()
     if need > memory:
         raise ConfigError(
             f"sae.n_latents={sae.n_latents}: its weights, gradients and Adam moments need "
@@ -138,7 +138,7 @@ def check_sizes(config: PipelineConfig, facts: ModelFacts) -> None:
         )
 
 
-def _training_bytes(sae: SAEConfig, width: int) -> int:
+def training_bytes(sae: SAEConfig, width: int) -> int:
     """A lower bound on training memory: each dense [n, d] float32 matrix (TopK: encoder and
     decoder; an untied expander: its encoder) with its gradient and two Adam moments."""
     dense = 2 if sae.kind == "topk" else 1 if sae.encoder == "untied" else 0

@@ -7,6 +7,7 @@ it inside `Store.writing` (data first, manifest last). Orchestrators wrap these 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any, NamedTuple
 
@@ -155,7 +156,7 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
         sae,
         train.model_dump(exclude={"device"}),
         code=(
-            "sae_core.train",
+            "sae_core.train",  # one SAE or a group: the same loop, the same result
             "sae_core.loader",  # the batch order
             "sae_core.sae.base",
             "sae_core.sae.topk",
@@ -170,25 +171,58 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
 def train_sae(
     acts: DatasetRef, sae: SAEConfig, train: TrainConfig, progress: bool = True
 ) -> DatasetRef:
+    return train_sae_group(acts, [(sae, train)], progress)[0]
+
+
+def train_sae_group(
+    acts: DatasetRef, points: Sequence[tuple[SAEConfig, TrainConfig]], progress: bool = True
+) -> list[DatasetRef]:
+    """One committed SAE per (sae, train) point, each at its own `locate_sae` location (the one
+    a lone `train_sae` uses). Those not committed yet train together from one read of the data
+    (they must share `train.data_order`), each resuming from its checkpoint, then each commits.
+    A group whose training state would take more than half the device's memory trains in
+    chunks that fit, one read of the data each.
+    """
     from sae_core import faults
     from sae_core import train as training
+    from sae_core.device import device_memory, pick_device
 
-    loc = locate_sae(acts, sae, train)
-    if (manifest := loc.committed()) is None:
+    locs = [locate_sae(acts, sae, train) for sae, train in points]
+    manifests = {loc: loc.committed() for loc in locs}  # one entry per distinct location
+    configs = dict(zip(locs, points, strict=True))
+    todo = [loc for loc, manifest in manifests.items() if manifest is None]
+    members = [
+        training.GroupMember(*configs[loc], checkpoint_dir=f"checkpoints/{loc.fingerprint}")
+        for loc in todo
+    ]
+    if todo:
         # faults.open_store: SAEFLOW_INJECT_FAULT can fail checkpoint writes, to test re-runs.
-        with faults.open_store(acts.store).writing(loc.path) as writer:
-            result = training.train_sae(
-                acts,
-                sae,
-                train,
-                writer,
-                checkpoint_dir=f"checkpoints/{loc.fingerprint}",
-                progress=progress,
-            )
+        store = faults.open_store(acts.store)
+        budget = device_memory(pick_device(members[0].train.device)) // 2
+        width = int(acts.manifest()["width"])
+        for chunk in training.split_by_memory(members, width, budget):
+            chunk_locs = [todo[i] for i in chunk]
+            chunk_members = [members[i] for i in chunk]
+            manifests |= _train_and_commit(acts, store, chunk_locs, chunk_members, progress)
+    return [loc.ref(manifests[loc].get("tokens_seen", 0)) for loc in locs]
+
+
+def _train_and_commit(
+    acts: DatasetRef, store: Store, locs: list[Location], members: list[Any], progress: bool
+) -> dict[Location, dict[str, Any]]:
+    """Train `members` (sae_core.train.GroupMember) as one group, commit each at its location;
+    their manifests. The trainers are dropped on return, before another chunk starts."""
+    from sae_core import train as training
+
+    trainers = training.train_group(acts, members, store, progress)
+    manifests = {}
+    for loc, trainer in zip(locs, trainers, strict=True):
+        with store.writing(loc.path) as writer:
+            training.write_trained(writer, acts, trainer)
             writer.manifest["fingerprint"] = loc.fingerprint
-            writer.manifest["resumed_from_tokens"] = result.resumed_from_tokens
-            manifest = writer.manifest
-    return loc.ref(manifest.get("tokens_seen", 0))
+            writer.manifest["resumed_from_tokens"] = trainer.resumed_from_tokens
+            manifests[loc] = writer.manifest
+    return manifests
 
 
 # evaluation ----------------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 
 Layers, outermost first:
 - `train_sae(acts, sae_cfg, train_cfg, writer, checkpoint_dir)`: reads the stored activations,
-  trains, writes `sae.safetensors`, `config.json`, `history.json` and the manifest.
-- `run_training(...)`: any batch source; resumes from the last checkpoint on the store if one
-  exists, checkpoints every N tokens, returns the Trainer.
+  trains, writes `sae.safetensors`, `config.json`, `history.json` and the manifest
+  (`write_trained`). `train_group(acts, members, store)`: several SAEs that share the data
+  order (`data_order`: batch size, seed, epochs) from one read of the data.
+- `run_group(...)`, `run_training(...)` (a group of one): any batch source; each SAE resumes
+  from its last checkpoint on the store if one exists, checkpoints every N tokens; returns
+  the Trainers. Each SAE of a group ends bit-identical (CPU) to training it alone.
 - `Trainer.step(x_raw)`: one optimiser step on a [B, d] batch.
 
 A checkpoint (one safetensors file, written atomically) holds the weights (with BatchTopK's
@@ -23,9 +26,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -292,6 +295,195 @@ class Trainer:
         return trainer
 
 
+class GroupMember(NamedTuple):
+    """One SAE of a group trained on a shared batch stream; checkpoint_dir: store-relative."""
+
+    sae: SAEConfig
+    train: TrainConfig
+    checkpoint_dir: str | None = None
+
+
+def data_order(train_cfg: TrainConfig) -> tuple[int, int, int, str]:
+    """What fixes the batches an SAE sees, in order (and where it trains): SAEs that agree on it
+    can share one read of the data (`run_group`)."""
+    return (train_cfg.batch_size, train_cfg.seed, train_cfg.epochs, train_cfg.device)
+
+
+def group_by_data_order(points: Sequence[tuple[SAEConfig, TrainConfig]]) -> list[list[int]]:
+    """Indices of `points` grouped by `data_order`, groups and members in first-seen order."""
+    groups: dict[tuple[int, int, int, str], list[int]] = {}
+    for i, (_, train_cfg) in enumerate(points):
+        groups.setdefault(data_order(train_cfg), []).append(i)
+    return list(groups.values())
+
+
+def split_by_memory(members: Sequence[GroupMember], d: int, budget: int) -> list[list[int]]:
+    """Indices of `members` in consecutive chunks whose training state together (the lower
+    bound `preflight.training_bytes` of each) stays within `budget` bytes; a member over the
+    budget alone gets a chunk of its own. Each chunk is one read of the data."""
+    from sae_core.preflight import training_bytes
+
+    chunks: list[list[int]] = []
+    used = budget + 1  # the first member opens a chunk
+    for i, member in enumerate(members):
+        need = training_bytes(member.sae, d)
+        if used + need > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += need
+    return chunks
+
+
+def _rng_state(device: torch.device) -> list[torch.Tensor]:
+    """The process's RNG state (and the device's on CUDA)."""
+    cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+    return [torch.get_rng_state(), *cuda]
+
+
+def _set_rng_state(state: list[torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _start(
+    d: int,
+    member: GroupMember,
+    store: Store | None,
+    init_sample: Callable[[], torch.Tensor],
+    device: torch.device | str,
+) -> Trainer:
+    """The member's trainer: from its checkpoint when there is one, else fresh (seeded)."""
+    ckpt = _checkpoint_path(member, store)
+    if ckpt is not None and store.exists(ckpt):
+        trainer = Trainer.from_checkpoint(store.read_bytes(ckpt), member.train, device)
+        if trainer.sae.cfg != member.sae or trainer.sae.d != d:
+            raise ConfigError(
+                f"checkpoint {ckpt} belongs to another SAE config; delete it to start over"
+            )
+        return trainer
+    torch.manual_seed(member.train.seed)
+    sae = init_sae(d, member.sae, init_sample(), member.train.seed)
+    return Trainer(sae, member.train, device)
+
+
+def _checkpoint_path(member: GroupMember, store: Store | None) -> str | None:
+    if store is None or not member.checkpoint_dir:
+        return None
+    return f"{member.checkpoint_dir}/{CHECKPOINT_FILE}"
+
+
+def _share_buffer(trainers: list[Trainer], batch_size: int) -> None:
+    """One [B, n_max] pre-activation buffer for the whole group instead of one per SAE: they
+    step one after another, so each needs it only during its own step."""
+    itemsize = [torch.empty((), dtype=t.gemm_dtype).element_size() for t in trainers]
+    sizes = [
+        batch_size * t.sae.n_latents * size for t, size in zip(trainers, itemsize, strict=True)
+    ]
+    flat = torch.empty(max(sizes), dtype=torch.uint8, device=trainers[0].device)
+    for t, size in zip(trainers, sizes, strict=True):
+        t.sae.use_buffer(flat[:size].view(t.gemm_dtype).view(batch_size, t.sae.n_latents))
+
+
+def _postfix(trainers: list[Trainer]) -> dict[str, str]:
+    """The progress bar's figures: one SAE's nmse and dead fraction, or every SAE's nmse."""
+    last = [t.state.history[-1] for t in trainers if t.state.history]
+    if len(trainers) == 1 and last:
+        return {"nmse": f"{last[0]['nmse']:.4f}", "dead": f"{last[0]['dead_fraction']:.3f}"}
+    return {"nmse": " ".join(f"{r['nmse']:.3f}" for r in last)}
+
+
+def run_group(
+    d: int,
+    members: Sequence[GroupMember],
+    source: BatchSource,
+    steps_per_epoch: int,
+    init_sample: Callable[[], torch.Tensor],
+    store: Store | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> list[Trainer]:
+    """Train several SAEs from one stream: each batch is read once and every SAE steps on it, one
+    after another. The members must share `data_order`.
+
+    Each SAE keeps what a lone run has: its seeded start, its own RNG state (put in place for
+    its steps), optimiser, checkpoints under its checkpoint_dir at its own cadence; so each
+    ends exactly as `run_training` alone would leave it (bit-identical on CPU), and a lone run
+    can resume from a checkpoint the group wrote, or the other way round. Each resumes from its
+    own checkpoint: the stream restarts at the earliest cursor and an SAE already past a batch
+    skips it. init_sample() -> [N, d] raw activations, called once if any SAE starts fresh.
+    stop_after_steps: stop after that many batches of the stream (each SAE checkpointed at
+    its cadence only), a deliberate interruption for tests.
+    """
+    if len({data_order(m.train) for m in members}) != 1:
+        raise ConfigError(
+            "train: a group's SAEs must share train.batch_size, seed, epochs and device; "
+            "group them with group_by_data_order"
+        )
+    sample: list[torch.Tensor] = []
+
+    def shared_sample() -> torch.Tensor:
+        if not sample:
+            sample.append(init_sample())
+        return sample[0]
+
+    device = torch.device(device)
+    trainers, rngs = [], []
+    for member in members:
+        trainers.append(_start(d, member, store, shared_sample, device))
+        rngs.append(_rng_state(device))
+    sample.clear()
+    train_cfg = members[0].train
+    _share_buffer(trainers, train_cfg.batch_size)
+    ckpts = [_checkpoint_path(m, store) for m in members]
+    states = [t.state for t in trainers]
+    first = min(st.epoch * steps_per_epoch + st.batch_in_epoch for st in states)
+    desc = "train sae" if len(members) == 1 else f"train {len(members)} saes"
+    with tqdm(
+        total=train_cfg.epochs * steps_per_epoch,
+        initial=first,
+        desc=desc,
+        unit="step",
+        disable=not progress,
+    ) as bar:
+        for epoch in range(min(st.epoch for st in states), train_cfg.epochs):
+            due = [st.batch_in_epoch for st in states if st.epoch == epoch]
+            start = min(due, default=steps_per_epoch)
+            batches = source(epoch, start) if start < steps_per_epoch else iter(())
+            for batch_in_epoch, x in enumerate(batches, start):
+                for i, (trainer, st) in enumerate(zip(trainers, states, strict=True)):
+                    if (st.epoch, st.batch_in_epoch) != (epoch, batch_in_epoch):
+                        continue  # resumed past this batch
+                    _set_rng_state(rngs[i], device)
+                    before = st.tokens_seen
+                    trainer.step(x)
+                    every = trainer.cfg.checkpoint_every_tokens
+                    if ckpts[i] is not None and st.tokens_seen // every > before // every:
+                        store.write_bytes(ckpts[i], trainer.checkpoint_bytes())
+                    rngs[i] = _rng_state(device)
+                bar.update(1)
+                bar.set_postfix(_postfix(trainers), refresh=False)
+                if (
+                    stop_after_steps is not None
+                    and epoch * steps_per_epoch + batch_in_epoch + 1 >= stop_after_steps
+                ):
+                    for trainer in trainers:
+                        trainer.sae.free_buffer()
+                    return trainers
+            for st in states:
+                if st.epoch == epoch:
+                    st.epoch += 1
+                    st.batch_in_epoch = 0
+    for i, trainer in enumerate(trainers):
+        if ckpts[i] is not None:
+            _set_rng_state(rngs[i], device)
+            store.write_bytes(ckpts[i], trainer.checkpoint_bytes())
+        trainer.sae.free_buffer()
+    return trainers
+
+
 def run_training(
     d: int,
     sae_cfg: SAEConfig,
@@ -305,46 +497,12 @@ def run_training(
     progress: bool = True,
     stop_after_steps: int | None = None,
 ) -> Trainer:
-    """Train from `source`, resuming from `checkpoint_dir` on `store` when a checkpoint is there.
-
-    init_sample() -> [N, d] raw activations, called only for a fresh start. stop_after_steps
-    ends early (after checkpointing) as a deliberate interruption, for tests.
-    """
-    ckpt = f"{checkpoint_dir}/{CHECKPOINT_FILE}" if store is not None and checkpoint_dir else None
-    if ckpt is not None and store.exists(ckpt):
-        trainer = Trainer.from_checkpoint(store.read_bytes(ckpt), train_cfg, device)
-        if trainer.sae.cfg != sae_cfg or trainer.sae.d != d:
-            raise ConfigError(
-                f"checkpoint {ckpt} belongs to another SAE config; delete it to start over"
-            )
-    else:
-        torch.manual_seed(train_cfg.seed)
-        trainer = Trainer(init_sae(d, sae_cfg, init_sample(), train_cfg.seed), train_cfg, device)
-
-    st = trainer.state
-    every = train_cfg.checkpoint_every_tokens
-    total = train_cfg.epochs * steps_per_epoch
-    with tqdm(
-        total=total, initial=st.step, desc="train sae", unit="step", disable=not progress
-    ) as bar:
-        while st.epoch < train_cfg.epochs:
-            for x in source(st.epoch, st.batch_in_epoch):
-                before = st.tokens_seen
-                rec = trainer.step(x)
-                bar.update(1)
-                bar.set_postfix(
-                    nmse=f"{rec['nmse']:.4f}", dead=f"{rec['dead_fraction']:.3f}", refresh=False
-                )
-                if ckpt is not None and st.tokens_seen // every > before // every:
-                    store.write_bytes(ckpt, trainer.checkpoint_bytes())
-                if stop_after_steps is not None and st.step >= stop_after_steps:
-                    trainer.sae.free_buffer()
-                    return trainer
-            st.epoch += 1
-            st.batch_in_epoch = 0
-    if ckpt is not None:
-        store.write_bytes(ckpt, trainer.checkpoint_bytes())
-    trainer.sae.free_buffer()
+    """Train one SAE from `source` (a group of one, `run_group`), resuming from `checkpoint_dir`
+    on `store` when a checkpoint is there; checkpoints every train.checkpoint_every_tokens."""
+    member = GroupMember(sae_cfg, train_cfg, checkpoint_dir)
+    [trainer] = run_group(
+        d, [member], source, steps_per_epoch, init_sample, store, device, progress, stop_after_steps
+    )
     return trainer
 
 
@@ -385,15 +543,14 @@ def summarize(trainer: Trainer) -> dict[str, Any]:
     } | ({"batch_topk_threshold": float(sae.threshold)} if sae.cfg.batch_topk else {})
 
 
-def train_sae(
+def train_group(
     acts: DatasetRef,
-    sae_cfg: SAEConfig,
-    train_cfg: TrainConfig,
-    writer: DatasetWriter,
-    checkpoint_dir: str,
+    members: Sequence[GroupMember],
+    store: Store,
     progress: bool = True,
-) -> TrainResult:
-    """Train on the `train` split of a committed activations dataset and fill `writer`.
+) -> list[Trainer]:
+    """Train the members (sharing `data_order`) on the `train` split of a committed activations
+    dataset, reading it once per epoch for all of them; checkpoints go to `store`.
 
     checkpoint_dir: a store-relative folder outside the dataset folder (it survives the
     clearing of unfinished attempts), e.g. `checkpoints/<fingerprint>`.
@@ -404,14 +561,18 @@ def train_sae(
     manifest = acts.manifest()
     d = int(manifest["width"])
     rows = int(manifest["splits"]["train"]["rows"])
+    train_cfg = members[0].train
     steps_per_epoch = rows // train_cfg.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(
             f"train.batch_size={train_cfg.batch_size} exceeds the {rows} training activations; "
             "lower train.batch_size or raise data.train_tokens"
         )
-    if sae_cfg.k_aux is not None and sae_cfg.k_aux > sae_cfg.n_latents:
-        raise ConfigError(f"sae.k_aux={sae_cfg.k_aux} exceeds sae.n_latents={sae_cfg.n_latents}")
+    for sae_cfg, _, _ in members:
+        if sae_cfg.k_aux is not None and sae_cfg.k_aux > sae_cfg.n_latents:
+            raise ConfigError(
+                f"sae.k_aux={sae_cfg.k_aux} exceeds sae.n_latents={sae_cfg.n_latents}"
+            )
 
     def source(epoch: int, start_batch: int) -> Iterator[torch.Tensor]:
         return iter_batches(acts, "train", train_cfg.batch_size, train_cfg.seed, epoch, start_batch)
@@ -420,25 +581,43 @@ def train_sae(
         size = min(INIT_SAMPLE_TOKENS, rows)
         return next(iter_batches(acts, "train", size, train_cfg.seed + 1, 0, 0))
 
-    store = writer.store
-    trainer = run_training(
+    return run_group(
         d,
-        sae_cfg,
-        train_cfg,
+        members,
         source,
         steps_per_epoch,
         init_sample,
         store=store,
-        checkpoint_dir=checkpoint_dir,
         device=pick_device(train_cfg.device),
         progress=progress,
     )
+
+
+def write_trained(writer: DatasetWriter, acts: DatasetRef, trainer: Trainer) -> TrainResult:
+    """Fill `writer` with a trained SAE: weights, configs, history and the manifest."""
     sae = trainer.final_sae()
     history = trainer.state.history
     writer.write_bytes(WEIGHTS_FILE, sae.cpu().to_bytes())
-    writer.write_json("config.json", {"sae": sae_cfg.model_dump(), "train": train_cfg.model_dump()})
+    writer.write_json(
+        "config.json", {"sae": trainer.sae.cfg.model_dump(), "train": trainer.cfg.model_dump()}
+    )
     writer.write_json("history.json", history)
     writer.manifest = {"kind": "sae", "schema_version": 1, "activations": acts.uri} | summarize(
         trainer
     )
     return TrainResult(sae, history, writer.manifest, trainer.resumed_from_tokens)
+
+
+def train_sae(
+    acts: DatasetRef,
+    sae_cfg: SAEConfig,
+    train_cfg: TrainConfig,
+    writer: DatasetWriter,
+    checkpoint_dir: str,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one SAE on the `train` split of a committed activations dataset (`train_group`)
+    and fill `writer`."""
+    member = GroupMember(sae_cfg, train_cfg, checkpoint_dir)
+    [trainer] = train_group(acts, [member], writer.store, progress)
+    return write_trained(writer, acts, trainer)

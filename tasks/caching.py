@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,22 @@ def stage_lock_path(location: Location) -> Path:
     return saeflow_home() / "locks" / f"{key}.lock"
 
 
+@contextmanager
+def stage_locks(locations: Iterable[Location], name: str) -> Iterator[None]:
+    """Hold the locks of several stage outputs (each one's `stage_lock_path`), taken in a fixed
+    order so that runs locking overlapping sets never wait on each other in a cycle."""
+    with ExitStack() as stack:
+        for location in sorted(set(locations)):
+
+            def waiting(location: Location = location) -> None:
+                print(f"{name}: another run is computing {location.path}; waiting for it")
+
+            stack.enter_context(
+                file_lock(stage_lock_path(location), timeout=math.inf, on_wait=waiting)
+            )
+        yield
+
+
 def run_stage(task: Task, **inputs: Any) -> State:
     """Call a stage task; when its output is missing from the store, recompute and re-cache it.
 
@@ -75,12 +92,7 @@ def run_stage(task: Task, **inputs: Any) -> State:
     policy = task.cache_policy
     if not isinstance(policy, CommittedOutput):
         return task(**inputs, return_state=True)
-    location = policy.locate(**_key_inputs(inputs))
-
-    def waiting() -> None:
-        print(f"{task.name}: another run is computing {location.path}; waiting for it")
-
-    with file_lock(stage_lock_path(location), timeout=math.inf, on_wait=waiting):
+    with stage_locks([policy.locate(**_key_inputs(inputs))], task.name):
         if policy.output_missing(inputs):
             task = task.with_options(refresh_cache=True)
         return task(**inputs, return_state=True)

@@ -1,13 +1,15 @@
-"""Prefect task: train an SAE on a committed activation dataset."""
+"""Prefect tasks: train an SAE, or a group of SAEs from one read of the data, on a committed
+activation dataset."""
 
 from __future__ import annotations
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from sae_core import stages
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.refs import DatasetRef
-from tasks.caching import CommittedOutput
+from tasks.caching import CommittedOutput, stage_locks
 from tasks.common import TASK_DEFAULTS
 
 
@@ -16,3 +18,26 @@ def train_sae(
     acts: DatasetRef, sae: SAEConfig, train: TrainConfig, progress: bool = True
 ) -> DatasetRef:
     return stages.train_sae(acts, sae, train, progress)
+
+
+# Not cached itself: each SAE lands at the address a lone `train_sae` uses, where that task's
+# per-point cache (and the stage's skipping of committed SAEs) finds it.
+@task(name="train_sae_group", cache_policy=NO_CACHE, **TASK_DEFAULTS)
+def train_sae_group(
+    acts: DatasetRef, points: list[tuple[SAEConfig, TrainConfig]], progress: bool = True
+) -> list[DatasetRef]:
+    """points must share `sae_core.train.data_order`; one ref per point, in order."""
+    return stages.train_sae_group(acts, points, progress)
+
+
+def train_group_stage(
+    acts: DatasetRef, points: list[tuple[SAEConfig, TrainConfig]], progress: bool = True
+) -> None:
+    """Train the points' SAEs that are not committed yet in one `train_sae_group` run, holding
+    each one's stage lock (as `run_stage` would for a lone `train_sae`), so a concurrent run of
+    any of them waits and then reuses it. Nothing runs when all are committed."""
+    locations = {stages.locate_sae(acts, *p): p for p in points}
+    missing = {loc: p for loc, p in locations.items() if loc.committed() is None}
+    if missing:
+        with stage_locks(missing, "train_sae_group"):
+            train_sae_group(acts, list(missing.values()), progress)

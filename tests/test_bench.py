@@ -38,3 +38,17 @@ def test_bench_train_times_an_expander_step_with_the_same_fields():
 def test_bench_train_names_a_bad_sae_field():
     with pytest.raises(ConfigError, match="sae.degree"):
         bench_train(d=16, n=64, k=4, batch=32, steps=1, device="cpu", verbose=False, degree=4)
+
+
+def test_bench_group_times_both_ways_on_the_same_sae_results(tmp_path):
+    from sae_core.bench_data import bench_group
+
+    r = bench_group(
+        {"local": str(tmp_path / "store")}, [(32, 4), (64, 4), (96, 8)], rows=2048, width=16,
+        batch=256, shard_mb=0.05, repeats=2, verbose=False,
+    )  # fmt: skip
+    entry = r["stores"]["local"]
+    assert len(entry["one_by_one_s"]) == len(entry["group_cpu_s"]) == 2
+    assert min(entry["one_by_one_s"] + entry["group_s"]) > 0 and entry["saving"] < 1
+    assert entry["identical_weights"] is True and len(entry["load_average"]) == 5
+    assert not (tmp_path / "store" / "bench-group").exists()

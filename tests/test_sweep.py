@@ -7,6 +7,7 @@ import math
 import pytest
 from test_cli import assert_one_line_error, invoke
 from test_pipeline import tiny_config
+from test_train_group import count_train_reads
 
 from sae_core.config import ConfigError
 from sae_core.scaling import NAMES
@@ -25,11 +26,19 @@ def swept(prefect, tiny_llama_dir, tiny_corpus_dir, tmp_path_factory):
 
     store = str(tmp_path_factory.mktemp("sweep-store"))
     config = tiny_config(tiny_llama_dir, tiny_corpus_dir, store, sweep=SWEEP, eval=EVAL)
-    return config, sweep(config, progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        reads = count_train_reads(patch)
+        return config, sweep(config, progress=False), reads
+
+
+def test_the_grid_trains_from_one_read_of_the_data(swept):
+    config, _, reads = swept
+    # One group (one seed): the initialisation sample, then one epoch streamed for all 4 SAEs.
+    assert len(reads) == 2 and reads[1] == (config.train.batch_size, 0, 0)
 
 
 def test_every_grid_point_is_trained_evaluated_and_fitted(swept):
-    _, result = swept
+    _, result, _ = swept
     assert [(p.n, p.k) for p in result.points] == [(64, 4), (64, 8), (128, 4), (128, 8)]
     assert set(result.states.values()) == {"Completed / Completed"}
     for p in result.points:
@@ -48,7 +57,7 @@ def test_report_plots_and_artifacts_exist(swept):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    _, result = swept
+    _, result, _ = swept
     ref = result.report.dataset
     store = Store(ref.store)
     for name in ["report.md", "table.json", *FIGURES]:
@@ -79,9 +88,12 @@ def test_report_plots_and_artifacts_exist(swept):
 def test_a_second_sweep_comes_from_the_cache(swept):
     from flows.sweep import sweep
 
-    config, result = swept
-    again = sweep(config, progress=False)
+    config, result, _ = swept
+    with pytest.MonkeyPatch.context() as patch:
+        reads = count_train_reads(patch)
+        again = sweep(config, progress=False)
     assert set(again.states.values()) == {"Cached / Cached"}
+    assert reads == []  # nothing trained, nothing read
     assert again.report.dataset == result.report.dataset
     assert again.report.mlflow_run_id == result.report.mlflow_run_id
 
@@ -103,7 +115,7 @@ def test_grid_names_the_point_that_is_not_a_valid_sae(tiny_llama_dir, tiny_corpu
 def test_a_run_report_lists_metrics_probes_and_figures(swept):
     from sae_core.stages import write_run_report
 
-    _, result = swept
+    _, result, _ = swept
     point = result.points[-1]
     written = write_run_report(point.sae, point.evaluation, "tiny run")
     store = Store(written.ref.store)

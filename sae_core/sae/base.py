@@ -284,6 +284,11 @@ class SparseAutoencoder(nn.Module, ABC):
         """Drop the [B, n] pre-activation buffer kept between training steps."""
         self._pre_buffer = None
 
+    def use_buffer(self, buf: torch.Tensor) -> None:
+        """Write the pre-activations into buf: [B, n] in the GEMM's dtype, e.g. a view of one
+        buffer shared by SAEs that step one after another (a group, `train.run_group`)."""
+        self._pre_buffer = buf
+
     # Inference on raw activations ------------------------------------------------------------
     @torch.no_grad()
     def encode(self, x_raw: torch.Tensor) -> Codes:
