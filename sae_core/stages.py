@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 from sae_core.assets import resolve_corpus, resolve_model_path
 from sae_core.config import (
+    TRAIN_EXECUTION_FIELDS,
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -153,7 +154,7 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
         acts.store,
         acts.fingerprint,
         sae,
-        train.model_dump(exclude={"device"}),
+        train.model_dump(exclude=TRAIN_EXECUTION_FIELDS),
         code=(
             "sae_core.train",
             "sae_core.loader",  # the batch order
@@ -170,23 +171,22 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
 def train_sae(
     acts: DatasetRef, sae: SAEConfig, train: TrainConfig, progress: bool = True
 ) -> DatasetRef:
-    from sae_core import faults
+    from sae_core import ddp, faults
     from sae_core import train as training
 
     loc = locate_sae(acts, sae, train)
     if (manifest := loc.committed()) is None:
         # faults.open_store: SAEFLOW_INJECT_FAULT can fail checkpoint writes, to test re-runs.
+        checkpoints = f"checkpoints/{loc.fingerprint}"
         with faults.open_store(acts.store).writing(loc.path) as writer:
-            result = training.train_sae(
-                acts,
-                sae,
-                train,
-                writer,
-                checkpoint_dir=f"checkpoints/{loc.fingerprint}",
-                progress=progress,
-            )
+            if train.world_size > 1:  # torchrun workers; rank 0 fills the folder
+                trained = ddp.train_data_parallel(acts, sae, train, loc.path, checkpoints, progress)
+                writer.manifest, resumed = trained.manifest, trained.resumed_from_tokens
+            else:
+                result = training.train_sae(acts, sae, train, writer, checkpoints, progress)
+                resumed = result.resumed_from_tokens
             writer.manifest["fingerprint"] = loc.fingerprint
-            writer.manifest["resumed_from_tokens"] = result.resumed_from_tokens
+            writer.manifest["resumed_from_tokens"] = resumed
             manifest = writer.manifest
     return loc.ref(manifest.get("tokens_seen", 0))
 

@@ -1,0 +1,173 @@
+"""Data-parallel training on one node: the train stage runs `train.world_size` torchrun workers.
+
+Parent (`train_data_parallel`, called inside the stage's `Store.writing` block): writes the
+inputs as a small JSON file, runs `python -m torch.distributed.run --standalone
+--nproc_per_node=W -m sae_core.ddp SPEC` (a rendezvous on a free localhost port), streams the
+workers' output, waits, and returns the manifest rank 0 reports; the stage commits it. Workers
+(`main`): join the group (gloo on CPU, NCCL with one GPU per rank on CUDA) and run
+`sae_core.train.train_sae` with their `Ranks`; rank 0 writes the outputs and checkpoints.
+
+A failing rank writes its error (type, message, time) next to the spec; the parent re-raises
+the earliest one: configuration and storage errors as themselves (final), anything else as
+`DataParallelFailed` (a task may retry it; training resumes from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from sae_core.config import ConfigError, SAEConfig, TrainConfig
+from sae_core.device import pick_device
+from sae_core.refs import DatasetRef
+from sae_core.store import DatasetDamaged, StoreError
+
+RESULT_FILE = "result.json"
+_ERROR_PREFIX = "error-rank"
+# Errors that re-raise as themselves in the parent: a retry would only repeat them.
+_FINAL = {cls.__name__: cls for cls in (ConfigError, StoreError, DatasetDamaged)}
+
+
+class DataParallelFailed(RuntimeError):
+    """A torchrun worker failed (or the launcher did) for a reason that may pass on a re-run."""
+
+
+class Trained(NamedTuple):
+    manifest: dict[str, Any]  # rank 0's manifest of the SAE dataset (the stage commits it)
+    resumed_from_tokens: int
+
+
+def torchrun_command(world_size: int, spec: Path) -> list[str]:
+    """The launcher's command line: W workers of this module on this node."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world_size}",
+        "-m",
+        "sae_core.ddp",
+        str(spec),
+    ]
+
+
+def check_world_size(train: TrainConfig) -> None:
+    """One rank per GPU on CUDA; on CPU any count (each rank gets cores / W threads)."""
+    if pick_device(train.device).type != "cuda":
+        return
+    if train.world_size > (gpus := torch.cuda.device_count()):
+        raise ConfigError(
+            f"train.world_size={train.world_size} exceeds the {gpus} GPU(s) visible here; "
+            f"choose train.world_size <= {gpus} or train.device=cpu"
+        )
+
+
+def train_data_parallel(
+    acts: DatasetRef,
+    sae: SAEConfig,
+    train: TrainConfig,
+    dataset: str,
+    checkpoint_dir: str,
+    progress: bool = True,
+) -> Trained:
+    """Train with train.world_size torchrun workers; rank 0 fills `dataset` on acts' store
+    (without its manifest, which the caller commits). Blocks until every worker has ended."""
+    check_world_size(train)
+    with tempfile.TemporaryDirectory(prefix="saeflow-ddp-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(
+            json.dumps(
+                {
+                    "acts": acts.model_dump(),
+                    "sae": sae.model_dump(mode="json"),
+                    "train": train.model_dump(mode="json"),
+                    "dataset": dataset,
+                    "checkpoint_dir": checkpoint_dir,
+                    "progress": progress,
+                }
+            )
+        )
+        env = os.environ.copy()
+        # torchrun would set 1 thread per worker; give each its share of the cores instead.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // train.world_size)))
+        try:
+            code = subprocess.run(torchrun_command(train.world_size, spec), env=env).returncode
+        except OSError as err:
+            raise DataParallelFailed(f"could not start torchrun: {err}") from None
+        result = Path(tmp) / RESULT_FILE
+        if code == 0 and result.exists():
+            done = json.loads(result.read_text())
+            return Trained(done["manifest"], int(done["resumed_from_tokens"]))
+        raise _rank_error(Path(tmp), code)
+
+
+def _rank_error(folder: Path, code: int) -> Exception:
+    """The earliest error a rank reported, as an exception for the parent to raise."""
+    reports = [json.loads(p.read_text()) for p in folder.glob(f"{_ERROR_PREFIX}*.json")]
+    if not reports:
+        return DataParallelFailed(
+            f"data-parallel training failed: torchrun exited with {code} and no rank reported "
+            "an error (killed? out of memory?); see the output above, fix the cause and run again"
+        )
+    first = min(reports, key=lambda r: r["time"])
+    if first["type"] in _FINAL:
+        return _FINAL[first["type"]](first["message"])
+    return DataParallelFailed(
+        f"data-parallel training failed on rank {first['rank']}: {first['type']}: "
+        f"{first['message']} (traceback above); fix the cause and run again: training resumes "
+        "from its last checkpoint"
+    )
+
+
+def main(spec_path: str) -> None:
+    """A torchrun worker: train this rank's share; rank 0 writes outputs and the result file."""
+    from sae_core import faults
+    from sae_core import train as training
+    from sae_core.ranks import Ranks
+    from sae_core.store import DatasetWriter
+
+    spec = json.loads(Path(spec_path).read_text())
+    folder = Path(spec_path).parent
+    train = TrainConfig.model_validate(spec["train"])
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        ranks, device = Ranks.from_env(train.device)
+        acts = DatasetRef.model_validate(spec["acts"])
+        writer = DatasetWriter(faults.open_store(acts.store), spec["dataset"])
+        result = training.train_sae(
+            acts,
+            SAEConfig.model_validate(spec["sae"]),
+            train,
+            writer,
+            spec["checkpoint_dir"],
+            progress=spec["progress"],
+            ranks=ranks,
+            device=device,
+        )
+        if ranks.leader:
+            done = {"manifest": result.manifest, "resumed_from_tokens": result.resumed_from_tokens}
+            (folder / RESULT_FILE).write_text(json.dumps(done))
+    except BaseException as err:
+        report = {
+            "rank": rank,
+            "type": type(err).__name__,
+            "message": str(err),
+            "time": time.time(),
+        }
+        (folder / f"{_ERROR_PREFIX}{rank}.json").write_text(json.dumps(report))
+        traceback.print_exc()
+        sys.exit(1)  # without leaving the group: a peer may be stuck in a collective
+    Ranks.leave()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

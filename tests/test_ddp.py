@@ -1,0 +1,115 @@
+"""Data-parallel training (torchrun, gloo on CPU): W ranks compute what one process computes."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+from safetensors.torch import load as load_tensors
+
+from sae_core import stages
+from sae_core.config import ConfigError, SAEConfig, TrainConfig, build_config
+from sae_core.ddp import DataParallelFailed
+from sae_core.refs import DatasetRef
+from sae_core.store import Store
+from tests.test_train import sparse_dictionary_data, write_activations
+
+SAE = SAEConfig(n_latents=256, k=3, dead_window_tokens=512, k_aux=16)  # some latents die
+
+
+class Run(NamedTuple):
+    weights: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    manifest: dict[str, Any]
+
+
+def _train(tmp_path, name: str, sae: SAEConfig, world_size: int, **train) -> Run:
+    """Train through the stage (2 epochs of 16 steps) on store `name`."""
+    store = Store(str(tmp_path / name))
+    x, _ = sparse_dictionary_data(2048, seed=3)
+    acts = write_activations(store, "activations/test", x * 5 + 2, x[:256])
+    cfg = TrainConfig(
+        batch_size=128,
+        lr=3e-3,
+        device="cpu",
+        checkpoint_every_tokens=1024,
+        world_size=world_size,
+        epochs=2,
+        **train,
+    )
+    ref = stages.train_sae(acts, sae, cfg, progress=False)
+    return Run(
+        load_tensors(store.read_bytes(f"{ref.path}/sae.safetensors")),
+        store.read_json(f"{ref.path}/history.json"),
+        store.manifest(ref.path),
+    )
+
+
+def _assert_same_run(a: Run, b: Run, exact: bool = False) -> None:
+    (wa, ha, _), (wb, hb, _) = a, b
+    assert wa.keys() == wb.keys() and len(ha) == len(hb)
+    for name in wa:
+        if exact:
+            assert torch.equal(wa[name], wb[name]), name
+        else:
+            torch.testing.assert_close(wa[name], wb[name], rtol=1e-3, atol=1e-4, msg=name)
+    for ra, rb in zip(ha, hb, strict=True):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-3, abs=1e-5), (ra["step"], key)
+
+
+def test_two_ranks_match_one_rank_at_the_same_global_batch(tmp_path):
+    one = _train(tmp_path, "one", SAE, 1)
+    two = _train(tmp_path, "two", SAE, 2)
+    _assert_same_run(one, two)
+    history = one.history
+    assert history[-1]["nmse"] < history[0]["nmse"]
+    assert any(r["aux_loss"] > 0 for r in history), "AuxK never ran: the test would miss it"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sae",
+    [
+        SAE.model_copy(update={"batch_topk": True}),  # a global threshold, and state
+        SAE.model_copy(update={"multi_topk": True}),
+        SAEConfig(kind="expander", degree=4, n_latents=256, k=3, dead_window_tokens=512, k_aux=16),
+    ],
+    ids=["batch_topk", "multi_topk", "expander"],
+)
+def test_two_ranks_match_one_rank_for_every_selection_and_kind(tmp_path, sae):
+    _assert_same_run(_train(tmp_path, "one", sae, 1), _train(tmp_path, "two", sae, 2, ema_decay=0.9))
+
+
+@pytest.mark.slow
+def test_two_ranks_stopped_midway_resume_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    uninterrupted = _train(tmp_path, "store", SAE, 2)
+    # The second checkpoint write fails on rank 0 (after 16 of 32 steps): the stage fails with
+    # rank 0's error; the re-run resumes from the first checkpoint.
+    monkeypatch.setenv("SAEFLOW_INJECT_FAULT", "checkpoints/@1")
+    with pytest.raises(DataParallelFailed, match="rank 0: InjectedFault"):
+        _train(tmp_path, "resumed", SAE, 2)
+    monkeypatch.delenv("SAEFLOW_INJECT_FAULT")
+    resumed = _train(tmp_path, "resumed", SAE, 2)
+    _assert_same_run(uninterrupted, resumed, exact=True)
+    assert resumed.manifest["resumed_from_tokens"] == 1024
+    assert uninterrupted.manifest["resumed_from_tokens"] == 0
+
+
+def test_world_size_must_split_the_batch_into_equal_slices():
+    with pytest.raises(ConfigError, match="train.world_size=3 does not divide train.batch_size"):
+        build_config({}, ["train.world_size=3", "train.batch_size=4096"])
+    with pytest.raises(ValueError, match="train.world_size=8 does not divide train.batch_size=4"):
+        TrainConfig(batch_size=4, world_size=8)  # more ranks than rows
+    assert TrainConfig(batch_size=4096, world_size=4).world_size == 4
+
+
+def test_world_size_is_not_part_of_the_sae_address():
+    """Like the device, it changes how a run executes (same result up to float rounding): a
+    1-rank SAE serves a 2-rank request, and existing 1-rank addresses do not move."""
+    acts = DatasetRef(store="/tmp/unused", path="activations/x", fingerprint="abc")
+    one = stages.locate_sae(acts, SAE, TrainConfig())
+    assert stages.locate_sae(acts, SAE, TrainConfig(world_size=2)) == one
+    assert stages.locate_sae(acts, SAE, TrainConfig(seed=1)) != one
