@@ -107,10 +107,10 @@ def train_data_parallel(
         if code == 0 and result.exists():
             done = json.loads(result.read_text())
             return Trained(done["manifest"], int(done["resumed_from_tokens"]))
-        raise _rank_error(Path(tmp), code)
+        raise rank_error(Path(tmp), code)
 
 
-def _rank_error(folder: Path, code: int) -> Exception:
+def rank_error(folder: Path, code: int) -> Exception:
     """The earliest error a rank reported, as an exception for the parent to raise."""
     reports = [json.loads(p.read_text()) for p in folder.glob(f"{_ERROR_PREFIX}*.json")]
     if not reports:

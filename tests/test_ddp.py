@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import load as load_tensors
 
 from sae_core import stages
 from sae_core.config import ConfigError, SAEConfig, TrainConfig, build_config
-from sae_core.ddp import DataParallelFailed
+from sae_core.ddp import DataParallelFailed, rank_error
 from sae_core.refs import DatasetRef
 from sae_core.store import Store
 from tests.test_train import sparse_dictionary_data, write_activations
@@ -80,7 +81,8 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(tmp_path):
     ids=["batch_topk", "multi_topk", "expander"],
 )
 def test_two_ranks_match_one_rank_for_every_selection_and_kind(tmp_path, sae):
-    _assert_same_run(_train(tmp_path, "one", sae, 1), _train(tmp_path, "two", sae, 2, ema_decay=0.9))
+    one = _train(tmp_path, "one", sae, 1, ema_decay=0.9)
+    _assert_same_run(one, _train(tmp_path, "two", sae, 2, ema_decay=0.9))
 
 
 @pytest.mark.slow
@@ -113,3 +115,20 @@ def test_world_size_is_not_part_of_the_sae_address():
     one = stages.locate_sae(acts, SAE, TrainConfig())
     assert stages.locate_sae(acts, SAE, TrainConfig(world_size=2)) == one
     assert stages.locate_sae(acts, SAE, TrainConfig(seed=1)) != one
+
+
+def test_the_earliest_rank_error_is_raised_final_errors_as_themselves(tmp_path):
+    def report(rank: int, kind: str, message: str, at: float) -> None:
+        record = {"rank": rank, "type": kind, "message": message, "time": at}
+        (tmp_path / f"error-rank{rank}.json").write_text(json.dumps(record))
+
+    err = rank_error(tmp_path, 1)
+    assert isinstance(err, DataParallelFailed) and "no rank reported an error" in str(err)
+    report(1, "RuntimeError", "Connection closed by peer", 2.0)  # a consequence
+    report(0, "ConfigError", "sae.k=9 exceeds sae.n_latents=8; choose k <= n_latents", 1.0)
+    err = rank_error(tmp_path, 1)
+    assert type(err) is ConfigError and str(err).startswith("sae.k=9")
+    report(0, "OSError", "disk full", 1.0)
+    err = rank_error(tmp_path, 1)
+    assert isinstance(err, DataParallelFailed)
+    assert "failed on rank 0: OSError: disk full" in str(err)
