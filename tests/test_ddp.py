@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 
-from sae_core import stages
+from sae_core import faults, stages
 from sae_core.config import ConfigError, SAEConfig, TrainConfig, build_config
 from sae_core.ddp import DataParallelFailed, rank_error
 from sae_core.refs import DatasetRef
@@ -98,6 +98,20 @@ def test_two_ranks_stopped_midway_resume_to_the_uninterrupted_run(tmp_path, monk
     _assert_same_run(uninterrupted, resumed, exact=True)
     assert resumed.manifest["resumed_from_tokens"] == 1024
     assert uninterrupted.manifest["resumed_from_tokens"] == 0
+
+
+@pytest.mark.slow
+def test_a_one_rank_checkpoint_resumes_on_two_ranks(tmp_path, monkeypatch):
+    """The state is rank-independent (global counters, a cursor in global batches)."""
+    uninterrupted = _train(tmp_path, "store", SAE, 1)
+    faults.reset()
+    monkeypatch.setenv("SAEFLOW_INJECT_FAULT", "checkpoints/@1")
+    with pytest.raises(faults.InjectedFault):
+        _train(tmp_path, "resumed", SAE, 1)
+    monkeypatch.delenv("SAEFLOW_INJECT_FAULT")
+    resumed = _train(tmp_path, "resumed", SAE, 2)
+    assert resumed.manifest["resumed_from_tokens"] == 1024
+    _assert_same_run(uninterrupted, resumed)
 
 
 def test_world_size_must_split_the_batch_into_equal_slices():
