@@ -32,6 +32,7 @@ from sae_core.refs import DatasetRef
 from sae_core.store import DatasetDamaged, StoreError
 
 RESULT_FILE = "result.json"
+_CODE_ROOT = str(Path(__file__).resolve().parents[1])  # the folder holding this sae_core
 _ERROR_PREFIX = "error-rank"
 # Errors that re-raise as themselves in the parent: a retry would only repeat them.
 _FINAL = {cls.__name__: cls for cls in (ConfigError, StoreError, DatasetDamaged)}
@@ -99,6 +100,8 @@ def train_data_parallel(
         env = os.environ.copy()
         # torchrun would set 1 thread per worker; give each its share of the cores instead.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // train.world_size)))
+        # The workers import the very sae_core this process runs (not another installed copy).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_CODE_ROOT, env.get("PYTHONPATH")]))
         try:
             code = subprocess.run(torchrun_command(train.world_size, spec), env=env).returncode
         except OSError as err:
