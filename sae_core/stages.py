@@ -158,6 +158,7 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
         code=(
             "sae_core.train",
             "sae_core.loader",  # the batch order
+            "sae_core.ranks",  # the reductions over the global batch
             "sae_core.sae.base",
             "sae_core.sae.topk",
             "sae_core.sae.expander",
