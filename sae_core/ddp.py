@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -94,6 +95,7 @@ def train_data_parallel(
                     "dataset": dataset,
                     "checkpoint_dir": checkpoint_dir,
                     "progress": progress,
+                    "parent_pid": os.getpid(),
                 }
             )
         )
@@ -131,6 +133,23 @@ def rank_error(folder: Path, code: int) -> Exception:
     )
 
 
+def _exit_when_gone(pid: int, every_s: float = 1.0) -> None:
+    """End this worker once process `pid` (the stage that launched torchrun) is gone: a killed
+    stage must not leave ranks writing its checkpoints while a re-run trains (checked in a
+    daemon thread; a checkpoint write cut short is harmless, writes are atomic)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                print(f"sae_core.ddp: the launching process {pid} is gone; stopping", flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="ddp-parent-watch", daemon=True).start()
+
+
 def main(spec_path: str) -> None:
     """A torchrun worker: train this rank's share; rank 0 writes outputs and the result file."""
     from sae_core import faults
@@ -142,6 +161,7 @@ def main(spec_path: str) -> None:
     folder = Path(spec_path).parent
     train = TrainConfig.model_validate(spec["train"])
     rank = int(os.environ.get("RANK", "0"))
+    _exit_when_gone(spec["parent_pid"])
     try:
         ranks, device = Ranks.from_env(train.device)
         acts = DatasetRef.model_validate(spec["acts"])

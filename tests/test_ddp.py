@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
@@ -16,6 +22,7 @@ from sae_core.refs import DatasetRef
 from sae_core.store import Store
 from tests.test_train import sparse_dictionary_data, write_activations
 
+ROOT = Path(__file__).resolve().parents[1]
 SAE = SAEConfig(n_latents=256, k=3, dead_window_tokens=512, k_aux=16)  # some latents die
 
 
@@ -25,8 +32,8 @@ class Run(NamedTuple):
     manifest: dict[str, Any]
 
 
-def _train(tmp_path, name: str, sae: SAEConfig, world_size: int, **train) -> Run:
-    """Train through the stage (2 epochs of 16 steps) on store `name`."""
+def _train(tmp_path, name: str, sae: SAEConfig, world_size: int, epochs: int = 2, **train) -> Run:
+    """Train through the stage (epochs of 16 steps) on store `name`."""
     store = Store(str(tmp_path / name))
     x, _ = sparse_dictionary_data(2048, seed=3)
     acts = write_activations(store, "activations/test", x * 5 + 2, x[:256])
@@ -36,7 +43,7 @@ def _train(tmp_path, name: str, sae: SAEConfig, world_size: int, **train) -> Run
         device="cpu",
         checkpoint_every_tokens=1024,
         world_size=world_size,
-        epochs=2,
+        epochs=epochs,
         **train,
     )
     ref = stages.train_sae(acts, sae, cfg, progress=False)
@@ -112,6 +119,43 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks(tmp_path, monkeypatch):
     resumed = _train(tmp_path, "resumed", SAE, 2)
     assert resumed.manifest["resumed_from_tokens"] == 1024
     _assert_same_run(uninterrupted, resumed)
+
+
+def _tagged_processes(tag: str) -> list[int]:
+    """Pids of this user's processes whose environment holds `tag`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and tag.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_killing_the_stage_stops_its_ranks(tmp_path):
+    """SIGKILL of the launching process (a killed `saeflow run`): torchrun and its workers end
+    too, instead of training on beside a re-run."""
+    tag = f"SAEFLOW_DDP_TEST_TAG={uuid.uuid4().hex}"
+    code = (
+        "import sys; from pathlib import Path; from tests.test_ddp import _train, SAE; "
+        "_train(Path(sys.argv[1]), 'store', SAE, 2, epochs=200)"
+    )
+    env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
+    stage = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "store" / "checkpoints").glob("*/last.safetensors")):
+        assert stage.poll() is None and time.monotonic() < deadline, "no checkpoint came"
+        time.sleep(0.1)
+    stage.kill()
+    stage.wait()
+    deadline = time.monotonic() + 30
+    while (left := _tagged_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes of the killed stage still run: {left}"
+    assert not list((tmp_path / "store" / "sae").glob("*/sae.safetensors"))
 
 
 def test_world_size_must_split_the_batch_into_equal_slices():
