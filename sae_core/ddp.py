@@ -9,7 +9,8 @@ workers' output, waits, and returns the manifest rank 0 reports; the stage commi
 
 A failing rank writes its error (type, message, time) next to the spec; the parent re-raises
 the earliest one: configuration and storage errors as themselves (final), anything else as
-`DataParallelFailed` (a task may retry it; training resumes from the last checkpoint).
+`DataParallelFailed` (a task may retry it; training resumes from the last checkpoint). Workers
+stop by themselves when the launching process is gone (a killed `saeflow run`).
 """
 
 from __future__ import annotations
