@@ -121,6 +121,19 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks(tmp_path, monkeypatch):
     _assert_same_run(uninterrupted, resumed)
 
 
+@pytest.mark.slow
+def test_the_pipeline_trains_on_two_ranks(prefect, tiny_llama_dir, tiny_corpus_dir, tmp_path):
+    from tests.test_pipeline import run, tiny_config
+
+    store = str(tmp_path / "store")
+    result = run(tiny_config(tiny_llama_dir, tiny_corpus_dir, store, train={"world_size": 2}))
+    assert set(result.stages.values()) == {"Completed"}
+    manifest = Store(store).manifest(result.sae.path)
+    rows = Store(store).manifest(result.activations.path)["splits"]["train"]["rows"]
+    assert manifest["tokens_seen"] == rows // 256 * 256 and manifest["resumed_from_tokens"] == 0
+    assert Store(store).exists(f"{result.sae.path}/sae.safetensors")
+
+
 def _tagged_processes(tag: str) -> list[int]:
     """Pids of this user's processes whose environment holds `tag`."""
     found = []
