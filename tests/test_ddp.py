@@ -156,7 +156,8 @@ def test_killing_the_stage_stops_its_ranks(tmp_path):
         "import sys; from pathlib import Path; from tests.test_ddp import _train, SAE; "
         "_train(Path(sys.argv[1]), 'store', SAE, 2, epochs=200)"
     )
-    env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
+    # TMPDIR: the spec folder the killed stage cannot remove stays inside tmp_path.
+    env = {**os.environ, tag.split("=")[0]: tag.split("=")[1], "TMPDIR": str(tmp_path)}
     stage = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=ROOT)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "store" / "checkpoints").glob("*/last.safetensors")):
