@@ -50,13 +50,15 @@ class Trained(NamedTuple):
 
 
 def torchrun_command(world_size: int, spec: Path) -> list[str]:
-    """The launcher's command line: W workers of this module on this node."""
+    """The launcher's command line: W workers of this module on this node (torchrun's own
+    files in the spec's folder, removed with it)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={world_size}",
+        f"--log-dir={spec.parent / 'torchrun'}",
         "-m",
         "sae_core.ddp",
         str(spec),
