@@ -148,6 +148,11 @@ def check_expander_graph(n_latents: int, width: int, degree: int) -> None:
         )
 
 
+# How a run executes, not what it computes: left out of the SAE's address and of the check that
+# a checkpoint belongs to the run resuming it (a run may resume on another device or rank count).
+TRAIN_EXECUTION_FIELDS = frozenset({"device", "world_size"})
+
+
 class TrainConfig(_Strict):
     batch_size: int = Field(4096, ge=1, description="Tokens per optimiser step.")
     epochs: int = Field(1, ge=1)
@@ -168,6 +173,24 @@ class TrainConfig(_Strict):
         "stays float32. float32 is deterministic; bfloat16 pays off on GPUs and CPUs with bf16 units.",
     )
     device: str = "auto"
+    world_size: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Data-parallel processes (torch.distributed, launched with torchrun on this "
+        "node): each takes batch_size / world_size rows of every batch. 1: one process, no launcher. "
+        "Not part of the SAE's address (like device: same computation, up to float rounding).",
+    )
+
+    @model_validator(mode="after")
+    def _batch_splits_over_ranks(self) -> TrainConfig:
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"train.world_size={self.world_size} does not divide train.batch_size="
+                f"{self.batch_size}; choose a train.batch_size that is a multiple of it "
+                "(each rank takes an equal slice)"
+            )
+        return self
 
 
 class EvalConfig(_Strict):

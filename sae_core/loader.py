@@ -184,16 +184,17 @@ def _shuffled(
     generator: torch.Generator,
     buffer_tokens: int,
     start_batch: int,
+    take: slice,
 ) -> Generator[Tensor, None, None]:
     """The split's batches from `start_batch` on: shards in a shuffled order, read in their own
     thread a few row groups ahead (S3 transfers and decoding overlap the shuffling), through
-    the shuffle buffer."""
+    the shuffle buffer; `take`: the rows of each batch to yield."""
     order = torch.randperm(len(info["shards"]), generator=generator).tolist()
     shards = [info["shards"][i] for i in order]
     pieces = _prefetched(_shard_rows(ref, shards, width), _READ_AHEAD)
     try:
         yield from _shuffle_buffer(
-            _Rows(pieces), width, dtype, batch_size, generator, buffer_tokens, start_batch
+            _Rows(pieces), width, dtype, batch_size, generator, buffer_tokens, start_batch, take
         )
     finally:
         pieces.close()
@@ -207,8 +208,10 @@ def _shuffle_buffer(
     generator: torch.Generator,
     buffer_tokens: int,
     start_batch: int,
+    take: slice,
 ) -> Generator[Tensor, None, None]:
-    """The shuffle-buffer algorithm of the module docstring; batches from `start_batch` on."""
+    """The shuffle-buffer algorithm of the module docstring; batches from `start_batch` on,
+    only their rows `take` copied out."""
     per_round = max(1, buffer_tokens // (2 * batch_size)) * batch_size
     buf = torch.empty(2 * per_round, width, dtype=_TORCH_DTYPES[dtype])  # [cap, d]
 
@@ -227,7 +230,7 @@ def _shuffle_buffer(
         for b in range(0, per_round, batch_size):
             chosen = slots[b : b + batch_size]
             if emitted >= start_batch:
-                yield buf.index_select(0, chosen).float()
+                yield buf.index_select(0, chosen[take]).float()
             emitted += 1
             # Refill the emitted rows' slots now (not at the round's end), so the wait spreads.
             filled += fill(chosen) - len(chosen)
@@ -241,7 +244,7 @@ def _shuffle_buffer(
     rest = rest[torch.randperm(len(rest), generator=generator)]
     for b in range(0, len(rest) - batch_size + 1, batch_size):
         if emitted >= start_batch:
-            yield buf.index_select(0, rest[b : b + batch_size]).float()
+            yield buf.index_select(0, rest[b : b + batch_size][take]).float()
         emitted += 1
 
 
@@ -298,6 +301,8 @@ def iter_batches(
     *,
     buffer_tokens: int = DEFAULT_BUFFER_TOKENS,
     prefetch: int = DEFAULT_PREFETCH,
+    take: slice | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[Tensor]:
     """Shuffled `[batch_size, d]` float32 batches of a split, streamed (see the module docstring).
 
@@ -306,6 +311,14 @@ def iter_batches(
     resume training mid-epoch) without changing the rest. Skipping reads the skipped rows (the
     buffer's state depends on them) but does not copy them into batches. The buffer holds
     `max(buffer_tokens, 2 * batch_size)` rows, rounded down to a multiple of 2 * batch_size.
+
+    take: yield only these rows of every batch (a data-parallel rank's slice, so W ranks with
+    the same arguments split the very batches one process would get). Each rank still reads
+    and buffers the whole split (the buffer's state depends on every row); only the copy
+    into batches shrinks.
+
+    pin_memory: page-lock each batch in the loader thread (for a CUDA trainer: its copy to the
+    GPU, `non_blocking`, then overlaps the previous step instead of waiting on a staging copy).
     """
     manifest, info = split_manifest(ref, split)
     if batch_size > info["rows"]:
@@ -323,5 +336,8 @@ def iter_batches(
         generator,
         buffer_tokens,
         start_batch,
+        take or slice(None),
     )
+    if pin_memory:
+        batches = (batch.pin_memory() for batch in batches)
     return _prefetched(batches, prefetch)

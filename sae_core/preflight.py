@@ -128,13 +128,19 @@ def check_sizes(config: PipelineConfig, facts: ModelFacts) -> None:
             f"activations data.train_tokens={data.train_tokens} gives; lower train.batch_size "
             "or raise data.train_tokens"
         )
-    need = training_bytes(sae, facts.width)
+    from sae_core.device import pick_device
+
+    # Data parallel on CPU: every rank holds its own copy in this machine's memory.
+    world = config.train.world_size
+    copies = world if pick_device(config.train.device).type == "cpu" else 1
+    need = copies * training_bytes(sae, facts.width)
     memory = machine_memory()
     if need > memory:
+        ranks = f" in train.world_size={world} processes" if copies > 1 else ""
         raise ConfigError(
             f"sae.n_latents={sae.n_latents}: its weights, gradients and Adam moments need "
-            f"~{need / 2**30:,.0f} GiB at width {facts.width}, more than this machine's "
-            f"{memory / 2**30:,.0f} GiB; lower sae.n_latents"
+            f"~{need / 2**30:,.0f} GiB at width {facts.width}{ranks}, more than this machine's "
+            f"{memory / 2**30:,.0f} GiB; lower sae.n_latents{' or train.world_size' if ranks else ''}"
         )
 
 
@@ -231,16 +237,15 @@ def check_corpus(data: DataConfig) -> None:
 
 def preflight(config: PipelineConfig) -> ModelFacts:
     """Store reachable and writable, model and hook valid, model files whole, corpus present
-    and readable, sizes possible, devices present, an expander SAE's sae.degree possible at the
-    model's width."""
+    and readable, devices present (a GPU per rank), sizes possible, an expander SAE's
+    sae.degree possible at the model's width."""
+    from sae_core.ddp import check_world_size
     from sae_core.device import pick_device
 
     facts = inspect_model(config.model.path, config.model.hook)
     if config.sae.kind == "expander":
         check_expander_graph(config.sae.n_latents, facts.width, config.sae.degree)
     check_model_files(config.model.path)
-    check_sizes(config, facts)
-    check_corpus(config.data)
     for field, device in (
         ("model.device", config.model.device),
         ("train.device", config.train.device),
@@ -249,5 +254,8 @@ def preflight(config: PipelineConfig) -> ModelFacts:
             pick_device(device)
         except ConfigError as err:
             raise ConfigError(f"{field}: {err}") from None
+    check_world_size(config.train)
+    check_sizes(config, facts)
+    check_corpus(config.data)
     Store(config.store or default_store_uri()).check()
     return facts

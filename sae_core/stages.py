@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from sae_core.assets import resolve_corpus, resolve_model_path
 from sae_core.config import (
+    TRAIN_EXECUTION_FIELDS,
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -154,10 +155,11 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
         acts.store,
         acts.fingerprint,
         sae,
-        train.model_dump(exclude={"device"}),
+        train.model_dump(exclude=TRAIN_EXECUTION_FIELDS),
         code=(
             "sae_core.train",  # one SAE or a group: the same loop, the same result
             "sae_core.loader",  # the batch order
+            "sae_core.ranks",  # the reductions over the global batch
             "sae_core.sae.base",
             "sae_core.sae.topk",
             "sae_core.sae.expander",
@@ -198,7 +200,11 @@ def train_sae_group(
     if todo:
         # faults.open_store: SAEFLOW_INJECT_FAULT can fail checkpoint writes, to test re-runs.
         store = faults.open_store(acts.store)
-        budget = device_memory(pick_device(members[0].train.device)) // 2
+        train0 = members[0].train
+        device = pick_device(train0.device)
+        # Data parallel on CPU: every rank holds its own copy of the group in this memory.
+        copies = train0.world_size if device.type == "cpu" else 1
+        budget = device_memory(device) // (2 * copies)
         width = int(acts.manifest()["width"])
         for chunk in training.split_by_memory(members, width, budget):
             chunk_locs = [todo[i] for i in chunk]
@@ -211,16 +217,28 @@ def _train_and_commit(
     acts: DatasetRef, store: Store, locs: list[Location], members: list[Any], progress: bool
 ) -> dict[Location, dict[str, Any]]:
     """Train `members` (sae_core.train.GroupMember) as one group, commit each at its location;
-    their manifests. The trainers are dropped on return, before another chunk starts."""
+    their manifests. The trainers are dropped on return, before another chunk starts. With
+    train.world_size > 1 torchrun workers train the group and rank 0 fills the folders."""
+    from sae_core import ddp
     from sae_core import train as training
 
-    trainers = training.train_group(acts, members, store, progress)
     manifests = {}
-    for loc, trainer in zip(locs, trainers, strict=True):
-        with store.writing(loc.path) as writer:
-            training.write_trained(writer, acts, trainer)
-            writer.manifest["fingerprint"] = loc.fingerprint
-            writer.manifest["resumed_from_tokens"] = trainer.resumed_from_tokens
+    with ExitStack() as stack:  # every folder committed on a normal exit, none on an error
+        writers = [stack.enter_context(store.writing(loc.path)) for loc in locs]
+        if members[0].train.world_size > 1:
+            done = ddp.train_data_parallel(acts, members, [w.dataset for w in writers], progress)
+            made = [(trained.manifest, trained.resumed_from_tokens) for trained in done]
+        else:
+            trainers = training.train_group(acts, members, store, progress)
+            made = [
+                (training.write_trained(w, acts, t).manifest, t.resumed_from_tokens)
+                for w, t in zip(writers, trainers, strict=True)
+            ]
+        for loc, writer, (manifest, resumed) in zip(locs, writers, made, strict=True):
+            writer.manifest = manifest | {
+                "fingerprint": loc.fingerprint,
+                "resumed_from_tokens": resumed,
+            }
             manifests[loc] = writer.manifest
     return manifests
 
@@ -676,8 +694,14 @@ def write_frontier_report(points: list[Any], title: str) -> WrittenReport:
         storage = p.sae.manifest()["storage"]
         rows.append(
             FrontierRow(
-                p.family, p.degree, p.n, p.k, p.seed, p.metrics,
-                storage["decoder_values"], storage["artifact_bytes"],
+                p.family,
+                p.degree,
+                p.n,
+                p.k,
+                p.seed,
+                p.metrics,
+                storage["decoder_values"],
+                storage["artifact_bytes"],
             )  # fmt: skip
         )
     table = frontier_table(rows)

@@ -20,6 +20,13 @@ at that moment are re-initialised inside their mask support (`ExpanderSAE.resamp
 rows of Adam's moments and of the moving average reset, and their silence counters restarted
 (a full window before they count as dead again). The draw is seeded by (train.seed, step), so
 a resumed run resamples identically.
+
+Data parallel (`ranks`, launched by `sae_core.ddp`): each rank steps on its slice of every
+global batch; the loss terms' normalisers, BatchTopK's threshold, the dead-latent hits and the
+step's figures are reduced over the global batch and the gradients summed before the
+decoder-gradient projection, so every rank applies the same update to the same weights. The
+state (weights, Adam, counters, data cursor in global batches) is the same on every rank:
+rank 0 writes the checkpoints, every rank resumes from them, at any world size.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from tqdm.auto import tqdm
 
-from sae_core.config import ConfigError, SAEConfig, TrainConfig
+from sae_core.config import TRAIN_EXECUTION_FIELDS, ConfigError, SAEConfig, TrainConfig
 from sae_core.normalize import InputNorm, geometric_median
+from sae_core.ranks import SINGLE, Ranks
 from sae_core.refs import DatasetRef
 from sae_core.sae import WEIGHTS_FILE, SparseAutoencoder, build_sae, storage_report
 from sae_core.sae.base import FIRE_THRESHOLD, safetensors_metadata
@@ -68,11 +76,13 @@ class DeadLatents:
         self.window = window
         self.since = torch.zeros(n, dtype=torch.int64, device=device)
 
-    def update(self, idx: torch.Tensor, vals: torch.Tensor) -> None:
-        """idx, vals: [B, k], the batch's active latents. Cost O(B k + n)."""
+    def update(self, idx: torch.Tensor, vals: torch.Tensor, ranks: Ranks = SINGLE) -> None:
+        """idx, vals: [B, k], the batch's (this rank's slice's) active latents. Cost O(B k + n),
+        plus an all-reduce of n hit counts when data parallel."""
         hits = torch.zeros(self.since.shape, dtype=vals.dtype, device=vals.device)
         hits.index_add_(0, idx.reshape(-1), (vals > FIRE_THRESHOLD).reshape(-1).to(vals.dtype))
-        self.since = torch.where(hits > 0, 0, self.since + idx.shape[0])
+        ranks.sum_(hits)
+        self.since = torch.where(hits > 0, 0, self.since + idx.shape[0] * ranks.world_size)
 
     def mask(self) -> torch.Tensor:
         """[n] bool: the latents AuxK may use."""
@@ -115,13 +125,20 @@ def init_sae(d: int, sae_cfg: SAEConfig, sample: torch.Tensor, seed: int) -> Spa
 
 class Trainer:
     """Owns the SAE, its optimiser, the dead-latent counters, the weights' moving average (when
-    train.ema_decay is set) and the training state."""
+    train.ema_decay is set) and the training state. ranks: the data-parallel group; the
+    weights are rank 0's from the start (broadcast), identical everywhere afterwards."""
 
     def __init__(
-        self, sae: SparseAutoencoder, train_cfg: TrainConfig, device: torch.device | str = "cpu"
+        self,
+        sae: SparseAutoencoder,
+        train_cfg: TrainConfig,
+        device: torch.device | str = "cpu",
+        ranks: Ranks = SINGLE,
     ):
         self.device = torch.device(device)
         self.sae = sae.to(self.device)
+        self.ranks = ranks
+        ranks.broadcast_(list(self.sae.state_dict().values()))
         self.cfg = train_cfg
         self.lr = train_cfg.lr or default_lr(sae.n_latents)
         self.opt = torch.optim.Adam(
@@ -146,26 +163,28 @@ class Trainer:
     def step(
         self, x_raw: torch.Tensor, mark: Callable[[str], None] | None = None
     ) -> dict[str, float]:
-        """One optimiser step on raw activations x_raw: [B, d]; returns the step's figures.
+        """One optimiser step on raw activations x_raw: [B, d] (data parallel: this rank's
+        [B / world_size, d] slice of the global batch); returns the global batch's figures.
 
         mark(phase) is called as each phase ends (normalize, gemm, topk, decode, backward,
         optimizer), for the benchmark's time breakdown.
         """
         mark = mark or _no_mark
-        sae = self.sae
+        sae, ranks = self.sae, self.ranks
         x, _ = sae.norm.apply(x_raw.to(self.device, torch.float32, non_blocking=True))
         mark("normalize")
         # b_enc is added by the top-k as it reads the GEMM's output (one pass fewer over B x n).
         pre = sae.preacts(x, with_bias=False, dtype=self.gemm_dtype)
         mark("gemm")
-        sel = sae.select(pre, self.dead.mask(), bias=sae.b_enc)
+        sel = sae.select(pre, self.dead.mask(), bias=sae.b_enc, ranks=ranks)
         if sae.cfg.batch_topk:
-            sae.update_threshold(sel)
+            sae.update_threshold(sel, ranks=ranks)
         mark("topk")
-        out = sae.losses(x, sel)
+        out = sae.losses(x, sel, ranks=ranks)
         mark("decode")
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        self.sum_grads()
         mark("backward")
         sae.project_decoder_grad()
         if self.cfg.grad_clip_norm is not None:
@@ -176,27 +195,50 @@ class Trainer:
             with torch.no_grad():
                 for name, p in sae.named_parameters():
                     self.ema[name].lerp_(p, 1 - self.cfg.ema_decay)
-        self.dead.update(out.latent_idx, out.latent_vals)
+        self.dead.update(out.latent_idx, out.latent_vals, ranks)
         mark("optimizer")
 
+        batch = x.shape[0] * ranks.world_size
         st = self.state
         st.step += 1
-        st.tokens_seen += x.shape[0]
+        st.tokens_seen += batch
         st.batch_in_epoch += 1
         window = sae.cfg.dead_window_tokens
-        boundary = st.tokens_seen // window > (st.tokens_seen - x.shape[0]) // window
+        boundary = st.tokens_seen // window > (st.tokens_seen - batch) // window
         resampled = self.resample_dead() if sae.cfg.resample_dead and boundary else 0
+        # Each rank's loss terms are its shares of the global batch's: their sums are its figures.
+        terms = [out.loss, out.nmse, out.aux_loss, (out.latent_vals > 0).sum()]
+        summed = ranks.sum_(torch.stack([t.detach().double() for t in terms]))
+        loss, nmse, aux_loss, active = summed.tolist()
         record = {
             "step": st.step,
             "tokens": st.tokens_seen,
-            "loss": float(out.loss.detach()),
-            "nmse": float(out.nmse.detach()),
-            "aux_loss": float(out.aux_loss.detach()),
-            "l0": float((out.latent_vals > 0).sum()) / x.shape[0],
+            "loss": loss,
+            "nmse": nmse,
+            "aux_loss": aux_loss,
+            "l0": active / batch,
             "dead_fraction": self.dead.fraction(),
         } | ({"resampled": resampled} if sae.cfg.resample_dead else {})
         st.history.append(record)
         return record
+
+    @torch.no_grad()
+    def sum_grads(self) -> None:
+        """Data parallel: replace each rank's gradients by their sum over ranks (the global
+        batch's loss gradient), one all-reduce of a flattened buffer, as DDP does. A parameter
+        without a gradient on every rank keeps none (Adam skips it, as alone)."""
+        if not self.ranks.distributed:
+            return
+        params = list(self.sae.parameters())
+        has_grad = torch.tensor([p.grad is not None for p in params], device=self.device)
+        has_grad = self.ranks.max_(has_grad.to(torch.int32))
+        for p, anywhere in zip(params, has_grad.tolist(), strict=True):
+            if anywhere and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = self.ranks.sum_(torch.cat([g.reshape(-1) for g in grads]))
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
 
     @torch.no_grad()
     def resample_dead(self) -> int:
@@ -241,7 +283,7 @@ class Trainer:
         history = st.pop("history")
         meta = self.sae.metadata() | {
             "format": CHECKPOINT_FORMAT,
-            "train_config": self.cfg.model_dump_json(exclude={"device"}),
+            "train_config": self.cfg.model_dump_json(exclude=TRAIN_EXECUTION_FIELDS),
             "state": json.dumps(st),
             "history": json.dumps(history),
         }
@@ -249,15 +291,18 @@ class Trainer:
 
     @classmethod
     def from_checkpoint(
-        cls, data: bytes, train_cfg: TrainConfig, device: torch.device | str = "cpu"
+        cls,
+        data: bytes,
+        train_cfg: TrainConfig,
+        device: torch.device | str = "cpu",
+        ranks: Ranks = SINGLE,
     ) -> Trainer:
         meta = safetensors_metadata(data)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"not a saeflow checkpoint (format={meta.get('format')!r})")
         saved_train = TrainConfig.model_validate_json(meta["train_config"])
-        if saved_train.model_dump(
-            exclude={"device", "checkpoint_every_tokens"}
-        ) != train_cfg.model_dump(exclude={"device", "checkpoint_every_tokens"}):
+        ignored = TRAIN_EXECUTION_FIELDS | {"checkpoint_every_tokens"}
+        if saved_train.model_dump(exclude=ignored) != train_cfg.model_dump(exclude=ignored):
             raise ConfigError(
                 "checkpoint was written with another train config; delete its checkpoint folder to start over"
             )
@@ -270,7 +315,7 @@ class Trainer:
         sae.load_state_dict(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         )
-        trainer = cls(sae, train_cfg, device)
+        trainer = cls(sae, train_cfg, device, ranks)
         names = [name for name, _ in sae.named_parameters()]
         opt_state = trainer.opt.state_dict()
         opt_state["state"] = {
@@ -303,15 +348,21 @@ class GroupMember(NamedTuple):
     checkpoint_dir: str | None = None
 
 
-def data_order(train_cfg: TrainConfig) -> tuple[int, int, int, str]:
-    """What fixes the batches an SAE sees, in order (and where it trains): SAEs that agree on it
-    can share one read of the data (`run_group`)."""
-    return (train_cfg.batch_size, train_cfg.seed, train_cfg.epochs, train_cfg.device)
+def data_order(train_cfg: TrainConfig) -> tuple[int, int, int, str, int]:
+    """What fixes the batches an SAE sees, in order (and where and on how many ranks it trains):
+    SAEs that agree on it can share one read of the data (`run_group`)."""
+    return (
+        train_cfg.batch_size,
+        train_cfg.seed,
+        train_cfg.epochs,
+        train_cfg.device,
+        train_cfg.world_size,
+    )
 
 
 def group_by_data_order(points: Sequence[tuple[SAEConfig, TrainConfig]]) -> list[list[int]]:
     """Indices of `points` grouped by `data_order`, groups and members in first-seen order."""
-    groups: dict[tuple[int, int, int, str], list[int]] = {}
+    groups: dict[tuple[int, int, int, str, int], list[int]] = {}
     for i, (_, train_cfg) in enumerate(points):
         groups.setdefault(data_order(train_cfg), []).append(i)
     return list(groups.values())
@@ -353,11 +404,12 @@ def _start(
     store: Store | None,
     init_sample: Callable[[], torch.Tensor],
     device: torch.device | str,
+    ranks: Ranks,
 ) -> Trainer:
     """The member's trainer: from its checkpoint when there is one, else fresh (seeded)."""
     ckpt = _checkpoint_path(member, store)
     if ckpt is not None and store.exists(ckpt):
-        trainer = Trainer.from_checkpoint(store.read_bytes(ckpt), member.train, device)
+        trainer = Trainer.from_checkpoint(store.read_bytes(ckpt), member.train, device, ranks)
         if trainer.sae.cfg != member.sae or trainer.sae.d != d:
             raise ConfigError(
                 f"checkpoint {ckpt} belongs to another SAE config; delete it to start over"
@@ -365,7 +417,7 @@ def _start(
         return trainer
     torch.manual_seed(member.train.seed)
     sae = init_sae(d, member.sae, init_sample(), member.train.seed)
-    return Trainer(sae, member.train, device)
+    return Trainer(sae, member.train, device, ranks)
 
 
 def _checkpoint_path(member: GroupMember, store: Store | None) -> str | None:
@@ -404,6 +456,7 @@ def run_group(
     device: torch.device | str = "cpu",
     progress: bool = True,
     stop_after_steps: int | None = None,
+    ranks: Ranks = SINGLE,
 ) -> list[Trainer]:
     """Train several SAEs from one stream: each batch is read once and every SAE steps on it, one
     after another. The members must share `data_order`.
@@ -415,11 +468,13 @@ def run_group(
     own checkpoint: the stream restarts at the earliest cursor and an SAE already past a batch
     skips it. init_sample() -> [N, d] raw activations, called once if any SAE starts fresh.
     stop_after_steps: stop after that many batches of the stream (each SAE checkpointed at
-    its cadence only), a deliberate interruption for tests.
+    its cadence only), a deliberate interruption for tests. Data parallel: `source` yields
+    this rank's slices of the global batches; every rank reads the checkpoints, rank 0 alone
+    writes them and shows progress.
     """
     if len({data_order(m.train) for m in members}) != 1:
         raise ConfigError(
-            "train: a group's SAEs must share train.batch_size, seed, epochs and device; "
+            "train: a group's SAEs must share train.batch_size, seed, epochs, device and world_size; "
             "group them with group_by_data_order"
         )
     sample: list[torch.Tensor] = []
@@ -432,12 +487,12 @@ def run_group(
     device = torch.device(device)
     trainers, rngs = [], []
     for member in members:
-        trainers.append(_start(d, member, store, shared_sample, device))
+        trainers.append(_start(d, member, store, shared_sample, device, ranks))
         rngs.append(_rng_state(device))
     sample.clear()
     train_cfg = members[0].train
     _share_buffer(trainers, train_cfg.batch_size)
-    ckpts = [_checkpoint_path(m, store) for m in members]
+    ckpts = [_checkpoint_path(m, store) if ranks.leader else None for m in members]
     states = [t.state for t in trainers]
     first = min(st.epoch * steps_per_epoch + st.batch_in_epoch for st in states)
     desc = "train sae" if len(members) == 1 else f"train {len(members)} saes"
@@ -446,7 +501,7 @@ def run_group(
         initial=first,
         desc=desc,
         unit="step",
-        disable=not progress,
+        disable=not progress or not ranks.leader,
     ) as bar:
         for epoch in range(min(st.epoch for st in states), train_cfg.epochs):
             due = [st.batch_in_epoch for st in states if st.epoch == epoch]
@@ -496,24 +551,39 @@ def run_training(
     device: torch.device | str = "cpu",
     progress: bool = True,
     stop_after_steps: int | None = None,
+    ranks: Ranks = SINGLE,
 ) -> Trainer:
     """Train one SAE from `source` (a group of one, `run_group`), resuming from `checkpoint_dir`
-    on `store` when a checkpoint is there; checkpoints every train.checkpoint_every_tokens."""
+    on `store` when a checkpoint is there; checkpoints every train.checkpoint_every_tokens.
+    Data parallel: `source` yields this rank's slices of the global batches."""
     member = GroupMember(sae_cfg, train_cfg, checkpoint_dir)
     [trainer] = run_group(
-        d, [member], source, steps_per_epoch, init_sample, store, device, progress, stop_after_steps
+        d,
+        [member],
+        source,
+        steps_per_epoch,
+        init_sample,
+        store,
+        device,
+        progress,
+        stop_after_steps,
+        ranks,
     )
     return trainer
 
 
-def tensor_source(data: torch.Tensor, batch_size: int, seed: int) -> BatchSource:
-    """Shuffled in-memory batches of data: [N, d]; the order depends only on (seed, epoch)."""
+def tensor_source(
+    data: torch.Tensor, batch_size: int, seed: int, ranks: Ranks = SINGLE
+) -> BatchSource:
+    """Shuffled in-memory batches of data: [N, d]; the order depends only on (seed, epoch).
+    Data parallel: each rank gets its `ranks.rows` of every batch."""
+    take = ranks.rows(batch_size)
 
     def source(epoch: int, start_batch: int) -> Iterator[torch.Tensor]:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         perm = torch.randperm(data.shape[0], generator=g)
         for b in range(start_batch, data.shape[0] // batch_size):
-            yield data[perm[b * batch_size : (b + 1) * batch_size]]
+            yield data[perm[b * batch_size : (b + 1) * batch_size][take]]
 
     return source
 
@@ -548,12 +618,16 @@ def train_group(
     members: Sequence[GroupMember],
     store: Store,
     progress: bool = True,
+    ranks: Ranks = SINGLE,
+    device: torch.device | None = None,
 ) -> list[Trainer]:
     """Train the members (sharing `data_order`) on the `train` split of a committed activations
     dataset, reading it once per epoch for all of them; checkpoints go to `store`.
 
-    checkpoint_dir: a store-relative folder outside the dataset folder (it survives the
-    clearing of unfinished attempts), e.g. `checkpoints/<fingerprint>`.
+    Each member's checkpoint_dir is a store-relative folder outside the dataset folder (it
+    survives the clearing of unfinished attempts), e.g. `checkpoints/<fingerprint>`. Data
+    parallel (a torchrun worker, `sae_core.ddp`): `ranks` and this rank's `device`; every rank
+    reads its rows of each batch, rank 0 alone writes checkpoints. device None: train.device.
     """
     from sae_core.activations import iter_batches
     from sae_core.device import pick_device
@@ -574,8 +648,20 @@ def train_group(
                 f"sae.k_aux={sae_cfg.k_aux} exceeds sae.n_latents={sae_cfg.n_latents}"
             )
 
+    take = ranks.rows(train_cfg.batch_size)
+    device = device or pick_device(train_cfg.device)
+
     def source(epoch: int, start_batch: int) -> Iterator[torch.Tensor]:
-        return iter_batches(acts, "train", train_cfg.batch_size, train_cfg.seed, epoch, start_batch)
+        return iter_batches(
+            acts,
+            "train",
+            train_cfg.batch_size,
+            train_cfg.seed,
+            epoch,
+            start_batch,
+            take=take,
+            pin_memory=device.type == "cuda",
+        )
 
     def init_sample() -> torch.Tensor:
         size = min(INIT_SAMPLE_TOKENS, rows)
@@ -588,8 +674,9 @@ def train_group(
         steps_per_epoch,
         init_sample,
         store=store,
-        device=pick_device(train_cfg.device),
+        device=device,
         progress=progress,
+        ranks=ranks,
     )
 
 

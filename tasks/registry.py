@@ -78,7 +78,11 @@ def _client() -> Any:
 def locate_registration(
     sae: DatasetRef, evaluation: EvalRef, config: PipelineConfig, registry: RegistryConfig
 ) -> Location:
-    fp = fingerprint("register", sae.fingerprint, evaluation.dataset.fingerprint, registry)
+    # The store is part of the key: the registered run points at this store's copy of the SAE,
+    # and the same SAE trained on another store is another registration.
+    fp = fingerprint(
+        "register", sae.store, sae.fingerprint, evaluation.dataset.fingerprint, registry
+    )
     return Location(store=sae.store, path=sae.path, fingerprint=fp)
 
 

@@ -81,6 +81,43 @@ def test_deterministic_resumable_and_new_order_each_epoch(tmp_path):
     assert row_ids(epoch1) != row_ids(first)
 
 
+@pytest.mark.parametrize("start_batch", [0, 7])
+def test_ranks_slices_partition_the_very_batches_one_reader_gets(tmp_path, start_batch):
+    """Data parallel: rank r's `take` of every batch; the W slices, in rank order, are the
+    batches of one reader (the end of the epoch, after the buffer drains, included)."""
+    ref = write_indexed(tmp_path, [300, 250, 7, 443])
+    whole = list(iter_batches(ref, "train", 48, seed=2, start_batch=start_batch, buffer_tokens=200))
+    parts = [
+        list(
+            iter_batches(
+                ref, "train", 48, seed=2, start_batch=start_batch, buffer_tokens=200, take=rows
+            )
+        )
+        for rows in (slice(0, 16), slice(16, 32), slice(32, 48))
+    ]
+    assert len(whole) == 1000 // 48 - start_batch
+    for b, batch in enumerate(whole):
+        assert torch.equal(torch.cat([part[b] for part in parts]), batch)
+
+
+def test_pin_memory_page_locks_every_batch_in_the_loader_thread(tmp_path, monkeypatch):
+    """For a CUDA trainer; pinning needs a GPU, so the test records the calls instead."""
+    ref = write_indexed(tmp_path, [300, 200])
+    pinned: list[str] = []
+
+    def pin(self: torch.Tensor) -> torch.Tensor:
+        pinned.append(threading.current_thread().name)
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    plain = list(iter_batches(ref, "train", 32, seed=1, buffer_tokens=64))
+    assert pinned == []
+    batches = list(iter_batches(ref, "train", 32, seed=1, buffer_tokens=64, pin_memory=True))
+    assert len(pinned) == len(batches) == 500 // 32
+    assert set(pinned) == {"activation-loader"}  # off the trainer's thread
+    assert all(torch.equal(a, b) for a, b in zip(plain, batches, strict=True))
+
+
 def test_small_buffer_still_mixes_shards(tmp_path):
     ref = write_indexed(tmp_path, [250] * 4)
     orders = set()
@@ -136,5 +173,7 @@ def test_errors(tmp_path):
     manifest = store.read_json("acts/_MANIFEST.json")
     manifest["splits"]["train"]["shards"][1]["rows"] = 90
     store.write_json("acts/_MANIFEST.json", manifest)
-    with pytest.raises(DatasetDamaged, match="shard-00001.parquet has 100 rows, the manifest says 90"):
+    with pytest.raises(
+        DatasetDamaged, match="shard-00001.parquet has 100 rows, the manifest says 90"
+    ):
         list(iter_batches(ref, "train", 10, seed=0, buffer_tokens=40))

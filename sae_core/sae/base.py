@@ -23,6 +23,7 @@ from torch import nn
 
 from sae_core.config import ConfigError, SAEConfig
 from sae_core.normalize import InputNorm, NormStats
+from sae_core.ranks import SINGLE, Ranks
 from sae_core.sae import kernels
 from sae_core.sae.omp import omp
 
@@ -60,18 +61,22 @@ class Codes(NamedTuple):
     stats: NormStats
 
 
-def normalized_mse(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+def normalized_mse(
+    target: torch.Tensor, recon: torch.Tensor, ranks: Ranks = SINGLE
+) -> torch.Tensor:
     """sum ||target - recon||^2 / sum ||target - mean(target)||^2 over the batch. [B, d] -> [].
 
-    The denominator is a constant of the data (target carries no gradient here).
+    The denominator is a constant of the data (target carries no gradient here). Data
+    parallel: the numerator is this rank's slice, the denominator the global batch's, so the
+    ranks' values (and gradients) sum to the global batch's.
     """
     with torch.no_grad():  # centred first: no cancellation when the data sit far from 0
-        base = (target - target.mean(dim=0)).pow(2).sum()
+        base = ranks.sum_((target - ranks.batch_mean(target)).pow(2).sum())
     return F.mse_loss(recon, target, reduction="sum") / base.clamp_min(1e-12)
 
 
 def batch_topk(
-    pre: torch.Tensor, k: int, bias: torch.Tensor | None = None
+    pre: torch.Tensor, k: int, bias: torch.Tensor | None = None, ranks: Ranks = SINGLE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchTopK selection: the k B largest activations of the whole batch (relu(pre + bias)).
 
@@ -80,14 +85,18 @@ def batch_topk(
     in a row. Exact: each row's top m are candidates and m doubles while some row's m-th
     candidate still reaches the threshold (a row could hold more). Cost ~B n per round (one
     round unless some token needs more than 2k latents) plus a top-(k B) of the B m candidates.
+    Data parallel (pre is this rank's [B/W, n] slice): the threshold is the global batch's, from
+    the candidates of every rank (an all-gather of B m floats per round).
     """
     B, n = pre.shape
     m = min(n, 2 * k)
     while True:
         vals, idx = kernels.topk(pre, m, bias)
         vals = vals.float()
-        thr = vals.clamp_min(0).reshape(-1).topk(min(k * B, vals.numel())).values[-1]
-        if m == n or not bool((vals[:, -1] >= thr).any()):
+        candidates = ranks.gather(vals.clamp_min(0).reshape(-1))
+        thr = candidates.topk(min(k * B * ranks.world_size, candidates.numel())).values[-1]
+        reaches = ranks.max_((vals[:, -1] >= thr).any().to(torch.int32))
+        if m == n or not bool(reaches):
             break
         m = min(n, 2 * m)
     keep = (vals >= thr) & (vals > 0)
@@ -199,19 +208,21 @@ class SparseAutoencoder(nn.Module, ABC):
         pre: torch.Tensor,
         dead_mask: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        ranks: Ranks = SINGLE,
     ) -> Selection:
         """TopK (4k with multi-TopK, descending so the first k are TopK_k; BatchTopK: the top
         k B of the batch) and AuxK's choice: the top k_aux among the dead latents only.
 
         pre: [B, n] (any float dtype); bias: [n] still to add to pre (see `preacts`), or None.
-        Cost ~B n + B n_dead. The returned pre-activations are float32.
+        Cost ~B n + B n_dead. The returned pre-activations are float32. ranks: pre is this
+        rank's slice of the batch (BatchTopK then selects over the global batch).
         """
         with torch.no_grad():
             if bias is not None and kernels.topk_native(pre) is None:
                 pre.add_(bias.to(pre.dtype))  # stock top-k: add it in place, no second buffer
                 bias = None
             if self.cfg.batch_topk:
-                vals, idx, _ = batch_topk(pre, self.k, bias)
+                vals, idx, _ = batch_topk(pre, self.k, bias, ranks)
             else:
                 vals, idx = kernels.topk(pre, 4 * self.k if self.cfg.multi_topk else self.k, bias)
             aux_vals, aux_idx = vals[:, :0], idx[:, :0]
@@ -229,23 +240,29 @@ class SparseAutoencoder(nn.Module, ABC):
         return Selection(idx, vals.float(), aux_idx, aux_vals.float())
 
     @torch.no_grad()
-    def update_threshold(self, sel: Selection, decay: float = THRESHOLD_DECAY) -> None:
-        """BatchTopK: fold this batch's smallest kept activation into the inference threshold
-        (an exponential moving average; the first batch sets it)."""
+    def update_threshold(
+        self, sel: Selection, decay: float = THRESHOLD_DECAY, ranks: Ranks = SINGLE
+    ) -> None:
+        """BatchTopK: fold this batch's smallest kept activation (over all ranks) into the
+        inference threshold (an exponential moving average; the first batch sets it)."""
         kept = sel.pre[sel.pre > 0]
-        if kept.numel() == 0:
+        low = kept.min() if kept.numel() else sel.pre.new_tensor(float("inf"))
+        low = ranks.min_(low)
+        if torch.isinf(low):
             return
-        low = kept.min()
         if torch.isnan(self.threshold):
             self.threshold.copy_(low)
         else:
             self.threshold.mul_(decay).add_(low, alpha=1 - decay)
 
-    def losses(self, x: torch.Tensor, sel: Selection, dense: bool = False) -> ForwardOutput:
+    def losses(
+        self, x: torch.Tensor, sel: Selection, dense: bool = False, ranks: Ranks = SINGLE
+    ) -> ForwardOutput:
         """Decode the selected latents and score them under autograd. x: [B, d] normalised.
 
         Cost: the kind's `selected_preacts` and `sparse_decode` on K = k (+ 3k multi-TopK,
-        + k_aux) latents per token. dense=True: the references, same selections.
+        + k_aux) latents per token. dense=True: the references, same selections. ranks: x is
+        this rank's slice; the loss terms are its shares of the global batch's (`normalized_mse`).
         """
         # BatchTopK's code has a variable width; its padding slots hold pre = -inf (act 0, no gradient).
         k = sel.idx.shape[1] if self.cfg.batch_topk else self.k
@@ -258,16 +275,16 @@ class SparseAutoencoder(nn.Module, ABC):
             acts = acts * (all_pre > float("-inf"))
         vals = acts[:, :k]
         recon = self.sparse_decode(sel.idx[:, :k], vals, self.b_pre, dense)
-        nmse = normalized_mse(x, recon)
+        nmse = normalized_mse(x, recon, ranks)
         loss = nmse
         if k_main > k:  # multi-TopK: L(k) + L(4k) / 8
             recon_4k = self.sparse_decode(sel.idx, acts[:, :k_main], self.b_pre, dense)
-            loss = loss + normalized_mse(x, recon_4k) / 8
+            loss = loss + normalized_mse(x, recon_4k, ranks) / 8
         aux_loss = x.new_zeros(())
         if use_aux:
             residual = (x - recon).detach()
             aux_recon = self.sparse_decode(sel.aux_idx, acts[:, k_main:], dense=dense)
-            aux_loss = normalized_mse(residual, aux_recon).nan_to_num(0.0)
+            aux_loss = normalized_mse(residual, aux_recon, ranks).nan_to_num(0.0)
             loss = loss + self.cfg.aux_alpha * aux_loss
         return ForwardOutput(sel.idx[:, :k], vals, recon, loss, nmse, aux_loss, sel.aux_idx)
 

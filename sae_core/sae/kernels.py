@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from sae_core.ranks import SINGLE, Ranks
 from sae_core.sae import native
 
 USE_NATIVE = True  # tests switch this off to exercise the stock-op path
@@ -195,22 +196,25 @@ class _FusedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, b_pre, W_enc, b_enc, W_dec, idx, pre, k, k_main, aux_alpha):  # noqa: ANN001
+    def forward(ctx, x, b_pre, W_enc, b_enc, W_dec, idx, pre, k, k_main, aux_alpha, ranks):  # noqa: ANN001
         ext = native.load()
         B, d = x.shape
         acts = pre.clamp_min(0)
         recon, rows, dots, head, sq, colsum = ext.decode_forward(
-            x, x.mean(dim=0), b_pre, W_dec, idx, acts, k, k_main
+            x, ranks.batch_mean(x), b_pre, W_dec, idx, acts, k, k_main
         )
         sq = sq.sum(dim=0, dtype=torch.float64)  # |x - mean|^2, |r_main|^2, |r_multi|^2, |r_aux|^2
-        base_x = sq[0].clamp_min(1e-12)
+        # Normalisers over the global batch (this rank's terms are its share of the loss).
+        base_x = ranks.sum_(sq[0].clone()).clamp_min(1e-12)
         nmse = sq[1] / base_x
         loss = nmse + sq[2] / base_x / 8  # sq[2] = 0 without multi-TopK
         aux_loss = base_aux = sq.new_zeros(())
         sum_main, sum_multi = colsum.double()  # [d] each: sum over tokens of r_main, r_multi
         if idx.shape[1] > k_main:
             # The residual x - recon = -r_main, centred: |r_main|^2 summed minus B |mean|^2.
-            base_aux = (sq[1] - sum_main.pow(2).sum() / B).clamp_min(1e-12)
+            sq_main, sum_main_all = ranks.sum_(sq[1].clone()), ranks.sum_(sum_main.clone())
+            base_aux = sq_main - sum_main_all.pow(2).sum() / (B * ranks.world_size)
+            base_aux = base_aux.clamp_min(1e-12)
             aux_loss = (sq[3] / base_aux).nan_to_num(0.0)
             loss = loss + aux_alpha * aux_loss
         ctx.save_for_backward(b_pre, W_enc, idx, pre, acts, rows, dots, head)
@@ -256,7 +260,7 @@ class _FusedLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             direct = r_main if multi else c_main * r_main  # d loss / d x through the target x
             d_x = F.embedding_bag(idx, W_enc, per_sample_weights=dpre, mode="sum") - direct
-        return d_x, d_b_pre, d_W_enc, d_b_enc, d_W_dec, None, None, None, None, None
+        return d_x, d_b_pre, d_W_enc, d_b_enc, d_W_dec, None, None, None, None, None, None
 
 
 def fused_available(*tensors: torch.Tensor) -> bool:
@@ -275,13 +279,15 @@ def fused_losses(
     k: int,
     k_main: int,
     aux_alpha: float,
+    ranks: Ranks = SINGLE,
 ) -> LossTerms:
     """The sparse loss of selected latents, gradients to x, b_pre, W_enc, b_enc and W_dec.
 
     x: [B, d] normalised; idx, pre: [B, K] latents and their pre-activations: slots [0, k) the
     TopK code, [k, k_main) the rest of the 4k code (multi-TopK), [k_main, K) AuxK's. Cost:
     forward ~2 B K d MACs (each gathered decoder row read once), backward 2 B K d MACs plus
-    O(B K + n d); no [B, K, d] temporary, no dense [B, n] matrix.
+    O(B K + n d); no [B, K, d] temporary, no dense [B, n] matrix. ranks: x is this rank's
+    slice of the batch; the normalisers are the global batch's (one to three all-reduces).
     """
     return LossTerms(
         *_FusedLoss.apply(
@@ -295,6 +301,7 @@ def fused_losses(
             k,
             k_main,
             aux_alpha,
+            ranks,
         )
     )
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from sae_core.config import ConfigError, SAEConfig
 from sae_core.normalize import InputNorm
+from sae_core.ranks import SINGLE, Ranks
 from sae_core.sae import kernels
 from sae_core.sae.base import ForwardOutput, Selection, SparseAutoencoder
 
@@ -63,14 +64,16 @@ class TopKSAE(SparseAutoencoder):
         """B K d flops each way (`kernels.sparse_decode`)."""
         return kernels.sparse_decode(idx, vals, self.W_dec, bias, dense)
 
-    def losses(self, x: torch.Tensor, sel: Selection, dense: bool = False) -> ForwardOutput:
+    def losses(
+        self, x: torch.Tensor, sel: Selection, dense: bool = False, ranks: Ranks = SINGLE
+    ) -> ForwardOutput:
         """Decode the selected latents and score them. x: [B, d] normalised; O(B K d) sparse.
 
         On CPU float32 the native fused kernels run it; elsewhere stock ops under autograd.
         dense=True is the reference: full GEMMs with autograd, same selections.
         """
         if dense or not kernels.fused_available(x, self.W_dec, self.W_enc):
-            return super().losses(x, sel, dense)
+            return super().losses(x, sel, dense, ranks)
         k = sel.idx.shape[1] if self.cfg.batch_topk else self.k
         use_aux = sel.aux_idx.shape[1] > 0
         terms = kernels.fused_losses(
@@ -84,6 +87,7 @@ class TopKSAE(SparseAutoencoder):
             k,
             sel.idx.shape[1],
             self.cfg.aux_alpha,
+            ranks,
         )
         return ForwardOutput(
             sel.idx[:, :k],

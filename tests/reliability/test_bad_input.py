@@ -77,6 +77,7 @@ CASES = {
     # huge values
     "huge-context": Case(sets("data.context_len=100000"), "data.context_len", "less than or equal to 8192"),
     "context-beyond-positions": Case(sets("data.context_len=512"), "data.context_len=512", "choose data.context_len <= 256"),
+    "ranks-not-splitting-batch": Case(sets("train.world_size=3"), "train.world_size=3", "a multiple of it"),
     "batch-beyond-data": Case(sets("train.batch_size=100000"), "train.batch_size=100000", "lower train.batch_size"),
     "latents-beyond-memory": Case(sets("sae.n_latents=1000000000000"), "sae.n_latents=1000000000000", "lower sae.n_latents"),
     "tokens-beyond-corpus": Case(sets("data.train_tokens=10000000000000"), "data.train_tokens", "lower data.train_tokens"),
