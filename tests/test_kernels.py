@@ -47,7 +47,9 @@ def test_topk_over_a_few_finite_entries(kernel_path):
         k = int(dead.sum()) // 2
         vals, idx = kernels.topk(x, k, bias)
         ref_vals, ref_idx = (x + bias).topk(k, dim=1)
-        assert torch.equal(vals, ref_vals) and torch.equal(idx.sort(1).values, ref_idx.sort(1).values)
+        assert torch.equal(vals, ref_vals) and torch.equal(
+            idx.sort(1).values, ref_idx.sort(1).values
+        )
 
 
 def test_native_topk_ties_take_the_lower_index():
