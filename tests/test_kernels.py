@@ -65,8 +65,8 @@ def test_native_topk_ties_take_the_lower_index():
 
 
 def test_fused_losses_of_two_live_graphs_stay_apart():
-    """The fused loss keeps per-token rows for its backward in pooled buffers: a second forward
-    while the first graph is alive must not reuse the first one's."""
+    """Each fused-loss graph keeps its own per-token rows for the backward: a second forward
+    while the first graph is alive leaves the first one's gradients as they were."""
     if kernels.native.load() is None:
         pytest.skip("native kernels unavailable (no compiler)")
     torch.manual_seed(3)

@@ -30,8 +30,6 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <mutex>
-#include <sys/mman.h>
 #include <functional>
 #include <vector>
 #ifdef __AVX512F__
@@ -285,41 +283,6 @@ at::Tensor gather_sum(at::Tensor idx, at::Tensor vals, at::Tensor W, at::Tensor 
   return out;
 }
 
-// Gathered rows (the decoder's, and the backward's per-token rows) sit at random addresses: with
-// 4 KiB pages nearly every row is a TLB miss and a page walk. Buffers from `huge_empty` are
-// backed by 2 MiB pages (transparent huge pages, asked for with madvise before the first touch)
-// and pooled by size: a buffer no tensor references any more is handed out again, so steps
-// neither fault nor zero it anew. Where the kernel offers no huge pages this is plain memory.
-// Ask for 2 MiB pages over the whole 2 MiB blocks inside [p, p + bytes) (a no-op elsewhere).
-static void advise_huge(const void* p, size_t bytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t z = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (z > a) madvise(reinterpret_cast<void*>(a), z - a, MADV_HUGEPAGE);
-#endif
-}
-
-static at::Tensor huge_empty(std::vector<int64_t> sizes, const at::TensorOptions& opt) {
-  static std::mutex lock;
-  static std::vector<at::Tensor> pool;  // flat float32 buffers
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  std::lock_guard<std::mutex> guard(lock);
-  for (auto& t : pool)
-    if (t.numel() == numel && t.storage().use_count() == 1) return t.view(sizes);
-  constexpr size_t kHuge = size_t(2) << 20;  // the mapping is padded so its data can start on a 2 MiB boundary
-  const size_t bytes = std::max<size_t>(1, numel * sizeof(float)), len = bytes + kHuge;
-  void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base == MAP_FAILED) return at::empty(sizes, opt);
-  char* data = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(kHuge - 1));
-  advise_huge(data, bytes);
-  auto t = at::from_blob(data, {numel}, [base, len](void*) { munmap(base, len); }, opt.dtype(at::kFloat));
-  if (pool.size() >= 8) pool.erase(pool.begin());  // the oldest; live tensors keep their memory
-  pool.push_back(t);
-  return t.view(sizes);
-}
-
 // The training decoder, token by token, and everything its backward needs from the rows it
 // gathers. idx, acts: [B, K] with slots [0, k) the TopK code, [k, k_main) the rest of the 4k
 // code (multi-TopK; k_main = k otherwise) and [k_main, K) AuxK's dead latents; x: [B, d]
@@ -458,9 +421,7 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tens
   auto opt = x.options();
   auto none = at::empty({0}, opt);
   const int64_t S = 2 + multi + aux;
-  // The decoder's pages are already mapped: khugepaged merges them into 2 MiB pages over time.
-  advise_huge(W.data_ptr<float>(), W.numel() * sizeof(float));
-  auto recon = at::empty({B, d}, opt), rows = huge_empty({B, S * d}, opt);
+  auto recon = at::empty({B, d}, opt), rows = at::empty({B, S * d}, opt);
   float* RW = rows.data_ptr<float>();
   auto dots = at::empty({B, K}, opt);
   auto head = multi ? at::empty({B, k}, opt) : none;
