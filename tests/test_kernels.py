@@ -38,6 +38,52 @@ def test_topk_adds_the_bias_as_it_reads(kernel_path):
     torch.testing.assert_close(vals, ref_vals)
 
 
+def test_topk_over_a_few_finite_entries(kernel_path):
+    """AuxK's selection: a bias of -inf everywhere but the dead latents, some of them in runs."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 2000, generator=g)
+    for dead in (torch.rand(2000, generator=g) < 0.01, torch.arange(2000) % 97 == 3):
+        bias = torch.zeros(2000).masked_fill(~dead, float("-inf"))
+        k = int(dead.sum()) // 2
+        vals, idx = kernels.topk(x, k, bias)
+        ref_vals, ref_idx = (x + bias).topk(k, dim=1)
+        assert torch.equal(vals, ref_vals) and torch.equal(
+            idx.sort(1).values, ref_idx.sort(1).values
+        )
+
+
+def test_native_topk_ties_take_the_lower_index():
+    ext = kernels.native.load()
+    if ext is None:
+        pytest.skip("native kernels unavailable (no compiler)")
+    x = torch.zeros(2, 50)
+    x[0, ::2] = -0.0  # equal to +0.0
+    x[1, 40:] = 1.0
+    _, idx = ext.topk_rows(x, 12, torch.empty(0))
+    assert idx[0].tolist() == list(range(12))
+    assert idx[1].tolist() == list(range(40, 50)) + [0, 1]
+
+
+def test_fused_losses_of_two_live_graphs_stay_apart():
+    """Each fused-loss graph keeps its own per-token rows for the backward: a second forward
+    while the first graph is alive leaves the first one's gradients as they were."""
+    if kernels.native.load() is None:
+        pytest.skip("native kernels unavailable (no compiler)")
+    torch.manual_seed(3)
+    sae = TopKSAE(16, SAEConfig(n_latents=64, k=4))
+    xs = [torch.randn(40, 16), torch.randn(40, 16) + 1.0]
+    expected = []
+    for x in xs:
+        sae.zero_grad()
+        sae(x).loss.backward()
+        expected.append(sae.W_dec.grad.clone())
+    outs = [sae(x) for x in xs]  # both graphs alive at once
+    for out, want in zip(outs[::-1], expected[::-1], strict=True):
+        sae.zero_grad()
+        out.loss.backward()
+        assert torch.equal(sae.W_dec.grad, want)
+
+
 def test_encoder_preacts_without_bias():
     g = torch.Generator().manual_seed(6)
     x, b_pre = torch.randn(8, 5, generator=g), torch.randn(5, generator=g)

@@ -29,8 +29,12 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 // Rows per task so each task does >= ~64k operations: small problems run inline on one
 // thread instead of paying for (and, on a busy machine, waiting at) a parallel region.
@@ -107,86 +111,154 @@ static inline float sqdist(const float* a, const float* b, int64_t d) {
   return s;
 }
 
-// Top-k of pre + bias per row. pre: [B, n] float32; bias: [n] (or empty: none) -> (vals [B, k]
-// descending, idx [B, k] int64; ties: lower index first). Adding the bias here, while the row is
-// read anyway, spares the encoder GEMM a pass over its [B, n] output.
-// Per row, a safe threshold from block maxima: the row is read as groups of G vectors, and a
-// lane-wise max over each group gives 16 block maxima at once (block = the G entries of one lane).
-// The k-th largest of nb >= k block maxima is the minimum of k distinct entries, so it cannot
-// exceed the row's k-th largest, and only a few entries more than k reach it. Then only the
-// blocks whose maximum reaches it are scanned and the survivors partially sorted.
+// Top-k of rows of pre + bias: vals descending, ties to the lower index. Per row, a safe
+// threshold from block maxima: the row is read as groups of G vectors, and a lane-wise max over
+// each group gives 16 block maxima at once (block = the G entries of one lane). If at least k
+// block maxima reach t, at least k entries do, so t is at most the row's k-th largest. The least
+// of the maxima of k disjoint runs of blocks is such a t; a bisection over the nb block maxima
+// (vector counts) raises it until about k of them reach it. One vector pass then keeps the
+// entries that reach t (a few more than k) and a sort of their (value, index) keys orders them.
 // ~n/16 vector ops + O(nb + k log k) per row.
+struct TopkPlan {
+  int64_t n, k, G, span, groups, tail0, nb;
+  std::vector<int64_t> runs;  // k + 1 run bounds over the nb block maxima
+  TopkPlan(int64_t n_, int64_t k_) : n(n_), k(k_) {
+    // About 8k block maxima (a tight threshold) but no more than 32 entries per block; the last
+    // n % (16 G) entries are blocks of one.
+    G = std::max<int64_t>(1, std::min<int64_t>(32, n / (8 * k)));
+    span = G * VL;
+    groups = n / span;
+    tail0 = groups * span;
+    nb = groups * VL + (n - tail0);
+    runs.resize(k + 1);
+    for (int64_t r = 0; r <= k; ++r) runs[r] = r * nb / k;
+  }
+};
+
+struct TopkScratch {
+  std::vector<float> bmax, cv;
+  std::vector<int64_t> ci;
+  std::vector<uint64_t> keys;
+  explicit TopkScratch(const TopkPlan& p) : bmax(p.nb + VL), cv(p.n + VL), ci(p.n + VL), keys(p.n) {}
+};
+
+// Order-preserving key: larger value first, then lower index (n < 2^32); -0 ranks as +0.
+static inline uint64_t topk_key(float v, int64_t j) {
+  uint32_t u;
+  v = v == 0.f ? 0.f : v;
+  std::memcpy(&u, &v, 4);
+  u ^= (u >> 31) ? 0xFFFFFFFFu : 0x80000000u;
+  return (uint64_t(u) << 32) | (0xFFFFFFFFu - uint32_t(j));
+}
+
+// How many of a[0, m) reach t (vector compares; m padded to whole vectors with -inf).
+static inline int64_t count_ge(const float* a, int64_t m, float t) {
+  typedef int32_t vi __attribute__((vector_size(64)));
+  vi acc = {};
+  const vf tv = vbcast(t);
+  for (int64_t q = 0; q < m; q += VL) acc -= (vi)(vload(a + q) >= tv);
+  int64_t c = 0;
+  for (int i = 0; i < VL; ++i) c += acc[i];
+  return c;
+}
+
+static void topk_row(const TopkPlan& P, TopkScratch& s, const float* p, const float* bb, float* V, int64_t* I) {
+  const int64_t n = P.n, k = P.k, G = P.G, span = P.span, groups = P.groups, nb = P.nb;
+  float* bmax = s.bmax.data();
+  for (int64_t q = 0; q < groups; ++q) {
+    const float *pg = p + q * span, *bg = bb + q * span;
+    vf m = vload(pg) + vload(bg);
+    for (int64_t v = 1; v < G; ++v) {
+      const vf w = vload(pg + v * VL) + vload(bg + v * VL);
+      m = m > w ? m : w;
+    }
+    vstore(bmax + q * VL, m);
+  }
+  for (int64_t j = P.tail0; j < n; ++j) bmax[groups * VL + j - P.tail0] = p[j] + bb[j];
+  const int64_t nbv = (nb + VL - 1) / VL * VL;
+  for (int64_t q = nb; q < nbv; ++q) bmax[q] = -INFINITY;
+  float lo = INFINITY, up = -INFINITY;
+  for (int64_t r = 0; r < k; ++r) {
+    float m = bmax[P.runs[r]];
+    for (int64_t q = P.runs[r] + 1; q < P.runs[r + 1]; ++q) m = std::max(m, bmax[q]);
+    lo = std::min(lo, m);
+    up = std::max(up, m);
+  }
+  if (lo == -INFINITY) {  // a run of -inf blocks (AuxK's bias): start from the least finite maximum
+    lo = INFINITY;
+    for (int64_t q = 0; q < nb; ++q) lo = bmax[q] > -INFINITY ? std::min(lo, bmax[q]) : lo;
+    if (!(count_ge(bmax, nbv, lo) >= k)) lo = -INFINITY;  // fewer than k finite blocks: take all
+  }
+  // Bisection: count(bmax >= lo) >= k holds throughout; stop once about k block maxima reach lo.
+  if (std::isfinite(lo)) {
+    for (int64_t it = 0, cl = count_ge(bmax, nbv, lo); it < 24 && cl > k + k / 4; ++it) {
+      const float mid = lo + (up - lo) * 0.5f;
+      if (!(mid > lo && mid < up)) break;
+      const int64_t cm = count_ge(bmax, nbv, mid);
+      if (cm >= k) {
+        lo = mid;
+        cl = cm;
+      } else {
+        up = mid;
+      }
+    }
+  }
+  const float thr = lo;
+  float* cv = s.cv.data();
+  int64_t* ci = s.ci.data();
+  int64_t c = 0, j = 0;
+#ifdef __AVX512F__
+  const __m512 tv = _mm512_set1_ps(thr);
+  for (; j + VL <= n; j += VL) {
+    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(p + j), _mm512_loadu_ps(bb + j));
+    const __mmask16 hit = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
+    if (hit) {
+      _mm512_mask_compressstoreu_ps(cv + c, hit, v);
+      for (uint32_t h = hit; h; h &= h - 1) ci[c++] = j + __builtin_ctz(h);
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    const float v = p[j] + bb[j];
+    cv[c] = v;
+    ci[c] = j;
+    c += v >= thr;
+  }
+  if (c < k) {  // fewer than k entries reach thr (NaNs in the row): rank them all
+    for (c = 0; c < n; ++c) {
+      cv[c] = p[c] + bb[c];
+      ci[c] = c;
+    }
+  }
+  uint64_t* keys = s.keys.data();
+  for (int64_t t = 0; t < c; ++t) keys[t] = topk_key(cv[t], ci[t]);
+  if (c > k) std::nth_element(keys, keys + (k - 1), keys + c, std::greater<uint64_t>());
+  std::sort(keys, keys + k, std::greater<uint64_t>());
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t jj = 0xFFFFFFFFu - uint32_t(keys[t]);
+    I[t] = jj;
+    V[t] = p[jj] + bb[jj];
+  }
+}
+
+// pre: [B, n] float32; bias: [n] (or empty: none) -> (vals [B, k] descending, idx [B, k] int64).
+// Adding the bias here, while the row is read anyway, spares the encoder GEMM a pass over its
+// [B, n] output.
 std::vector<at::Tensor> topk_rows(at::Tensor pre, int64_t k, at::Tensor bias) {
   TORCH_CHECK(pre.dim() == 2 && pre.scalar_type() == at::kFloat && pre.is_contiguous());
   const int64_t B = pre.size(0), n = pre.size(1);
-  TORCH_CHECK(k >= 1 && k <= n);
+  TORCH_CHECK(k >= 1 && k <= n && n < (int64_t(1) << 31));
   if (bias.numel() == 0) bias = at::zeros({n}, pre.options());
   TORCH_CHECK(bias.is_contiguous() && bias.numel() == n && bias.scalar_type() == at::kFloat);
-  const float* bb = bias.data_ptr<float>();
-  // G vectors per group: about 8k block maxima (a tight threshold) but no more than 32 entries
-  // per block; the last n % (16 G) entries are blocks of one.
-  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(32, n / (8 * k)));
-  const int64_t span = G * VL, groups = n / span, tail0 = groups * span, nb = groups * VL + (n - tail0);
+  const TopkPlan plan(n, k);
   auto vals = at::empty({B, k}, pre.options());
   auto idx = at::empty({B, k}, pre.options().dtype(at::kLong));
-  const float* P = pre.data_ptr<float>();
+  const float *P = pre.data_ptr<float>(), *bb = bias.data_ptr<float>();
   float* V = vals.data_ptr<float>();
   int64_t* I = idx.data_ptr<int64_t>();
   at::parallel_for(0, B, grain(n), [&](int64_t b0, int64_t b1) {
-    std::vector<float> bmax(nb), sel(nb);
-    std::vector<std::pair<float, int64_t>> top(n);
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* p = P + b * n;
-      for (int64_t q = 0; q < groups; ++q) {
-        const float *pg = p + q * span, *bg = bb + q * span;
-        vf m = vload(pg) + vload(bg);
-        for (int64_t v = 1; v < G; ++v) {
-          const vf w = vload(pg + v * VL) + vload(bg + v * VL);
-          m = m > w ? m : w;
-        }
-        vstore(bmax.data() + q * VL, m);
-      }
-      for (int64_t j = tail0; j < n; ++j) bmax[groups * VL + j - tail0] = p[j] + bb[j];
-      // thr = the k-th largest block maximum, found among the maxima that reach a cheap bound:
-      // the least of the maxima of k disjoint runs of block maxima (k distinct maxima reach it).
-      float lo = bmax[0];
-      for (int64_t r = 0; r < k; ++r) {
-        float m = bmax[r * nb / k];
-        for (int64_t q = r * nb / k + 1; q < (r + 1) * nb / k; ++q) m = std::max(m, bmax[q]);
-        lo = r == 0 ? m : std::min(lo, m);
-      }
-      int64_t ns = 0;
-      for (int64_t q = 0; q < nb; ++q) {
-        sel[ns] = bmax[q];
-        ns += bmax[q] >= lo;
-      }
-      std::nth_element(sel.begin(), sel.begin() + (k - 1), sel.begin() + ns, std::greater<float>());
-      const float thr = sel[k - 1];
-      int64_t c = 0;
-      for (int64_t q = 0; q < nb; ++q) {
-        if (!(bmax[q] >= thr)) continue;
-        if (q >= groups * VL) {  // a tail entry, its own block
-          const int64_t j = tail0 + (q - groups * VL);
-          top[c++] = {p[j] + bb[j], j};
-          continue;
-        }
-        const int64_t base = (q / VL) * span + q % VL;
-        for (int64_t v = 0; v < G; ++v) {
-          const int64_t j = base + v * VL;
-          const float val = p[j] + bb[j];
-          top[c] = {val, j};
-          c += val >= thr;
-        }
-      }
-      const auto desc = [](const auto& a, const auto& z) {
-        return a.first > z.first || (a.first == z.first && a.second < z.second);
-      };
-      if (c <= 2 * k)  // the usual case: a few more survivors than k
-        std::sort(top.begin(), top.begin() + c, desc);
-      else
-        std::partial_sort(top.begin(), top.begin() + k, top.begin() + c, desc);
-      for (int64_t t = 0; t < k; ++t) { V[b * k + t] = top[t].first; I[b * k + t] = top[t].second; }
-    }
+    TopkScratch s(plan);
+    for (int64_t b = b0; b < b1; ++b) topk_row(plan, s, P + b * n, bb, V + b * k, I + b * k);
   });
   return {vals, idx};
 }
