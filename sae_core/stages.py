@@ -744,14 +744,8 @@ def write_frontier_report(points: list[Any], title: str) -> WrittenReport:
         storage = p.sae.manifest()["storage"]
         rows.append(
             FrontierRow(
-                p.family,
-                p.degree,
-                p.n,
-                p.k,
-                p.seed,
-                p.metrics,
-                storage["decoder_values"],
-                storage["artifact_bytes"],
+                p.family, p.degree, p.n, p.k, p.seed, p.metrics,
+                storage["decoder_values"], storage["artifact_bytes"],
             )  # fmt: skip
         )
     table = frontier_table(rows)
