@@ -54,7 +54,7 @@ _INDEX_BYTES = 8 + 4 + 4  # sequence, position, token_id per row
 
 
 def shard_rows(data_cfg: DataConfig, width: int, dtype: str) -> int:
-    """Rows per shard: data.shard_rows, else data.shard_mb worth of rows in whole row groups."""
+    """The most rows a shard holds: data.shard_rows, else data.shard_mb worth in whole row groups."""
     if data_cfg.shard_rows is not None:
         return data_cfg.shard_rows
     row_bytes = width * np.dtype(dtype).itemsize + _INDEX_BYTES
