@@ -33,6 +33,14 @@ SetOpt = Annotated[
 StoreOpt = Annotated[
     str | None, typer.Option("--store", help="Store URI: a directory or s3://bucket/prefix.")
 ]
+RunnerOpt = Annotated[
+    str,
+    typer.Option(
+        "--runner",
+        help="Where extraction shards run: local (this process) or dask://HOST:PORT (the "
+        "workers of a running Dask scheduler; needs PREFECT_API_URL).",
+    ),
+]
 
 
 def _fail(err: Exception) -> None:
@@ -68,18 +76,21 @@ def run(
     preset: PresetOpt = "demo",
     set_: SetOpt = None,
     store: StoreOpt = None,
+    runner: RunnerOpt = "local",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Run the pipeline: tokens, activations, validation, training, evaluation, registration."""
     cfg = _load(preset, set_, store)
     started = time.perf_counter()
     try:
+        from flows.runners import task_runner
         from sae_core.preflight import preflight
 
+        shards_on = task_runner(runner)
         preflight(cfg)  # seconds, before Prefect and the model start
         from flows.pipeline import pipeline
 
-        result = pipeline(cfg, progress=progress)
+        result = pipeline.with_options(task_runner=shards_on)(cfg, progress=progress)
     except USER_ERRORS as err:
         _fail(err)
     except STORAGE_ERRORS as err:  # a disk or S3 failure that outlasted the task's retries
@@ -100,6 +111,7 @@ def sweep(
     n: GridOpt = None,
     k: GridOpt = None,
     seeds: GridOpt = None,
+    runner: RunnerOpt = "local",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train and evaluate a grid of SAEs over n x k (x seeds) on one cached activation set, fit
@@ -109,14 +121,16 @@ def sweep(
     cfg = _load(preset, overrides, store)
     started = time.perf_counter()
     try:
+        from flows.runners import task_runner
         from sae_core.preflight import preflight
         from sae_core.sweep import grid as sweep_grid
 
+        shards_on = task_runner(runner)
         sweep_grid(cfg)  # a bad grid point fails in seconds
         preflight(cfg)
         from flows.sweep import sweep as sweep_flow
 
-        result = sweep_flow(cfg, progress=progress)
+        result = sweep_flow.with_options(task_runner=shards_on)(cfg, progress=progress)
     except USER_ERRORS as err:
         _fail(err)
     except STORAGE_ERRORS as err:
@@ -168,6 +182,7 @@ def frontier(
     degrees: GridOpt = None,
     seeds: GridOpt = None,
     encoder: Annotated[str | None, typer.Option(help="Expander encoder: tied or untied.")] = None,
+    runner: RunnerOpt = "local",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Trace the storage-fidelity frontier on one cached activation set: the dense TopK SAE,
@@ -178,13 +193,15 @@ def frontier(
     cfg = _load(preset, overrides, store)
     started = time.perf_counter()
     try:
+        from flows.runners import task_runner
         from sae_core.frontier import frontier_plan
         from sae_core.preflight import preflight
 
+        shards_on = task_runner(runner)
         frontier_plan(cfg, preflight(cfg).width)  # a bad degree fails in seconds
         from flows.frontier import frontier as frontier_flow
 
-        result = frontier_flow(cfg, progress=progress)
+        result = frontier_flow.with_options(task_runner=shards_on)(cfg, progress=progress)
     except USER_ERRORS as err:
         _fail(err)
     table = Table(title="storage-fidelity frontier (eval split)")

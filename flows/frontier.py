@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from flows.grid import activation_set, train_and_evaluate_all
 from flows.pipeline import check_inputs
+from flows.runners import local_runner
 from sae_core.config import PipelineConfig
 from sae_core.frontier import FrontierPoint, frontier_plan
 from sae_core.refs import DatasetRef
@@ -25,7 +26,7 @@ class FrontierResult(BaseModel):
     report: ReportRef
 
 
-@flow(name="saeflow-frontier", log_prints=True)
+@flow(name="saeflow-frontier", log_prints=True, task_runner=local_runner())
 def frontier(config: PipelineConfig, progress: bool = True) -> FrontierResult:
     facts = check_inputs(config)
     plan = frontier_plan(config, facts.width)  # a bad degree fails here, before any work

@@ -9,6 +9,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from flows.runners import local_runner
 from sae_core.config import PipelineConfig
 from sae_core.preflight import ModelFacts, preflight
 from sae_core.refs import DatasetRef
@@ -54,7 +55,7 @@ class _Stages:
         return state.result()
 
 
-@flow(name="saeflow-pipeline", log_prints=True)
+@flow(name="saeflow-pipeline", log_prints=True, task_runner=local_runner())
 def pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResult:
     run = _Stages()
     facts = check_inputs(config)

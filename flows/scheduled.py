@@ -1,6 +1,7 @@
 """Entry points for the scheduled deployments (deployments/prefect.yaml): a preset (name or
-YAML path), `key.path=value` overrides and a store in, the pipeline, sweep or frontier flow out.
-Deployment parameters stay short strings instead of a whole configuration."""
+YAML path), `key.path=value` overrides, a store and a task runner (`local` or
+`dask://HOST:PORT`, flows.runners) in, the pipeline, sweep or frontier flow out. Deployment
+parameters stay short strings instead of a whole configuration."""
 
 from __future__ import annotations
 
@@ -8,26 +9,39 @@ from prefect import flow
 
 from flows.frontier import FrontierResult, frontier
 from flows.pipeline import PipelineResult, pipeline
+from flows.runners import LOCAL, task_runner
 from flows.sweep import SweepResult, sweep
 from sae_core.config import load_config
 
 
 @flow(name="saeflow-pipeline-preset", log_prints=True)
 def pipeline_from_preset(
-    preset: str = "demo", overrides: list[str] | None = None, store: str | None = None
+    preset: str = "demo",
+    overrides: list[str] | None = None,
+    store: str | None = None,
+    runner: str = LOCAL,
 ) -> PipelineResult:
-    return pipeline(load_config(preset, overrides or [], store), progress=False)
+    config = load_config(preset, overrides or [], store)
+    return pipeline.with_options(task_runner=task_runner(runner))(config, progress=False)
 
 
 @flow(name="saeflow-sweep-preset", log_prints=True)
 def sweep_from_preset(
-    preset: str = "demo", overrides: list[str] | None = None, store: str | None = None
+    preset: str = "demo",
+    overrides: list[str] | None = None,
+    store: str | None = None,
+    runner: str = LOCAL,
 ) -> SweepResult:
-    return sweep(load_config(preset, overrides or [], store), progress=False)
+    config = load_config(preset, overrides or [], store)
+    return sweep.with_options(task_runner=task_runner(runner))(config, progress=False)
 
 
 @flow(name="saeflow-frontier-preset", log_prints=True)
 def frontier_from_preset(
-    preset: str = "demo", overrides: list[str] | None = None, store: str | None = None
+    preset: str = "demo",
+    overrides: list[str] | None = None,
+    store: str | None = None,
+    runner: str = LOCAL,
 ) -> FrontierResult:
-    return frontier(load_config(preset, overrides or [], store), progress=False)
+    config = load_config(preset, overrides or [], store)
+    return frontier.with_options(task_runner=task_runner(runner))(config, progress=False)

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from flows.grid import activation_set, train_and_evaluate_all
 from flows.pipeline import check_inputs
+from flows.runners import local_runner
 from sae_core.config import PipelineConfig
 from sae_core.refs import DatasetRef
 from sae_core.scaling import ScalingFit
@@ -27,7 +28,7 @@ class SweepResult(BaseModel):
     report: ReportRef
 
 
-@flow(name="saeflow-sweep", log_prints=True)
+@flow(name="saeflow-sweep", log_prints=True, task_runner=local_runner())
 def sweep(config: PipelineConfig, progress: bool = True) -> SweepResult:
     points_to_run = grid(config)  # a bad grid fails here, before any work
     data = activation_set(config, check_inputs(config), progress)

@@ -1,15 +1,18 @@
-"""Activation datasets: the Parquet layout and extraction (several hooks, one forward pass, resumable).
+"""Activation datasets: the Parquet layout and extraction (several hooks, one forward pass, by shard).
 
 One dataset per hook, one row per token: the activation [d] (sae_core.layout: how it is stored),
-`sequence` (the context_id of the tokens dataset), `position`, `token_id`. Each split is cut into shards of
-`shard_rows` rows (from data.shard_mb unless data.shard_rows is set; the last shard fewer).
+`sequence` (the context_id of the tokens dataset), `position`, `token_id`.
 
-Extraction reads the token contexts in batches of about data.batch_tokens tokens, runs the model
-only up to the deepest requested hook, and hands each hook's rows to a `ShardWriter`, which cuts
-shards and encodes and writes them in a background thread so the model does not wait on storage.
-After each shard is written a completion mark records where the next shard starts (batch, rows
-of that batch already written), so an interrupted extraction restarts at the first unwritten
-shard (with `Store.resuming`). Storage dtype: data.storage_dtype for float32/float16 models;
+Extraction is cut into shards, each an independent unit of work: shard j of a split holds the
+token contexts [j C, (j+1) C) of that split, C = `contexts_per_shard` (as many whole contexts as
+fit in data.shard_rows rows, or data.shard_mb when shard_rows is unset). A shard runs its contexts
+through the model in fixed forward batches of about data.batch_tokens tokens (the model only up
+to the deepest requested hook), so its bytes do not depend on which process makes it or in which
+order the shards are made. After a shard's file is written, its completion mark
+`_progress/{split}/NNNNN.json` holds its manifest entry; a shard is done when its mark exists, so
+an interrupted extraction only makes the shards without one. The manifest, written last, sums
+the marks (`activation_manifest`). data.max_norm drops rows inside a shard; a shard left with no
+row has a mark and no file. Storage dtype: data.storage_dtype for float32/float16 models;
 bfloat16 activations are stored as float32 (exact; Parquet has no bfloat16, float16 would clip).
 Reading lives in sae_core.loader.
 """
@@ -17,10 +20,8 @@ Reading lives in sae_core.loader.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +54,7 @@ _INDEX_BYTES = 8 + 4 + 4  # sequence, position, token_id per row
 
 
 def shard_rows(data_cfg: DataConfig, width: int, dtype: str) -> int:
-    """Rows per shard: data.shard_rows, else data.shard_mb worth of rows in whole row groups."""
+    """The most rows a shard holds: data.shard_rows, else data.shard_mb worth in whole row groups."""
     if data_cfg.shard_rows is not None:
         return data_cfg.shard_rows
     row_bytes = width * np.dtype(dtype).itemsize + _INDEX_BYTES
@@ -61,193 +62,99 @@ def shard_rows(data_cfg: DataConfig, width: int, dtype: str) -> int:
     return max(1, rows // _ROW_GROUP * _ROW_GROUP or rows)
 
 
-def storage_dtype(model: nn.Module, data_cfg: DataConfig) -> str:
+def model_dtype(model: nn.Module) -> str:
+    """The dtype of a loaded model's weights, as model.dtype names it (e.g. "bfloat16")."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def storage_dtype(model_dtype: str, data_cfg: DataConfig) -> str:
     """The dtype activations are stored in: float32 for bfloat16 models, else as configured."""
-    if next(model.parameters()).dtype == torch.bfloat16:
-        return "float32"
-    return data_cfg.storage_dtype
+    return "float32" if model_dtype == "bfloat16" else data_cfg.storage_dtype
 
 
-# Reading the token contexts -----------------------------------------------------------------
-def _count_contexts(ref: DatasetRef, split: str) -> int:
-    with ref.open_store().open(f"{ref.path}/{split}.parquet") as fh:
-        return pq.ParquetFile(fh).metadata.num_rows
+def first_position(data_cfg: DataConfig) -> int:
+    """The first stored position of a context: 1 when data.skip_first_position drops position 0."""
+    return 1 if data_cfg.skip_first_position else 0
 
 
-def _token_batches(
-    ref: DatasetRef, split: str, context_len: int, per_batch: int, start: int
-) -> Iterator[tuple[int, Tensor, np.ndarray]]:
-    """(batch index, token ids [B, T] int64, context ids [B]) for batches `start`, `start+1`, ...
-
-    Streams the split's Parquet file, so memory holds about one batch whatever the corpus size.
-    """
-    index, ids_carry, ctx_carry = 0, [], []
-    with ref.open_store().open(f"{ref.path}/{split}.parquet") as fh:
-        for rb in pq.ParquetFile(fh).iter_batches(
-            batch_size=max(per_batch, 1024), columns=["tokens", "context_id"]
-        ):
-            flat = rb.column("tokens").flatten().to_numpy(zero_copy_only=False)
-            if flat.size != rb.num_rows * context_len:
-                raise ValueError(
-                    f"tokens {ref.uri} split {split}: contexts are not all {context_len} tokens"
-                )
-            ids_carry.append(flat.astype(np.int64).reshape(-1, context_len))
-            ctx_carry.append(rb.column("context_id").to_numpy(zero_copy_only=False))
-            ids, ctx = np.concatenate(ids_carry), np.concatenate(ctx_carry)
-            full = len(ids) // per_batch * per_batch
-            for b in range(0, full, per_batch):
-                if index >= start:
-                    yield index, torch.from_numpy(ids[b : b + per_batch]), ctx[b : b + per_batch]
-                index += 1
-            ids_carry, ctx_carry = [ids[full:]], [ctx[full:]]
-    if ids_carry and len(ids_carry[0]) and index >= start:  # the last, partial batch
-        yield index, torch.from_numpy(ids_carry[0]), ctx_carry[0]
+def contexts_per_shard(data_cfg: DataConfig, width: int, dtype: str, context_len: int) -> int:
+    """Whole contexts per shard: as many as fit in `shard_rows` rows, at least one."""
+    per_context = context_len - first_position(data_cfg)
+    return max(1, shard_rows(data_cfg, width, dtype) // per_context)
 
 
-# Writing shards -----------------------------------------------------------------------------
-@dataclass
-class _Piece:
-    """The rows of one batch (from row `offset` of that batch on) not yet in a shard."""
+# Planning ------------------------------------------------------------------------------------
+class ShardRange(NamedTuple):
+    """Shard `index` of a split: the contexts [start, stop) of the tokens dataset's split."""
 
-    batch: int
-    offset: int
-    dropped_before: int  # rows dropped by max_norm in the batches before this one
-    columns: dict[str, np.ndarray]  # activation [R, d], sequence, position, token_id, norm [R]
+    split: str
+    index: int
+    start: int
+    stop: int
 
     @property
-    def rows(self) -> int:
-        return len(self.columns["sequence"])
+    def name(self) -> str:
+        """The shard's file in the dataset folder."""
+        return f"{self.split}/shard-{self.index:05d}.parquet"
 
-    def split(self, n: int) -> tuple[dict[str, np.ndarray], _Piece]:
-        head = {k: v[:n] for k, v in self.columns.items()}
-        tail = _Piece(
-            self.batch,
-            self.offset + n,
-            self.dropped_before,
-            {k: v[n:] for k, v in self.columns.items()},
+    @property
+    def part(self) -> str:
+        """The shard's completion mark (DatasetWriter.mark_done)."""
+        return f"{self.split}/{self.index:05d}"
+
+
+def check_tokens(tokens: DatasetRef, data_cfg: DataConfig, vocab: int | None) -> dict[str, Any]:
+    """The tokens manifest, once checked against the extraction settings and the model's vocabulary."""
+    src = tokens.manifest()
+    if data_cfg.skip_first_position and src["context_len"] < 2:
+        raise ConfigError("data.context_len: must exceed 1 when data.skip_first_position is on")
+    if vocab is not None and src.get("vocab_size", 0) > vocab:
+        raise ConfigError(
+            f"tokens {tokens.uri}: tokenizer vocabulary {src['vocab_size']} exceeds the "
+            f"model's {vocab}; use the model's own tokenizer"
         )
-        return head, tail
+    return src
 
 
-class ShardWriter:
-    """Cuts one split's rows into shards of `rows_per_shard` and writes them in a background thread.
+def plan_shards(
+    src: dict[str, Any], data_cfg: DataConfig, width: int, dtype: str
+) -> list[ShardRange]:
+    """Every shard of both splits, train first, from the tokens manifest `src`."""
+    per_shard = contexts_per_shard(data_cfg, width, dtype, src["context_len"])
+    shards = []
+    for split in SPLITS:
+        contexts = src["splits"][split]["contexts"]
+        for index, start in enumerate(range(0, contexts, per_shard)):
+            shards.append(ShardRange(split, index, start, min(start + per_shard, contexts)))
+    return shards
 
-    Rows arrive per batch (`add`). After a shard is written, a completion mark
-    `_progress/{split}/NNNNN.json` records its manifest entry and where the next shard starts:
-    `next_batch` and `skip` (rows of that batch already in shards). A new ShardWriter on the same
-    dataset folder picks up after the last contiguous mark: its `next_batch` says which batch to
-    restart from, and `add` drops the rows that are already written.
-    """
 
-    def __init__(
-        self, writer: DatasetWriter, split: str, width: int, dtype: str, rows_per_shard: int
-    ):
-        self.writer, self.split, self.rows_per_shard = writer, split, rows_per_shard
-        self.schema = STORAGE_SCHEMA(width, dtype)
-        marks = writer.done_marks(split)
-        self.shards: list[dict[str, Any]] = []
-        last: dict[str, Any] | None = None
-        while (mark := marks.get(f"{len(self.shards):05d}")) is not None:
-            self.shards.append(mark["shard"])
-            last = mark
-        self.next_batch, self.skip = (last["next_batch"], last["skip"]) if last else (0, 0)
-        self.dropped = last["dropped_before"] if last else 0
-        self.last_batch = self.next_batch - 1
-        self.pending: list[_Piece] = []
-        self.pending_rows = 0
-        self.in_flight: Future[None] | None = None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-
-    def add(self, batch: int, columns: dict[str, np.ndarray], dropped: int) -> None:
-        """Rows of batch `batch` (in order, every batch once) and how many max_norm dropped."""
-        if batch < self.next_batch:
-            return  # written by an earlier attempt
-        skip = self.skip if batch == self.next_batch else 0
-        piece = _Piece(batch, 0, self.dropped, columns).split(skip)[1]
-        self.dropped += dropped
-        self.last_batch = batch
-        self.pending.append(piece)
-        self.pending_rows += piece.rows
-        while self.pending_rows >= self.rows_per_shard:
-            self._cut(self.rows_per_shard)
-
-    def _cut(self, rows: int) -> None:
-        parts: list[dict[str, np.ndarray]] = []
-        need = rows
-        while need and self.pending:
-            piece = self.pending[0]
-            if piece.rows <= need:
-                parts.append(piece.columns)
-                self.pending.pop(0)
-                need -= piece.rows
-            else:
-                head, self.pending[0] = piece.split(need)
-                parts.append(head)
-                need = 0
-        self.pending_rows -= rows
-        if self.pending:
-            nxt = self.pending[0]
-            resume = {
-                "next_batch": nxt.batch,
-                "skip": nxt.offset,
-                "dropped_before": nxt.dropped_before,
-            }
-        else:
-            resume = {"next_batch": self.last_batch + 1, "skip": 0, "dropped_before": self.dropped}
-        # At most one shard in flight: memory stays at about two shards.
-        if self.in_flight is not None:
-            self.in_flight.result()
-        index = len(self.shards)
-        self.shards.append({})  # filled by the writer thread
-        self.in_flight = self.pool.submit(self._write, index, parts, resume)
-
-    def _write(
-        self, index: int, parts: list[dict[str, np.ndarray]], resume: dict[str, int]
-    ) -> None:
-        batches = [storage_batch(p, self.schema) for p in parts]
-        table = pa.Table.from_batches(batches, schema=self.schema)
-        buf = io.BytesIO()
-        # Activations barely compress; plain encoding keeps reads a memcpy. Uncompressed floats
-        # would take a flipped bit silently: a CRC per page lets readers (loader.open_shard) see it.
-        pq.write_table(
-            table,
-            buf,
-            compression="none",
-            use_dictionary=False,
-            row_group_size=_ROW_GROUP,
-            write_page_checksum=True,
+# Extracting one shard ---------------------------------------------------------------------------
+def _read_contexts(
+    ref: DatasetRef, shard: ShardRange, context_len: int
+) -> tuple[Tensor, np.ndarray]:
+    """Token ids `[C, T]` int64 and context ids `[C]` of the shard's contexts; reads only the
+    row groups of the split's Parquet file that hold them."""
+    with ref.open_store().open(f"{ref.path}/{shard.split}.parquet") as fh:
+        parquet = pq.ParquetFile(fh)
+        groups, first_row, row = [], 0, 0
+        for g in range(parquet.num_row_groups):
+            rows = parquet.metadata.row_group(g).num_rows
+            if row < shard.stop and row + rows > shard.start:
+                first_row = row if not groups else first_row
+                groups.append(g)
+            row += rows
+        table = parquet.read_row_groups(groups, columns=["tokens", "context_id"])
+    table = table.slice(shard.start - first_row, shard.stop - shard.start)
+    flat = table.column("tokens").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    if flat.size != table.num_rows * context_len:
+        raise ValueError(
+            f"tokens {ref.uri} split {shard.split}: contexts are not all {context_len} tokens"
         )
-        name = f"{self.split}/shard-{index:05d}.parquet"
-        self.writer.write_bytes(name, buf.getbuffer())
-        norms = np.concatenate([p["norm"] for p in parts])
-        entry = {
-            "name": name,
-            "rows": table.num_rows,
-            "bytes": buf.tell(),
-            "norm_sum": float(norms.sum(dtype=np.float64)),
-            "norm_max": float(norms.max(initial=0.0)),
-        }
-        self.shards[index] = entry
-        self.writer.mark_done(f"{self.split}/{index:05d}", {"shard": entry, **resume})
-
-    def close(self) -> list[dict[str, Any]]:
-        """Write the last partial shard, wait for every write; the split's shard entries."""
-        try:
-            if self.pending_rows:
-                self._cut(self.pending_rows)
-            if self.in_flight is not None:
-                self.in_flight.result()
-            return self.shards
-        finally:
-            self.pool.shutdown(wait=True)
-
-    def abort(self) -> None:
-        # The shard already handed to the writer (at most one) is finished with its mark: it is
-        # valid progress for the next attempt. A failed write just leaves no mark.
-        self.pool.shutdown(wait=True)
+    ids = torch.from_numpy(flat.astype(np.int64).reshape(-1, context_len))
+    return ids, table.column("context_id").to_numpy()
 
 
-# Extraction ---------------------------------------------------------------------------------
 def _batch_rows(
     outputs: list[Tensor],
     ids: Tensor,
@@ -282,63 +189,140 @@ def _batch_rows(
     return rows
 
 
-def _split_entry(sink: ShardWriter, split: str, max_norm: float | None) -> dict[str, Any]:
-    shards = sink.close()
-    rows = sum(s["rows"] for s in shards)
-    if rows == 0:
-        raise ConfigError(f"data.max_norm={max_norm}: dropped every {split} row; raise or unset it")
+def write_shard(
+    writer: DatasetWriter, name: str, parts: list[dict[str, np.ndarray]], schema: pa.Schema
+) -> dict[str, Any]:
+    """Encode rows (`parts`: activation [R, d], sequence, position, token_id, norm [R] each) as
+    one Parquet shard and write it; its manifest entry. Cost: one copy of the rows."""
+    table = pa.Table.from_batches([storage_batch(p, schema) for p in parts], schema=schema)
+    buf = io.BytesIO()
+    # Activations barely compress; plain encoding keeps reads a memcpy. Uncompressed floats
+    # would take a flipped bit silently: a CRC per page lets readers (loader.open_shard) see it.
+    pq.write_table(
+        table,
+        buf,
+        compression="none",
+        use_dictionary=False,
+        row_group_size=_ROW_GROUP,
+        write_page_checksum=True,
+    )
+    writer.write_bytes(name, buf.getbuffer())
+    norms = np.concatenate([p["norm"] for p in parts])
     return {
-        "rows": rows,
-        "dropped_max_norm": sink.dropped,
-        "norm_mean": sum(s["norm_sum"] for s in shards) / rows,
-        "norm_max": max(s["norm_max"] for s in shards),
-        "shards": shards,
+        "name": name,
+        "rows": table.num_rows,
+        "bytes": buf.tell(),
+        "norm_sum": float(norms.sum(dtype=np.float64)),
+        "norm_max": float(norms.max(initial=0.0)),
     }
 
 
-def _extract_split(
+def extract_shard(
     model: nn.Module,
     tokens: DatasetRef,
-    split: str,
-    context_len: int,
-    points: list[HookPoint],
+    shard: ShardRange,
     data_cfg: DataConfig,
-    sinks: list[ShardWriter],
-    dtype: str,
-    progress: bool,
-) -> list[dict[str, Any]]:
-    """Extract one split for every hook; the split's manifest entry per hook."""
+    hooks: Sequence[str],
+    writers: Sequence[DatasetWriter],
+) -> None:
+    """Make one shard of every hook's dataset: its file, then its completion mark.
+
+    The shard's C contexts go through `model` in forward batches of about `batch_tokens` tokens
+    ([B, T] -> one [B, T, d] activation per hook), counted from the shard's first context: the
+    same batches whichever process runs the shard. Cost: the blocks up to the deepest hook for
+    C * T tokens; memory: the shard's rows per hook.
+    """
+    if len(hooks) != len(writers) or not hooks:
+        raise ValueError(f"extract_shard: {len(hooks)} hooks for {len(writers)} writers")
+    points = [check_hook(model.config, hook) for hook in hooks]
+    context_len = tokens.manifest()["context_len"]
+    source = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+              "model_dtype": model_dtype(model), "width": model_width(model.config)}  # fmt: skip
+    dtype = storage_dtype(source["model_dtype"], data_cfg)
+    ids, context_ids = _read_contexts(tokens, shard, context_len)
     per_batch = max(1, data_cfg.batch_tokens // context_len)
-    contexts = _count_contexts(tokens, split)
-    n_batches = -(-contexts // per_batch)
-    start = min(s.next_batch for s in sinks)
-    first = 1 if data_cfg.skip_first_position else 0
     device = next(model.parameters()).device
-    bar = tqdm(
-        total=contexts,
-        initial=min(contexts, start * per_batch),
-        unit="ctx",
-        desc=f"extract {split}",
-        disable=not progress,
-    )
-    try:
-        if start < n_batches:
-            for b, ids, context_ids in _token_batches(tokens, split, context_len, per_batch, start):
-                with torch.inference_mode():
-                    outputs = run_to_hooks(model, ids.to(device), points)
-                    rows = _batch_rows(outputs, ids, context_ids, first, data_cfg.max_norm, dtype)
-                for sink, (columns, dropped) in zip(sinks, rows, strict=True):
-                    sink.add(b, columns, dropped)
-                bar.update(len(ids))
-        return [_split_entry(sink, split, data_cfg.max_norm) for sink in sinks]
-    except BaseException:
-        for sink in sinks:
-            sink.abort()
-        raise
-    finally:
-        bar.close()
+    parts: list[list[dict[str, np.ndarray]]] = [[] for _ in hooks]
+    dropped = [0] * len(hooks)
+    for b in range(0, len(ids), per_batch):
+        batch = ids[b : b + per_batch]
+        with torch.inference_mode():
+            outputs = run_to_hooks(model, batch.to(device), points)
+            rows = _batch_rows(
+                outputs, batch, context_ids[b : b + per_batch], first_position(data_cfg),
+                data_cfg.max_norm, dtype,
+            )  # fmt: skip
+        for i, (columns, n_dropped) in enumerate(rows):
+            parts[i].append(columns)
+            dropped[i] += n_dropped
+    schema = STORAGE_SCHEMA(source["width"], dtype)
+    for writer, hook_parts, n_dropped in zip(writers, parts, dropped, strict=True):
+        entry = None
+        if sum(len(p["sequence"]) for p in hook_parts):
+            entry = write_shard(writer, shard.name, hook_parts, schema)
+            entry["contexts"] = [shard.start, shard.stop]
+        writer.mark_done(
+            shard.part, {"shard": entry, "dropped_max_norm": n_dropped, "source": source}
+        )
 
 
+# The manifest -----------------------------------------------------------------------------------
+def activation_manifest(
+    writer: DatasetWriter,
+    tokens: DatasetRef,
+    data_cfg: DataConfig,
+    hook: str,
+    shards: Sequence[ShardRange],
+) -> dict[str, Any]:
+    """The manifest of a dataset whose every shard is marked done, from the marks."""
+    src = tokens.manifest()
+    marks = {split: writer.done_marks(split) for split in SPLITS}
+    missing = [s.name for s in shards if f"{s.index:05d}" not in marks[s.split]]
+    if missing:
+        raise RuntimeError(
+            f"activations {writer.dataset}: {len(missing)} shards not written ({missing[0]}, ...); "
+            "run the extraction again"
+        )
+    source = marks[shards[0].split][f"{shards[0].index:05d}"]["source"]
+    splits = {}
+    for split in SPLITS:
+        done = [marks[split][f"{s.index:05d}"] for s in shards if s.split == split]
+        entries = [m["shard"] for m in done if m["shard"] is not None]
+        rows = sum(e["rows"] for e in entries)
+        if rows == 0:
+            raise ConfigError(
+                f"data.max_norm={data_cfg.max_norm}: dropped every {split} row; raise or unset it"
+            )
+        splits[split] = {
+            "rows": rows,
+            "dropped_max_norm": sum(m["dropped_max_norm"] for m in done),
+            "norm_mean": sum(e["norm_sum"] for e in entries) / rows,
+            "norm_max": max(e["norm_max"] for e in entries),
+            "shards": entries,
+        }
+    return {
+        "kind": "activations",
+        "schema_version": SCHEMA_VERSION,
+        "fingerprint": writer.dataset.rsplit("/", 1)[-1],
+        "model": source["model"],
+        "model_dtype": source["model_dtype"],
+        "hook": str(HookPoint.parse(hook)),
+        "dtype": storage_dtype(source["model_dtype"], data_cfg),
+        "width": source["width"],
+        "context_len": src["context_len"],
+        "batch_tokens": data_cfg.batch_tokens,
+        "shard_rows": shard_rows(
+            data_cfg, source["width"], storage_dtype(source["model_dtype"], data_cfg)
+        ),
+        "contexts_per_shard": shards[0].stop - shards[0].start,
+        "skip_first_position": data_cfg.skip_first_position,
+        "max_norm": data_cfg.max_norm,
+        "tokens": {"uri": tokens.uri, "fingerprint": tokens.fingerprint},
+        "splits": splits,
+    }
+
+
+# Extraction in this process ---------------------------------------------------------------------
 def extract_hooks(
     model: nn.Module,
     tokens: DatasetRef,
@@ -351,49 +335,36 @@ def extract_hooks(
 
     Per forward: about `batch_tokens` tokens as [B, T] contexts -> one [B, T, d] activation per
     hook; position 0 is dropped if `skip_first_position`, rows with norm > `max_norm` if it is set.
-    Cost: the blocks up to the deepest hook, for every token of both splits. Writers opened with
-    `Store.resuming` continue an interrupted extraction. Returns (and sets) each manifest.
+    Cost: the blocks up to the deepest hook, for every token of both splits. Shards already
+    marked done in every writer (writers opened with `Store.resuming`) are skipped. Returns (and
+    sets) each manifest.
     """
     if len(hooks) != len(writers) or not hooks:
         raise ValueError(f"extract_hooks: {len(hooks)} hooks for {len(writers)} writers")
-    points = [check_hook(model.config, hook) for hook in hooks]
-    src = tokens.manifest()
-    if data_cfg.skip_first_position and src["context_len"] < 2:
-        raise ConfigError("data.context_len: must exceed 1 when data.skip_first_position is on")
-    vocab = getattr(model.config, "vocab_size", None)
-    if vocab is not None and src.get("vocab_size", 0) > vocab:
-        raise ConfigError(
-            f"tokens {tokens.uri}: tokenizer vocabulary {src['vocab_size']} exceeds the "
-            f"model's {vocab}; use the model's own tokenizer"
-        )
-    width, dtype = model_width(model.config), storage_dtype(model, data_cfg)
-    rows_per_shard = shard_rows(data_cfg, width, dtype)
-    splits: list[dict[str, Any]] = [{} for _ in hooks]
-    for split in SPLITS:
-        sinks = [ShardWriter(w, split, width, dtype, rows_per_shard) for w in writers]
-        entries = _extract_split(
-            model, tokens, split, src["context_len"], points, data_cfg, sinks, dtype, progress
-        )
-        for per_hook, entry in zip(splits, entries, strict=True):
-            per_hook[split] = entry
-    for writer, point, per_hook in zip(writers, points, splits, strict=True):
-        writer.manifest = {
-            "kind": "activations",
-            "schema_version": SCHEMA_VERSION,
-            "fingerprint": writer.dataset.rsplit("/", 1)[-1],
-            "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "hook": str(point),
-            "dtype": dtype,
-            "width": width,
-            "context_len": src["context_len"],
-            "batch_tokens": data_cfg.batch_tokens,
-            "shard_rows": rows_per_shard,
-            "skip_first_position": data_cfg.skip_first_position,
-            "max_norm": data_cfg.max_norm,
-            "tokens": {"uri": tokens.uri, "fingerprint": tokens.fingerprint},
-            "splits": per_hook,
-        }
+    for hook in hooks:
+        check_hook(model.config, hook)
+    src = check_tokens(tokens, data_cfg, getattr(model.config, "vocab_size", None))
+    width = model_width(model.config)
+    shards = plan_shards(src, data_cfg, width, storage_dtype(model_dtype(model), data_cfg))
+    done = [set().union(*(w.done_parts(split) for split in SPLITS)) for w in writers]
+    todo = [s for s in shards if any(s.part not in d for d in done)]
+    contexts = sum(s.stop - s.start for s in shards)
+    with tqdm(
+        total=contexts,
+        initial=contexts - sum(s.stop - s.start for s in todo),
+        unit="ctx",
+        desc="extract",
+        disable=not progress,
+    ) as bar:
+        for shard in todo:
+            lacking = [i for i, d in enumerate(done) if shard.part not in d]
+            extract_shard(
+                model, tokens, shard, data_cfg,
+                [hooks[i] for i in lacking], [writers[i] for i in lacking],
+            )  # fmt: skip
+            bar.update(shard.stop - shard.start)
+    for writer, hook in zip(writers, hooks, strict=True):
+        writer.manifest = activation_manifest(writer, tokens, data_cfg, hook, shards)
     return [w.manifest for w in writers]
 
 

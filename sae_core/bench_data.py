@@ -1,7 +1,7 @@
 """Data-plane benchmarks: extraction against the bare forward pass, and loading for training.
 
 bench_extract: tokens/s of `activations.extract_hooks` (forward to the deepest hook, rows, Parquet
-shards written in the background) against a bare forward of the same model truncated after that
+shards) against a bare forward of the same model truncated after that
 hook's block and against a full-depth forward (logits), over the same token batches, interleaved
 per repeat (the pair's order alternating). ratio = extraction / bare, the median of the per-repeat
 ratios; the target is >= 0.9.
@@ -33,8 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sae_core.activations import ShardWriter, extract_hooks, shard_rows
+from sae_core.activations import extract_hooks, shard_rows, write_shard
 from sae_core.config import DataConfig, SAEConfig, TrainConfig
+from sae_core.layout import STORAGE_SCHEMA
 from sae_core.loader import iter_batches, read_split
 from sae_core.models import HookPoint, load_model, truncated
 from sae_core.refs import DatasetRef
@@ -99,8 +100,8 @@ def bench_extract(
 ) -> dict[str, Any]:
     """Extraction tokens/s against the bare truncated forward and the full forward (see module).
 
-    Shards go to `store` (default: a scratch directory), `shard_mb` each so that several are
-    written while the model runs.
+    Shards go to `store` (default: a scratch directory), `shard_mb` each so that the run writes
+    several.
     """
     from sae_core.assets import resolve_model_path
 
@@ -232,29 +233,26 @@ def write_synthetic(
     store: Store, path: str, rows: int, width: int, dtype: str, shard_mb: float, seed: int = 0
 ) -> DatasetRef:
     """A committed activations dataset of `rows` Gaussian rows (train split; eval: 1 shard of
-    1024), written through the extraction's ShardWriter. Memory: one shard at a time."""
+    1024), written as the extraction writes shards. Memory: one shard at a time."""
     rng = np.random.default_rng(seed)
-    data_cfg = DataConfig(shard_mb=shard_mb)
-    per_shard = shard_rows(data_cfg, width, dtype)
+    per_shard = shard_rows(DataConfig(shard_mb=shard_mb), width, dtype)
+    schema = STORAGE_SCHEMA(width, dtype)
     splits = {}
     with store.writing(path) as writer:
         for split, n in (("train", rows), ("eval", 1024)):
-            sink = ShardWriter(writer, split, width, dtype, per_shard)
-            for batch, start in enumerate(range(0, n, per_shard)):
+            shards = []
+            for index, start in enumerate(range(0, n, per_shard)):
                 m = min(per_shard, n - start)
                 x = rng.standard_normal((m, width), dtype=np.float32)
-                sink.add(
-                    batch,
-                    {
-                        "activation": x.astype(dtype, copy=False),
-                        "sequence": np.arange(start, start + m, dtype=np.int64),
-                        "position": np.ones(m, np.int32),
-                        "token_id": np.zeros(m, np.int32),
-                        "norm": np.linalg.norm(x, axis=1),
-                    },
-                    0,
-                )
-            shards = sink.close()
+                columns = {
+                    "activation": x.astype(dtype, copy=False),
+                    "sequence": np.arange(start, start + m, dtype=np.int64),
+                    "position": np.ones(m, np.int32),
+                    "token_id": np.zeros(m, np.int32),
+                    "norm": np.linalg.norm(x, axis=1),
+                }
+                name = f"{split}/shard-{index:05d}.parquet"
+                shards.append(write_shard(writer, name, [columns], schema))
             splits[split] = {"rows": n, "shards": shards}
         writer.manifest = {
             "kind": "activations",

@@ -7,10 +7,13 @@ it inside `Store.writing` (data first, manifest last). Orchestrators wrap these 
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from sae_core.activations import ShardRange
 from sae_core.assets import resolve_corpus, resolve_model_path
 from sae_core.config import (
     TRAIN_EXECUTION_FIELDS,
@@ -24,7 +27,10 @@ from sae_core.config import (
 )
 from sae_core.fingerprint import code_fingerprint, fingerprint, path_fingerprint
 from sae_core.refs import DatasetRef
-from sae_core.store import PROGRESS, Store
+from sae_core.store import PROGRESS, DatasetWriter, Store
+
+if TYPE_CHECKING:  # torch and pyarrow load with the stages that use them
+    from sae_core.activations import ShardRange
 
 
 class Location(NamedTuple):
@@ -116,6 +122,114 @@ def extract_activations(
     return extract_hook_datasets(tokens, model, data, [model.hook], progress)[0]
 
 
+class ActivationPlan(NamedTuple):
+    """What an extraction has left to do: the datasets of `hooks` (each located as if it were
+    `model.hook`), which of them are not committed (`todo`), every shard of a split, and the
+    shards some `todo` dataset has not marked done (`missing`)."""
+
+    tokens: DatasetRef
+    model: ModelConfig
+    data: DataConfig
+    hooks: list[str]
+    locations: list[Location]
+    todo: list[int]
+    shards: list[ShardRange]
+    missing: list[ShardRange]
+
+
+def plan_activations(
+    tokens: DatasetRef, model: ModelConfig, data: DataConfig, hooks: list[str]
+) -> ActivationPlan:
+    """Locate the hooks' datasets and list the shards still to make; reads configs and marks
+    only (no weights). Clears what a killed attempt left half-written."""
+    from sae_core.activations import check_tokens, plan_shards, storage_dtype
+    from sae_core.preflight import inspect_model
+
+    locs = [locate_activations(tokens, model.model_copy(update={"hook": h}), data) for h in hooks]
+    store = Store(tokens.store)
+    todo = []
+    for i, loc in enumerate(locs):
+        if loc.committed() is None:
+            todo.append(i)
+        else:  # marks of an attempt killed between its commit and their removal
+            store.rm(f"{loc.path}/{PROGRESS}")
+    shards: list[ShardRange] = []
+    missing: list[ShardRange] = []
+    if todo:
+        facts = [inspect_model(model.path, hooks[i]) for i in todo][0]  # checks every hook
+        src = check_tokens(tokens, data, facts.vocab_size)
+        shards = plan_shards(src, data, facts.width, storage_dtype(model.dtype, data))
+        done = []
+        for i in todo:
+            store.clear_temporaries(locs[i].path)
+            writer = DatasetWriter(store, locs[i].path)
+            done.append(writer.done_parts("train") | writer.done_parts("eval"))
+        missing = [s for s in shards if any(s.part not in d for d in done)]
+    return ActivationPlan(tokens, model, data, hooks, locs, todo, shards, missing)
+
+
+_SHARD_LOCK = threading.Lock()  # one shard at a time per process: hooks live on the shared model
+
+
+@functools.lru_cache(maxsize=1)
+def _shard_model(path: str, dtype: str, device: str) -> Any:
+    from sae_core.models import load_model
+
+    return load_model(resolve_model_path(path), dtype, device).model
+
+
+def release_shard_model() -> None:
+    """Free the model `extract_activation_shard` keeps loaded for the next shard."""
+    _shard_model.cache_clear()
+
+
+def extract_activation_shard(plan: ActivationPlan, shard: ShardRange) -> ShardRange:
+    """Make `shard` of every `todo` dataset that lacks it. The model is loaded once per process
+    and kept for the next shard (`release_shard_model` frees it). Returns the shard."""
+    from sae_core.activations import extract_shard
+
+    store = Store(plan.tokens.store)
+    writers = [DatasetWriter(store, plan.locations[i].path) for i in plan.todo]
+    lacking = [
+        (plan.hooks[i], w)
+        for i, w in zip(plan.todo, writers, strict=True)
+        if shard.part not in w.done_parts(shard.split)
+    ]
+    if lacking:
+        with _SHARD_LOCK:
+            model = _shard_model(plan.model.path, plan.model.dtype, plan.model.device)
+            extract_shard(
+                model,
+                plan.tokens,
+                shard,
+                plan.data,
+                [h for h, _ in lacking],
+                [w for _, w in lacking],
+            )
+    return shard
+
+
+def commit_activations(plan: ActivationPlan) -> list[DatasetRef]:
+    """Commit each `todo` dataset (its manifest from the shards' marks, written last); the
+    references of every hook's dataset."""
+    from sae_core.activations import activation_manifest
+
+    store = Store(plan.tokens.store)
+    refs = []
+    for i, loc in enumerate(plan.locations):
+        if i in plan.todo:
+            writer = DatasetWriter(store, loc.path)
+            manifest = activation_manifest(
+                writer, plan.tokens, plan.data, plan.hooks[i], plan.shards
+            )
+            manifest["fingerprint"] = loc.fingerprint
+            store.commit(loc.path, manifest)
+        else:
+            manifest = loc.committed()
+        refs.append(loc.ref(manifest["splits"]["train"]["rows"]))
+    return refs
+
+
 def extract_hook_datasets(
     tokens: DatasetRef,
     model: ModelConfig,
@@ -124,28 +238,17 @@ def extract_hook_datasets(
     progress: bool = True,
 ) -> list[DatasetRef]:
     """One activations dataset per hook (each located as if it were `model.hook`), the missing
-    ones from a single pass over the tokens; an interrupted pass resumes where it stopped."""
-    from sae_core import activations
-    from sae_core.models import load_model
+    ones from a single pass over the tokens in this process, shard by shard; an interrupted
+    pass only makes the shards it had not finished."""
+    from tqdm.auto import tqdm
 
-    locs = [locate_activations(tokens, model.model_copy(update={"hook": h}), data) for h in hooks]
-    manifests = [loc.committed() for loc in locs]
-    todo = [i for i, manifest in enumerate(manifests) if manifest is None]
-    store = Store(tokens.store)
-    for loc, manifest in zip(locs, manifests, strict=True):
-        if manifest is not None:  # marks of an attempt killed between its commit and their removal
-            store.rm(f"{loc.path}/{PROGRESS}")
-    if todo:
-        loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
-        with ExitStack() as stack:
-            writers = [stack.enter_context(store.resuming(locs[i].path)) for i in todo]
-            made = activations.extract_hooks(
-                loaded.model, tokens, data, [hooks[i] for i in todo], writers, progress
-            )
-            for i, manifest in zip(todo, made, strict=True):
-                manifest["fingerprint"] = locs[i].fingerprint
-                manifests[i] = manifest
-    return [loc.ref(m["splits"]["train"]["rows"]) for loc, m in zip(locs, manifests, strict=True)]
+    plan = plan_activations(tokens, model, data, hooks)
+    try:
+        for shard in tqdm(plan.missing, desc="extract", unit="shard", disable=not progress):
+            extract_activation_shard(plan, shard)
+    finally:
+        release_shard_model()
+    return commit_activations(plan)
 
 
 # training ------------------------------------------------------------------------------------

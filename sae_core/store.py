@@ -266,8 +266,21 @@ class Store:
         yield writer
         if writer.manifest is None:
             raise StoreError(f"dataset {dataset}: writer finished without a manifest")
-        writer.manifest.setdefault("uri", self.url(dataset))
-        self.write_json(f"{dataset}/{MANIFEST}", writer.manifest)
+        self.commit(dataset, writer.manifest)
+
+    def commit(self, dataset: str, manifest: dict[str, Any]) -> None:
+        """Write the manifest of a dataset whose data is in place, then drop its completion marks."""
+        manifest.setdefault("uri", self.url(dataset))
+        self.write_json(f"{dataset}/{MANIFEST}", manifest)
+        self.rm(f"{dataset}/{PROGRESS}")
+
+    def clear_temporaries(self, dataset: str) -> None:
+        """Remove the half-written local temporaries an interrupted writer left in `dataset`."""
+        self.invalidate_cache()
+        if self.protocol == "file" and self.fs.exists(self.path(dataset)):
+            for leftover in self.fs.find(self.path(dataset)):
+                if _TEMPORARY in leftover.rsplit("/", 1)[-1]:
+                    self.fs.rm_file(leftover)
 
     @contextmanager
     def resuming(self, dataset: str) -> Iterator[DatasetWriter]:
@@ -278,14 +291,9 @@ class Store:
         temporaries of the last attempt are cleared. On normal exit the manifest is committed,
         then the marks are removed.
         """
-        self.invalidate_cache()
-        if self.protocol == "file" and self.fs.exists(self.path(dataset)):
-            for leftover in self.fs.find(self.path(dataset)):
-                if _TEMPORARY in leftover.rsplit("/", 1)[-1]:
-                    self.fs.rm_file(leftover)
+        self.clear_temporaries(dataset)
         with self._committing(dataset) as writer:
             yield writer
-        self.rm(f"{dataset}/{PROGRESS}")
 
 
 class DatasetWriter:
@@ -311,6 +319,11 @@ class DatasetWriter:
     def mark_done(self, part: str, record: dict[str, Any]) -> None:
         """Record that `part` (e.g. `train/00003`) is written; call after its data is in place."""
         self.write_json(f"{PROGRESS}/{part}.json", record)
+
+    def done_parts(self, group: str) -> set[str]:
+        """The parts under `group` marked done (e.g. {`train/00003`}), without reading the marks."""
+        names = self.store.listdir(f"{self.dataset}/{PROGRESS}/{group}")
+        return {f"{group}/{n.removesuffix('.json')}" for n in names if n.endswith(".json")}
 
     def done_marks(self, group: str) -> dict[str, dict[str, Any]]:
         """The marks of an earlier attempt under `group` (e.g. `train`), by part name."""

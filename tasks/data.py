@@ -1,10 +1,20 @@
-"""Prefect tasks for the data stages: corpus -> token contexts -> activations."""
+"""Prefect tasks for the data stages: corpus -> token contexts -> activations.
+
+Extraction maps over shards: `extract_activations` (the cached stage) plans the shards still to
+make, maps `extract_shard` over them on the flow's task runner (in this process one at a time by
+default, on a Dask cluster with `--runner dask://HOST:PORT`) and commits the datasets once every
+shard is marked done.
+"""
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from tqdm.auto import tqdm
 
 from sae_core import stages
+from sae_core.activations import ShardRange
 from sae_core.config import DataConfig, ModelConfig
 from sae_core.refs import DatasetRef
 from tasks.caching import CommittedOutput
@@ -20,6 +30,12 @@ def sample_tokens(
     return stages.sample_tokens(store, model, data, progress)
 
 
+# A shard's output is its file and mark on the store, which the next plan reads: nothing to cache.
+@task(name="extract_shard", **{**TASK_DEFAULTS, "cache_policy": NO_CACHE, "persist_result": False})
+def extract_shard(plan: stages.ActivationPlan, shard: ShardRange) -> ShardRange:
+    return stages.extract_activation_shard(plan, shard)
+
+
 @task(
     name="extract_activations",
     cache_policy=CommittedOutput(locate=stages.locate_activations),
@@ -28,4 +44,23 @@ def sample_tokens(
 def extract_activations(
     tokens: DatasetRef, model: ModelConfig, data: DataConfig, progress: bool = True
 ) -> DatasetRef:
-    return stages.extract_activations(tokens, model, data, progress)
+    plan = stages.plan_activations(tokens, model, data, [model.hook])
+    try:
+        if plan.missing:
+            futures = extract_shard.map(plan=unmapped(plan), shard=plan.missing)
+            failures = []
+            contexts = sum(s.stop - s.start for s in plan.missing)
+            with tqdm(total=contexts, unit="ctx", desc="extract", disable=not progress) as bar:
+                # Every shard ends before a failure is raised: none is left running behind.
+                for future in as_completed(futures):
+                    try:
+                        shard = future.result()
+                    except Exception as err:  # noqa: BLE001 - raised once all have ended
+                        failures.append(err)
+                        continue
+                    bar.update(shard.stop - shard.start)
+            if failures:
+                raise failures[0]
+    finally:
+        stages.release_shard_model()  # this process's copy, when shards ran here
+    return stages.commit_activations(plan)[0]

@@ -78,10 +78,12 @@ def test_manifest_and_shards(store, acts):
     assert manifest["hook"] == "resid_post.1" and manifest["dtype"] == "float32"
     assert manifest["skip_first_position"] is True and manifest["max_norm"] is None
     train = manifest["splits"]["train"]
-    # 640 / 16 = 40 contexts, position 0 skipped: 40 * 15 rows, shards of 100.
-    assert train["rows"] == 40 * 15 == 600
-    assert [s["rows"] for s in train["shards"]] == [100] * 6
-    assert [s["rows"] for s in manifest["splits"]["eval"]["shards"]] == [100, 50]
+    # 640 / 16 = 40 contexts, position 0 skipped: 40 * 15 rows; at most 100 rows a shard: 6
+    # whole contexts (90 rows) a shard.
+    assert train["rows"] == 40 * 15 == 600 and manifest["contexts_per_shard"] == 6
+    assert [s["rows"] for s in train["shards"]] == [90] * 6 + [60]
+    assert [s["contexts"] for s in train["shards"]][-2:] == [[30, 36], [36, 40]]
+    assert [s["rows"] for s in manifest["splits"]["eval"]["shards"]] == [90, 60]
     for split in ("train", "eval"):
         for shard in manifest["splits"][split]["shards"]:
             data = store.read_bytes(f"{ref.path}/{shard['name']}")
@@ -116,7 +118,7 @@ def test_load_split_tensor_and_read_split(acts):
     assert data.shape == (600, 64) and data.dtype == torch.float32
     batches = list(read_split(ref, "train"))
     assert sum(b.num_rows for b in batches) == 600
-    torch.testing.assert_close(torch.from_numpy(activation_matrix(batches[0]).copy()), data[:100])
+    torch.testing.assert_close(torch.from_numpy(activation_matrix(batches[0]).copy()), data[:90])
     with pytest.raises(ValueError, match="no split"):
         load_split_tensor(ref, "test")
 
@@ -189,8 +191,9 @@ def test_several_hooks_from_one_forward_pass(store, loaded, tokens_ref, acts):
     finally:
         handle.remove()
         later_handle.remove()
-    # 40 train + 10 eval contexts, 8 per forward: 5 + 2 passes, none past the deepest hook.
-    assert calls["n"] == 7 and later["n"] == 0
+    # 40 train + 10 eval contexts in shards of 6, 8 per forward: 7 + 2 passes, none past the
+    # deepest hook.
+    assert calls["n"] == 9 and later["n"] == 0
     assert [m["hook"] for m in manifests] == hooks
     single = load_split_tensor(acts[1], "train")
     ref0 = DatasetRef(store=store.uri, path="activations/m0", fingerprint="m0")
@@ -224,17 +227,17 @@ class _Killed(Exception):
     pass
 
 
-def test_interrupted_extraction_resumes_at_the_first_unwritten_shard(
+def test_interrupted_extraction_only_makes_the_shards_it_had_not_finished(
     store, loaded, tokens_ref, acts
 ):
     path = "activations/resume"
     calls, handle = _layer_calls(loaded.model, 0)
 
-    def kill_at_third_batch(*_):
-        if calls["n"] == 3:  # after 3 batches of 8 * 15 rows: shards 0-2 written, 60 rows pending
+    def kill_at_fourth_batch(*_):
+        if calls["n"] == 3:  # one forward per shard (6 contexts): shards 0-2 written
             raise _Killed
 
-    killer = loaded.model.model.layers[0].register_forward_pre_hook(kill_at_third_batch)
+    killer = loaded.model.model.layers[0].register_forward_pre_hook(kill_at_fourth_batch)
     try:
         with pytest.raises(_Killed), store.resuming(path) as w:
             extract_activations(
@@ -244,8 +247,7 @@ def test_interrupted_extraction_resumes_at_the_first_unwritten_shard(
         killer.remove()
     assert not store.is_committed(path)
     assert store.listdir(f"{path}/_progress/train") == ["00000.json", "00001.json", "00002.json"]
-    mark = store.read_json(f"{path}/_progress/train/00002.json")
-    assert (mark["next_batch"], mark["skip"]) == (2, 60)  # 300 rows = batches 0, 1 and 60 of 2
+    assert store.listdir(f"{path}/train") == [f"shard-0000{i}.parquet" for i in range(3)]
     calls["n"] = 0
     try:
         with store.resuming(path) as w:
@@ -254,14 +256,34 @@ def test_interrupted_extraction_resumes_at_the_first_unwritten_shard(
             )
     finally:
         handle.remove()
-    # Restarted at batch 2 of 5 (train), then the 2 eval batches.
-    assert calls["n"] == 3 + 2
+    # The 4 train shards left, then the 2 eval shards.
+    assert calls["n"] == 4 + 2
     assert not store.exists(f"{path}/_progress")
     assert manifest["splits"] == acts[0]["splits"]
-    ref = DatasetRef(store=store.uri, path=path, fingerprint="resume")
-    torch.testing.assert_close(
-        load_split_tensor(ref, "train"), load_split_tensor(acts[1], "train"), rtol=0, atol=0
-    )
+    for shard in manifest["splits"]["train"]["shards"]:
+        name = shard["name"]
+        assert store.read_bytes(f"{path}/{name}") == store.read_bytes(f"{acts[1].path}/{name}")
+
+
+def test_a_shard_is_the_same_bytes_whatever_the_order_and_threads(store, loaded, tokens_ref, acts):
+    """Shards made one by one, in reverse order, on one thread, equal the whole extraction's."""
+    from sae_core.activations import check_tokens, extract_shard, plan_shards
+
+    data = DataConfig(**BASE)
+    shards = plan_shards(check_tokens(tokens_ref, data, 512), data, 64, "float32")
+    assert len(shards) == 7 + 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with store.writing("activations/reversed") as w:
+            for shard in reversed(shards):
+                extract_shard(loaded.model, tokens_ref, shard, data, ["resid_post.1"], [w])
+            w.manifest = {}
+    finally:
+        torch.set_num_threads(threads)
+    for shard in shards:
+        made = store.read_bytes(f"activations/reversed/{shard.name}")
+        assert made == store.read_bytes(f"{acts[1].path}/{shard.name}"), shard.name
 
 
 @pytest.mark.slow

@@ -80,3 +80,41 @@ def test_config_command_prints_the_resolved_yaml():
     result = invoke("config", "--set", "sae.k=48")
     assert result.exit_code == 0
     assert "k: 48" in result.output and "hook: resid_post.15" in result.output
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["threads", "dask", "dask://", "dask://host", "dask://:8786", "dask://host:port",
+     "tcp://127.0.0.1:8786", "dask://host:8786/path"],
+)  # fmt: skip
+@pytest.mark.parametrize("command", ["run", "sweep", "frontier"])
+def test_runner_must_be_local_or_a_dask_scheduler(command, text, tiny_args):
+    result = invoke(command, *tiny_args, "--runner", text)
+    assert_one_line_error(result, f"--runner '{text}'", "'local' or 'dask://HOST:PORT'")
+
+
+def test_dask_runner_needs_a_prefect_api_and_a_scheduler_that_answers(unused_port):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.runners import dask_address, task_runner
+    from sae_core.config import ConfigError
+
+    assert dask_address("dask://10.0.0.7:8786") == "tcp://10.0.0.7:8786"
+    assert dask_address("dask://[::1]:8786") == "tcp://[::1]:8786"
+    assert dask_address("local") is None
+    runner = f"dask://127.0.0.1:{unused_port}"
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(ConfigError, match=r"--runner dask://.*PREFECT_API_URL"):
+            task_runner(runner)
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        with pytest.raises(ConfigError, match=rf"no Dask scheduler answers at 127.0.0.1:{unused_port}"):
+            task_runner(runner)
+
+
+@pytest.fixture
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

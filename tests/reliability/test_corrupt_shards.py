@@ -62,7 +62,7 @@ def remove(shard: Path) -> None:
 DAMAGE = {
     "flipped-byte": (flip_a_byte, "unreadable"),
     "truncated": (truncate, "unreadable"),
-    "injected-nan": (inject_nan, "no NaN/inf values: 1 of 500 rows"),
+    "injected-nan": (inject_nan, "no NaN/inf values: 1 of 496 rows"),
     "wrong-width": (narrow, "width 64 as in manifest: observed 60"),
     "missing": (remove, "unreadable"),
 }

@@ -135,10 +135,14 @@ def test_a_storage_error_that_outlasts_the_retries_is_one_line(
     """What the CLI prints when the flow ends on a storage error (the flow itself: below)."""
     import flows.pipeline
 
-    def failing(*args: object, **kwargs: object) -> None:
-        raise err
+    class Failing:  # the flow as the CLI uses it: given its task runner, then called
+        def with_options(self, **options: object) -> Failing:
+            return self
 
-    monkeypatch.setattr(flows.pipeline, "pipeline", failing)
+        def __call__(self, *args: object, **kwargs: object) -> None:
+            raise err
+
+    monkeypatch.setattr(flows.pipeline, "pipeline", Failing())
     ws = new_workspace("ws")
     result = ws.invoke(*ws.args())
     assert result.exit_code == 2, result.output
