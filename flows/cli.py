@@ -231,6 +231,9 @@ def bench_train(
         int | None, typer.Option(help="Expander: non-zeros per decoder direction.")
     ] = None,
     encoder: Annotated[str, typer.Option(help="Expander encoder: untied or tied.")] = "untied",
+    dtype: Annotated[
+        str, typer.Option(help="The step's GEMM precision (train.dtype): float32 or bfloat16.")
+    ] = "float32",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Time SAE training steps on synthetic data against one dense GEMM of the same shape."""
@@ -250,6 +253,7 @@ def bench_train(
             kind=kind,  # type: ignore[arg-type]
             degree=degree,
             encoder=encoder,  # type: ignore[arg-type]
+            dtype=dtype,
         )
     except USER_ERRORS as err:
         _fail(err)

@@ -82,13 +82,10 @@ def bench_train(
             degree=degree,
             encoder=encoder,
         )
+        train_cfg = TrainConfig(batch_size=batch, dtype=dtype)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
-    trainer = Trainer(
-        init_sae(d, sae_cfg, data[: min(len(data), 8192)], seed),
-        TrainConfig(batch_size=batch, dtype=dtype),
-        dev,
-    )
+    trainer = Trainer(init_sae(d, sae_cfg, data[: min(len(data), 8192)], seed), train_cfg, dev)
     W = torch.randn(d, n, generator=g).to(dev)
     ref_out = torch.empty(batch, n, device=dev)
     batches = [data[i : i + batch].to(dev) for i in range(0, len(data) - batch + 1, batch)]

@@ -38,6 +38,8 @@ def test_bench_train_times_an_expander_step_with_the_same_fields():
 def test_bench_train_names_a_bad_sae_field():
     with pytest.raises(ConfigError, match="sae.degree"):
         bench_train(d=16, n=64, k=4, batch=32, steps=1, device="cpu", verbose=False, degree=4)
+    with pytest.raises(ConfigError, match="dtype.*'float32' or 'bfloat16'"):
+        bench_train(d=16, n=64, k=4, batch=32, steps=1, device="cpu", verbose=False, dtype="fp16")
 
 
 def test_bench_group_times_both_ways_on_the_same_sae_results(tmp_path):
