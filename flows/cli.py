@@ -369,7 +369,7 @@ def bench_group(
     repeats: int = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Training several SAEs one after another against as one group reading the data once."""
+    """Wall and CPU time of several SAEs trained one after another against one group reading the data once."""
     import json
 
     from sae_core.bench_data import bench_group as run_bench

@@ -148,3 +148,14 @@ def prefect():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny SAEs: one thread is faster on a busy machine, and results do not depend on it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,13 +27,7 @@ from sae_core.train import Trainer, init_sae, run_training, tensor_source
 D, N, K, DEGREE = 24, 96, 4, 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny SAEs: one thread is faster on a busy machine, and results are identical."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw) -> SAEConfig:

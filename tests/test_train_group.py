@@ -33,13 +33,7 @@ POINTS = [  # different n and k, BatchTopK with a moving average, an expander
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny SAEs: one thread is faster on a busy machine, and results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_cfg(sae: SAEConfig, every: int = 1024) -> TrainConfig:
