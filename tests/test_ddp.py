@@ -14,13 +14,13 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from safetensors.torch import load as load_tensors
+from test_train import sparse_dictionary_data, write_activations
 
 from sae_core import faults, stages
 from sae_core.config import ConfigError, SAEConfig, TrainConfig, build_config
 from sae_core.ddp import DataParallelFailed, rank_error
 from sae_core.refs import DatasetRef
 from sae_core.store import Store
-from tests.test_train import sparse_dictionary_data, write_activations
 
 ROOT = Path(__file__).resolve().parents[1]
 SAE = SAEConfig(n_latents=256, k=3, dead_window_tokens=512, k_aux=16)  # some latents die
@@ -136,7 +136,7 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_pipeline_trains_on_two_ranks(prefect, tiny_llama_dir, tiny_corpus_dir, tmp_path):
-    from tests.test_pipeline import run, tiny_config
+    from test_pipeline import run, tiny_config
 
     store = str(tmp_path / "store")
     result = run(tiny_config(tiny_llama_dir, tiny_corpus_dir, store, train={"world_size": 2}))
