@@ -166,12 +166,13 @@ def test_killing_the_stage_stops_its_ranks(tmp_path):
     too, instead of training on beside a re-run."""
     tag = f"SAEFLOW_DDP_TEST_TAG={uuid.uuid4().hex}"
     code = (
-        "import sys; from pathlib import Path; from tests.test_ddp import _train, SAE; "
-        "_train(Path(sys.argv[1]), 'store', SAE, 2, epochs=200)"
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); "
+        "from test_ddp import _train, SAE; _train(Path(sys.argv[1]), 'store', SAE, 2, epochs=200)"
     )
     # TMPDIR: the spec folder the killed stage cannot remove stays inside tmp_path.
     env = {**os.environ, tag.split("=")[0]: tag.split("=")[1], "TMPDIR": str(tmp_path)}
-    stage = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=ROOT)
+    tests = str(ROOT / "tests")  # where the test helpers import from, as under pytest
+    stage = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), tests], env=env, cwd=ROOT)
     deadline = time.monotonic() + 120
     while not list((tmp_path / "store" / "checkpoints").glob("*/last.safetensors")):
         assert stage.poll() is None and time.monotonic() < deadline, "no checkpoint came"
