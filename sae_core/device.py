@@ -31,6 +31,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def state_copies(device: torch.device, world_size: int) -> int:
+    """How many copies of the training state `device`'s memory holds: one per data-parallel
+    rank on the CPU (the ranks share this machine), one on a GPU (each rank has its own)."""
+    return world_size if device.type == "cpu" else 1
+
+
 def device_memory(device: torch.device) -> int:
     """Bytes of memory of a device: a GPU's own, else this machine's physical memory."""
     if device.type == "cuda":

@@ -128,11 +128,10 @@ def check_sizes(config: PipelineConfig, facts: ModelFacts) -> None:
             f"activations data.train_tokens={data.train_tokens} gives; lower train.batch_size "
             "or raise data.train_tokens"
         )
-    from sae_core.device import pick_device
+    from sae_core.device import pick_device, state_copies
 
-    # Data parallel on CPU: every rank holds its own copy in this machine's memory.
     world = config.train.world_size
-    copies = world if pick_device(config.train.device).type == "cpu" else 1
+    copies = state_copies(pick_device(config.train.device), world)
     need = copies * training_bytes(sae, facts.width)
     memory = machine_memory()
     if need > memory:

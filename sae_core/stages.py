@@ -193,7 +193,7 @@ def extract_activation_shard(plan: ActivationPlan, shard: ShardRange) -> ShardRa
     lacking = [
         (plan.hooks[i], w)
         for i, w in zip(plan.todo, writers, strict=True)
-        if shard.part not in w.done_parts(shard.split)
+        if not w.is_done(shard.part)
     ]
     if lacking:
         with _SHARD_LOCK:
@@ -290,7 +290,7 @@ def train_sae_group(
     """
     from sae_core import faults
     from sae_core import train as training
-    from sae_core.device import device_memory, pick_device
+    from sae_core.device import device_memory, pick_device, state_copies
 
     locs = [locate_sae(acts, sae, train) for sae, train in points]
     manifests = {loc: loc.committed() for loc in locs}  # one entry per distinct location
@@ -305,9 +305,7 @@ def train_sae_group(
         store = faults.open_store(acts.store)
         train0 = members[0].train
         device = pick_device(train0.device)
-        # Data parallel on CPU: every rank holds its own copy of the group in this memory.
-        copies = train0.world_size if device.type == "cpu" else 1
-        budget = device_memory(device) // (2 * copies)
+        budget = device_memory(device) // (2 * state_copies(device, train0.world_size))
         width = int(acts.manifest()["width"])
         for chunk in training.split_by_memory(members, width, budget):
             chunk_locs = [todo[i] for i in chunk]

@@ -320,6 +320,10 @@ class DatasetWriter:
         """Record that `part` (e.g. `train/00003`) is written; call after its data is in place."""
         self.write_json(f"{PROGRESS}/{part}.json", record)
 
+    def is_done(self, part: str) -> bool:
+        """Whether `part` is marked done: one lookup, however many parts there are."""
+        return self.store.exists(f"{self.dataset}/{PROGRESS}/{part}.json")
+
     def done_parts(self, group: str) -> set[str]:
         """The parts under `group` marked done (e.g. {`train/00003`}), without reading the marks."""
         names = self.store.listdir(f"{self.dataset}/{PROGRESS}/{group}")

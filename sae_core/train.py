@@ -427,7 +427,7 @@ def _checkpoint_path(member: GroupMember, store: Store | None) -> str | None:
 
 
 def _share_buffer(trainers: list[Trainer], batch_size: int) -> None:
-    """One [B, n_max] pre-activation buffer for the whole group instead of one per SAE: they
+    """One [B, n_max] pre-activation buffer (B: the rows each step gets) for the whole group instead of one per SAE: they
     step one after another, so each needs it only during its own step."""
     itemsize = [torch.empty((), dtype=t.gemm_dtype).element_size() for t in trainers]
     sizes = [
@@ -491,7 +491,7 @@ def run_group(
         rngs.append(_rng_state(device))
     sample.clear()
     train_cfg = members[0].train
-    _share_buffer(trainers, train_cfg.batch_size)
+    _share_buffer(trainers, train_cfg.batch_size // ranks.world_size)  # this rank's rows
     ckpts = [_checkpoint_path(m, store) if ranks.leader else None for m in members]
     states = [t.state for t in trainers]
     first = min(st.epoch * steps_per_epoch + st.batch_in_epoch for st in states)

@@ -66,3 +66,14 @@ def test_check_reports_an_unwritable_store(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(StoreError, match="not usable"):
         Store(str(blocker / "store")).check()
+
+
+def test_completion_marks_are_seen_one_by_one_and_as_a_listing(tmp_path):
+    from sae_core.store import DatasetWriter
+
+    writer = DatasetWriter(Store(str(tmp_path)), "acts/x")
+    assert not writer.is_done("train/00001") and writer.done_parts("train") == set()
+    writer.mark_done("train/00001", {"shard": {}})
+    assert writer.is_done("train/00001")
+    assert not writer.is_done("train/00000") and not writer.is_done("eval/00001")
+    assert writer.done_parts("train") == {"train/00001"}
