@@ -180,7 +180,7 @@ class Trainer:
         if sae.cfg.batch_topk:
             sae.update_threshold(sel, ranks=ranks)
         mark("topk")
-        out = sae.losses(x, sel, ranks=ranks)
+        out = sae.losses(x, sel, ranks=ranks, with_recon=False)
         mark("decode")
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()

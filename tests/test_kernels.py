@@ -114,17 +114,30 @@ def test_sparse_decode_matches_dense(kernel_path):
     )
 
 
+@pytest.fixture(params=["panels", "rows"])
+def decode_path(request, monkeypatch):
+    """Run a test on each of the native decoder's layouts (the stock path has one)."""
+    monkeypatch.setattr(kernels, "DECODE_PATH", request.param)
+    return request.param
+
+
+# d = 24: a partial last panel; d = 40 with k = 20: more than one panel pair and more than 16
+# slots of a term (the 16-way dot network's remainder).
+@pytest.mark.parametrize("shape", [(24, 160, 6, 12), (40, 96, 20, 17)])
 @pytest.mark.parametrize("variant", ["topk", "multi_topk", "batch_topk"])
-def test_sparse_step_gradients_equal_dense_reference(variant, kernel_path):
+def test_sparse_step_gradients_equal_dense_reference(variant, shape, kernel_path, decode_path):
+    if kernel_path == "stock" and decode_path == "rows":
+        pytest.skip("the stock path has one layout")
+    d, n, k, k_aux = shape
     torch.manual_seed(0)
     flags = {"multi_topk": variant == "multi_topk", "batch_topk": variant == "batch_topk"}
-    sae = TopKSAE(24, SAEConfig(n_latents=160, k=6, k_aux=12, **flags))
+    sae = TopKSAE(d, SAEConfig(n_latents=n, k=k, k_aux=k_aux, **flags))
     with torch.no_grad():
         sae.b_pre.normal_()
         sae.b_enc.normal_(0, 0.2)
         sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))  # untie, so a swapped weight would show
-    x = torch.randn(48, 24) + 0.5
-    dead = torch.rand(160) < 0.4
+    x = torch.randn(48, d) + 0.5
+    dead = torch.rand(n) < 0.4
     runs = {}
     for dense in (False, True):
         sae.zero_grad()
@@ -132,9 +145,9 @@ def test_sparse_step_gradients_equal_dense_reference(variant, kernel_path):
         out.loss.backward()
         runs[dense] = (out, {n: p.grad.clone() for n, p in sae.named_parameters()})
     (sparse_out, sparse_grads), (dense_out, dense_grads) = runs[False], runs[True]
-    assert sparse_out.aux_loss > 0 and sparse_out.aux_idx.shape[1] == 12
+    assert sparse_out.aux_loss > 0 and sparse_out.aux_idx.shape[1] == min(k_aux, int(dead.sum()))
     if variant == "batch_topk":  # rows of different lengths: some padding slots were exercised
-        assert (sparse_out.latent_vals == 0).any() and sparse_out.latent_idx.shape[1] > 6
+        assert (sparse_out.latent_vals == 0).any() and sparse_out.latent_idx.shape[1] > k
     assert torch.allclose(sparse_out.loss, dense_out.loss, rtol=1e-5)
     assert torch.allclose(sparse_out.recon, dense_out.recon, atol=1e-5)
     for name, g in dense_grads.items():
@@ -180,3 +193,14 @@ def test_decode_bias_gradient_matches_dense(kernel_path):
         grads.append(torch.autograd.grad(loss, (vals, W, bias)))
     for sparse_g, dense_g in zip(*grads, strict=True):
         torch.testing.assert_close(sparse_g, dense_g, rtol=1e-4, atol=1e-5)
+
+
+def test_losses_without_the_reconstruction(kernel_path):
+    """Training asks for no reconstruction: it is left out, and the loss is the same."""
+    torch.manual_seed(6)
+    sae = TopKSAE(20, SAEConfig(n_latents=80, k=5))
+    x = torch.randn(30, 20)
+    sel = sae.select(sae.preacts(x), None)
+    full, lean = sae.losses(x, sel), sae.losses(x, sel, with_recon=False)
+    assert full.recon.shape == (30, 20) and lean.recon is None
+    torch.testing.assert_close(lean.loss, full.loss, rtol=0, atol=0)

@@ -37,7 +37,7 @@ class ForwardOutput(NamedTuple):
 
     latent_idx: torch.Tensor  # [B, k] int64
     latent_vals: torch.Tensor  # [B, k] after ReLU (may be 0)
-    recon: torch.Tensor  # [B, d] normalised space
+    recon: torch.Tensor | None  # [B, d] normalised space (None: losses(with_recon=False))
     loss: torch.Tensor  # nmse (+ multi-TopK term) + aux_alpha * aux_loss
     nmse: torch.Tensor  # MSE / MSE of predicting the batch mean
     aux_loss: torch.Tensor  # AuxK normalised MSE of the residual (0 when nothing is dead)
@@ -256,13 +256,19 @@ class SparseAutoencoder(nn.Module, ABC):
             self.threshold.mul_(decay).add_(low, alpha=1 - decay)
 
     def losses(
-        self, x: torch.Tensor, sel: Selection, dense: bool = False, ranks: Ranks = SINGLE
+        self,
+        x: torch.Tensor,
+        sel: Selection,
+        dense: bool = False,
+        ranks: Ranks = SINGLE,
+        with_recon: bool = True,
     ) -> ForwardOutput:
         """Decode the selected latents and score them under autograd. x: [B, d] normalised.
 
         Cost: the kind's `selected_preacts` and `sparse_decode` on K = k (+ 3k multi-TopK,
         + k_aux) latents per token. dense=True: the references, same selections. ranks: x is
         this rank's slice; the loss terms are its shares of the global batch's (`normalized_mse`).
+        with_recon: whether the output carries the reconstruction (this path computes it anyway).
         """
         # BatchTopK's code has a variable width; its padding slots hold pre = -inf (act 0, no gradient).
         k = sel.idx.shape[1] if self.cfg.batch_topk else self.k
@@ -286,6 +292,7 @@ class SparseAutoencoder(nn.Module, ABC):
             aux_recon = self.sparse_decode(sel.aux_idx, acts[:, k_main:], dense=dense)
             aux_loss = normalized_mse(residual, aux_recon, ranks).nan_to_num(0.0)
             loss = loss + self.cfg.aux_alpha * aux_loss
+        recon = recon if with_recon else None
         return ForwardOutput(sel.idx[:, :k], vals, recon, loss, nmse, aux_loss, sel.aux_idx)
 
     def forward(

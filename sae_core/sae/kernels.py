@@ -10,13 +10,15 @@ O(B K d) work instead of the ~6 GEMMs of a dense implementation.
 
 On CPU with float32 the native kernels (`sae_core.sae.native`) run top-k and, in
 `fused_losses`, the whole sparse loss: one token-major pass (decoder, residuals, and the dot
-products the backward needs) and one latent-major pass (both weight gradients at once).
+products the backward needs) and one latent-major pass (both weight gradients at once), each
+a 16-column panel at a time so the rows they gather come from L2.
 Elsewhere (CUDA, bf16, no compiler) stock torch ops compose the same step under autograd
 (topk, embedding_bag, a CSR x dense product). Both paths are tested against the dense reference.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from types import ModuleType
 from typing import NamedTuple
@@ -28,6 +30,9 @@ from sae_core.ranks import SINGLE, Ranks
 from sae_core.sae import native
 
 USE_NATIVE = True  # tests switch this off to exercise the stock-op path
+# The native decoder's layout: "auto" picks by L2 size; tests force "panels" or "rows".
+DECODE_PATH = "auto"
+_DECODE_PATHS = {"auto": 0, "panels": 1, "rows": 2}
 
 
 def _native_for(*tensors: torch.Tensor) -> ModuleType | None:
@@ -178,13 +183,31 @@ def sparse_decode(
     return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum") + bias
 
 
+class _ReusedBuffers(threading.local):
+    """Buffers handed out again once nothing else holds them (a graph saved for backward holds
+    its own). A fresh 19 MB buffer per step costs ~4,600 page faults here, about 10 ms.
+    Per thread: two trainers in two threads never share one."""
+
+    def __init__(self) -> None:
+        self.free: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        buf = self.free.get((shape, device))
+        if buf is None or buf._use_count() > 1:  # none yet, or a live graph still holds it
+            buf = self.free[(shape, device)] = torch.empty(shape, device=device)
+        return buf
+
+
+_ROWS = _ReusedBuffers()
+
+
 class LossTerms(NamedTuple):
     """The sparse loss of one batch: loss = nmse (+ L(4k)/8) + aux_alpha * aux_loss."""
 
     loss: torch.Tensor  # []
     nmse: torch.Tensor  # [] TopK-k normalised MSE
     aux_loss: torch.Tensor  # [] AuxK normalised MSE of the residual (0 without AuxK)
-    recon: torch.Tensor  # [B, d] TopK-k reconstruction (no gradient flows through it)
+    recon: torch.Tensor | None  # [B, d] TopK-k reconstruction (no gradient); None unless asked
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -196,12 +219,26 @@ class _FusedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, b_pre, W_enc, b_enc, W_dec, idx, pre, k, k_main, aux_alpha, ranks):  # noqa: ANN001
+    def forward(
+        ctx, x, b_pre, W_enc, b_enc, W_dec, idx, pre, k, k_main, aux_alpha, ranks, with_recon
+    ):  # noqa: ANN001
         ext = native.load()
         B, d = x.shape
         acts = pre.clamp_min(0)
+        slots = 2 + (k_main > k) + (idx.shape[1] > k_main)  # x, residuals of the terms present
+        rows = _ROWS.take((-(-d // 16), slots, B, 16), x.device)
         recon, rows, dots, head, sq, colsum = ext.decode_forward(
-            x, ranks.batch_mean(x), b_pre, W_dec, idx, acts, k, k_main
+            x,
+            ranks.batch_mean(x),
+            b_pre,
+            W_dec,
+            idx,
+            acts,
+            k,
+            k_main,
+            with_recon,
+            _DECODE_PATHS[DECODE_PATH],
+            rows,
         )
         sq = sq.sum(dim=0, dtype=torch.float64)  # |x - mean|^2, |r_main|^2, |r_multi|^2, |r_aux|^2
         # Normalisers over the global batch (this rank's terms are its share of the loss).
@@ -242,10 +279,10 @@ class _FusedLoss(torch.autograd.Function):
         # token's residual slot 1 + c of `rows` times coef_scale. The head's gradient with
         # multi-TopK is c_main r_main + c_multi r_multi: written over r_main, in place (a second
         # backward through this graph then fails autograd's version check instead of going wrong).
-        r_main = rows[:, d : 2 * d]
+        r_main = rows[:, 1]  # [P, B, 16] panels
         coef_scale = scale.clone()
         if multi:
-            r_main.mul_(c_main).add_(rows[:, 2 * d : 3 * d], alpha=c_multi)
+            r_main.mul_(c_main).add_(rows[:, 2], alpha=c_multi)
             coef_scale[:k] = 1.0
         cls = torch.zeros(K, dtype=torch.int64)
         cls[k:k_main] = 1
@@ -259,8 +296,9 @@ class _FusedLoss(torch.autograd.Function):
         d_x = None
         if ctx.needs_input_grad[0]:
             direct = r_main if multi else c_main * r_main  # d loss / d x through the target x
+            direct = direct.permute(1, 0, 2).reshape(direct.shape[1], -1)[:, :d]  # panels -> [B, d]
             d_x = F.embedding_bag(idx, W_enc, per_sample_weights=dpre, mode="sum") - direct
-        return d_x, d_b_pre, d_W_enc, d_b_enc, d_W_dec, None, None, None, None, None, None
+        return d_x, d_b_pre, d_W_enc, d_b_enc, d_W_dec, None, None, None, None, None, None, None
 
 
 def fused_available(*tensors: torch.Tensor) -> bool:
@@ -280,6 +318,7 @@ def fused_losses(
     k_main: int,
     aux_alpha: float,
     ranks: Ranks = SINGLE,
+    with_recon: bool = True,
 ) -> LossTerms:
     """The sparse loss of selected latents, gradients to x, b_pre, W_enc, b_enc and W_dec.
 
@@ -288,22 +327,23 @@ def fused_losses(
     forward ~2 B K d MACs (each gathered decoder row read once), backward 2 B K d MACs plus
     O(B K + n d); no [B, K, d] temporary, no dense [B, n] matrix. ranks: x is this rank's
     slice of the batch; the normalisers are the global batch's (one to three all-reduces).
+    with_recon=False leaves `recon` out (None): training never reads it.
     """
-    return LossTerms(
-        *_FusedLoss.apply(
-            x.contiguous(),
-            b_pre,
-            W_enc,
-            b_enc,
-            W_dec.contiguous(),
-            idx.contiguous(),
-            pre.contiguous(),
-            k,
-            k_main,
-            aux_alpha,
-            ranks,
-        )
+    loss, nmse, aux_loss, recon = _FusedLoss.apply(
+        x.contiguous(),
+        b_pre,
+        W_enc,
+        b_enc,
+        W_dec.contiguous(),
+        idx.contiguous(),
+        pre.contiguous(),
+        k,
+        k_main,
+        aux_alpha,
+        ranks,
+        with_recon,
     )
+    return LossTerms(loss, nmse, aux_loss, recon if with_recon else None)
 
 
 @torch.no_grad()

@@ -3,9 +3,13 @@
 Each kernel is O(work actually needed): a row-wise top-k that filters each row against a
 threshold from its block maxima, and the B K d gathers and scatters of the sparse decoder and
 encoder backward, fused into one token-major pass (`decode_forward`) and one latent-major pass
-(`weight_grads`). Past the GEMM the step is bound by memory traffic, not arithmetic, so the
-kernels are arranged to read each gathered row once. All are deterministic: every output
-element is written by one thread in a fixed order, independent of the thread count.
+(`weight_grads`). Past the GEMM the step is bound by where its gathered rows come from, not by
+arithmetic: whole rows of a 10 MB matrix come from L3 at ~6 GB/s per core here, single lines
+of a 0.6 MB one from L2 at ~35 GB/s. So both passes walk the columns in panels of 16 (one
+cache line per row) with every token or latent inside, and a panel of the gathered matrix
+stays in L2; a decoder whose panels do not fit falls back to gathering whole rows. All kernels
+are deterministic: every output element is written by one thread in a fixed order,
+independent of the thread count.
 
 `load()` returns the compiled module, or None when no compiler is available or
 SAEFLOW_NATIVE_KERNELS=0; callers then use stock torch ops (same results to rounding).
@@ -32,6 +36,7 @@ _SOURCE = r"""
 #include <cstring>
 #include <functional>
 #include <vector>
+#include <unistd.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -96,18 +101,6 @@ static inline float dot(const float* a, const float* b, int64_t d) {
   for (; c + VL <= d; c += VL) s0 += vload(a + c) * vload(b + c);
   float s = hsum(s0 + s1);
   for (; c < d; ++c) s += a[c] * b[c];
-  return s;
-}
-
-static inline float sqdist(const float* a, const float* b, int64_t d) {
-  vf s0 = vbcast(0.f);
-  int64_t c = 0;
-  for (; c + VL <= d; c += VL) {
-    const vf t = vload(a + c) - vload(b + c);
-    s0 += t * t;
-  }
-  float s = hsum(s0);
-  for (; c < d; ++c) s += (a[c] - b[c]) * (a[c] - b[c]);
   return s;
 }
 
@@ -283,35 +276,223 @@ at::Tensor gather_sum(at::Tensor idx, at::Tensor vals, at::Tensor W, at::Tensor 
   return out;
 }
 
-// The training decoder, token by token, and everything its backward needs from the rows it
-// gathers. idx, acts: [B, K] with slots [0, k) the TopK code, [k, k_main) the rest of the 4k
-// code (multi-TopK; k_main = k otherwise) and [k_main, K) AuxK's dead latents; x: [B, d]
+// Panel layout. The step's gathers read rows of W [n, d] (decode) and of the per-token rows
+// (weight gradients) at random. Whole rows come from L3 at ~10 GB/s here; a 16-column slice
+// of every row (a panel) fits in one core's 1 MiB L2, so the kernels below walk the columns
+// one panel at a time, all tokens (or latents) inside: every gathered line then comes from L2.
+// A matrix [N, d] packed into panels is [P, N, 16], P = ceil(d / 16), zero-padded on the right;
+// zeros add nothing to sums and dot products, so padded columns need no special case until a
+// result is written back row-major.
+static inline int64_t panels(int64_t d) { return (d + VL - 1) / VL; }
+
+// Panel c of M [N, d] into dst + c * stride: [N, 16] rows, zero-padded. Blocks of 64 rows (in
+// L2) go out panel by panel, so reads and writes both run sequentially. One read and one write of M.
+static void pack_panels_into(const float* src, int64_t N, int64_t d, float* dst, int64_t stride) {
+  const int64_t P = panels(d);
+  constexpr int64_t RB = 64;
+  at::parallel_for(0, (N + RB - 1) / RB, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t blk = k0; blk < k1; ++blk) {
+      const int64_t r0 = blk * RB, r1 = std::min(N, r0 + RB);
+      for (int64_t c = 0; c < P; ++c) {
+        const int64_t w = std::min<int64_t>(VL, d - c * VL);
+        for (int64_t r = r0; r < r1; ++r) {
+          float* o = dst + c * stride + r * VL;
+          const float* in = src + r * d + c * VL;
+          if (w == VL) {
+            vstore(o, vload(in));
+          } else {
+            for (int64_t t = 0; t < VL; ++t) o[t] = t < w ? in[t] : 0.f;
+          }
+        }
+      }
+    }
+  });
+}
+
+static at::Tensor pack_panels(const at::Tensor& M) {
+  const int64_t N = M.size(0), d = M.size(1);
+  auto out = at::empty({panels(d), N, VL}, M.options());
+  pack_panels_into(M.data_ptr<float>(), N, d, out.data_ptr<float>(), N * VL);
+  return out;
+}
+
+// A [d] vector zero-padded to P * 16.
+static at::Tensor pad_vector(const at::Tensor& v) {
+  const int64_t d = v.size(0);
+  auto out = at::zeros({panels(d) * VL}, v.options());
+  out.narrow(0, 0, d).copy_(v);
+  return out;
+}
+
+// Writes the w = min(16, d - col) leading lanes of v to row-major dst (the last panel is partial).
+static inline void store_cols(float* dst, vf v, int64_t w) {
+  if (w == VL) {
+    vstore(dst, v);
+  } else {
+    for (int64_t t = 0; t < w; ++t) dst[t] = v[t];
+  }
+}
+
+// Sixteen dot products at once: lane s of the result is the sum of the lanes of p[s]. A
+// transpose-and-add network, 45 shuffles and adds instead of 16 horizontal sums (~7 each).
+static inline __attribute__((always_inline)) vf sum_lanes16(const vf* p) {
+#ifdef __AVX512F__
+  __m512 l1[8], l2[4], l3[2];
+  for (int s = 0; s < 8; ++s) {  // 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    const __m512 a = (__m512)p[2 * s], b = (__m512)p[2 * s + 1];
+    l1[s] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  for (int s = 0; s < 4; ++s) {  // 128-bit lane: four sources' partial sums
+    const __m512d u = _mm512_castps_pd(l1[2 * s]), v = _mm512_castps_pd(l1[2 * s + 1]);
+    l2[s] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(u, v)), _mm512_castpd_ps(_mm512_unpackhi_pd(u, v)));
+  }
+  for (int s = 0; s < 2; ++s)
+    l3[s] = _mm512_add_ps(_mm512_shuffle_f32x4(l2[2 * s], l2[2 * s + 1], 0x88),
+                          _mm512_shuffle_f32x4(l2[2 * s], l2[2 * s + 1], 0xDD));
+  return (vf)_mm512_add_ps(_mm512_shuffle_f32x4(l3[0], l3[1], 0x88), _mm512_shuffle_f32x4(l3[0], l3[1], 0xDD));
+#else
+  vf out;
+  for (int s = 0; s < VL; ++s) out[s] = hsum(p[s]);
+  return out;
+#endif
+}
+
+// out[i] += <r, w_i> over NV panels for slots i in [i0, i1), w_i = row ib[i] of the panels Wc.
+// Row offsets into a panel (latent index * 16) are int32: half the bytes of the index stream.
+template <int NV>
+static inline __attribute__((always_inline)) vf slot_product(const vf* r, const float* const* Wc, int32_t off) {
+  vf acc = r[0] * vload(Wc[0] + off);
+  for (int t = 1; t < NV; ++t) acc += r[t] * vload(Wc[t] + off);
+  return acc;
+}
+
+template <int NV>
+static inline __attribute__((always_inline)) void add_dots(const vf* r, const float* const* Wc, const int32_t* ib, int64_t i0, int64_t i1, float* out) {
+  vf p[VL];
+  int64_t s0 = i0;
+  for (; s0 + VL <= i1; s0 += VL) {
+    for (int s = 0; s < VL; ++s) p[s] = slot_product<NV>(r, Wc, ib[s0 + s]);
+    vstore(out + s0, vload(out + s0) + sum_lanes16(p));
+  }
+  if (s0 < i1) {
+    const int64_t m = i1 - s0;
+    for (int64_t s = 0; s < VL; ++s) p[s] = s < m ? slot_product<NV>(r, Wc, ib[s0 + s]) : vbcast(0.f);
+    const vf red = sum_lanes16(p);
+    for (int64_t s = 0; s < m; ++s) out[s0 + s] += red[s];
+  }
+}
+
+// acc += sum_{i in [i0, i1)} a_i w_i over NV panels; two chains of adds, for FMA latency.
+template <int NV>
+static inline __attribute__((always_inline)) void add_rows(vf* acc, const float* const* Wc, const int32_t* ib, const float* ab, int64_t i0, int64_t i1) {
+  vf odd[NV];
+  for (int t = 0; t < NV; ++t) odd[t] = vbcast(0.f);
+  int64_t i = i0;
+  for (; i + 2 <= i1; i += 2) {
+    const vf a0 = vbcast(ab[i]), a1 = vbcast(ab[i + 1]);
+    for (int t = 0; t < NV; ++t) {
+      acc[t] += a0 * vload(Wc[t] + ib[i]);
+      odd[t] += a1 * vload(Wc[t] + ib[i + 1]);
+    }
+  }
+  if (i < i1)
+    for (int t = 0; t < NV; ++t) acc[t] += vbcast(ab[i]) * vload(Wc[t] + ib[i]);
+  for (int t = 0; t < NV; ++t) acc[t] += odd[t];
+}
+
+// The training decoder and everything its backward needs from the rows it gathers.
+// idx, acts: [B, K] with slots [0, k) the TopK code, [k, k_main) the rest of the 4k code
+// (multi-TopK; k_main = k otherwise) and [k_main, K) AuxK's dead latents; x: [B, d]
 // normalised inputs; centre: [d] their batch mean; b_pre: [d]; W: [n, d] the decoder.
 // Per token b, with w_i = W[idx[b, i]]:
 //   recon   = b_pre + sum_{i<k} a_i w_i           r_main  = recon - x
 //   r_multi = r_main + sum_{k<=i<k_main} a_i w_i            (multi-TopK: recon_4k - x)
 //   r_aux   = r_main + sum_{i>=k_main} a_i w_i              (AuxK: aux recon minus the residual x - recon)
 //   dots[b, i] = <r, w_i> with r the residual of slot i's term; head[b, i] = <r_multi, w_i>, i < k
-//   sq[b] = (|x - centre|^2, |r_main|^2, |r_multi|^2, |r_aux|^2)
-// and colsum = (sum_b r_main, sum_b r_multi): [2, d]. The loss gradient w.r.t. a_i is a multiple of
+// and over the batch: sq = (|x - centre|^2, |r_main|^2, |r_multi|^2, |r_aux|^2) and
+// colsum = (sum_b r_main, sum_b r_multi): [2, d]. The loss gradient w.r.t. a_i is a multiple of
 // these dots, so the backward never gathers a decoder row again.
-// rows: [B, S d], per token [x | r_main | r_multi | r_aux] (S = 2 + the terms present): the
-// backward reads a token's input and residual together, one contiguous stretch per entry.
-// Returns [recon, rows, dots, head, sq, colsum] (head: empty without multi-TopK).
-// Cost ~2 B K d MACs. Columns go 128 at a time: each gathered row piece is summed into registers
-// and, once the residual piece is known, dotted with it while still in L1; the next token's rows
-// are prefetched meanwhile. Tokens are split into a fixed number of groups whose column sums are
+// rows: [P, S, B, 16], panels of the per-token rows [x | r_main | r_multi | r_aux] (S = 2 + the
+// terms present), the layout `weight_grads` reads a panel at a time.
+// rows: the caller's [P, S, B, 16] buffer, filled here (a reused buffer spares the ~B S d / 1024
+// page faults of a fresh one each step).
+// Returns [recon, rows, dots, head, sq, colsum] (head: empty without multi-TopK; recon: [0, d]
+// unless with_recon; sq: [*, 4] partial sums, to be added). path: 0 picks the panel path when
+// two panels of W fit in L2 and `decode_by_rows` otherwise; 1 and 2 force one (tests).
+// Cost ~2 B K d MACs plus a 16-way add network per 16 dots and 32 columns; W is packed into
+// panels first (one pass). Columns go 32 at a time (2 panels, 590 KB of W at n = 4608: L2),
+// all tokens inside. Tokens are split into NG fixed groups whose column and square sums are
 // added in order, so results do not depend on the thread count.
 struct DecodeArgs {
-  int64_t d, K, k, k_main, ld;  // ld = S d, the stride of `rows`
-  const float *X, *ctr, *bp, *W, *A;
-  const int64_t* I;
-  float *R, *XS, *RM, *RMU, *RA, *D, *H, *SQ;  // XS, RM, RMU, RA: slots of `rows`
+  int64_t d, n, B, K, k, k_main, S;
+  const float *ctr, *bp, *Wp, *A;  // ctr, bp: [P*16], Wp: [P, n, 16]
+  const int32_t* I;  // idx * 16: row offsets into a panel
+  // RP: recon in panels [P, B, 16] or null; RW: rows [P, S, B, 16] (slot 0, x, filled
+  // beforehand); D: dots [B, K]; H: head [B, k]
+  float *RP, *RW, *D, *H;
+  float* slot(int64_t c, int64_t s, int64_t b) const { return RW + ((c * S + s) * B + b) * VL; }
 };
 
 template <int NV>
-static void decode_columns(const DecodeArgs& g, int64_t b, int64_t c0, vf* pd, vf* ph, vf* sums, float* cs_main,
-                           float* cs_multi) {
+static inline __attribute__((always_inline)) void decode_tile(const DecodeArgs& g, int64_t b, int64_t c, vf* sums, vf* cs_main, vf* cs_multi) {
+  const int64_t K = g.K, k = g.k, km = g.k_main;
+  const int32_t* ib = g.I + b * K;
+  const float* ab = g.A + b * K;
+  const float* Wc[NV];
+  vf acc[NV], r[NV];
+  for (int t = 0; t < NV; ++t) {
+    Wc[t] = g.Wp + (c + t) * g.n * VL;
+    acc[t] = vload(g.bp + (c + t) * VL);
+  }
+  add_rows<NV>(acc, Wc, ib, ab, 0, k);
+  for (int t = 0; t < NV; ++t) {
+    const vf xv = vload(g.slot(c + t, 0, b)), xc = xv - vload(g.ctr + (c + t) * VL);
+    if (g.RP) vstore(g.RP + ((c + t) * g.B + b) * VL, acc[t]);
+    r[t] = acc[t] - xv;
+    vstore(g.slot(c + t, 1, b), r[t]);
+    cs_main[t] += r[t];
+    sums[0] += xc * xc;
+    sums[1] += r[t] * r[t];
+  }
+  add_dots<NV>(r, Wc, ib, 0, k, g.D + b * K);
+  if (km > k) {
+    vf rm[NV];
+    for (int t = 0; t < NV; ++t) rm[t] = r[t];
+    add_rows<NV>(rm, Wc, ib, ab, k, km);
+    for (int t = 0; t < NV; ++t) {
+      vstore(g.slot(c + t, 2, b), rm[t]);
+      cs_multi[t] += rm[t];
+      sums[2] += rm[t] * rm[t];
+    }
+    add_dots<NV>(rm, Wc, ib, 0, k, g.H + b * k);
+    add_dots<NV>(rm, Wc, ib, k, km, g.D + b * K);
+  }
+  if (K > km) {
+    add_rows<NV>(r, Wc, ib, ab, km, K);
+    for (int t = 0; t < NV; ++t) {
+      vstore(g.slot(c + t, g.S - 1, b), r[t]);
+      sums[3] += r[t] * r[t];
+    }
+    add_dots<NV>(r, Wc, ib, km, K, g.D + b * K);
+  }
+}
+
+// The same decoder token by token, for a W too wide for its panels to stay in L2: whole rows
+// gathered from L3 stream better than single lines. Columns go 128 at a time: each gathered row
+// piece is summed into registers and, once the residual piece is known, dotted with it while
+// still in L1; the next token's rows are prefetched meanwhile. Same outputs and layout as the
+// panel path (rows in panels; sq per token instead of per group).
+struct RowDecodeArgs {
+  int64_t d, K, k, k_main, B, S;
+  const float *X, *ctr, *bp, *W, *A;
+  const int64_t* I;
+  float *R, *RW, *D, *H, *SQ;  // R: recon or null
+  float* at(int64_t s, int64_t b, int64_t col) const { return RW + (((col / VL) * S + s) * B + b) * VL + col % VL; }
+};
+
+template <int NV>
+static void decode_row_columns(const RowDecodeArgs& g, int64_t b, int64_t c0, vf* pd, vf* ph, vf* sums,
+                               float* cs_main, float* cs_multi) {
   const int64_t d = g.d, K = g.K, k = g.k, k_main = g.k_main;
   const int64_t* ib = g.I + b * K;
   const float* ab = g.A + b * K;
@@ -324,12 +505,13 @@ static void decode_columns(const DecodeArgs& g, int64_t b, int64_t c0, vf* pd, v
     for (int t = 0; t < NV; ++t) acc[t] += a * vload(w + t * VL);
   }
   for (int t = 0; t < NV; ++t) {
-    const vf xv = vload(xb + t * VL), xc = xv - vload(g.ctr + c0 + t * VL);
-    vstore(g.R + b * d + c0 + t * VL, acc[t]);
-    vstore(g.XS + b * g.ld + c0 + t * VL, xv);
+    const int64_t col = c0 + t * VL;
+    const vf xv = vload(xb + t * VL), xc = xv - vload(g.ctr + col);
+    if (g.R) vstore(g.R + b * d + col, acc[t]);
+    vstore(g.at(0, b, col), xv);
     r[t] = acc[t] - xv;
-    vstore(g.RM + b * g.ld + c0 + t * VL, r[t]);
-    vstore(cs_main + c0 + t * VL, vload(cs_main + c0 + t * VL) + r[t]);
+    vstore(g.at(1, b, col), r[t]);
+    vstore(cs_main + col, vload(cs_main + col) + r[t]);
     sums[0] += xc * xc;
     sums[1] += r[t] * r[t];
   }
@@ -348,8 +530,9 @@ static void decode_columns(const DecodeArgs& g, int64_t b, int64_t c0, vf* pd, v
       for (int t = 0; t < NV; ++t) rm[t] += a * vload(w + t * VL);
     }
     for (int t = 0; t < NV; ++t) {
-      vstore(g.RMU + b * g.ld + c0 + t * VL, rm[t]);
-      vstore(cs_multi + c0 + t * VL, vload(cs_multi + c0 + t * VL) + rm[t]);
+      const int64_t col = c0 + t * VL;
+      vstore(g.at(2, b, col), rm[t]);
+      vstore(cs_multi + col, vload(cs_multi + col) + rm[t]);
       sums[2] += rm[t] * rm[t];
     }
     for (int64_t i = 0; i < k_main; ++i) {
@@ -366,7 +549,7 @@ static void decode_columns(const DecodeArgs& g, int64_t b, int64_t c0, vf* pd, v
       for (int t = 0; t < NV; ++t) r[t] += a * vload(w + t * VL);
     }
     for (int t = 0; t < NV; ++t) {
-      vstore(g.RA + b * g.ld + c0 + t * VL, r[t]);
+      vstore(g.at(g.S - 1, b, c0 + t * VL), r[t]);
       sums[3] += r[t] * r[t];
     }
     for (int64_t i = k_main; i < K; ++i) {
@@ -378,9 +561,9 @@ static void decode_columns(const DecodeArgs& g, int64_t b, int64_t c0, vf* pd, v
   }
 }
 
-// The last d % 16 columns, one at a time (same formulas as decode_columns).
-static void decode_tail(const DecodeArgs& g, int64_t b, int64_t c0, float* td, float* th, float* ts, float* cs_main,
-                        float* cs_multi) {
+// The last d % 16 columns, one at a time (same formulas as decode_row_columns).
+static void decode_row_tail(const RowDecodeArgs& g, int64_t b, int64_t c0, float* td, float* th, float* ts,
+                            float* cs_main, float* cs_multi) {
   const int64_t d = g.d, K = g.K, k = g.k, k_main = g.k_main;
   const int64_t* ib = g.I + b * K;
   const float* ab = g.A + b * K;
@@ -389,9 +572,9 @@ static void decode_tail(const DecodeArgs& g, int64_t b, int64_t c0, float* td, f
     for (int64_t i = 0; i < k; ++i) acc += ab[i] * g.W[ib[i] * d + c];
     const float xv = g.X[b * d + c], xc = xv - g.ctr[c];
     float r = acc - xv;
-    g.R[b * d + c] = acc;
-    g.XS[b * g.ld + c] = xv;
-    g.RM[b * g.ld + c] = r;
+    if (g.R) g.R[b * d + c] = acc;
+    *g.at(0, b, c) = xv;
+    *g.at(1, b, c) = r;
     cs_main[c] += r;
     ts[0] += xc * xc;
     ts[1] += r * r;
@@ -399,47 +582,41 @@ static void decode_tail(const DecodeArgs& g, int64_t b, int64_t c0, float* td, f
     if (k_main > k) {
       float rm = r;
       for (int64_t i = k; i < k_main; ++i) rm += ab[i] * g.W[ib[i] * d + c];
-      g.RMU[b * g.ld + c] = rm;
+      *g.at(2, b, c) = rm;
       cs_multi[c] += rm;
       ts[2] += rm * rm;
       for (int64_t i = 0; i < k_main; ++i) (i < k ? th[i] : td[i]) += rm * g.W[ib[i] * d + c];
     }
     if (K > k_main) {
       for (int64_t i = k_main; i < K; ++i) r += ab[i] * g.W[ib[i] * d + c];
-      g.RA[b * g.ld + c] = r;
+      *g.at(g.S - 1, b, c) = r;
       ts[3] += r * r;
       for (int64_t i = k_main; i < K; ++i) td[i] += r * g.W[ib[i] * d + c];
     }
   }
 }
 
-std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tensor b_pre, at::Tensor W,
-                                       at::Tensor idx, at::Tensor acts, int64_t k, int64_t k_main) {
-  TORCH_CHECK(x.is_contiguous() && W.is_contiguous() && idx.is_contiguous() && acts.is_contiguous());
-  const int64_t B = x.size(0), d = x.size(1), K = idx.size(1);
-  const bool multi = k_main > k, aux = K > k_main;
-  auto opt = x.options();
-  auto none = at::empty({0}, opt);
-  const int64_t S = 2 + multi + aux;
-  auto recon = at::empty({B, d}, opt), rows = at::empty({B, S * d}, opt);
-  float* RW = rows.data_ptr<float>();
-  auto dots = at::empty({B, K}, opt);
-  auto head = multi ? at::empty({B, k}, opt) : none;
-  auto sq = at::empty({B, 4}, opt);
-  constexpr int64_t NG = 16;  // fixed token groups for the column sums
-  auto colsum_g = at::zeros({NG, 2, d}, opt);
-  DecodeArgs g{d, K, k, k_main, S * d, x.data_ptr<float>(), centre.data_ptr<float>(), b_pre.data_ptr<float>(),
-               W.data_ptr<float>(), acts.data_ptr<float>(), idx.data_ptr<int64_t>(), recon.data_ptr<float>(),
-               RW, RW + d, multi ? RW + 2 * d : nullptr, aux ? RW + (S - 1) * d : nullptr, dots.data_ptr<float>(),
-               multi ? head.data_ptr<float>() : nullptr, sq.data_ptr<float>()};
+// Fills recon (optional), rows, dots, head; returns sq [B, 4]. colsum_g: [NG, 2, P*16] zeros.
+static at::Tensor decode_by_rows(const at::Tensor& x, const at::Tensor& centre, const at::Tensor& b_pre,
+                                 const at::Tensor& W, const at::Tensor& idx, const at::Tensor& acts, int64_t k,
+                                 int64_t k_main, at::Tensor& recon, at::Tensor& rows, at::Tensor& dots,
+                                 at::Tensor& head, at::Tensor& colsum_g, int64_t NG) {
+  const int64_t B = x.size(0), d = x.size(1), K = idx.size(1), S = rows.size(1), Pd = rows.size(0) * VL;
+  const bool multi = k_main > k;
+  if (d % VL) rows.select(0, rows.size(0) - 1).zero_();  // padded lanes of the last panel
+  auto sq = at::empty({B, 4}, x.options());
+  RowDecodeArgs g{d, K, k, k_main, B, S, x.data_ptr<float>(), centre.data_ptr<float>(), b_pre.data_ptr<float>(),
+                  W.data_ptr<float>(), acts.data_ptr<float>(), idx.data_ptr<int64_t>(),
+                  recon.numel() ? recon.data_ptr<float>() : nullptr, rows.data_ptr<float>(),
+                  dots.data_ptr<float>(), multi ? head.data_ptr<float>() : nullptr, sq.data_ptr<float>()};
   float* CS = colsum_g.data_ptr<float>();
   const int64_t dv = d / VL * VL;
   at::parallel_for(0, NG, 1, [&](int64_t q0, int64_t q1) {
     std::vector<vf> pd(K), ph(k);
     std::vector<float> td(K), th(k);
     for (int64_t q = q0; q < q1; ++q) {
-      float* cs_main = CS + q * 2 * d;
-      float* cs_multi = cs_main + d;
+      float* cs_main = CS + q * 2 * Pd;
+      float* cs_multi = cs_main + Pd;
       const int64_t b0 = q * B / NG, b1 = (q + 1) * B / NG;
       for (int64_t b = b0; b < b1; ++b) {
         if (b + 1 < b1)
@@ -451,9 +628,9 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tens
         vf sums[4] = {vbcast(0.f), vbcast(0.f), vbcast(0.f), vbcast(0.f)};
         float ts[4] = {0.f, 0.f, 0.f, 0.f};
         int64_t c0 = 0;
-        for (; c0 + 8 * VL <= dv; c0 += 8 * VL) decode_columns<8>(g, b, c0, pd.data(), ph.data(), sums, cs_main, cs_multi);
-        for (; c0 < dv; c0 += VL) decode_columns<1>(g, b, c0, pd.data(), ph.data(), sums, cs_main, cs_multi);
-        decode_tail(g, b, dv, td.data(), th.data(), ts, cs_main, cs_multi);
+        for (; c0 + 8 * VL <= dv; c0 += 8 * VL) decode_row_columns<8>(g, b, c0, pd.data(), ph.data(), sums, cs_main, cs_multi);
+        for (; c0 < dv; c0 += VL) decode_row_columns<1>(g, b, c0, pd.data(), ph.data(), sums, cs_main, cs_multi);
+        decode_row_tail(g, b, dv, td.data(), th.data(), ts, cs_main, cs_multi);
         for (int64_t i = 0; i < K; ++i) g.D[b * K + i] = hsum(pd[i]) + td[i];
         if (multi)
           for (int64_t i = 0; i < k; ++i) g.H[b * k + i] = hsum(ph[i]) + th[i];
@@ -461,7 +638,80 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tens
       }
     }
   });
-  return {recon, rows, dots, head, sq, colsum_g.sum(0)};
+  return sq;
+}
+
+// Whether two panels of a W with n rows stay in L2 beside the token streams (5/8 of it; 1 MiB
+// when the size is unknown). Past that the panel path's single-line gathers come from L3.
+static bool panels_fit_l2(int64_t n) {
+  long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  if (l2 <= 0) l2 = 1 << 20;
+  return 2 * n * VL * int64_t(sizeof(float)) <= int64_t(l2) * 5 / 8;
+}
+
+std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tensor b_pre, at::Tensor W,
+                                       at::Tensor idx, at::Tensor acts, int64_t k, int64_t k_main, bool with_recon,
+                                       int64_t path, at::Tensor rows) {
+  TORCH_CHECK(x.is_contiguous() && W.is_contiguous() && idx.is_contiguous() && acts.is_contiguous());
+  TORCH_CHECK(path >= 0 && path <= 2, "decode_forward: path is 0 (by L2 size), 1 (panels) or 2 (rows)");
+  const int64_t B = x.size(0), d = x.size(1), K = idx.size(1), n = W.size(0), P = panels(d);
+  const bool multi = k_main > k, aux = K > k_main;
+  auto opt = x.options();
+  const int64_t S = 2 + multi + aux;
+  TORCH_CHECK(rows.is_contiguous() && rows.scalar_type() == at::kFloat && rows.sizes() == at::IntArrayRef({P, S, B, VL}),
+              "decode_forward: rows must be a contiguous float32 [P, S, B, 16] buffer");
+  auto recon = at::empty({with_recon ? B : 0, d}, opt);
+  auto dots = at::zeros({B, K}, opt);
+  auto head = multi ? at::zeros({B, k}, opt) : at::empty({0}, opt);
+  constexpr int64_t NG = 16;  // fixed token groups for the column and square sums
+  auto colsum_g = at::zeros({NG, 2, P * VL}, opt);
+  if (path == 2 || (path == 0 && !panels_fit_l2(n))) {
+    auto sq = decode_by_rows(x, centre, b_pre, W, idx, acts, k, k_main, recon, rows, dots, head, colsum_g, NG);
+    return {recon, rows, dots, head, sq, colsum_g.sum(0).narrow(1, 0, d)};
+  }
+  TORCH_CHECK(n * VL < (int64_t(1) << 31), "decode_forward: n too large for int32 panel offsets");
+  auto Wp = pack_panels(W);
+  auto off = (idx * VL).to(at::kInt);
+  auto ctr = pad_vector(centre), bp = pad_vector(b_pre);
+  auto recon_p = at::empty({with_recon ? P : 0, B, VL}, opt);
+  pack_panels_into(x.data_ptr<float>(), B, d, rows.data_ptr<float>(), S * B * VL);
+  auto sums_g = at::zeros({NG, 4, VL}, opt);
+  DecodeArgs g{d, n, B, K, k, k_main, S, ctr.data_ptr<float>(), bp.data_ptr<float>(), Wp.data_ptr<float>(),
+               acts.data_ptr<float>(), off.data_ptr<int32_t>(), with_recon ? recon_p.data_ptr<float>() : nullptr,
+               rows.data_ptr<float>(), dots.data_ptr<float>(), multi ? head.data_ptr<float>() : nullptr};
+  float *CS = colsum_g.data_ptr<float>(), *SG = sums_g.data_ptr<float>();
+  at::parallel_for(0, NG, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t c = 0; c < P;) {
+      const int NV = c + 2 <= P ? 2 : 1;
+      for (int64_t q = q0; q < q1; ++q) {
+        vf sums[4], cs_main[2] = {vbcast(0.f), vbcast(0.f)}, cs_multi[2] = {vbcast(0.f), vbcast(0.f)};
+        for (int t = 0; t < 4; ++t) sums[t] = vload(SG + (q * 4 + t) * VL);
+        for (int64_t b = q * B / NG; b < (q + 1) * B / NG; ++b) {
+          if (NV == 2)
+            decode_tile<2>(g, b, c, sums, cs_main, cs_multi);
+          else
+            decode_tile<1>(g, b, c, sums, cs_main, cs_multi);
+        }
+        for (int t = 0; t < 4; ++t) vstore(SG + (q * 4 + t) * VL, sums[t]);
+        for (int t = 0; t < NV; ++t) {
+          vstore(CS + (q * 2 + 0) * P * VL + (c + t) * VL, cs_main[t]);
+          vstore(CS + (q * 2 + 1) * P * VL + (c + t) * VL, cs_multi[t]);
+        }
+      }
+      c += NV;
+    }
+  });
+  if (with_recon) {  // panels -> row-major, 64 tokens at a time (written while in L2)
+    const float* RP = recon_p.data_ptr<float>();
+    float* R = recon.data_ptr<float>();
+    at::parallel_for(0, (B + 63) / 64, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t blk = k0; blk < k1; ++blk)
+        for (int64_t c = 0; c < P; ++c)
+          for (int64_t b = blk * 64; b < std::min(B, blk * 64 + 64); ++b)
+            store_cols(R + b * d + c * VL, vload(RP + (c * B + b) * VL), std::min<int64_t>(VL, d - c * VL));
+    });
+  }
+  return {recon, rows, dots, head, sums_g.sum(2), colsum_g.sum(0).narrow(1, 0, d)};
 }
 
 // Entries of idx [B, K] grouped by latent (a stable counting sort): crow [n+1] and entries
@@ -484,73 +734,78 @@ std::vector<at::Tensor> csr_by_latent(at::Tensor idx, int64_t n) {
   return {crow, entries};
 }
 
-// Both weight gradients of the sparse step in one pass over the entries grouped by latent: for
-// latent j and each of its entries e = b K + i (ascending, a fixed summation order),
+// Both weight gradients of the sparse step, from the entries grouped by latent: for latent j
+// and each of its entries e = b K + i (ascending, a fixed summation order),
 //   d_W_dec[j] += coef_dec[e] * G_c[b]           (c = cls[i]: the slot's loss term)
 //   d_W_enc[j] += dpre[e] * (x[b] - b_pre)       d_b_enc[j] += dpre[e]
-// crow: [n+1]; entries: [B K]; cls: [K] int64; rows: [B, S d], per token [x | G_0 | G_1 ...]
-// (decode_forward's layout; G_c the per-token loss gradient of term c, up to a factor in
+// crow: [n+1]; entries: [B K]; cls: [K] int64; rows: [P, S, B, 16], decode_forward's panels of
+// [x | G_0 | G_1 ...] per token (G_c the per-token loss gradient of term c, up to a factor in
 // coef_dec); coef_dec, dpre: [B, K]; b_pre: [d] -> (d_W_dec [n, d], d_W_enc [n, d], d_b_enc [n]).
-// 2 B K d MACs, bound by reading each entry's token row: one thread owns each latent, its two
-// gradient rows stay in L1 while the token rows stream in, two entries per sweep, the next two
-// prefetched.
+// 2 B K d MACs. One panel of 16 columns at a time (S B 64 bytes: 512 KB at B = 4096 for TopK,
+// in L2), every latent inside; each entry is a 16-byte record streamed once per panel, and each
+// latent's two gradient pieces stay in registers. Latents are split into chunks of about equal
+// entry counts (threads get equal work); every output element is written by one thread.
+struct GradEntry {
+  int32_t x, g;  // rows of the panel: the token's x, its slot's loss gradient
+  float cd, dp;  // coef_dec, dpre
+};
+
 std::vector<at::Tensor> weight_grads(at::Tensor crow, at::Tensor entries, at::Tensor cls, at::Tensor rows,
                                      at::Tensor coef_dec, at::Tensor dpre, at::Tensor b_pre) {
-  TORCH_CHECK(rows.is_contiguous() && coef_dec.is_contiguous() && dpre.is_contiguous());
-  const int64_t n = crow.size(0) - 1, d = b_pre.size(0), ld = rows.size(1), K = coef_dec.size(1);
+  TORCH_CHECK(rows.dim() == 4 && rows.is_contiguous() && coef_dec.is_contiguous() && dpre.is_contiguous());
+  const int64_t n = crow.size(0) - 1, d = b_pre.size(0), P = rows.size(0), S = rows.size(1), B = rows.size(2);
+  const int64_t K = coef_dec.size(1), nnz = entries.numel();
+  TORCH_CHECK(P == panels(d) && S * B < (int64_t(1) << 31));
   auto d_dec = at::empty({n, d}, rows.options()), d_enc = at::empty({n, d}, rows.options());
   auto d_benc = at::empty({n}, rows.options());
   const int64_t *C = crow.data_ptr<int64_t>(), *E = entries.data_ptr<int64_t>(), *CL = cls.data_ptr<int64_t>();
-  const float *CD = coef_dec.data_ptr<float>(), *DP = dpre.data_ptr<float>();
-  const float *RW = rows.data_ptr<float>(), *bp = b_pre.data_ptr<float>();
+  const float *CD = coef_dec.data_ptr<float>(), *DP = dpre.data_ptr<float>(), *RW = rows.data_ptr<float>();
   float *OD = d_dec.data_ptr<float>(), *OE = d_enc.data_ptr<float>(), *OB = d_benc.data_ptr<float>();
-  const int64_t dv = d / VL * VL;
-  at::parallel_for(0, n, grain(2 * entries.numel() / std::max<int64_t>(1, n) * d), [&](int64_t j0, int64_t j1) {
-    std::vector<const float*> xr, gr;
-    std::vector<float> cd, dp;
+  std::vector<GradEntry> rec(nnz);
+  at::parallel_for(0, nnz, 4096, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t e = E[p], b = e / K;
+      rec[p] = {int32_t(b), int32_t((1 + CL[e - b * K]) * B + b), CD[e], DP[e]};
+    }
+  });
+  at::parallel_for(0, n, grain(64), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t cnt = C[j + 1] - C[j];
-      xr.resize(cnt); gr.resize(cnt); cd.resize(cnt); dp.resize(cnt);
       float db = 0.f;
-      for (int64_t t = 0; t < cnt; ++t) {
-        const int64_t e = E[C[j] + t], b = e / K;
-        xr[t] = RW + b * ld;
-        gr[t] = xr[t] + (1 + CL[e - b * K]) * d;
-        cd[t] = CD[e];
-        dp[t] = DP[e];
-        db += dp[t];
-      }
+      for (int64_t p = C[j]; p < C[j + 1]; ++p) db += rec[p].dp;
       OB[j] = db;
-      float* od = OD + j * d;
-      float* oe = OE + j * d;
-      for (int64_t c = 0; c < d; ++c) { od[c] = 0.f; oe[c] = -db * bp[c]; }
-      auto fetch = [&](int64_t u) { prefetch_row(xr[u], d); prefetch_row(gr[u], d); };
-      for (int64_t u = 0; u < std::min<int64_t>(cnt, 2); ++u) fetch(u);
-      int64_t t = 0;
-      for (; t + 2 <= cnt; t += 2) {
-        for (int64_t u = t + 2; u < std::min(cnt, t + 4); ++u) fetch(u);
-        const float a0 = cd[t], a1 = cd[t + 1], p0 = dp[t], p1 = dp[t + 1];
-        const float *g0 = gr[t], *g1 = gr[t + 1], *x0 = xr[t], *x1 = xr[t + 1];
-        int64_t c = 0;
-        for (; c < dv; c += VL) {
-          vstore(od + c, vload(od + c) + vbcast(a0) * vload(g0 + c) + vbcast(a1) * vload(g1 + c));
-          vstore(oe + c, vload(oe + c) + vbcast(p0) * vload(x0 + c) + vbcast(p1) * vload(x1 + c));
+    }
+  });
+  const auto bp = pad_vector(b_pre);
+  const float* BP = bp.data_ptr<float>();
+  // Chunk boundaries at equal shares of the entries.
+  constexpr int64_t NC = 64;
+  std::vector<int64_t> bound(NC + 1, n);
+  for (int64_t q = 0, j = 0; q <= NC; ++q) {
+    while (j < n && C[j] < q * nnz / NC) ++j;
+    bound[q] = q == NC ? n : j;
+  }
+  at::parallel_for(0, NC, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t c = 0; c < P; ++c) {
+      const float* panel = RW + c * S * B * VL;
+      const int64_t col = c * VL, w = std::min<int64_t>(VL, d - col);
+      const vf bpc = vload(BP + col);
+      for (int64_t j = bound[q0]; j < bound[q1]; ++j) {
+        vf od0 = vbcast(0.f), od1 = od0, oe0 = vbcast(-OB[j]) * bpc, oe1 = od0;
+        int64_t p = C[j];
+        for (; p + 2 <= C[j + 1]; p += 2) {  // two chains: FMA latency, not a single add chain
+          const GradEntry &r0 = rec[p], &r1 = rec[p + 1];
+          od0 += vbcast(r0.cd) * vload(panel + int64_t(r0.g) * VL);
+          oe0 += vbcast(r0.dp) * vload(panel + int64_t(r0.x) * VL);
+          od1 += vbcast(r1.cd) * vload(panel + int64_t(r1.g) * VL);
+          oe1 += vbcast(r1.dp) * vload(panel + int64_t(r1.x) * VL);
         }
-        for (; c < d; ++c) {
-          od[c] += a0 * g0[c] + a1 * g1[c];
-          oe[c] += p0 * x0[c] + p1 * x1[c];
+        if (p < C[j + 1]) {
+          const GradEntry& r0 = rec[p];
+          od0 += vbcast(r0.cd) * vload(panel + int64_t(r0.g) * VL);
+          oe0 += vbcast(r0.dp) * vload(panel + int64_t(r0.x) * VL);
         }
-      }
-      for (; t < cnt; ++t) {
-        int64_t c = 0;
-        for (; c < dv; c += VL) {
-          vstore(od + c, vload(od + c) + vbcast(cd[t]) * vload(gr[t] + c));
-          vstore(oe + c, vload(oe + c) + vbcast(dp[t]) * vload(xr[t] + c));
-        }
-        for (; c < d; ++c) {
-          od[c] += cd[t] * gr[t][c];
-          oe[c] += dp[t] * xr[t][c];
-        }
+        store_cols(OD + j * d + col, od0 + od1, w);
+        store_cols(OE + j * d + col, oe0 + oe1, w);
       }
     }
   });

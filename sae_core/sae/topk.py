@@ -65,15 +65,21 @@ class TopKSAE(SparseAutoencoder):
         return kernels.sparse_decode(idx, vals, self.W_dec, bias, dense)
 
     def losses(
-        self, x: torch.Tensor, sel: Selection, dense: bool = False, ranks: Ranks = SINGLE
+        self,
+        x: torch.Tensor,
+        sel: Selection,
+        dense: bool = False,
+        ranks: Ranks = SINGLE,
+        with_recon: bool = True,
     ) -> ForwardOutput:
         """Decode the selected latents and score them. x: [B, d] normalised; O(B K d) sparse.
 
-        On CPU float32 the native fused kernels run it; elsewhere stock ops under autograd.
+        On CPU float32 the native fused kernels run it (with_recon=False spares them writing
+        the reconstruction, which training does not read); elsewhere stock ops under autograd.
         dense=True is the reference: full GEMMs with autograd, same selections.
         """
         if dense or not kernels.fused_available(x, self.W_dec, self.W_enc):
-            return super().losses(x, sel, dense, ranks)
+            return super().losses(x, sel, dense, ranks, with_recon)
         k = sel.idx.shape[1] if self.cfg.batch_topk else self.k
         use_aux = sel.aux_idx.shape[1] > 0
         terms = kernels.fused_losses(
@@ -88,6 +94,7 @@ class TopKSAE(SparseAutoencoder):
             sel.idx.shape[1],
             self.cfg.aux_alpha,
             ranks,
+            with_recon,
         )
         return ForwardOutput(
             sel.idx[:, :k],
