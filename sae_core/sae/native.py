@@ -334,7 +334,7 @@ static inline void store_cols(float* dst, vf v, int64_t w) {
 }
 
 // Sixteen dot products at once: lane s of the result is the sum of the lanes of p[s]. A
-// transpose-and-add network, 45 shuffles and adds instead of 16 horizontal sums (~7 each).
+// transpose-and-add network, 45 shuffles and adds instead of 16 horizontal sums.
 static inline __attribute__((always_inline)) vf sum_lanes16(const vf* p) {
 #ifdef __AVX512F__
   __m512 l1[8], l2[4], l3[2];
@@ -416,7 +416,7 @@ static inline __attribute__((always_inline)) void add_rows(vf* acc, const float*
 // terms present), the layout `weight_grads` reads a panel at a time.
 // rows: the caller's [P, S, B, 16] buffer, filled here (a reused buffer spares the ~B S d / 1024
 // page faults of a fresh one each step).
-// Returns [recon, rows, dots, head, sq, colsum] (head: empty without multi-TopK; recon: [0, d]
+// Returns [recon, dots, head, sq, colsum] (head: empty without multi-TopK; recon: [0, d]
 // unless with_recon; sq: [*, 4] partial sums, to be added). path: 0 picks the panel path when
 // two panels of W fit in L2 and `decode_by_rows` otherwise; 1 and 2 force one (tests).
 // Cost ~2 B K d MACs plus a 16-way add network per 16 dots and 32 columns; W is packed into
@@ -667,7 +667,7 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tens
   auto colsum_g = at::zeros({NG, 2, P * VL}, opt);
   if (path == 2 || (path == 0 && !panels_fit_l2(n))) {
     auto sq = decode_by_rows(x, centre, b_pre, W, idx, acts, k, k_main, recon, rows, dots, head, colsum_g, NG);
-    return {recon, rows, dots, head, sq, colsum_g.sum(0).narrow(1, 0, d)};
+    return {recon, dots, head, sq, colsum_g.sum(0).narrow(1, 0, d)};
   }
   TORCH_CHECK(n * VL < (int64_t(1) << 31), "decode_forward: n too large for int32 panel offsets");
   auto Wp = pack_panels(W);
@@ -711,7 +711,7 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tens
             store_cols(R + b * d + c * VL, vload(RP + (c * B + b) * VL), std::min<int64_t>(VL, d - c * VL));
     });
   }
-  return {recon, rows, dots, head, sums_g.sum(2), colsum_g.sum(0).narrow(1, 0, d)};
+  return {recon, dots, head, sums_g.sum(2), colsum_g.sum(0).narrow(1, 0, d)};
 }
 
 // Entries of idx [B, K] grouped by latent (a stable counting sort): crow [n+1] and entries
