@@ -288,9 +288,8 @@ class _FusedLoss(torch.autograd.Function):
         cls[k:k_main] = 1
         cls[k_main:] = 2 if multi else 1
         ext = native.load()
-        crow, entries = ext.csr_by_latent(idx, W_enc.shape[0])
         d_W_dec, d_W_enc, d_b_enc = ext.weight_grads(
-            crow, entries, cls, rows, acts * coef_scale, dpre, b_pre
+            idx, W_enc.shape[0], cls, rows, acts * coef_scale, dpre, b_pre
         )
         d_b_pre = (c_main * sum_main + c_multi * sum_multi).float() - d_b_enc @ W_enc
         d_x = None
@@ -344,6 +343,19 @@ def fused_losses(
         with_recon,
     )
     return LossTerms(loss, nmse, aux_loss, recon if with_recon else None)
+
+
+def normalize_tokens(
+    x: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Per-token normalisation in one native pass: x [B, d] -> (x_norm [B, d], shift [B, 1],
+    scale [B, 1]), x_norm = (x - shift) / scale with scale >= eps. None where the native kernel
+    does not run (not CPU float32, or no compiler): the caller uses torch ops."""
+    ext = _native_for(x)
+    if ext is None or x.dim() != 2:
+        return None
+    out, shift, scale = ext.normalize_tokens(x.contiguous(), eps)
+    return out, shift, scale
 
 
 @torch.no_grad()
