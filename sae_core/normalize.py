@@ -55,13 +55,6 @@ class InputNorm:
     def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, NormStats]:
         """x: [B, d] raw -> (x_norm [B, d], stats). Cost O(B d)."""
         if self.mode == "per_token":
-            if not x.requires_grad:
-                # Imported here: sae_core.sae imports this module.
-                from sae_core.sae import kernels
-
-                fused = kernels.normalize_tokens(x, _EPS)
-                if fused is not None:
-                    return fused[0], NormStats(fused[1], fused[2])
             shift = x.mean(dim=1, keepdim=True)
             centred = x - shift
             scale = centred.norm(dim=1, keepdim=True).clamp_min(_EPS)

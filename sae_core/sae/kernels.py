@@ -345,19 +345,6 @@ def fused_losses(
     return LossTerms(loss, nmse, aux_loss, recon if with_recon else None)
 
 
-def normalize_tokens(
-    x: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Per-token normalisation in one native pass: x [B, d] -> (x_norm [B, d], shift [B, 1],
-    scale [B, 1]), x_norm = (x - shift) / scale with scale >= eps. None where the native kernel
-    does not run (not CPU float32, or no compiler): the caller uses torch ops."""
-    ext = _native_for(x)
-    if ext is None or x.dim() != 2:
-        return None
-    out, shift, scale = ext.normalize_tokens(x.contiguous(), eps)
-    return out, shift, scale
-
-
 @torch.no_grad()
 def project_rows_(W: torch.Tensor, G: torch.Tensor) -> None:
     """G[j] -= <G[j], W[j]> W[j] in place, for unit-norm rows W: [n, d]. One pass (native)."""

@@ -886,44 +886,6 @@ std::vector<at::Tensor> weight_grads(at::Tensor idx, int64_t n, at::Tensor cls, 
   return {d_dec, d_enc, d_benc};
 }
 
-// Per-token normalisation (Gao et al.): x_norm[b] = (x[b] - m_b) / max(||x[b] - m_b||, eps), m_b the
-// mean of row b. x: [B, d] -> (x_norm [B, d], shift m [B, 1], scale [B, 1]). One read and one
-// write of x (torch's ops take five passes); each row stays in L1 for its three sweeps.
-std::vector<at::Tensor> normalize_tokens(at::Tensor x, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat);
-  const int64_t B = x.size(0), d = x.size(1), dv = d / VL * VL;
-  auto out = at::empty_like(x);
-  auto shift = at::empty({B, 1}, x.options()), scale = at::empty({B, 1}, x.options());
-  const float* X = x.data_ptr<float>();
-  float *O = out.data_ptr<float>(), *SH = shift.data_ptr<float>(), *SC = scale.data_ptr<float>();
-  at::parallel_for(0, B, grain(3 * d), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* in = X + b * d;
-      vf acc = vbcast(0.f);
-      for (int64_t c = 0; c < dv; c += VL) acc += vload(in + c);
-      float total = hsum(acc);
-      for (int64_t c = dv; c < d; ++c) total += in[c];
-      const float m = total / float(d);
-      const vf mv = vbcast(m);
-      acc = vbcast(0.f);
-      for (int64_t c = 0; c < dv; c += VL) {
-        const vf v = vload(in + c) - mv;
-        acc += v * v;
-      }
-      float sq = hsum(acc);
-      for (int64_t c = dv; c < d; ++c) sq += (in[c] - m) * (in[c] - m);
-      const float sc = std::max(std::sqrt(sq), float(eps));
-      const vf sv = vbcast(sc);
-      float* o = O + b * d;
-      for (int64_t c = 0; c < dv; c += VL) vstore(o + c, (vload(in + c) - mv) / sv);
-      for (int64_t c = dv; c < d; ++c) o[c] = (in[c] - m) / sc;
-      SH[b] = m;
-      SC[b] = sc;
-    }
-  });
-  return {out, shift, scale};
-}
-
 // Unit-norm decoder rows, one pass each. W, G: [n, d].
 // project: G[j] -= <G[j], W[j]> W[j] (the gradient's component along its row, removed).
 void project_rows(at::Tensor W, at::Tensor G) {
@@ -961,7 +923,6 @@ void normalize_rows(at::Tensor W) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("project_rows", &project_rows);
   m.def("normalize_rows", &normalize_rows);
-  m.def("normalize_tokens", &normalize_tokens);
   m.def("topk_rows", &topk_rows);
   m.def("gather_sum", &gather_sum);
   m.def("decode_forward", &decode_forward);
