@@ -751,27 +751,22 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tens
 // idx: [B, K] int64 latents < n; cls: [K] int64; rows: [P, S, B, 16], decode_forward's panels of
 // [x | G_0 | G_1 ...] per token (G_c the per-token loss gradient of term c, up to a factor in
 // coef_dec); coef_dec, dpre: [B, K]; b_pre: [d] -> (d_W_dec [n, d], d_W_enc [n, d], d_b_enc [n]).
-// 2 B K d MACs. Each gradient is its own pass over the panels, two panels (32 columns) at a time
-// when their rows fit in L2 (2 B 64 bytes for x: 512 KB at B = 4096), every latent inside. Each
-// entry is an 8-byte record (row offset, coefficient) streamed once per pass and feeds two
-// gathered lines, and a latent's gradient pieces stay in registers: half the record traffic and
-// instructions per gathered line of one pass over single panels with both gradients. Latents are
-// split into chunks of about equal entry counts (threads get equal work); every output element
-// is written by one thread.
-struct GradRec {
-  int32_t off;  // the gathered row's offset in its panel, in floats
-  float coef;
+// 2 B K d MACs. One panel of 16 columns at a time (S B 64 bytes: 512 KB at B = 4096 for TopK,
+// in L2), every latent inside; each entry is a 16-byte record streamed once per panel, and each
+// latent's two gradient pieces stay in registers. Latents are split into chunks of about equal
+// entry counts (threads get equal work); every output element is written by one thread.
+struct GradEntry {
+  int32_t x, g;  // rows of the panel: the token's x, its slot's loss gradient
+  float cd, dp;  // coef_dec, dpre
 };
 
-// The entries grouped by latent (a stable counting sort) into the records of the two passes:
-// rd (decoder: the slot's loss-gradient row, coef_dec) and re (encoder: the token's x row,
-// dpre); returns crow [n + 1], latent j's records being [crow[j], crow[j + 1]). The entries are
-// cut into NS fixed slices, each counted and placed by one thread; within a latent, slice s's
-// entries go after slice s - 1's, so the order is ascending e whatever the thread count.
-// O(B K + NS n).
+// The entries grouped by latent into rec (a stable counting sort): returns crow [n + 1], latent
+// j's entries being rec[crow[j], crow[j + 1]). The entries are cut into NS fixed slices, each
+// counted and placed by one thread; within a latent, slice s's entries go after slice s - 1's,
+// so the order is ascending e whatever the thread count. O(B K + NS n).
 static std::vector<int64_t> group_by_latent(const int64_t* I, int64_t nnz, int64_t n, int64_t K, int64_t B,
-                                            const int64_t* CL, const float* CD, const float* DP, GradRec* rd,
-                                            GradRec* re) {
+                                            const int64_t* CL, const float* CD, const float* DP,
+                                            GradEntry* rec) {
   constexpr int64_t NS = 8;
   std::vector<int64_t> pos(NS * n, 0), crow(n + 1, 0);
   at::parallel_for(0, NS, 1, [&](int64_t s0, int64_t s1) {
@@ -793,42 +788,11 @@ static std::vector<int64_t> group_by_latent(const int64_t* I, int64_t nnz, int64
   at::parallel_for(0, NS, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s)
       for (int64_t e = s * nnz / NS; e < (s + 1) * nnz / NS; ++e) {
-        const int64_t b = e / K, p = pos[s * n + I[e]]++;
-        rd[p] = {int32_t(((1 + CL[e - b * K]) * B + b) * VL), CD[e]};
-        re[p] = {int32_t(b * VL), DP[e]};
+        const int64_t b = e / K;
+        rec[pos[s * n + I[e]]++] = {int32_t(b), int32_t((1 + CL[e - b * K]) * B + b), CD[e], DP[e]};
       }
   });
   return crow;
-}
-
-// One gradient's pass over NV panels from column col: out[j, col : col + 16 NV] = init_j +
-// sum over latent j's records of coef * (row off of each panel), for j in [j0, j1). panel: the
-// first panel's rows; pstride: floats from one panel to the next. init_j = -db[j] * bpc (the
-// encoder's -b_pre term), or 0 when db is null.
-template <int NV>
-static void grad_pass(const GradRec* rec, const int64_t* C, int64_t j0, int64_t j1, const float* panel,
-                      int64_t pstride, float* out, int64_t d, int64_t col, const float* db, const float* bpc) {
-  for (int64_t j = j0; j < j1; ++j) {
-    vf a0[NV], a1[NV];  // two chains per panel: FMA latency, not a single add chain
-    for (int t = 0; t < NV; ++t) {
-      a0[t] = db ? vbcast(-db[j]) * vload(bpc + t * VL) : vbcast(0.f);
-      a1[t] = vbcast(0.f);
-    }
-    int64_t p = C[j];
-    for (; p + 2 <= C[j + 1]; p += 2) {
-      const GradRec r0 = rec[p], r1 = rec[p + 1];
-      const vf c0 = vbcast(r0.coef), c1 = vbcast(r1.coef);
-      for (int t = 0; t < NV; ++t) {
-        a0[t] += c0 * vload(panel + t * pstride + r0.off);
-        a1[t] += c1 * vload(panel + t * pstride + r1.off);
-      }
-    }
-    if (p < C[j + 1]) {
-      const vf c0 = vbcast(rec[p].coef);
-      for (int t = 0; t < NV; ++t) a0[t] += c0 * vload(panel + t * pstride + rec[p].off);
-    }
-    for (int t = 0; t < NV; ++t) store_cols(out + j * d + col + t * VL, a0[t] + a1[t], std::min<int64_t>(VL, d - col - t * VL));
-  }
 }
 
 std::vector<at::Tensor> weight_grads(at::Tensor idx, int64_t n, at::Tensor cls, at::Tensor rows,
@@ -837,19 +801,19 @@ std::vector<at::Tensor> weight_grads(at::Tensor idx, int64_t n, at::Tensor cls, 
   TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.sizes() == coef_dec.sizes());
   const int64_t d = b_pre.size(0), P = rows.size(0), S = rows.size(1), B = rows.size(2);
   const int64_t K = coef_dec.size(1), nnz = idx.numel();
-  TORCH_CHECK(P == panels(d) && S * B * VL < (int64_t(1) << 31));
+  TORCH_CHECK(P == panels(d) && S * B < (int64_t(1) << 31));
   auto d_dec = at::empty({n, d}, rows.options()), d_enc = at::empty({n, d}, rows.options());
   auto d_benc = at::empty({n}, rows.options());
-  const float* RW = rows.data_ptr<float>();
+  const float *CD = coef_dec.data_ptr<float>(), *DP = dpre.data_ptr<float>(), *RW = rows.data_ptr<float>();
   float *OD = d_dec.data_ptr<float>(), *OE = d_enc.data_ptr<float>(), *OB = d_benc.data_ptr<float>();
-  std::unique_ptr<GradRec[]> rd(new GradRec[nnz]), re(new GradRec[nnz]);  // every record is written
-  const std::vector<int64_t> crow = group_by_latent(idx.data_ptr<int64_t>(), nnz, n, K, B, cls.data_ptr<int64_t>(),
-                                                    coef_dec.data_ptr<float>(), dpre.data_ptr<float>(), rd.get(), re.get());
+  std::unique_ptr<GradEntry[]> rec(new GradEntry[nnz]);  // every record is written below
+  const std::vector<int64_t> crow =
+      group_by_latent(idx.data_ptr<int64_t>(), nnz, n, K, B, cls.data_ptr<int64_t>(), CD, DP, rec.get());
   const int64_t* C = crow.data();
   at::parallel_for(0, n, grain(64), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       float db = 0.f;
-      for (int64_t p = C[j]; p < C[j + 1]; ++p) db += re[p].coef;
+      for (int64_t p = C[j]; p < C[j + 1]; ++p) db += rec[p].dp;
       OB[j] = db;
     }
   });
@@ -862,24 +826,28 @@ std::vector<at::Tensor> weight_grads(at::Tensor idx, int64_t n, at::Tensor cls, 
     while (j < n && C[j] < q * nnz / NC) ++j;
     bound[q] = q == NC ? n : j;
   }
-  // Two panels per pass when the larger pass's rows (the S - 1 loss-gradient slots) fit in L2.
-  long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-  if (l2 <= 0) l2 = 1 << 20;
-  const bool pairs = 2 * std::max<int64_t>(1, S - 1) * B * VL * int64_t(sizeof(float)) <= int64_t(l2) * 5 / 8;
-  const int64_t pstride = S * B * VL;
   at::parallel_for(0, NC, 1, [&](int64_t q0, int64_t q1) {
-    const int64_t j0 = bound[q0], j1 = bound[q1];
-    for (int64_t c = 0; c < P;) {
-      const float* panel = RW + c * pstride;
-      const int64_t col = c * VL;
-      if (pairs && c + 2 <= P) {
-        grad_pass<2>(rd.get(), C, j0, j1, panel, pstride, OD, d, col, nullptr, nullptr);
-        grad_pass<2>(re.get(), C, j0, j1, panel, pstride, OE, d, col, OB, BP + col);
-        c += 2;
-      } else {
-        grad_pass<1>(rd.get(), C, j0, j1, panel, pstride, OD, d, col, nullptr, nullptr);
-        grad_pass<1>(re.get(), C, j0, j1, panel, pstride, OE, d, col, OB, BP + col);
-        c += 1;
+    for (int64_t c = 0; c < P; ++c) {
+      const float* panel = RW + c * S * B * VL;
+      const int64_t col = c * VL, w = std::min<int64_t>(VL, d - col);
+      const vf bpc = vload(BP + col);
+      for (int64_t j = bound[q0]; j < bound[q1]; ++j) {
+        vf od0 = vbcast(0.f), od1 = od0, oe0 = vbcast(-OB[j]) * bpc, oe1 = od0;
+        int64_t p = C[j];
+        for (; p + 2 <= C[j + 1]; p += 2) {  // two chains: FMA latency, not a single add chain
+          const GradEntry &r0 = rec[p], &r1 = rec[p + 1];
+          od0 += vbcast(r0.cd) * vload(panel + int64_t(r0.g) * VL);
+          oe0 += vbcast(r0.dp) * vload(panel + int64_t(r0.x) * VL);
+          od1 += vbcast(r1.cd) * vload(panel + int64_t(r1.g) * VL);
+          oe1 += vbcast(r1.dp) * vload(panel + int64_t(r1.x) * VL);
+        }
+        if (p < C[j + 1]) {
+          const GradEntry& r0 = rec[p];
+          od0 += vbcast(r0.cd) * vload(panel + int64_t(r0.g) * VL);
+          oe0 += vbcast(r0.dp) * vload(panel + int64_t(r0.x) * VL);
+        }
+        store_cols(OD + j * d + col, od0 + od1, w);
+        store_cols(OE + j * d + col, oe0 + oe1, w);
       }
     }
   });
