@@ -449,8 +449,8 @@ static inline __attribute__((always_inline)) void add_rows(vf* acc, const float*
 // panels first (one pass). Columns go 32 at a time (2 panels, 590 KB of W at n = 4608: L2),
 // all tokens inside; each token's x piece is read from its row (prefetched 8 tokens ahead: the
 // 2,304-byte stride at d = 576 is past the hardware's stride prefetcher) and copied into slot 0
-// on the way, 3 ms less here than packing x beforehand. Tokens are split into NG fixed groups whose column and square sums are
-// added in order, so results do not depend on the thread count.
+// on the way, 3 ms less here than packing x beforehand. Tokens are split into NG fixed groups
+// whose column and square sums are added in order, so results do not depend on the thread count.
 struct DecodeArgs {
   int64_t d, n, B, K, k, k_main, S;
   const float *X, *ctr, *bp, *Wp, *A;  // X: [B, d] x; ctr, bp: [P*16]; Wp: [P, n, 16]
