@@ -427,8 +427,9 @@ def _checkpoint_path(member: GroupMember, store: Store | None) -> str | None:
 
 
 def _share_buffer(trainers: list[Trainer], batch_size: int) -> None:
-    """One [B, n_max] pre-activation buffer (B: the rows each step gets) for the whole group instead of one per SAE: they
-    step one after another, so each needs it only during its own step."""
+    """One [B, n_max] pre-activation buffer (B: the rows each step gets) for the whole group
+    instead of one per SAE: they step one after another, so each needs it only during its own
+    step."""
     itemsize = [torch.empty((), dtype=t.gemm_dtype).element_size() for t in trainers]
     sizes = [
         batch_size * t.sae.n_latents * size for t, size in zip(trainers, itemsize, strict=True)

@@ -302,7 +302,7 @@ at::Tensor gather_sum(at::Tensor idx, at::Tensor vals, at::Tensor W, at::Tensor 
 }
 
 // Panel layout. The step's gathers read rows of W [n, d] (decode) and of the per-token rows
-// (weight gradients) at random. Whole rows come from L3 at ~10 GB/s here; a 16-column slice
+// (weight gradients) at random. Whole rows come from L3 at ~6 GB/s per core here; a 16-column slice
 // of every row (a panel) fits in one core's 1 MiB L2, so the kernels below walk the columns
 // one panel at a time, all tokens (or latents) inside: every gathered line then comes from L2.
 // A matrix [N, d] packed into panels is [P, N, 16], P = ceil(d / 16), zero-padded on the right;
@@ -438,10 +438,9 @@ static inline __attribute__((always_inline)) void add_rows(vf* acc, const float*
 // and over the batch: sq = (|x - centre|^2, |r_main|^2, |r_multi|^2, |r_aux|^2) and
 // colsum = (sum_b r_main, sum_b r_multi): [2, d]. The loss gradient w.r.t. a_i is a multiple of
 // these dots, so the backward never gathers a decoder row again.
-// rows: [P, S, B, 16], panels of the per-token rows [x | r_main | r_multi | r_aux] (S = 2 + the
-// terms present), the layout `weight_grads` reads a panel at a time.
-// rows: the caller's [P, S, B, 16] buffer, filled here (a reused buffer spares the ~B S d / 1024
-// page faults of a fresh one each step).
+// rows: the caller's [P, S, B, 16] buffer, filled here with panels of the per-token rows
+// [x | r_main | r_multi | r_aux] (S = 2 + the terms present), the layout `weight_grads` reads a
+// panel at a time (a reused buffer spares the ~B S d / 1024 page faults of a fresh one each step).
 // Returns [recon, dots, head, sq, colsum] (head: empty without multi-TopK; recon: [0, d]
 // unless with_recon; sq: [*, 4] partial sums, to be added). path: 0 picks the panel path when
 // two panels of W fit in L2 and `decode_by_rows` otherwise; 1 and 2 force one (tests).
