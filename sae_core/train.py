@@ -46,7 +46,7 @@ from sae_core.config import TRAIN_EXECUTION_FIELDS, ConfigError, SAEConfig, Trai
 from sae_core.normalize import InputNorm, geometric_median
 from sae_core.ranks import SINGLE, Ranks
 from sae_core.refs import DatasetRef
-from sae_core.sae import WEIGHTS_FILE, SparseAutoencoder, build_sae, storage_report
+from sae_core.sae import WEIGHTS_FILE, SparseAutoencoder, build_sae, kernels, storage_report
 from sae_core.sae.base import FIRE_THRESHOLD, safetensors_metadata
 from sae_core.store import DatasetWriter, Store
 
@@ -186,11 +186,7 @@ class Trainer:
         out.loss.backward()
         self.sum_grads()
         mark("backward")
-        sae.project_decoder_grad()
-        if self.cfg.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip_norm)
-        self.opt.step()
-        sae.normalize_decoder()
+        self.optimizer_step()
         if self.ema is not None:
             with torch.no_grad():
                 for name, p in sae.named_parameters():
@@ -221,6 +217,44 @@ class Trainer:
         } | ({"resampled": resampled} if sae.cfg.resample_dead else {})
         st.history.append(record)
         return record
+
+    def optimizer_step(self) -> None:
+        """Adam on the summed gradients, the decoder's kept to unit-norm rows: its gradient
+        projected onto each row's tangent space before the step, the rows renormalised after.
+
+        A dense unit-row decoder (TopK) on the native kernels without gradient clipping takes
+        all three in one pass (`kernels.adam_unit_rows_`), with torch's Adam state for it."""
+        sae = self.sae
+        W = sae.unit_row_decoder()
+        G = W.grad if W is not None else None
+        fused = G is not None and self.cfg.grad_clip_norm is None
+        if not (fused and kernels.fused_available(W, G) and W.is_contiguous() and G.is_contiguous()):
+            sae.project_decoder_grad()
+            if self.cfg.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip_norm)
+            self.opt.step()
+            sae.normalize_decoder()
+            return
+        W.grad = None  # Adam steps every other parameter; W's step is the fused pass below
+        self.opt.step()
+        W.grad = G
+        group = next(g for g in self.opt.param_groups if any(p is W for p in g["params"]))
+        state = self.opt.state[W]
+        if not state:  # torch's fused Adam layout, so checkpoints read back either way
+            state["step"] = torch.zeros((), dtype=torch.float32, device=W.device)
+            state["exp_avg"] = torch.zeros_like(W, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(W, memory_format=torch.preserve_format)
+        state["step"] += 1
+        kernels.adam_unit_rows_(
+            W,
+            G,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            int(state["step"]),
+            group["lr"],
+            group["betas"],
+            group["eps"],
+        )
 
     @torch.no_grad()
     def sum_grads(self) -> None:

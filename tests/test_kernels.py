@@ -204,3 +204,61 @@ def test_losses_without_the_reconstruction(kernel_path):
     full, lean = sae.losses(x, sel), sae.losses(x, sel, with_recon=False)
     assert full.recon.shape == (30, 20) and lean.recon is None
     torch.testing.assert_close(lean.loss, full.loss, rtol=0, atol=0)
+
+
+def _native_or_skip():
+    if kernels.native.load() is None:
+        pytest.skip("native kernels unavailable (no compiler)")
+
+
+@pytest.mark.parametrize("d", [24, 64])  # 24: a partial 16-column panel and a scalar tail
+def test_adam_unit_rows_equals_project_adam_normalise(d):
+    """The one-pass decoder step equals its three steps: project, torch's Adam, renormalise."""
+    _native_or_skip()
+    g = torch.Generator().manual_seed(8)
+    W0 = torch.randn(50, d, generator=g)
+    W0 /= W0.norm(dim=1, keepdim=True)
+    ref = torch.nn.Parameter(W0.clone())
+    opt = torch.optim.Adam([ref], lr=3e-3, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    W, m, v = W0.clone(), torch.zeros(50, d), torch.zeros(50, d)
+    for step in range(1, 4):
+        G = torch.randn(50, d, generator=g) * 10.0 ** -step  # moments of mixed scales
+        G_given = G.clone()
+        kernels.adam_unit_rows_(W, G, m, v, step, 3e-3, (0.9, 0.999), 6.25e-10)
+        assert torch.equal(G, G_given)  # read only
+        ref.grad = G.clone()
+        kernels.project_rows_(ref.data, ref.grad)
+        opt.step()
+        kernels.normalize_rows_(ref.data)
+        torch.testing.assert_close(W, ref.data, rtol=0, atol=2e-6)
+        torch.testing.assert_close(m, opt.state[ref]["exp_avg"], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(v, opt.state[ref]["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(W.norm(dim=1), torch.ones(50))
+    assert (W - W0).abs().max() > 1e-3  # it moved
+
+
+def test_adam_unit_rows_leaves_the_decoder_its_panels(monkeypatch):
+    """The step packs W for the next decode while it holds the rows; the decoder uses them only
+    while W is unchanged since, and its losses are the same either way."""
+    _native_or_skip()
+    monkeypatch.setattr(kernels, "DECODE_PATH", "panels")
+    torch.manual_seed(9)
+    sae = TopKSAE(40, SAEConfig(n_latents=96, k=6))
+    W = sae.W_dec
+    with torch.no_grad():
+        G, m, v = torch.randn(96, 40), torch.zeros(96, 40), torch.zeros(96, 40)
+        kernels.adam_unit_rows_(W, G, m, v, 1, 1e-2, (0.9, 0.999), 1e-8)
+    panels = kernels._packed(W)
+    assert panels.shape == (3, 96, 16)
+    padded = torch.nn.functional.pad(W.detach(), (0, 8))  # 40 columns -> 3 panels of 16
+    assert torch.equal(panels, padded.reshape(96, 3, 16).permute(1, 0, 2))
+    x = torch.randn(30, 40)
+    sel = sae.select(sae.preacts(x), None)
+    with_panels = sae.losses(x, sel).loss
+    kernels._PANELS.clear()
+    torch.testing.assert_close(sae.losses(x, sel).loss, with_panels, rtol=0, atol=0)
+    with torch.no_grad():
+        kernels.adam_unit_rows_(W, *[torch.zeros(96, 40)] * 3, 1, 1e-2, (0.9, 0.999), 1e-8)
+        assert kernels._packed(W).numel() > 0
+        W.mul_(2.0)  # an in-place change after the step: its panels are stale
+    assert kernels._packed(W).numel() == 0

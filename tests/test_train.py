@@ -186,6 +186,35 @@ def test_checkpoint_round_trip_restores_optimizer_and_counters():
         Trainer.from_checkpoint(data, t.cfg.model_copy(update={"lr": 1.0}))
 
 
+def test_fused_decoder_step_equals_project_adam_normalise(monkeypatch):
+    """The TopK decoder's one-pass step (native kernels, no clipping) gives the weights and
+    Adam state of the separate projection, torch Adam step and renormalisation."""
+    from sae_core.sae import kernels
+
+    if kernels.native.load() is None:
+        pytest.skip("native kernels unavailable (no compiler)")
+    x, _ = sparse_dictionary_data(512)
+    cfg = SAEConfig(n_latents=64, k=4, b_pre_init="mean")
+    fused, separate, clipped = (
+        Trainer(init_sae(32, cfg, x, 0), TrainConfig(batch_size=256, grad_clip_norm=clip))
+        for clip in (None, None, 1e9)
+    )
+    monkeypatch.setattr(separate.sae, "unit_row_decoder", lambda: None)
+    for step in range(2):
+        for t in (fused, separate, clipped):
+            t.step(x[step * 256 : (step + 1) * 256])
+    W = fused.sae.W_dec
+    assert kernels._packed(W).numel() > 0 and kernels._packed(clipped.sae.W_dec).numel() == 0
+    for other in (separate, clipped):
+        torch.testing.assert_close(W, other.sae.W_dec, rtol=0, atol=2e-6)
+        s0, s1 = fused.opt.state[W], other.opt.state[other.sae.W_dec]
+        assert torch.equal(s0["step"], s1["step"]) and s0["step"].dtype == s1["step"].dtype
+        torch.testing.assert_close(s0["exp_avg"], s1["exp_avg"], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(s0["exp_avg_sq"], s1["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(fused.sae.W_enc, other.sae.W_enc, rtol=0, atol=2e-6)
+    torch.testing.assert_close(W.norm(dim=1), torch.ones(64))
+
+
 def test_feature_recovery_on_a_known_sparse_dictionary():
     x, features = sparse_dictionary_data(2**14, d=32, n_features=64, active=3)
     sae_cfg = SAEConfig(n_latents=128, k=3, normalize="none", dead_window_tokens=4096)

@@ -178,6 +178,12 @@ class SparseAutoencoder(nn.Module, ABC):
     def normalize_decoder(self) -> None:
         """Rescale every decoder direction to unit norm (after the step)."""
 
+    def unit_row_decoder(self) -> nn.Parameter | None:
+        """The decoder when it is one dense [n, d] parameter of unit-norm rows, else None. Its
+        projection, optimiser step and renormalisation can then run as one pass
+        (`train.Trainer`, `kernels.adam_unit_rows_`)."""
+        return None
+
     # Encoder and selection -------------------------------------------------------------------
     def preacts(
         self, x: torch.Tensor, with_bias: bool = True, dtype: torch.dtype | None = None

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from sae_core.ranks import SINGLE, Ranks
 from sae_core.sae import native
@@ -239,6 +240,7 @@ class _FusedLoss(torch.autograd.Function):
             with_recon,
             _DECODE_PATHS[DECODE_PATH],
             rows,
+            _packed(W_dec),
         )
         sq = sq.sum(dim=0, dtype=torch.float64)  # |x - mean|^2, |r_main|^2, |r_multi|^2, |r_aux|^2
         # Normalisers over the global batch (this rank's terms are its share of the loss).
@@ -343,6 +345,59 @@ def fused_losses(
         with_recon,
     )
     return LossTerms(loss, nmse, aux_loss, recon if with_recon else None)
+
+
+# W -> (W._version, W in panels [P, n, 16]) as `adam_unit_rows_` left it; a later in-place change
+# of W bumps its version and the panels are no longer used.
+_PANELS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _packed(W: torch.Tensor) -> torch.Tensor:
+    """W's panels from its last `adam_unit_rows_` while W is unchanged since, else an empty
+    tensor (the decoder then packs W itself)."""
+    entry = _PANELS.get(W)
+    if entry is None or entry[0] != W._version:
+        return W.new_empty(0)
+    return entry[1]
+
+
+def _decoder_uses_panels(n: int) -> bool:
+    path = DECODE_PATH
+    return path == "panels" or (path == "auto" and bool(native.load().panels_fit_l2(n)))
+
+
+@torch.no_grad()
+def adam_unit_rows_(
+    W: torch.Tensor,
+    G: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> None:
+    """Adam on unit-norm rows, in place: project G onto each row's tangent space, update the
+    moments and W as Adam does (bias-corrected, `step` counted from 1), renormalise the rows.
+
+    W, G, exp_avg, exp_avg_sq: [n, d] CPU float32 contiguous (G is read only). One native pass
+    (~20 flops per element); it also leaves W packed for the fused decoder's next call.
+    """
+    ext = native.load()
+    beta1, beta2 = betas
+    n = W.shape[0]
+    panels = W.new_empty(0)
+    if _decoder_uses_panels(n):
+        entry = _PANELS.get(W)
+        shape = (-(-W.shape[1] // 16), n, 16)
+        panels = entry[1] if entry is not None and entry[1].shape == shape else W.new_empty(shape)
+    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    ext.adam_unit_rows(W, G, exp_avg, exp_avg_sq, panels, lr / bias1, beta1, beta2, eps, bias2**0.5)
+    torch.autograd.graph.increment_version(W)  # written through its data pointer
+    if panels.numel():
+        _PANELS[W] = (W._version, panels)
+    else:
+        _PANELS.pop(W, None)
 
 
 @torch.no_grad()

@@ -117,3 +117,6 @@ class TopKSAE(SparseAutoencoder):
     def normalize_decoder(self) -> None:
         """Rescale every decoder row to unit norm (after the step)."""
         kernels.normalize_rows_(self.W_dec)
+
+    def unit_row_decoder(self) -> nn.Parameter:
+        return self.W_dec
