@@ -227,8 +227,14 @@ class Trainer:
         sae = self.sae
         W = sae.unit_row_decoder()
         G = W.grad if W is not None else None
-        fused = G is not None and self.cfg.grad_clip_norm is None
-        if not (fused and kernels.fused_available(W, G) and W.is_contiguous() and G.is_contiguous()):
+        one_pass = (
+            G is not None
+            and self.cfg.grad_clip_norm is None
+            and kernels.fused_available(W, G)
+            and W.is_contiguous()
+            and G.is_contiguous()
+        )
+        if not one_pass:
             sae.project_decoder_grad()
             if self.cfg.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip_norm)
