@@ -52,6 +52,22 @@ def test_topk_over_a_few_finite_entries(kernel_path):
         )
 
 
+def test_topk_when_rows_change_scale(kernel_path):
+    """The native top-k starts each row from the previous row's threshold: runs of alike rows
+    take it, rows that jump in scale or shift (too many or too few entries pass) fall back.
+    Every row must still be exact."""
+    g = torch.Generator().manual_seed(11)
+    scale = torch.tensor([1.0, 1.0, 1.0, 100.0, 0.01, 1.0, -1.0, 1.0]).repeat(8)[:, None]
+    shift = torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0, -5.0, 0.0, 0.0]).repeat(8)[:, None]
+    x = torch.randn(64, 3000, generator=g) * scale + shift
+    bias = torch.randn(3000, generator=g) * 0.1
+    for k in (4, 32, 43, 44, 64):  # 43: the largest k that guesses (k + k // 2 <= 64)
+        vals, idx = kernels.topk(x, k, bias)
+        ref_vals, ref_idx = (x + bias).topk(k, dim=1)
+        assert torch.equal(idx, ref_idx), k
+        torch.testing.assert_close(vals, ref_vals)
+
+
 def test_native_topk_ties_take_the_lower_index():
     ext = kernels.native.load()
     if ext is None:
