@@ -278,3 +278,7 @@ def test_adam_unit_rows_leaves_the_decoder_its_panels(monkeypatch):
         assert kernels._packed(W).numel() > 0
         W.mul_(2.0)  # an in-place change after the step: its panels are stale
     assert kernels._packed(W).numel() == 0
+    with torch.no_grad():
+        kernels.adam_unit_rows_(W, *[torch.zeros(96, 40)] * 3, 1, 1e-2, (0.9, 0.999), 1e-8)
+    sae.double().float()  # new data under the same parameter
+    assert kernels._packed(W).numel() == 0

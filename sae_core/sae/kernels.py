@@ -347,8 +347,9 @@ def fused_losses(
     return LossTerms(loss, nmse, aux_loss, recon if with_recon else None)
 
 
-# W -> (W._version, W in panels [P, n, 16]) as `adam_unit_rows_` left it; a later in-place change
-# of W bumps its version and the panels are no longer used.
+# W -> ((W._version, W.data_ptr()), W in panels [P, n, 16]) as `adam_unit_rows_` left it. A later
+# in-place change of W bumps its version, new data (`.to`, `.data =`) moves its pointer: either
+# way the panels are no longer used.
 _PANELS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -356,7 +357,7 @@ def _packed(W: torch.Tensor) -> torch.Tensor:
     """W's panels from its last `adam_unit_rows_` while W is unchanged since, else an empty
     tensor (the decoder then packs W itself)."""
     entry = _PANELS.get(W)
-    if entry is None or entry[0] != W._version:
+    if entry is None or entry[0] != (W._version, W.data_ptr()):
         return W.new_empty(0)
     return entry[1]
 
@@ -395,7 +396,7 @@ def adam_unit_rows_(
     ext.adam_unit_rows(W, G, exp_avg, exp_avg_sq, panels, lr / bias1, beta1, beta2, eps, bias2**0.5)
     torch.autograd.graph.increment_version(W)  # written through its data pointer
     if panels.numel():
-        _PANELS[W] = (W._version, panels)
+        _PANELS[W] = ((W._version, W.data_ptr()), panels)
     else:
         _PANELS.pop(W, None)
 
