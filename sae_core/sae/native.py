@@ -1,7 +1,7 @@
 """Native CPU kernels for the sparse step, compiled on first use (torch cpp_extension + OpenMP).
 
 Each kernel is O(work actually needed): a row-wise top-k that filters each row against a
-threshold from its block maxima, and the B K d gathers and scatters of the sparse decoder and
+threshold (the previous row's, or one from its block maxima), and the B K d gathers and scatters of the sparse decoder and
 encoder backward, fused into one token-major pass (`decode_forward`) and one latent-major pass
 (`weight_grads`), and the unit-norm decoder's optimiser step as one pass over its rows
 (`adam_unit_rows`). Past the GEMM the step is bound by where its gathered rows come from, not by
@@ -138,7 +138,7 @@ struct TopkScratch {
   std::vector<float> bmax, cv;
   std::vector<int64_t> ci;
   std::vector<uint64_t> keys;
-  float guess = NAN;  // the previous row's threshold for about 5k/4 entries (see topk_row)
+  float guess = NAN;  // the previous row's value of rank guess_rank (see topk_row)
   explicit TopkScratch(const TopkPlan& p) : bmax(p.nb + VL), cv(p.n + VL), ci(p.n + VL), keys(p.n + 8) {}
 };
 
