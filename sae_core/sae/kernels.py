@@ -347,19 +347,25 @@ def fused_losses(
     return LossTerms(loss, nmse, aux_loss, recon if with_recon else None)
 
 
-# W -> ((W._version, W.data_ptr()), W in panels [P, n, 16]) as `adam_unit_rows_` left it. A later
-# in-place change of W bumps its version, new data (`.to`, `.data =`) moves its pointer: either
-# way the panels are no longer used.
-_PANELS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+class _Panels(NamedTuple):
+    """W in panels [P, n, 16] as `adam_unit_rows_` left it, and what identifies that W."""
+
+    version: int  # W._version then: an in-place change of W bumps it
+    data_ptr: int  # new data (`.to`, `.data =`) moves it, without a version bump...
+    storage: torch.UntypedStorage  # ...as long as the old storage, held here, keeps its address
+    panels: torch.Tensor
+
+
+_PANELS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # W -> _Panels
 
 
 def _packed(W: torch.Tensor) -> torch.Tensor:
     """W's panels from its last `adam_unit_rows_` while W is unchanged since, else an empty
     tensor (the decoder then packs W itself)."""
     entry = _PANELS.get(W)
-    if entry is None or entry[0] != (W._version, W.data_ptr()):
+    if entry is None or (entry.version, entry.data_ptr) != (W._version, W.data_ptr()):
         return W.new_empty(0)
-    return entry[1]
+    return entry.panels
 
 
 def _decoder_uses_panels(n: int) -> bool:
@@ -391,12 +397,12 @@ def adam_unit_rows_(
     if _decoder_uses_panels(n):
         entry = _PANELS.get(W)
         shape = (-(-W.shape[1] // 16), n, 16)
-        panels = entry[1] if entry is not None and entry[1].shape == shape else W.new_empty(shape)
+        panels = entry.panels if entry is not None and entry.panels.shape == shape else W.new_empty(shape)
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
     ext.adam_unit_rows(W, G, exp_avg, exp_avg_sq, panels, lr / bias1, beta1, beta2, eps, bias2**0.5)
     torch.autograd.graph.increment_version(W)  # written through its data pointer
     if panels.numel():
-        _PANELS[W] = ((W._version, W.data_ptr()), panels)
+        _PANELS[W] = _Panels(W._version, W.data_ptr(), W.untyped_storage(), panels)
     else:
         _PANELS.pop(W, None)
 
