@@ -13,7 +13,7 @@ from safetensors.torch import load as load_tensors
 from sae_core.activations import ACTIVATION_SCHEMA
 from sae_core.config import ConfigError, SAEConfig, TrainConfig
 from sae_core.refs import DatasetRef
-from sae_core.sae import load_sae
+from sae_core.sae import kernels, load_sae
 from sae_core.store import Store
 from sae_core.train import (
     CHECKPOINT_FILE,
@@ -189,8 +189,6 @@ def test_checkpoint_round_trip_restores_optimizer_and_counters():
 def test_fused_decoder_step_equals_project_adam_normalise(monkeypatch):
     """The TopK decoder's one-pass step (native kernels, no clipping) gives the weights and
     Adam state of the separate projection, torch Adam step and renormalisation."""
-    from sae_core.sae import kernels
-
     if kernels.native.load() is None:
         pytest.skip("native kernels unavailable (no compiler)")
     x, _ = sparse_dictionary_data(512)
