@@ -171,6 +171,21 @@ def test_sparse_step_gradients_equal_dense_reference(variant, shape, kernel_path
         torch.testing.assert_close(sparse_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("offset", [0.0, 300.0])  # 300: data far from b_pre (= 0 here)
+def test_loss_normaliser_for_data_near_and_far_from_b_pre(offset, kernel_path, decode_path):
+    """The fused loss takes the data's spread about b_pre and removes the mean's part, instead of
+    a pass for the batch mean first; data far from b_pre would cancel digits, and are centred
+    exactly instead."""
+    if kernel_path == "stock" and decode_path == "rows":
+        pytest.skip("the stock path has one layout")
+    torch.manual_seed(12)
+    sae = TopKSAE(40, SAEConfig(n_latents=96, k=6))
+    x = torch.randn(256, 40) * torch.rand(256, 1) + offset
+    out, ref = sae(x), sae(x, dense=True)
+    torch.testing.assert_close(out.nmse, ref.nmse, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
+
+
 def test_input_gradient_matches_dense(kernel_path):
     torch.manual_seed(1)
     sae = TopKSAE(16, SAEConfig(n_latents=64, k=4))

@@ -230,7 +230,7 @@ class _FusedLoss(torch.autograd.Function):
         rows = _ROWS.take((-(-d // 16), slots, B, 16), x.device)  # 16-column panels, filled below
         recon, dots, head, sq, colsum = ext.decode_forward(
             x,
-            ranks.batch_mean(x),
+            b_pre,  # the shift of |x - shift|^2: near the data, so no pass for the mean first
             b_pre,
             W_dec,
             idx,
@@ -242,17 +242,24 @@ class _FusedLoss(torch.autograd.Function):
             rows,
             _packed(W_dec),
         )
-        sq = sq.sum(dim=0, dtype=torch.float64)  # |x - mean|^2, |r_main|^2, |r_multi|^2, |r_aux|^2
-        # Normalisers over the global batch (this rank's terms are its share of the loss).
-        base_x = ranks.sum_(sq[0].clone()).clamp_min(1e-12)
+        sq = sq.sum(dim=0, dtype=torch.float64)  # |x - b_pre|^2, |r_main|^2, |r_multi|^2, |r_aux|^2
+        # [d] each, sums over tokens of r_main, r_multi and x - b_pre
+        sum_main, sum_multi, sum_x = colsum.double()
+        # Normalisers over the global batch (this rank's terms are its share of the loss). The
+        # data's: sum |x - mean|^2 = sum |x - b_pre|^2 - |sum (x - b_pre)|^2 / B.
+        tokens = B * ranks.world_size
+        sq_x_all, sum_x_all = ranks.sum_(sq[0].clone()), ranks.sum_(sum_x.clone())
+        base_x = sq_x_all - sum_x_all.pow(2).sum() / tokens
+        if base_x * 16 < sq_x_all:  # b_pre far from the data: the difference lost digits
+            base_x = ranks.sum_((x - ranks.batch_mean(x)).double().pow(2).sum())
+        base_x = base_x.clamp_min(1e-12)
         nmse = sq[1] / base_x
         loss = nmse + sq[2] / base_x / 8  # sq[2] = 0 without multi-TopK
         aux_loss = base_aux = sq.new_zeros(())
-        sum_main, sum_multi = colsum.double()  # [d] each: sum over tokens of r_main, r_multi
         if idx.shape[1] > k_main:
             # The residual x - recon = -r_main, centred: |r_main|^2 summed minus B |mean|^2.
             sq_main, sum_main_all = ranks.sum_(sq[1].clone()), ranks.sum_(sum_main.clone())
-            base_aux = sq_main - sum_main_all.pow(2).sum() / (B * ranks.world_size)
+            base_aux = sq_main - sum_main_all.pow(2).sum() / tokens
             base_aux = base_aux.clamp_min(1e-12)
             aux_loss = (sq[3] / base_aux).nan_to_num(0.0)
             loss = loss + aux_alpha * aux_loss

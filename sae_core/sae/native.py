@@ -466,14 +466,16 @@ static inline __attribute__((always_inline)) void add_rows(vf* acc, const float*
 // The training decoder and everything its backward needs from the rows it gathers.
 // idx, acts: [B, K] with slots [0, k) the TopK code, [k, k_main) the rest of the 4k code
 // (multi-TopK; k_main = k otherwise) and [k_main, K) AuxK's dead latents; x: [B, d]
-// normalised inputs; centre: [d] their batch mean; b_pre: [d]; W: [n, d] the decoder.
+// normalised inputs; shift: [d] any point near them (the caller passes b_pre); b_pre: [d];
+// W: [n, d] the decoder.
 // Per token b, with w_i = W[idx[b, i]]:
 //   recon   = b_pre + sum_{i<k} a_i w_i           r_main  = recon - x
 //   r_multi = r_main + sum_{k<=i<k_main} a_i w_i            (multi-TopK: recon_4k - x)
 //   r_aux   = r_main + sum_{i>=k_main} a_i w_i              (AuxK: aux recon minus the residual x - recon)
 //   dots[b, i] = <r, w_i> with r the residual of slot i's term; head[b, i] = <r_multi, w_i>, i < k
-// and over the batch: sq = (|x - centre|^2, |r_main|^2, |r_multi|^2, |r_aux|^2) and
-// colsum = (sum_b r_main, sum_b r_multi): [2, d]. The loss gradient w.r.t. a_i is a multiple of
+// and over the batch: sq = (|x - shift|^2, |r_main|^2, |r_multi|^2, |r_aux|^2) and
+// colsum = (sum_b r_main, sum_b r_multi, sum_b (x - shift)): [3, d]. The last row gives the batch's
+// sum_b |x - mean|^2 = sq[0] - |colsum[2]|^2 / B without a pass for the mean first. The loss gradient w.r.t. a_i is a multiple of
 // these dots, so the backward never gathers a decoder row again.
 // rows: the caller's [P, S, B, 16] buffer, filled here with panels of the per-token rows
 // [x | r_main | r_multi | r_aux] (S = 2 + the terms present), the layout `weight_grads` reads a
@@ -490,7 +492,7 @@ static inline __attribute__((always_inline)) void add_rows(vf* acc, const float*
 // whose column and square sums are added in order, so results do not depend on the thread count.
 struct DecodeArgs {
   int64_t d, n, B, K, k, k_main, S;
-  const float *X, *ctr, *bp, *Wp, *A;  // X: [B, d] x; ctr, bp: [P*16]; Wp: [P, n, 16]
+  const float *X, *sh, *bp, *Wp, *A;  // X: [B, d] x; sh (shift), bp: [P*16]; Wp: [P, n, 16]
   const int32_t* I;  // idx * 16: row offsets into a panel
   // RP: recon in panels [P, B, 16] or null; RW: rows [P, S, B, 16]; D: dots [B, K]; H: head [B, k]
   float *RP, *RW, *D, *H;
@@ -498,7 +500,8 @@ struct DecodeArgs {
 };
 
 template <int NV>
-static inline __attribute__((always_inline)) void decode_tile(const DecodeArgs& g, int64_t b, int64_t c, vf* sums, vf* cs_main, vf* cs_multi) {
+static inline __attribute__((always_inline)) void decode_tile(const DecodeArgs& g, int64_t b, int64_t c, vf* sums, vf* cs_main, vf* cs_multi,
+                                                              vf* cs_x) {
   const int64_t K = g.K, k = g.k, km = g.k_main;
   const int32_t* ib = g.I + b * K;
   const float* ab = g.A + b * K;
@@ -513,12 +516,13 @@ static inline __attribute__((always_inline)) void decode_tile(const DecodeArgs& 
     const float* xr = g.X + b * g.d + (c + t) * VL;
     if (b + 8 < g.B) __builtin_prefetch(xr + 8 * g.d);
     const vf xv = load_cols(xr, std::min<int64_t>(VL, g.d - (c + t) * VL));
-    const vf xc = xv - vload(g.ctr + (c + t) * VL);
+    const vf xc = xv - vload(g.sh + (c + t) * VL);
     vstore(g.slot(c + t, 0, b), xv);
     if (g.RP) vstore(g.RP + ((c + t) * g.B + b) * VL, acc[t]);
     r[t] = acc[t] - xv;
     vstore(g.slot(c + t, 1, b), r[t]);
     cs_main[t] += r[t];
+    cs_x[t] += xc;
     sums[0] += xc * xc;
     sums[1] += r[t] * r[t];
   }
@@ -552,7 +556,7 @@ static inline __attribute__((always_inline)) void decode_tile(const DecodeArgs& 
 // panel path (rows in panels; sq per token instead of per group).
 struct RowDecodeArgs {
   int64_t d, K, k, k_main, B, S;
-  const float *X, *ctr, *bp, *W, *A;
+  const float *X, *sh, *bp, *W, *A;
   const int64_t* I;
   float *R, *RW, *D, *H, *SQ;  // R: recon or null
   float* at(int64_t s, int64_t b, int64_t col) const { return RW + (((col / VL) * S + s) * B + b) * VL + col % VL; }
@@ -560,7 +564,7 @@ struct RowDecodeArgs {
 
 template <int NV>
 static void decode_row_columns(const RowDecodeArgs& g, int64_t b, int64_t c0, vf* pd, vf* ph, vf* sums,
-                               float* cs_main, float* cs_multi) {
+                               float* cs_main, float* cs_multi, float* cs_x) {
   const int64_t d = g.d, K = g.K, k = g.k, k_main = g.k_main;
   const int64_t* ib = g.I + b * K;
   const float* ab = g.A + b * K;
@@ -574,12 +578,13 @@ static void decode_row_columns(const RowDecodeArgs& g, int64_t b, int64_t c0, vf
   }
   for (int t = 0; t < NV; ++t) {
     const int64_t col = c0 + t * VL;
-    const vf xv = vload(xb + t * VL), xc = xv - vload(g.ctr + col);
+    const vf xv = vload(xb + t * VL), xc = xv - vload(g.sh + col);
     if (g.R) vstore(g.R + b * d + col, acc[t]);
     vstore(g.at(0, b, col), xv);
     r[t] = acc[t] - xv;
     vstore(g.at(1, b, col), r[t]);
     vstore(cs_main + col, vload(cs_main + col) + r[t]);
+    vstore(cs_x + col, vload(cs_x + col) + xc);
     sums[0] += xc * xc;
     sums[1] += r[t] * r[t];
   }
@@ -631,19 +636,20 @@ static void decode_row_columns(const RowDecodeArgs& g, int64_t b, int64_t c0, vf
 
 // The last d % 16 columns, one at a time (same formulas as decode_row_columns).
 static void decode_row_tail(const RowDecodeArgs& g, int64_t b, int64_t c0, float* td, float* th, float* ts,
-                            float* cs_main, float* cs_multi) {
+                            float* cs_main, float* cs_multi, float* cs_x) {
   const int64_t d = g.d, K = g.K, k = g.k, k_main = g.k_main;
   const int64_t* ib = g.I + b * K;
   const float* ab = g.A + b * K;
   for (int64_t c = c0; c < d; ++c) {
     float acc = g.bp[c];
     for (int64_t i = 0; i < k; ++i) acc += ab[i] * g.W[ib[i] * d + c];
-    const float xv = g.X[b * d + c], xc = xv - g.ctr[c];
+    const float xv = g.X[b * d + c], xc = xv - g.sh[c];
     float r = acc - xv;
     if (g.R) g.R[b * d + c] = acc;
     *g.at(0, b, c) = xv;
     *g.at(1, b, c) = r;
     cs_main[c] += r;
+    cs_x[c] += xc;
     ts[0] += xc * xc;
     ts[1] += r * r;
     for (int64_t i = 0; i < k; ++i) td[i] += r * g.W[ib[i] * d + c];
@@ -664,8 +670,8 @@ static void decode_row_tail(const RowDecodeArgs& g, int64_t b, int64_t c0, float
   }
 }
 
-// Fills recon (optional), rows, dots, head; returns sq [B, 4]. colsum_g: [NG, 2, P*16] zeros.
-static at::Tensor decode_by_rows(const at::Tensor& x, const at::Tensor& centre, const at::Tensor& b_pre,
+// Fills recon (optional), rows, dots, head; returns sq [B, 4]. colsum_g: [NG, 3, P*16] zeros.
+static at::Tensor decode_by_rows(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& b_pre,
                                  const at::Tensor& W, const at::Tensor& idx, const at::Tensor& acts, int64_t k,
                                  int64_t k_main, at::Tensor& recon, at::Tensor& rows, at::Tensor& dots,
                                  at::Tensor& head, at::Tensor& colsum_g, int64_t NG) {
@@ -673,7 +679,7 @@ static at::Tensor decode_by_rows(const at::Tensor& x, const at::Tensor& centre, 
   const bool multi = k_main > k;
   if (d % VL) rows.select(0, rows.size(0) - 1).zero_();  // padded lanes of the last panel
   auto sq = at::empty({B, 4}, x.options());
-  RowDecodeArgs g{d, K, k, k_main, B, S, x.data_ptr<float>(), centre.data_ptr<float>(), b_pre.data_ptr<float>(),
+  RowDecodeArgs g{d, K, k, k_main, B, S, x.data_ptr<float>(), shift.data_ptr<float>(), b_pre.data_ptr<float>(),
                   W.data_ptr<float>(), acts.data_ptr<float>(), idx.data_ptr<int64_t>(),
                   recon.numel() ? recon.data_ptr<float>() : nullptr, rows.data_ptr<float>(),
                   dots.data_ptr<float>(), multi ? head.data_ptr<float>() : nullptr, sq.data_ptr<float>()};
@@ -683,8 +689,8 @@ static at::Tensor decode_by_rows(const at::Tensor& x, const at::Tensor& centre, 
     std::vector<vf> pd(K), ph(k);
     std::vector<float> td(K), th(k);
     for (int64_t q = q0; q < q1; ++q) {
-      float* cs_main = CS + q * 2 * Pd;
-      float* cs_multi = cs_main + Pd;
+      float* cs_main = CS + q * 3 * Pd;
+      float *cs_multi = cs_main + Pd, *cs_x = cs_main + 2 * Pd;
       const int64_t b0 = q * B / NG, b1 = (q + 1) * B / NG;
       for (int64_t b = b0; b < b1; ++b) {
         if (b + 1 < b1)
@@ -696,9 +702,9 @@ static at::Tensor decode_by_rows(const at::Tensor& x, const at::Tensor& centre, 
         vf sums[4] = {vbcast(0.f), vbcast(0.f), vbcast(0.f), vbcast(0.f)};
         float ts[4] = {0.f, 0.f, 0.f, 0.f};
         int64_t c0 = 0;
-        for (; c0 + 8 * VL <= dv; c0 += 8 * VL) decode_row_columns<8>(g, b, c0, pd.data(), ph.data(), sums, cs_main, cs_multi);
-        for (; c0 < dv; c0 += VL) decode_row_columns<1>(g, b, c0, pd.data(), ph.data(), sums, cs_main, cs_multi);
-        decode_row_tail(g, b, dv, td.data(), th.data(), ts, cs_main, cs_multi);
+        for (; c0 + 8 * VL <= dv; c0 += 8 * VL) decode_row_columns<8>(g, b, c0, pd.data(), ph.data(), sums, cs_main, cs_multi, cs_x);
+        for (; c0 < dv; c0 += VL) decode_row_columns<1>(g, b, c0, pd.data(), ph.data(), sums, cs_main, cs_multi, cs_x);
+        decode_row_tail(g, b, dv, td.data(), th.data(), ts, cs_main, cs_multi, cs_x);
         for (int64_t i = 0; i < K; ++i) g.D[b * K + i] = hsum(pd[i]) + td[i];
         if (multi)
           for (int64_t i = 0; i < k; ++i) g.H[b * k + i] = hsum(ph[i]) + th[i];
@@ -717,7 +723,7 @@ static bool panels_fit_l2(int64_t n) {
   return 2 * n * VL * int64_t(sizeof(float)) <= int64_t(l2) * 5 / 8;
 }
 
-std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tensor b_pre, at::Tensor W,
+std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor shift, at::Tensor b_pre, at::Tensor W,
                                        at::Tensor idx, at::Tensor acts, int64_t k, int64_t k_main, bool with_recon,
                                        int64_t path, at::Tensor rows, at::Tensor W_panels) {
   TORCH_CHECK(x.is_contiguous() && W.is_contiguous() && idx.is_contiguous() && acts.is_contiguous());
@@ -732,9 +738,9 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tens
   auto dots = at::zeros({B, K}, opt);
   auto head = multi ? at::zeros({B, k}, opt) : at::empty({0}, opt);
   constexpr int64_t NG = 16;  // fixed token groups for the column and square sums
-  auto colsum_g = at::zeros({NG, 2, P * VL}, opt);
+  auto colsum_g = at::zeros({NG, 3, P * VL}, opt);
   if (path == 2 || (path == 0 && !panels_fit_l2(n))) {
-    auto sq = decode_by_rows(x, centre, b_pre, W, idx, acts, k, k_main, recon, rows, dots, head, colsum_g, NG);
+    auto sq = decode_by_rows(x, shift, b_pre, W, idx, acts, k, k_main, recon, rows, dots, head, colsum_g, NG);
     return {recon, dots, head, sq, colsum_g.sum(0).narrow(1, 0, d)};
   }
   TORCH_CHECK(n * VL < (int64_t(1) << 31), "decode_forward: n too large for int32 panel offsets");
@@ -742,10 +748,10 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tens
               "decode_forward: W_panels must be empty or W in contiguous [P, n, 16] panels");
   auto Wp = W_panels.numel() ? W_panels : pack_panels(W);
   auto off = (idx * VL).to(at::kInt);
-  auto ctr = pad_vector(centre), bp = pad_vector(b_pre);
+  auto sh = pad_vector(shift), bp = pad_vector(b_pre);
   auto recon_p = at::empty({with_recon ? P : 0, B, VL}, opt);
   auto sums_g = at::zeros({NG, 4, VL}, opt);
-  DecodeArgs g{d, n, B, K, k, k_main, S, x.data_ptr<float>(), ctr.data_ptr<float>(), bp.data_ptr<float>(), Wp.data_ptr<float>(),
+  DecodeArgs g{d, n, B, K, k, k_main, S, x.data_ptr<float>(), sh.data_ptr<float>(), bp.data_ptr<float>(), Wp.data_ptr<float>(),
                acts.data_ptr<float>(), off.data_ptr<int32_t>(), with_recon ? recon_p.data_ptr<float>() : nullptr,
                rows.data_ptr<float>(), dots.data_ptr<float>(), multi ? head.data_ptr<float>() : nullptr};
   float *CS = colsum_g.data_ptr<float>(), *SG = sums_g.data_ptr<float>();
@@ -754,17 +760,19 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor centre, at::Tens
       const int NV = c + 2 <= P ? 2 : 1;
       for (int64_t q = q0; q < q1; ++q) {
         vf sums[4], cs_main[2] = {vbcast(0.f), vbcast(0.f)}, cs_multi[2] = {vbcast(0.f), vbcast(0.f)};
+        vf cs_x[2] = {vbcast(0.f), vbcast(0.f)};
         for (int t = 0; t < 4; ++t) sums[t] = vload(SG + (q * 4 + t) * VL);
         for (int64_t b = q * B / NG; b < (q + 1) * B / NG; ++b) {
           if (NV == 2)
-            decode_tile<2>(g, b, c, sums, cs_main, cs_multi);
+            decode_tile<2>(g, b, c, sums, cs_main, cs_multi, cs_x);
           else
-            decode_tile<1>(g, b, c, sums, cs_main, cs_multi);
+            decode_tile<1>(g, b, c, sums, cs_main, cs_multi, cs_x);
         }
         for (int t = 0; t < 4; ++t) vstore(SG + (q * 4 + t) * VL, sums[t]);
         for (int t = 0; t < NV; ++t) {
-          vstore(CS + (q * 2 + 0) * P * VL + (c + t) * VL, cs_main[t]);
-          vstore(CS + (q * 2 + 1) * P * VL + (c + t) * VL, cs_multi[t]);
+          vstore(CS + (q * 3 + 0) * P * VL + (c + t) * VL, cs_main[t]);
+          vstore(CS + (q * 3 + 1) * P * VL + (c + t) * VL, cs_multi[t]);
+          vstore(CS + (q * 3 + 2) * P * VL + (c + t) * VL, cs_x[t]);
         }
       }
       c += NV;
