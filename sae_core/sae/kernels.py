@@ -79,7 +79,7 @@ def encoder_preacts(
     its [B, n] output (a broadcast copy, then beta=1).
     """
     with torch.no_grad():
-        reused = _ROWS.take(tuple(x.shape), x.device, x.dtype) if out is not None else None
+        reused = _BUFFERS.take(tuple(x.shape), x.device, x.dtype) if out is not None else None
         xc = torch.sub(x, b_pre, out=reused)
         if b_enc is None:
             return torch.mm(xc, W_enc.t(), out=out)
@@ -205,7 +205,7 @@ class _ReusedBuffers(threading.local):
         return buf
 
 
-_ROWS = _ReusedBuffers()
+_BUFFERS = _ReusedBuffers()
 
 
 class LossTerms(NamedTuple):
@@ -233,7 +233,7 @@ class _FusedLoss(torch.autograd.Function):
         B, d = x.shape
         acts = pre.clamp_min(0)
         slots = 2 + (k_main > k) + (idx.shape[1] > k_main)  # x, residuals of the terms present
-        rows = _ROWS.take((-(-d // 16), slots, B, 16), x.device)  # 16-column panels, filled below
+        rows = _BUFFERS.take((-(-d // 16), slots, B, 16), x.device)  # 16-column panels, filled below
         recon, dots, head, sq, colsum = ext.decode_forward(
             x,
             b_pre,  # the shift of |x - shift|^2: near the data, so no pass for the mean first
