@@ -79,6 +79,11 @@ class Ranks:
             return x.mean(dim=0)
         return self.sum_(x.sum(dim=0)) / (x.shape[0] * self.world_size)
 
+    def batch_spread(self, x: torch.Tensor) -> torch.Tensor:
+        """sum |x - mean|^2 over the global batch, x: [b, d] per rank -> []. Centred first, so
+        nothing cancels when the data sit far from 0."""
+        return self.sum_((x - self.batch_mean(x)).pow(2).sum())
+
     @classmethod
     def from_env(cls, device_name: str) -> tuple[Ranks, torch.device]:
         """Join the torchrun group (RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous in the

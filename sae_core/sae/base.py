@@ -70,8 +70,8 @@ def normalized_mse(
     parallel: the numerator is this rank's slice, the denominator the global batch's, so the
     ranks' values (and gradients) sum to the global batch's.
     """
-    with torch.no_grad():  # centred first: no cancellation when the data sit far from 0
-        base = ranks.sum_((target - ranks.batch_mean(target)).pow(2).sum())
+    with torch.no_grad():
+        base = ranks.batch_spread(target)
     return F.mse_loss(recon, target, reduction="sum") / base.clamp_min(1e-12)
 
 

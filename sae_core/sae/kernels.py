@@ -236,7 +236,6 @@ class _FusedLoss(torch.autograd.Function):
         rows = _BUFFERS.take((-(-d // 16), slots, B, 16), x.device)  # 16-column panels, filled below
         recon, dots, head, sq, colsum = ext.decode_forward(
             x,
-            b_pre,  # the shift of |x - shift|^2: near the data, so no pass for the mean first
             b_pre,
             W_dec,
             idx,
@@ -257,7 +256,7 @@ class _FusedLoss(torch.autograd.Function):
         sq_x_all, sum_x_all = ranks.sum_(sq[0].clone()), ranks.sum_(sum_x.clone())
         base_x = sq_x_all - sum_x_all.pow(2).sum() / tokens
         if base_x * 16 < sq_x_all:  # b_pre far from the data: the difference lost digits
-            base_x = ranks.sum_((x - ranks.batch_mean(x)).double().pow(2).sum())
+            base_x = ranks.batch_spread(x).double()
         base_x = base_x.clamp_min(1e-12)
         nmse = sq[1] / base_x
         loss = nmse + sq[2] / base_x / 8  # sq[2] = 0 without multi-TopK

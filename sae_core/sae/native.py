@@ -466,16 +466,16 @@ static inline __attribute__((always_inline)) void add_rows(vf* acc, const float*
 // The training decoder and everything its backward needs from the rows it gathers.
 // idx, acts: [B, K] with slots [0, k) the TopK code, [k, k_main) the rest of the 4k code
 // (multi-TopK; k_main = k otherwise) and [k_main, K) AuxK's dead latents; x: [B, d]
-// normalised inputs; shift: [d] any point near them (the caller passes b_pre); b_pre: [d];
-// W: [n, d] the decoder.
+// normalised inputs; b_pre: [d]; W: [n, d] the decoder.
 // Per token b, with w_i = W[idx[b, i]]:
 //   recon   = b_pre + sum_{i<k} a_i w_i           r_main  = recon - x
 //   r_multi = r_main + sum_{k<=i<k_main} a_i w_i            (multi-TopK: recon_4k - x)
 //   r_aux   = r_main + sum_{i>=k_main} a_i w_i              (AuxK: aux recon minus the residual x - recon)
 //   dots[b, i] = <r, w_i> with r the residual of slot i's term; head[b, i] = <r_multi, w_i>, i < k
-// and over the batch: sq = (|x - shift|^2, |r_main|^2, |r_multi|^2, |r_aux|^2) and
-// colsum = (sum_b r_main, sum_b r_multi, sum_b (x - shift)): [3, d]. The last row gives the batch's
-// sum_b |x - mean|^2 = sq[0] - |colsum[2]|^2 / B without a pass for the mean first. The loss gradient w.r.t. a_i is a multiple of
+// and over the batch: sq = (|x - b_pre|^2, |r_main|^2, |r_multi|^2, |r_aux|^2) and
+// colsum = (sum_b r_main, sum_b r_multi, sum_b (x - b_pre)): [3, d]. The last row gives the
+// batch's sum_b |x - mean|^2 = sq[0] - |colsum[2]|^2 / B without a pass for the mean first
+// (b_pre sits near the data, so little cancels). The loss gradient w.r.t. a_i is a multiple of
 // these dots, so the backward never gathers a decoder row again.
 // rows: the caller's [P, S, B, 16] buffer, filled here with panels of the per-token rows
 // [x | r_main | r_multi | r_aux] (S = 2 + the terms present), the layout `weight_grads` reads a
@@ -492,7 +492,7 @@ static inline __attribute__((always_inline)) void add_rows(vf* acc, const float*
 // whose column and square sums are added in order, so results do not depend on the thread count.
 struct DecodeArgs {
   int64_t d, n, B, K, k, k_main, S;
-  const float *X, *sh, *bp, *Wp, *A;  // X: [B, d] x; sh (shift), bp: [P*16]; Wp: [P, n, 16]
+  const float *X, *bp, *Wp, *A;  // X: [B, d] x; bp: [P*16]; Wp: [P, n, 16]
   const int32_t* I;  // idx * 16: row offsets into a panel
   // RP: recon in panels [P, B, 16] or null; RW: rows [P, S, B, 16]; D: dots [B, K]; H: head [B, k]
   float *RP, *RW, *D, *H;
@@ -516,7 +516,7 @@ static inline __attribute__((always_inline)) void decode_tile(const DecodeArgs& 
     const float* xr = g.X + b * g.d + (c + t) * VL;
     if (b + 8 < g.B) __builtin_prefetch(xr + 8 * g.d);
     const vf xv = load_cols(xr, std::min<int64_t>(VL, g.d - (c + t) * VL));
-    const vf xc = xv - vload(g.sh + (c + t) * VL);
+    const vf xc = xv - vload(g.bp + (c + t) * VL);
     vstore(g.slot(c + t, 0, b), xv);
     if (g.RP) vstore(g.RP + ((c + t) * g.B + b) * VL, acc[t]);
     r[t] = acc[t] - xv;
@@ -556,7 +556,7 @@ static inline __attribute__((always_inline)) void decode_tile(const DecodeArgs& 
 // panel path (rows in panels; sq per token instead of per group).
 struct RowDecodeArgs {
   int64_t d, K, k, k_main, B, S;
-  const float *X, *sh, *bp, *W, *A;
+  const float *X, *bp, *W, *A;
   const int64_t* I;
   float *R, *RW, *D, *H, *SQ;  // R: recon or null
   float* at(int64_t s, int64_t b, int64_t col) const { return RW + (((col / VL) * S + s) * B + b) * VL + col % VL; }
@@ -578,7 +578,7 @@ static void decode_row_columns(const RowDecodeArgs& g, int64_t b, int64_t c0, vf
   }
   for (int t = 0; t < NV; ++t) {
     const int64_t col = c0 + t * VL;
-    const vf xv = vload(xb + t * VL), xc = xv - vload(g.sh + col);
+    const vf xv = vload(xb + t * VL), xc = xv - vload(g.bp + col);
     if (g.R) vstore(g.R + b * d + col, acc[t]);
     vstore(g.at(0, b, col), xv);
     r[t] = acc[t] - xv;
@@ -643,7 +643,7 @@ static void decode_row_tail(const RowDecodeArgs& g, int64_t b, int64_t c0, float
   for (int64_t c = c0; c < d; ++c) {
     float acc = g.bp[c];
     for (int64_t i = 0; i < k; ++i) acc += ab[i] * g.W[ib[i] * d + c];
-    const float xv = g.X[b * d + c], xc = xv - g.sh[c];
+    const float xv = g.X[b * d + c], xc = xv - g.bp[c];
     float r = acc - xv;
     if (g.R) g.R[b * d + c] = acc;
     *g.at(0, b, c) = xv;
@@ -671,15 +671,15 @@ static void decode_row_tail(const RowDecodeArgs& g, int64_t b, int64_t c0, float
 }
 
 // Fills recon (optional), rows, dots, head; returns sq [B, 4]. colsum_g: [NG, 3, P*16] zeros.
-static at::Tensor decode_by_rows(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& b_pre,
-                                 const at::Tensor& W, const at::Tensor& idx, const at::Tensor& acts, int64_t k,
-                                 int64_t k_main, at::Tensor& recon, at::Tensor& rows, at::Tensor& dots,
-                                 at::Tensor& head, at::Tensor& colsum_g, int64_t NG) {
+static at::Tensor decode_by_rows(const at::Tensor& x, const at::Tensor& b_pre, const at::Tensor& W,
+                                 const at::Tensor& idx, const at::Tensor& acts, int64_t k, int64_t k_main,
+                                 at::Tensor& recon, at::Tensor& rows, at::Tensor& dots, at::Tensor& head,
+                                 at::Tensor& colsum_g, int64_t NG) {
   const int64_t B = x.size(0), d = x.size(1), K = idx.size(1), S = rows.size(1), Pd = rows.size(0) * VL;
   const bool multi = k_main > k;
   if (d % VL) rows.select(0, rows.size(0) - 1).zero_();  // padded lanes of the last panel
   auto sq = at::empty({B, 4}, x.options());
-  RowDecodeArgs g{d, K, k, k_main, B, S, x.data_ptr<float>(), shift.data_ptr<float>(), b_pre.data_ptr<float>(),
+  RowDecodeArgs g{d, K, k, k_main, B, S, x.data_ptr<float>(), b_pre.data_ptr<float>(),
                   W.data_ptr<float>(), acts.data_ptr<float>(), idx.data_ptr<int64_t>(),
                   recon.numel() ? recon.data_ptr<float>() : nullptr, rows.data_ptr<float>(),
                   dots.data_ptr<float>(), multi ? head.data_ptr<float>() : nullptr, sq.data_ptr<float>()};
@@ -723,7 +723,7 @@ static bool panels_fit_l2(int64_t n) {
   return 2 * n * VL * int64_t(sizeof(float)) <= int64_t(l2) * 5 / 8;
 }
 
-std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor shift, at::Tensor b_pre, at::Tensor W,
+std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor b_pre, at::Tensor W,
                                        at::Tensor idx, at::Tensor acts, int64_t k, int64_t k_main, bool with_recon,
                                        int64_t path, at::Tensor rows, at::Tensor W_panels) {
   TORCH_CHECK(x.is_contiguous() && W.is_contiguous() && idx.is_contiguous() && acts.is_contiguous());
@@ -740,7 +740,7 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor shift, at::Tenso
   constexpr int64_t NG = 16;  // fixed token groups for the column and square sums
   auto colsum_g = at::zeros({NG, 3, P * VL}, opt);
   if (path == 2 || (path == 0 && !panels_fit_l2(n))) {
-    auto sq = decode_by_rows(x, shift, b_pre, W, idx, acts, k, k_main, recon, rows, dots, head, colsum_g, NG);
+    auto sq = decode_by_rows(x, b_pre, W, idx, acts, k, k_main, recon, rows, dots, head, colsum_g, NG);
     return {recon, dots, head, sq, colsum_g.sum(0).narrow(1, 0, d)};
   }
   TORCH_CHECK(n * VL < (int64_t(1) << 31), "decode_forward: n too large for int32 panel offsets");
@@ -748,10 +748,10 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor shift, at::Tenso
               "decode_forward: W_panels must be empty or W in contiguous [P, n, 16] panels");
   auto Wp = W_panels.numel() ? W_panels : pack_panels(W);
   auto off = (idx * VL).to(at::kInt);
-  auto sh = pad_vector(shift), bp = pad_vector(b_pre);
+  auto bp = pad_vector(b_pre);
   auto recon_p = at::empty({with_recon ? P : 0, B, VL}, opt);
   auto sums_g = at::zeros({NG, 4, VL}, opt);
-  DecodeArgs g{d, n, B, K, k, k_main, S, x.data_ptr<float>(), sh.data_ptr<float>(), bp.data_ptr<float>(), Wp.data_ptr<float>(),
+  DecodeArgs g{d, n, B, K, k, k_main, S, x.data_ptr<float>(), bp.data_ptr<float>(), Wp.data_ptr<float>(),
                acts.data_ptr<float>(), off.data_ptr<int32_t>(), with_recon ? recon_p.data_ptr<float>() : nullptr,
                rows.data_ptr<float>(), dots.data_ptr<float>(), multi ? head.data_ptr<float>() : nullptr};
   float *CS = colsum_g.data_ptr<float>(), *SG = sums_g.data_ptr<float>();
