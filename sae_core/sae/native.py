@@ -207,6 +207,11 @@ static inline int64_t count_ge(const float* a, int64_t m, float t) {
   return c;
 }
 
+// The top-k reads its rows once, front to back, faster than the hardware prefetcher brings
+// them here: each vector loaded asks for the line 4 KB ahead (rows are contiguous, so past a
+// row's end comes the next row). Top-32 of 4096 x 4608: 7.3 -> 6.8 ms, of 4096 x 16384: 18.1 -> 16.9.
+static inline void prefetch_ahead(const float* p) { __builtin_prefetch(p + 1024); }
+
 // A threshold at most the row's k-th largest of p + bb, from its block maxima (see TopkPlan).
 static inline __attribute__((always_inline)) float block_threshold(const TopkPlan& P, TopkScratch& s, const float* p,
                                                                   const float* bb) {
@@ -214,8 +219,10 @@ static inline __attribute__((always_inline)) float block_threshold(const TopkPla
   float* bmax = s.bmax.data();
   for (int64_t q = 0; q < groups; ++q) {
     const float *pg = p + q * span, *bg = bb + q * span;
+    prefetch_ahead(pg);
     vf m = vload(pg) + vload(bg);
     for (int64_t v = 1; v < G; ++v) {
+      prefetch_ahead(pg + v * VL);
       const vf w = vload(pg + v * VL) + vload(bg + v * VL);
       m = m > w ? m : w;
     }
@@ -262,6 +269,7 @@ static inline __attribute__((always_inline)) int64_t keep_ge(const float* p, con
 #ifdef __AVX512F__
   const __m512 tv = _mm512_set1_ps(t);
   for (; j + VL <= n; j += VL) {
+    prefetch_ahead(p + j);
     const __m512 v = _mm512_add_ps(_mm512_loadu_ps(p + j), _mm512_loadu_ps(bb + j));
     const __mmask16 hit = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
     if (hit) {
