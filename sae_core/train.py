@@ -79,9 +79,7 @@ class DeadLatents:
     def update(self, idx: torch.Tensor, vals: torch.Tensor, ranks: Ranks = SINGLE) -> None:
         """idx, vals: [B, k], the batch's (this rank's slice's) active latents. Cost O(B k + n),
         plus an all-reduce of n hit counts when data parallel."""
-        hits = torch.zeros(self.since.shape, dtype=vals.dtype, device=vals.device)
-        hits.index_add_(0, idx.reshape(-1), (vals > FIRE_THRESHOLD).reshape(-1).to(vals.dtype))
-        ranks.sum_(hits)
+        hits = ranks.sum_(kernels.fire_counts(idx, vals, len(self.since), FIRE_THRESHOLD))
         self.since = torch.where(hits > 0, 0, self.since + idx.shape[0] * ranks.world_size)
 
     def mask(self) -> torch.Tensor:

@@ -108,6 +108,17 @@ def test_encoder_preacts_without_bias():
     torch.testing.assert_close(kernels.encoder_preacts(x, b_pre, W, None) + b, full)
 
 
+def test_fire_counts_count_entries_above_the_threshold(kernel_path):
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 20, (50, 7), generator=g)
+    vals = torch.rand(50, 7, generator=g)
+    vals[0, :3] = 0.5  # exactly at the threshold: not firing
+    idx[1], vals[1] = 19, 0.9  # one latent several times in a token
+    counts = kernels.fire_counts(idx[:, :5], vals[:, :5], 21, 0.5)  # non-contiguous views
+    want = torch.tensor([float(((idx[:, :5] == j) & (vals[:, :5] > 0.5)).sum()) for j in range(21)])
+    assert counts.dtype == torch.float32 and torch.equal(counts, want) and want[19] >= 5
+
+
 def test_scatter_outer_matches_index_add():
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 50, (40, 6), generator=g)

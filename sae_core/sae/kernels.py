@@ -419,6 +419,18 @@ def adam_unit_rows_(
         _PANELS.pop(W, None)
 
 
+def fire_counts(
+    idx: torch.Tensor, vals: torch.Tensor, n: int, threshold: float
+) -> torch.Tensor:
+    """[n]: how many entries of each latent exceed threshold. idx: [B, K] latents < n; vals:
+    [B, K] their activations (vals' dtype). O(B K + n)."""
+    ext = _native_for(idx, vals)
+    if ext is not None:
+        return ext.fire_counts(idx.contiguous(), vals.contiguous(), n, threshold)
+    hits = torch.zeros(n, dtype=vals.dtype, device=vals.device)
+    return hits.index_add_(0, idx.reshape(-1), (vals > threshold).reshape(-1).to(vals.dtype))
+
+
 @torch.no_grad()
 def project_rows_(W: torch.Tensor, G: torch.Tensor) -> None:
     """G[j] -= <G[j], W[j]> W[j] in place, for unit-norm rows W: [n, d]. One pass (native)."""

@@ -964,6 +964,23 @@ std::vector<at::Tensor> weight_grads(at::Tensor idx, int64_t n, at::Tensor cls, 
   return {d_dec, d_enc, d_benc};
 }
 
+// How many entries of each latent fire: counts[j] = #{e : idx[e] = j, vals[e] > threshold}.
+// idx: [B, K] int64 < n; vals: [B, K] -> [n] float32. O(B K + n), one thread: the increments
+// land in an n-float array in L1, where torch's gt, cast and index_add took 0.6 ms at B K = 131k.
+at::Tensor fire_counts(at::Tensor idx, at::Tensor vals, int64_t n, double threshold) {
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && vals.is_contiguous() && idx.sizes() == vals.sizes());
+  auto counts = at::zeros({n}, vals.options());
+  const int64_t* I = idx.data_ptr<int64_t>();
+  const float* V = vals.data_ptr<float>();
+  float* out = counts.data_ptr<float>();
+  const float t = float(threshold);
+  for (int64_t e = 0; e < idx.numel(); ++e) {
+    TORCH_CHECK(I[e] >= 0 && I[e] < n, "fire_counts: latent index out of range");
+    out[I[e]] += V[e] > t;
+  }
+  return counts;
+}
+
 // Unit-norm decoder rows, one pass each. W, G: [n, d].
 // project: G[j] -= <G[j], W[j]> W[j] (the gradient's component along its row, removed).
 void project_rows(at::Tensor W, at::Tensor G) {
@@ -1074,6 +1091,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_grads", &weight_grads);
   m.def("adam_unit_rows", &adam_unit_rows);
   m.def("panels_fit_l2", &panels_fit_l2);
+  m.def("fire_counts", &fire_counts);
 }
 """
 
