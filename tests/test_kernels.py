@@ -197,9 +197,10 @@ def test_loss_normaliser_for_data_near_and_far_from_b_pre(offset, kernel_path, d
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=0)
 
 
-def test_input_gradient_matches_dense(kernel_path):
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_input_gradient_matches_dense(kernel_path, multi_topk):
     torch.manual_seed(1)
-    sae = TopKSAE(16, SAEConfig(n_latents=64, k=4))
+    sae = TopKSAE(16, SAEConfig(n_latents=64, k=4, multi_topk=multi_topk))
     grads = []
     for dense in (False, True):
         x = torch.randn(10, 16, generator=torch.Generator().manual_seed(2)).requires_grad_()

@@ -282,28 +282,29 @@ class _FusedLoss(torch.autograd.Function):
         c_main = 2 * (gl + gn) / base_x  # d loss / d r_main = c_main r_main, and so on
         c_multi = 2 * gl / (8 * base_x)
         c_aux = 2 * (gl * alpha + ga) / base_aux if K > k_main else 0.0
-        scale = torch.full((K,), c_main)
-        scale[k:k_main] = c_multi
-        scale[k_main:] = c_aux
-        d_act = dots * scale
-        if multi:
-            d_act[:, :k] += c_multi * head
-        dpre = d_act * (pre > 0)
-        # Slot classes: 0 head (TopK-k), 1 tail of the 4k code, then AuxK; class c reads the
-        # token's residual slot 1 + c of `rows` times coef_scale. The head's gradient with
-        # multi-TopK is c_main r_main + c_multi r_multi: written over r_main, in place (a second
-        # backward through this graph then fails autograd's version check instead of going wrong).
+        # The head's gradient with multi-TopK is c_main r_main + c_multi r_multi: written over
+        # r_main (rows slot 1), in place (a second backward through this graph then fails
+        # autograd's version check instead of going wrong). Each entry's coefficients on these
+        # rows and on x are made from the dots inside `weight_grads`.
         r_main = rows[:, 1]  # [P, B, 16] panels
-        coef_scale = scale.clone()
         if multi:
             r_main.mul_(c_main).add_(rows[:, 2], alpha=c_multi)
-            coef_scale[:k] = 1.0
-        cls = torch.zeros(K, dtype=torch.int64)
-        cls[k:k_main] = 1
-        cls[k_main:] = 2 if multi else 1
         ext = native.load()
-        d_W_dec, d_W_enc, d_b_enc = ext.weight_grads(
-            idx, W_enc.shape[0], cls, rows, acts * coef_scale, dpre, b_pre
+        d_W_dec, d_W_enc, d_b_enc, dpre = ext.weight_grads(
+            idx,
+            W_enc.shape[0],
+            k,
+            k_main,
+            rows,
+            acts,
+            pre,
+            dots,
+            head,
+            c_main,
+            c_multi,
+            c_aux,
+            b_pre,
+            ctx.needs_input_grad[0],
         )
         d_b_pre = (c_main * sum_main + c_multi * sum_multi).float() - d_b_enc @ W_enc
         d_x = None

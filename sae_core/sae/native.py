@@ -823,11 +823,14 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor b_pre, at::Tenso
 
 // Both weight gradients of the sparse step, latent by latent: for latent j and each entry
 // e = b K + i with idx[b, i] = j (ascending, a fixed summation order),
-//   d_W_dec[j] += coef_dec[e] * G_c[b]           (c = cls[i]: the slot's loss term)
-//   d_W_enc[j] += dpre[e] * (x[b] - b_pre)       d_b_enc[j] += dpre[e]
-// idx: [B, K] int64 latents < n; cls: [K] int64; rows: [P, S, B, 16], decode_forward's panels of
-// [x | G_0 | G_1 ...] per token (G_c the per-token loss gradient of term c, up to a factor in
-// coef_dec); coef_dec, dpre: [B, K]; b_pre: [d] -> (d_W_dec [n, d], d_W_enc [n, d], d_b_enc [n]).
+//   d_W_dec[j] += coef_dec(e) * G_c[b]           (c = `EntryCoefs::term(i)`)
+//   d_W_enc[j] += dpre(e) * (x[b] - b_pre)       d_b_enc[j] += dpre(e)
+// with the entry's coefficients from the forward's dots (`EntryCoefs`), so no [B, K] temporary
+// is made for them. idx, acts, pre, dots: [B, K] (idx int64 latents < n); head: [B, k] with
+// multi-TopK, else empty; rows: [P, S, B, 16], decode_forward's panels of [x | G_0 | G_1 ...]
+// per token (G_c the per-token loss gradient of term c, up to a factor in coef_dec); c_main,
+// c_multi, c_aux: d loss / d r = c r for each residual r (as in `_FusedLoss.backward`); b_pre:
+// [d] -> (d_W_dec [n, d], d_W_enc [n, d], d_b_enc [n], dpre [B, K] when want_dpre, else empty).
 // 2 B K d MACs. Two sweeps, d_W_enc's over the x slot and d_W_dec's over the gradient slots,
 // each with its own 8-byte entries (the row to read, its coefficient): the entries are
 // streamed from L3 once per pass over the columns, and that stream, at ~6 GB/s per core here,
@@ -835,6 +838,33 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor b_pre, at::Tenso
 // fit in L2 (B 128 bytes per slot: 512 KB at B = 4096), else 16; every latent inside, its
 // gradient pieces in registers. Latents are split into chunks of about equal entry counts
 // (threads get equal work); every output element is written by one thread.
+// The loss gradient's coefficients of entry e = b K + i (slot i of token b): slots [0, k) are
+// the TopK code, [k, k_main) the rest of the 4k code, [k_main, K) AuxK's. Each slot's term has
+// its residual r and d loss / d r = c r (c_main, c_multi, c_aux); the loss gradient w.r.t. the
+// slot's activation is c <r, w_i> = c dots[e] (plus c_multi head[b, i] for a TopK slot with
+// multi-TopK, whose activation is in both codes). Same float operations, in the same order,
+// as the torch ops they replace (bit-identical).
+struct EntryCoefs {
+  int64_t K, k, k_main;
+  const float *A, *Pre, *D, *H;  // acts, pre, dots: [B, K]; head: [B, k] or null
+  float c_main, c_multi, c_aux;
+  float scale(int64_t i) const { return i < k ? c_main : i < k_main ? c_multi : c_aux; }
+  // d loss / d pre-activation: 0 where the ReLU is off.
+  float dpre(int64_t e, int64_t b, int64_t i) const {
+    float da = D[e] * scale(i);
+    if (H && i < k) {
+      volatile float from_head = c_multi * H[b * k + i];  // rounded, as torch does: no FMA
+      da += from_head;
+    }
+    return da * (Pre[e] > 0.f ? 1.f : 0.f);
+  }
+  // The activation's factor on its G row: with multi-TopK, a TopK slot's G row is already
+  // c_main r_main + c_multi r_multi (the caller combines them in place), so the factor is 1.
+  float dec(int64_t e, int64_t i) const { return A[e] * (H && i < k ? 1.f : scale(i)); }
+  // Which G row a slot reads: r_main (0), r_multi (1 with multi-TopK), r_aux (after those).
+  int64_t term(int64_t i) const { return i < k ? 0 : i < k_main ? 1 : (H ? 2 : 1); }
+};
+
 struct GradEntry {
   int32_t row;  // the token's row in the sweep's slots: b (x), or c B + b (gradient of term c)
   float coef;   // dpre (encoder sweep), coef_dec (decoder sweep)
@@ -845,9 +875,11 @@ struct GradEntry {
 // entries are cut into NS fixed slices, each counted and placed by one thread; within a latent,
 // slice s's entries go after slice s - 1's, so the order is ascending e whatever the thread
 // count. O(B K + NS n).
-static std::vector<int64_t> group_by_latent(const int64_t* I, int64_t nnz, int64_t n, int64_t K, int64_t B,
-                                            const int64_t* CL, const float* CD, const float* DP,
-                                            GradEntry* enc, GradEntry* dec) {
+// dpre_out (or null) receives each entry's dpre.
+static std::vector<int64_t> group_by_latent(const int64_t* I, int64_t nnz, int64_t n, int64_t B,
+                                            const EntryCoefs& co, GradEntry* enc, GradEntry* dec,
+                                            float* dpre_out) {
+  const int64_t K = co.K;
   constexpr int64_t NS = 8;
   std::vector<int64_t> pos(NS * n, 0), crow(n + 1, 0);
   at::parallel_for(0, NS, 1, [&](int64_t s0, int64_t s1) {
@@ -869,9 +901,11 @@ static std::vector<int64_t> group_by_latent(const int64_t* I, int64_t nnz, int64
   at::parallel_for(0, NS, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s)
       for (int64_t e = s * nnz / NS; e < (s + 1) * nnz / NS; ++e) {
-        const int64_t b = e / K, p = pos[s * n + I[e]]++;
-        enc[p] = {int32_t(b), DP[e]};
-        dec[p] = {int32_t(CL[e - b * K] * B + b), CD[e]};
+        const int64_t b = e / K, i = e - b * K, p = pos[s * n + I[e]]++;
+        const float dp = co.dpre(e, b, i);
+        if (dpre_out) dpre_out[e] = dp;
+        enc[p] = {int32_t(b), dp};
+        dec[p] = {int32_t(co.term(i) * B + b), co.dec(e, i)};
       }
   });
   return crow;
@@ -923,21 +957,28 @@ static void sweep_columns(const float* RW, int64_t P, int64_t S, int64_t B, int6
   }
 }
 
-std::vector<at::Tensor> weight_grads(at::Tensor idx, int64_t n, at::Tensor cls, at::Tensor rows,
-                                     at::Tensor coef_dec, at::Tensor dpre, at::Tensor b_pre) {
-  TORCH_CHECK(rows.dim() == 4 && rows.is_contiguous() && coef_dec.is_contiguous() && dpre.is_contiguous());
-  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.sizes() == coef_dec.sizes());
+std::vector<at::Tensor> weight_grads(at::Tensor idx, int64_t n, int64_t k, int64_t k_main, at::Tensor rows,
+                                     at::Tensor acts, at::Tensor pre, at::Tensor dots, at::Tensor head,
+                                     double c_main, double c_multi, double c_aux, at::Tensor b_pre, bool want_dpre) {
+  TORCH_CHECK(rows.dim() == 4 && rows.is_contiguous() && acts.is_contiguous() && pre.is_contiguous() && dots.is_contiguous());
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.sizes() == acts.sizes() &&
+              pre.sizes() == acts.sizes() && dots.sizes() == acts.sizes());
   const int64_t d = b_pre.size(0), P = rows.size(0), S = rows.size(1), B = rows.size(2);
-  const int64_t K = coef_dec.size(1), nnz = idx.numel();
-  TORCH_CHECK(P == panels(d) && S * B < (int64_t(1) << 31));
+  const int64_t K = acts.size(1), nnz = idx.numel();
+  const bool multi = k_main > k;
+  TORCH_CHECK(P == panels(d) && S * B < (int64_t(1) << 31) && 0 < k && k <= k_main && k_main <= K);
+  TORCH_CHECK(!multi || (head.is_contiguous() && head.sizes() == at::IntArrayRef({acts.size(0), k})));
   auto d_dec = at::empty({n, d}, rows.options()), d_enc = at::empty({n, d}, rows.options());
   auto d_benc = at::empty({n}, rows.options());
-  const float *CD = coef_dec.data_ptr<float>(), *DP = dpre.data_ptr<float>(), *RW = rows.data_ptr<float>();
+  auto dpre = at::empty({want_dpre ? acts.size(0) : 0, K}, rows.options());
+  const float* RW = rows.data_ptr<float>();
   float *OD = d_dec.data_ptr<float>(), *OE = d_enc.data_ptr<float>(), *OB = d_benc.data_ptr<float>();
+  const EntryCoefs co{K, k, k_main, acts.data_ptr<float>(), pre.data_ptr<float>(), dots.data_ptr<float>(),
+                      multi ? head.data_ptr<float>() : nullptr, float(c_main), float(c_multi), float(c_aux)};
   // every entry is written below
   std::unique_ptr<GradEntry[]> enc(new GradEntry[nnz]), dec(new GradEntry[nnz]);
-  const std::vector<int64_t> crow =
-      group_by_latent(idx.data_ptr<int64_t>(), nnz, n, K, B, cls.data_ptr<int64_t>(), CD, DP, enc.get(), dec.get());
+  const std::vector<int64_t> crow = group_by_latent(idx.data_ptr<int64_t>(), nnz, n, B, co, enc.get(), dec.get(),
+                                                    want_dpre ? dpre.data_ptr<float>() : nullptr);
   const int64_t* C = crow.data();
   at::parallel_for(0, n, grain(64), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
@@ -961,7 +1002,7 @@ std::vector<at::Tensor> weight_grads(at::Tensor idx, int64_t n, at::Tensor cls, 
     sweep_columns(RW, P, S, B, 0, two_enc, enc.get(), C, j0, j1, OB, BP, OE, d);
     sweep_columns(RW, P, S, B, 1, two_dec, dec.get(), C, j0, j1, nullptr, BP, OD, d);
   });
-  return {d_dec, d_enc, d_benc};
+  return {d_dec, d_enc, d_benc, dpre};
 }
 
 // How many entries of each latent fire: counts[j] = #{e : idx[e] = j, vals[e] > threshold}.
