@@ -828,7 +828,7 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor b_pre, at::Tenso
 // with the entry's coefficients from the forward's dots (`EntryCoefs`), so no [B, K] temporary
 // is made for them. idx, acts, pre, dots: [B, K] (idx int64 latents < n); head: [B, k] with
 // multi-TopK, else empty; rows: [P, S, B, 16], decode_forward's panels of [x | G_0 | G_1 ...]
-// per token (G_c the per-token loss gradient of term c, up to a factor in coef_dec); c_main,
+// per token (G_c the per-token loss gradient of term c, up to the factor coef_dec(e)); c_main,
 // c_multi, c_aux: d loss / d r = c r for each residual r (as in `_FusedLoss.backward`); b_pre:
 // [d] -> (d_W_dec [n, d], d_W_enc [n, d], d_b_enc [n], dpre [B, K] when want_dpre, else empty).
 // 2 B K d MACs. Two sweeps, d_W_enc's over the x slot and d_W_dec's over the gradient slots,
