@@ -1,10 +1,10 @@
 """Native CPU kernels for the sparse step, compiled on first use (torch cpp_extension + OpenMP).
 
 Each kernel is O(work actually needed): a row-wise top-k that filters each row against a
-threshold (the previous row's, or one from its block maxima), and the B K d gathers and scatters of the sparse decoder and
-encoder backward, fused into one token-major pass (`decode_forward`) and one latent-major pass
-(`weight_grads`), and the unit-norm decoder's optimiser step as one pass over its rows
-(`adam_unit_rows`). Past the GEMM the step is bound by where its gathered rows come from, not by
+threshold (the previous row's, or one from its block maxima), and the B K d gathers and
+scatters of the sparse decoder and encoder backward, fused into one token-major pass
+(`decode_forward`) and one latent-major pass (`weight_grads`), and the unit-norm decoder's
+optimiser step as one pass over its rows (`adam_unit_rows`). Past the GEMM the step is bound by where its gathered rows come from, not by
 arithmetic: whole rows of a 10 MB matrix come from L3 at ~6 GB/s per core here, single lines
 of a 0.6 MB one from L2 at ~35 GB/s. So both passes walk the columns in panels of 16 (one
 cache line per row) with every token or latent inside, and a panel of the gathered matrix
@@ -821,23 +821,6 @@ std::vector<at::Tensor> decode_forward(at::Tensor x, at::Tensor b_pre, at::Tenso
   return {recon, dots, head, sums_g.sum(2), colsum_g.sum(0).narrow(1, 0, d)};
 }
 
-// Both weight gradients of the sparse step, latent by latent: for latent j and each entry
-// e = b K + i with idx[b, i] = j (ascending, a fixed summation order),
-//   d_W_dec[j] += coef_dec(e) * G_c[b]           (c = `EntryCoefs::term(i)`)
-//   d_W_enc[j] += dpre(e) * (x[b] - b_pre)       d_b_enc[j] += dpre(e)
-// with the entry's coefficients from the forward's dots (`EntryCoefs`), so no [B, K] temporary
-// is made for them. idx, acts, pre, dots: [B, K] (idx int64 latents < n); head: [B, k] with
-// multi-TopK, else empty; rows: [P, S, B, 16], decode_forward's panels of [x | G_0 | G_1 ...]
-// per token (G_c the per-token loss gradient of term c, up to the factor coef_dec(e)); c_main,
-// c_multi, c_aux: d loss / d r = c r for each residual r (as in `_FusedLoss.backward`); b_pre:
-// [d] -> (d_W_dec [n, d], d_W_enc [n, d], d_b_enc [n], dpre [B, K] when want_dpre, else empty).
-// 2 B K d MACs. Two sweeps, d_W_enc's over the x slot and d_W_dec's over the gradient slots,
-// each with its own 8-byte entries (the row to read, its coefficient): the entries are
-// streamed from L3 once per pass over the columns, and that stream, at ~6 GB/s per core here,
-// was the kernel's largest cost. A pass takes 32 columns when two panels of the slots it reads
-// fit in L2 (B 128 bytes per slot: 512 KB at B = 4096), else 16; every latent inside, its
-// gradient pieces in registers. Latents are split into chunks of about equal entry counts
-// (threads get equal work); every output element is written by one thread.
 // The loss gradient's coefficients of entry e = b K + i (slot i of token b): slots [0, k) are
 // the TopK code, [k, k_main) the rest of the 4k code, [k_main, K) AuxK's. Each slot's term has
 // its residual r and d loss / d r = c r (c_main, c_multi, c_aux); the loss gradient w.r.t. the
@@ -949,7 +932,7 @@ static void sweep_latents(const float* slab, int64_t pstride, const GradEntry* r
   }
 }
 
-// One sweep over all columns: panels c (and c + 1 when two is set), slots [s0, s0 + ns) of each.
+// One sweep over all columns: panels c (and c + 1 when two is set), from slot s0 of each.
 static void sweep_columns(const float* RW, int64_t P, int64_t S, int64_t B, int64_t s0, bool two,
                           const GradEntry* rec, const int64_t* C, int64_t j0, int64_t j1, const float* bsum,
                           const float* bp, float* out, int64_t d) {
@@ -966,6 +949,23 @@ static void sweep_columns(const float* RW, int64_t P, int64_t S, int64_t B, int6
   }
 }
 
+// Both weight gradients of the sparse step, latent by latent: for latent j and each entry
+// e = b K + i with idx[b, i] = j (ascending, a fixed summation order),
+//   d_W_dec[j] += coef_dec(e) * G_c[b]           (c = `EntryCoefs::term(i)`)
+//   d_W_enc[j] += dpre(e) * (x[b] - b_pre)       d_b_enc[j] += dpre(e)
+// with the entry's coefficients from the forward's dots (`EntryCoefs`), so no [B, K] temporary
+// is made for them. idx, acts, pre, dots: [B, K] (idx int64 latents < n); head: [B, k] with
+// multi-TopK, else empty; rows: [P, S, B, 16], decode_forward's panels of [x | G_0 | G_1 ...]
+// per token (G_c the per-token loss gradient of term c, up to the factor coef_dec(e)); c_main,
+// c_multi, c_aux: d loss / d r = c r for each residual r (as in `_FusedLoss.backward`); b_pre:
+// [d] -> (d_W_dec [n, d], d_W_enc [n, d], d_b_enc [n], dpre [B, K] when want_dpre, else empty).
+// 2 B K d MACs. Two sweeps, d_W_enc's over the x slot and d_W_dec's over the gradient slots,
+// each with its own 8-byte entries (the row to read, its coefficient): the entries are
+// streamed from L3 once per pass over the columns, and that stream, at ~6 GB/s per core here,
+// was the kernel's largest cost. A pass takes 32 columns when two panels of the slots it reads
+// fit in L2 (B 128 bytes per slot: 512 KB at B = 4096), else 16; every latent inside, its
+// gradient pieces in registers. Latents are split into chunks of about equal entry counts
+// (threads get equal work); every output element is written by one thread.
 std::vector<at::Tensor> weight_grads(at::Tensor idx, int64_t n, int64_t k, int64_t k_main, at::Tensor rows,
                                      at::Tensor acts, at::Tensor pre, at::Tensor dots, at::Tensor head,
                                      double c_main, double c_multi, double c_aux, at::Tensor b_pre, bool want_dpre) {
