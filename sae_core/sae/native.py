@@ -4,13 +4,13 @@ Each kernel is O(work actually needed): a row-wise top-k that filters each row a
 threshold (the previous row's, or one from its block maxima), and the B K d gathers and
 scatters of the sparse decoder and encoder backward, fused into one token-major pass
 (`decode_forward`) and one latent-major pass (`weight_grads`), and the unit-norm decoder's
-optimiser step as one pass over its rows (`adam_unit_rows`). Past the GEMM the step is bound by where its gathered rows come from, not by
-arithmetic: whole rows of a 10 MB matrix come from L3 at ~6 GB/s per core here, single lines
-of a 0.6 MB one from L2 at ~35 GB/s. So both passes walk the columns in panels of 16 (one
-cache line per row) with every token or latent inside, and a panel of the gathered matrix
-stays in L2; a decoder whose panels do not fit falls back to gathering whole rows. All kernels
-are deterministic: every output element is written by one thread in a fixed order,
-independent of the thread count.
+optimiser step as one pass over its rows (`adam_unit_rows`). Past the GEMM the step is bound
+by where its gathered rows come from, not by arithmetic: whole rows of a 10 MB matrix come
+from L3 at ~6 GB/s per core here, single lines of a 0.6 MB one from L2 at ~35 GB/s. So both
+passes walk the columns in panels of 16 (one cache line per row) with every token or latent
+inside, and a panel of the gathered matrix stays in L2; a decoder whose panels do not fit
+falls back to gathering whole rows. All kernels are deterministic: every output element is
+written by one thread in a fixed order, independent of the thread count.
 
 `load()` returns the compiled module, or None when no compiler is available or
 SAEFLOW_NATIVE_KERNELS=0; callers then use stock torch ops (same results to rounding).
