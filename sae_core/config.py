@@ -160,6 +160,12 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0)
     checkpoint_every_tokens: int = Field(2**16, ge=1)
     grad_clip_norm: float | None = Field(None, gt=0, description="Gradient-norm clip; None: off")
+    adam_eps: float = Field(
+        6.25e-10,
+        gt=0,
+        description="Adam's epsilon (Gao et al.: 6.25e-10). A gradient far below it moves its "
+        "weight by about lr * gradient / eps instead of about lr.",
+    )
     ema_decay: float | None = Field(
         None,
         gt=0,

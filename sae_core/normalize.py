@@ -55,11 +55,9 @@ class InputNorm:
     def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, NormStats]:
         """x: [B, d] raw -> (x_norm [B, d], stats). Cost O(B d)."""
         if self.mode == "per_token":
-            shift = x.mean(dim=1, keepdim=True)
-            centred = x - shift
-            scale = centred.norm(dim=1, keepdim=True).clamp_min(_EPS)
-            # In place (when no gradient is asked for): one [B, d] temporary instead of two.
-            x_norm = centred.div_(scale) if not centred.requires_grad else centred / scale
+            from sae_core.sae import kernels  # here: the sae package imports this module
+
+            x_norm, shift, scale = kernels.normalize_tokens(x, _EPS)
             return x_norm, NormStats(shift, scale)
         zero = x.new_zeros(())
         if self.mode == "global":

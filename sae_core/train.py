@@ -54,7 +54,6 @@ CHECKPOINT_FILE = "last.safetensors"
 CHECKPOINT_FORMAT = "saeflow.checkpoint"
 INIT_SAMPLE_TOKENS = 32_768  # the released code's sample size for the geometric median
 ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 6.25e-10
 
 # (epoch, start_batch) -> that epoch's [B, d] batches from start_batch on; same args, same batches.
 BatchSource = Callable[[int, int], Iterator[torch.Tensor]]
@@ -140,7 +139,7 @@ class Trainer:
         self.cfg = train_cfg
         self.lr = train_cfg.lr or default_lr(sae.n_latents)
         self.opt = torch.optim.Adam(
-            self.sae.parameters(), lr=self.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True
+            self.sae.parameters(), lr=self.lr, betas=ADAM_BETAS, eps=train_cfg.adam_eps, fused=True
         )
         self.dead = DeadLatents(sae.n_latents, sae.cfg.dead_window_tokens, self.device)
         self.ema: dict[str, torch.Tensor] | None = None

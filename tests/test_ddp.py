@@ -90,19 +90,33 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(tmp_path):
     assert any(r["aux_loss"] > 0 for r in history), "AuxK never ran: the test would miss it"
 
 
+# A few expander latents' first gradients here are ~1e-10 (typical: 6e-3), the size of the
+# paper's Adam eps, so their first step, lr g / (|g| + eps), is set by g's last bits; 1 and 2
+# ranks sum in different orders, and those weights part by up to lr. With eps = 1e-6 such a
+# gradient moves its weight by ~1e-4 lr, and the test compares the data-parallel sums themselves
+# (docs/SCALING.md, "Limit of that match for expander SAEs").
+EXPANDER_EPS = 1e-6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "sae",
+    ("sae", "adam_eps"),
     [
-        SAE.model_copy(update={"batch_topk": True}),  # a global threshold, and state
-        SAE.model_copy(update={"multi_topk": True}),
-        SAEConfig(kind="expander", degree=4, n_latents=256, k=3, dead_window_tokens=512, k_aux=16),
+        (SAE.model_copy(update={"batch_topk": True}), None),  # a global threshold, and state
+        (SAE.model_copy(update={"multi_topk": True}), None),
+        (
+            SAEConfig(
+                kind="expander", degree=4, n_latents=256, k=3, dead_window_tokens=512, k_aux=16
+            ),
+            EXPANDER_EPS,
+        ),
     ],
     ids=["batch_topk", "multi_topk", "expander"],
 )
-def test_two_ranks_match_one_rank_for_every_selection_and_kind(tmp_path, sae):
-    one = _train(tmp_path, "one", sae, 1, ema_decay=0.9)
-    _assert_same_run(one, _train(tmp_path, "two", sae, 2, ema_decay=0.9))
+def test_two_ranks_match_one_rank_for_every_selection_and_kind(tmp_path, sae, adam_eps):
+    train = {"ema_decay": 0.9} | ({"adam_eps": adam_eps} if adam_eps else {})
+    one = _train(tmp_path, "one", sae, 1, **train)
+    _assert_same_run(one, _train(tmp_path, "two", sae, 2, **train))
 
 
 @pytest.mark.slow

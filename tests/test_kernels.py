@@ -29,6 +29,29 @@ def test_topk_matches_torch(kernel_path):
         assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
 
 
+@pytest.mark.parametrize("d", [37, 576])  # a partial last vector, and the benchmark's width
+def test_normalize_tokens_centres_and_scales_each_token(kernel_path, d):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(70, d, generator=g) * 7 + 3
+    x[5] = 0.0  # no spread: scale is eps, the token stays 0
+    x_norm, shift, scale = kernels.normalize_tokens(x, 1e-8)
+    ref_shift = x.double().mean(dim=1, keepdim=True)
+    ref_scale = (x.double() - ref_shift).norm(dim=1, keepdim=True).clamp_min(1e-8)
+    torch.testing.assert_close(shift, ref_shift.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(scale, ref_scale.float(), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(
+        x_norm, ((x.double() - ref_shift) / ref_scale).float(), rtol=1e-5, atol=1e-7
+    )
+    assert scale[5].item() == pytest.approx(1e-8) and not x_norm[5].any()
+
+
+def test_normalize_tokens_keeps_a_graph_when_the_input_needs_one(kernel_path):
+    x = torch.randn(8, 20, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    x_norm, _, _ = kernels.normalize_tokens(x, 1e-8)
+    (x_norm[:, 0]).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_topk_adds_the_bias_as_it_reads(kernel_path):
     g = torch.Generator().manual_seed(5)
     x, bias = torch.randn(32, 300, generator=g), torch.randn(300, generator=g)

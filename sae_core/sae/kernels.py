@@ -88,6 +88,24 @@ def encoder_preacts(
         return torch.addmm(b_enc, xc, W_enc.t(), out=out)
 
 
+def normalize_tokens(
+    x: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token normalisation: x [B, d] -> (x_norm [B, d], shift [B, 1], scale [B, 1]) with
+    shift the token's mean, scale = max(||x - shift||, eps), x_norm = (x - shift) / scale.
+    O(B d); natively one read and one write of x (each row normalised while in L1)."""
+    ext = _native_for(x)
+    if ext is not None and not (torch.is_grad_enabled() and x.requires_grad):
+        x_norm, shift, scale = ext.normalize_tokens(x.contiguous(), eps)
+        return x_norm, shift, scale
+    shift = x.mean(dim=1, keepdim=True)
+    centred = x - shift
+    scale = centred.norm(dim=1, keepdim=True).clamp_min(eps)
+    # In place (when no gradient is asked for): one [B, d] temporary instead of two.
+    x_norm = centred.div_(scale) if not centred.requires_grad else centred / scale
+    return x_norm, shift, scale
+
+
 def scatter_outer(idx: torch.Tensor, coef: torch.Tensor, src: torch.Tensor, n: int) -> torch.Tensor:
     """G^T src for the sparse G [B, n] with G[b, idx[b, i]] += coef[b, i].
 
