@@ -52,17 +52,25 @@ class InputNorm:
             )
         return cls("global", float((sample.shape[1] / mean_sq).sqrt()))
 
-    def apply(self, x: torch.Tensor) -> tuple[torch.Tensor, NormStats]:
-        """x: [B, d] raw -> (x_norm [B, d], stats). Cost O(B d)."""
+    def apply(
+        self, x: torch.Tensor, offset: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, NormStats]:
+        """x: [B, d] raw -> (x_norm [B, d], stats). Cost O(B d).
+
+        offset: [d] or None; given, the result is x_norm - offset (training passes b_pre: the
+        per-token mode subtracts it in the same pass). The stats still invert x_norm itself.
+        """
         if self.mode == "per_token":
             from sae_core.sae import kernels  # here: the sae package imports this module
 
-            x_norm, shift, scale = kernels.normalize_tokens(x, _EPS)
+            x_norm, shift, scale = kernels.normalize_tokens(x, _EPS, offset)
             return x_norm, NormStats(shift, scale)
         zero = x.new_zeros(())
+        x_norm, stats = x, NormStats(zero, x.new_ones(()))
         if self.mode == "global":
-            return x * self.global_scale, NormStats(zero, x.new_tensor(1.0 / self.global_scale))
-        return x, NormStats(zero, x.new_ones(()))
+            x_norm = x * self.global_scale
+            stats = NormStats(zero, x.new_tensor(1.0 / self.global_scale))
+        return (x_norm if offset is None else x_norm - offset), stats
 
     def invert(self, x_norm: torch.Tensor, stats: NormStats | None = None) -> torch.Tensor:
         """x_norm: [B, d] -> raw [B, d] using the stats `apply` returned for the same tokens.

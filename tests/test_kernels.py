@@ -45,6 +45,16 @@ def test_normalize_tokens_centres_and_scales_each_token(kernel_path, d):
     assert scale[5].item() == pytest.approx(1e-8) and not x_norm[5].any()
 
 
+@pytest.mark.parametrize("d", [37, 576])
+def test_normalize_tokens_subtracts_an_offset_in_its_pass(kernel_path, d):
+    g = torch.Generator().manual_seed(3)
+    x, offset = torch.randn(70, d, generator=g) * 7 + 3, torch.randn(d, generator=g)
+    x_norm, shift, scale = kernels.normalize_tokens(x, 1e-8)
+    shifted, shift_o, scale_o = kernels.normalize_tokens(x, 1e-8, offset)
+    assert torch.equal(shifted, x_norm - offset)  # the same rounding as a separate subtraction
+    assert torch.equal(shift_o, shift) and torch.equal(scale_o, scale)
+
+
 def test_normalize_tokens_keeps_a_graph_when_the_input_needs_one(kernel_path):
     x = torch.randn(8, 20, generator=torch.Generator().manual_seed(2)).requires_grad_()
     x_norm, _, _ = kernels.normalize_tokens(x, 1e-8)
@@ -203,6 +213,39 @@ def test_sparse_step_gradients_equal_dense_reference(variant, shape, kernel_path
     for name, g in dense_grads.items():
         assert g.abs().max() > 0, name
         torch.testing.assert_close(sparse_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["topk", "multi_topk"])
+def test_centred_inputs_give_the_same_step(variant, kernel_path, decode_path):
+    """Training hands the encoder and the loss x - b_pre from the normaliser (centred=True):
+    the pre-activations, loss, reconstruction and every gradient (b_pre's and the input's
+    included) are those of x itself."""
+    if kernel_path == "stock" and decode_path == "rows":
+        pytest.skip("the stock path has one layout")
+    torch.manual_seed(7)
+    sae = TopKSAE(40, SAEConfig(n_latents=96, k=6, k_aux=9, multi_topk=variant == "multi_topk"))
+    with torch.no_grad():
+        sae.b_pre.normal_()
+        sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))
+    x = torch.randn(48, 40) + 0.5
+    dead = torch.rand(96) < 0.4
+    runs = []
+    for centred in (False, True):
+        sae.zero_grad()
+        inp = (x - sae.b_pre.detach() if centred else x.clone()).requires_grad_()
+        pre = sae.preacts(inp.detach(), centred=centred).clone()
+        out = sae.losses(inp, sae.select(pre, dead), centred=centred)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in sae.named_parameters()} | {"x": inp.grad}
+        runs.append((pre, out, grads))
+    (pre, out, grads), (pre_c, out_c, grads_c) = runs
+    assert out.aux_loss > 0
+    torch.testing.assert_close(pre_c, pre, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_c.loss, out.loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out_c.recon, out.recon, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("offset", [0.0, 300.0])  # 300: data far from b_pre (= 0 here)

@@ -39,6 +39,20 @@ def test_global_scale_gives_mean_square_norm_d_and_round_trips():
     assert InputNorm.from_json(norm.to_json()) == norm
 
 
+@pytest.mark.parametrize("mode", ["per_token", "global", "none"])
+def test_an_offset_is_subtracted_after_normalising(mode):
+    """Training passes b_pre as the offset; the stats still invert the unshifted vectors."""
+    x = _raw()
+    offset = torch.linspace(-1.0, 2.0, x.shape[1])
+    norm = InputNorm.fit(mode, x)
+    xn, stats = norm.apply(x)
+    shifted, stats_shifted = norm.apply(x, offset=offset)
+    torch.testing.assert_close(shifted, xn - offset, rtol=0, atol=1e-6)
+    assert not torch.equal(shifted, xn)
+    torch.testing.assert_close(norm.invert(shifted + offset, stats_shifted), x, atol=1e-4, rtol=0)
+    assert torch.equal(stats_shifted.scale, stats.scale)
+
+
 def test_per_token_invert_without_stats_is_a_clear_error():
     with pytest.raises(ConfigError, match="per_token"):
         InputNorm("per_token").invert(torch.zeros(1, 4))

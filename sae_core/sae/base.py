@@ -186,13 +186,18 @@ class SparseAutoencoder(nn.Module, ABC):
 
     # Encoder and selection -------------------------------------------------------------------
     def preacts(
-        self, x: torch.Tensor, with_bias: bool = True, dtype: torch.dtype | None = None
+        self,
+        x: torch.Tensor,
+        with_bias: bool = True,
+        dtype: torch.dtype | None = None,
+        centred: bool = False,
     ) -> torch.Tensor:
         """Dense pre-activations [B, n] of normalised x [B, d], no autograd: the step's one GEMM.
 
         Written into one buffer reused across calls of the same shape (the only B x n tensor).
         with_bias=False leaves b_enc out for `select(..., bias=b_enc)` to add as it reads.
         dtype: the GEMM's precision (e.g. torch.bfloat16; default the weights' dtype).
+        centred=True: x is x - b_pre already (`norm.apply(x_raw, offset=b_pre)`).
         """
         dtype = dtype or self.b_enc.dtype
         shape = (x.shape[0], self.n_latents)
@@ -203,7 +208,7 @@ class SparseAutoencoder(nn.Module, ABC):
             W = self.encoder_matrix().to(dtype)
         return kernels.encoder_preacts(
             x.to(dtype),
-            self.b_pre.to(dtype),
+            None if centred else self.b_pre.to(dtype),
             W,
             self.b_enc.to(dtype) if with_bias else None,
             out=buf,
@@ -268,6 +273,7 @@ class SparseAutoencoder(nn.Module, ABC):
         dense: bool = False,
         ranks: Ranks = SINGLE,
         with_recon: bool = True,
+        centred: bool = False,
     ) -> ForwardOutput:
         """Decode the selected latents and score them under autograd. x: [B, d] normalised.
 
@@ -275,7 +281,10 @@ class SparseAutoencoder(nn.Module, ABC):
         + k_aux) latents per token. dense=True: the references, same selections. ranks: x is
         this rank's slice; the loss terms are its shares of the global batch's (`normalized_mse`).
         with_recon: whether the output carries the reconstruction (this path computes it anyway).
+        centred=True: x is x - b_pre already, with no graph to b_pre (see `preacts`).
         """
+        if centred:  # b_pre's gradient comes from the graph below
+            x = x + self.b_pre.detach()
         # BatchTopK's code has a variable width; its padding slots hold pre = -inf (act 0, no gradient).
         k = sel.idx.shape[1] if self.cfg.batch_topk else self.k
         k_main = sel.idx.shape[1]

@@ -65,12 +65,13 @@ def topk(
 
 def encoder_preacts(
     x: torch.Tensor,
-    b_pre: torch.Tensor,
+    b_pre: torch.Tensor | None,
     W_enc: torch.Tensor,
     b_enc: torch.Tensor | None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(x - b_pre) W_enc^T + b_enc, without autograd. x: [B, d] -> [B, n]. Cost 2 B d n flops.
+    b_pre=None: x is already x - b_pre (training's normaliser subtracts it in its pass).
 
     `out` lets the caller reuse one [B, n] buffer across steps (the step's only B x n tensor);
     x - b_pre then goes to a reused [B, d] buffer too (0.6 ms less than a fresh one at B = 4096,
@@ -79,8 +80,11 @@ def encoder_preacts(
     its [B, n] output (a broadcast copy, then beta=1).
     """
     with torch.no_grad():
-        reused = _BUFFERS.take(tuple(x.shape), x.device, x.dtype) if out is not None else None
-        xc = torch.sub(x, b_pre, out=reused)
+        if b_pre is None:
+            xc = x
+        else:
+            reused = _BUFFERS.take(tuple(x.shape), x.device, x.dtype) if out is not None else None
+            xc = torch.sub(x, b_pre, out=reused)
         if b_enc is None:
             return torch.mm(xc, W_enc.t(), out=out)
         if out is None:
@@ -89,20 +93,26 @@ def encoder_preacts(
 
 
 def normalize_tokens(
-    x: torch.Tensor, eps: float
+    x: torch.Tensor, eps: float, offset: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token normalisation: x [B, d] -> (x_norm [B, d], shift [B, 1], scale [B, 1]) with
-    shift the token's mean, scale = max(||x - shift||, eps), x_norm = (x - shift) / scale.
-    O(B d); natively one read and one write of x (each row normalised while in L1)."""
-    ext = _native_for(x)
-    if ext is not None and not (torch.is_grad_enabled() and x.requires_grad):
-        x_norm, shift, scale = ext.normalize_tokens(x.contiguous(), eps)
+    shift the token's mean, scale = max(||x - shift||, eps), x_norm = (x - shift) / scale, less
+    offset ([d]) when given. O(B d); natively one read and one write of x (each row normalised
+    while in L1)."""
+    needs = x.requires_grad or (offset is not None and offset.requires_grad)
+    grad = torch.is_grad_enabled() and needs
+    ext = _native_for(x) if offset is None else _native_for(x, offset)
+    if ext is not None and not grad:
+        off = x.new_empty(0) if offset is None else offset.contiguous()
+        x_norm, shift, scale = ext.normalize_tokens(x.contiguous(), eps, off)
         return x_norm, shift, scale
     shift = x.mean(dim=1, keepdim=True)
     centred = x - shift
     scale = centred.norm(dim=1, keepdim=True).clamp_min(eps)
     # In place (when no gradient is asked for): one [B, d] temporary instead of two.
-    x_norm = centred.div_(scale) if not centred.requires_grad else centred / scale
+    x_norm = centred.div_(scale) if not grad else centred / scale
+    if offset is not None:
+        x_norm = x_norm.sub_(offset) if not grad else x_norm - offset
     return x_norm, shift, scale
 
 
@@ -245,15 +255,17 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, b_pre, W_enc, b_enc, W_dec, idx, pre, k, k_main, aux_alpha, ranks, with_recon
+        ctx, xc, b_pre, W_enc, b_enc, W_dec, idx, pre, k, k_main, aux_alpha, ranks, with_recon
     ):  # noqa: ANN001
+        # xc = x - b_pre, without a graph to b_pre: b_pre's gradient is made here, holding x fixed.
         ext = native.load()
-        B, d = x.shape
+        B, d = xc.shape
         acts = pre.clamp_min(0)
         slots = 2 + (k_main > k) + (idx.shape[1] > k_main)  # x, residuals of the terms present
-        rows = _BUFFERS.take((-(-d // 16), slots, B, 16), x.device)  # 16-column panels, filled below
+        # 16-column panels, filled below
+        rows = _BUFFERS.take((-(-d // 16), slots, B, 16), xc.device)
         recon, dots, head, sq, colsum = ext.decode_forward(
-            x,
+            xc,
             b_pre,
             W_dec,
             idx,
@@ -274,7 +286,7 @@ class _FusedLoss(torch.autograd.Function):
         sq_x_all, sum_x_all = ranks.sum_(sq[0].clone()), ranks.sum_(sum_x.clone())
         base_x = sq_x_all - sum_x_all.pow(2).sum() / tokens
         if base_x * 16 < sq_x_all:  # b_pre far from the data: the difference lost digits
-            base_x = ranks.batch_spread(x).double()
+            base_x = ranks.batch_spread(xc).double()  # shift-invariant
         base_x = base_x.clamp_min(1e-12)
         nmse = sq[1] / base_x
         loss = nmse + sq[2] / base_x / 8  # sq[2] = 0 without multi-TopK
@@ -321,12 +333,12 @@ class _FusedLoss(torch.autograd.Function):
             c_main,
             c_multi,
             c_aux,
-            b_pre,
+            d,
             ctx.needs_input_grad[0],
         )
         d_b_pre = (c_main * sum_main + c_multi * sum_multi).float() - d_b_enc @ W_enc
         d_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # d loss / d xc = d loss / d x
             direct = r_main if multi else c_main * r_main  # d loss / d x through the target x
             direct = direct.permute(1, 0, 2).reshape(direct.shape[1], -1)[:, :d]  # panels -> [B, d]
             d_x = F.embedding_bag(idx, W_enc, per_sample_weights=dpre, mode="sum") - direct
@@ -351,18 +363,22 @@ def fused_losses(
     aux_alpha: float,
     ranks: Ranks = SINGLE,
     with_recon: bool = True,
+    centred: bool = False,
 ) -> LossTerms:
     """The sparse loss of selected latents, gradients to x, b_pre, W_enc, b_enc and W_dec.
 
-    x: [B, d] normalised; idx, pre: [B, K] latents and their pre-activations: slots [0, k) the
+    x: [B, d] normalised (centred=True: x - b_pre already, as training's normaliser writes it;
+    its graph must not lead to b_pre, whose gradient is made here); idx, pre: [B, K] latents
+    and their pre-activations: slots [0, k) the
     TopK code, [k, k_main) the rest of the 4k code (multi-TopK), [k_main, K) AuxK's. Cost:
     forward ~2 B K d MACs (each gathered decoder row read once), backward 2 B K d MACs plus
     O(B K + n d); no [B, K, d] temporary, no dense [B, n] matrix. ranks: x is this rank's
     slice of the batch; the normalisers are the global batch's (one to three all-reduces).
     with_recon=False leaves `recon` out (None): training never reads it.
     """
+    xc = x if centred else x - b_pre.detach()
     loss, nmse, aux_loss, recon = _FusedLoss.apply(
-        x.contiguous(),
+        xc.contiguous(),
         b_pre,
         W_enc,
         b_enc,

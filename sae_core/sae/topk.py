@@ -71,15 +71,17 @@ class TopKSAE(SparseAutoencoder):
         dense: bool = False,
         ranks: Ranks = SINGLE,
         with_recon: bool = True,
+        centred: bool = False,
     ) -> ForwardOutput:
-        """Decode the selected latents and score them. x: [B, d] normalised; O(B K d) sparse.
+        """Decode the selected latents and score them. x: [B, d] normalised (centred=True:
+        less b_pre, see `preacts`); O(B K d) sparse.
 
         On CPU float32 the native fused kernels run it (with_recon=False spares them writing
         the reconstruction, which training does not read); elsewhere stock ops under autograd.
         dense=True is the reference: full GEMMs with autograd, same selections.
         """
         if dense or not kernels.fused_available(x, self.W_dec, self.W_enc):
-            return super().losses(x, sel, dense, ranks, with_recon)
+            return super().losses(x, sel, dense, ranks, with_recon, centred)
         k = sel.idx.shape[1] if self.cfg.batch_topk else self.k
         use_aux = sel.aux_idx.shape[1] > 0
         terms = kernels.fused_losses(
@@ -95,6 +97,7 @@ class TopKSAE(SparseAutoencoder):
             self.cfg.aux_alpha,
             ranks,
             with_recon,
+            centred,
         )
         return ForwardOutput(
             sel.idx[:, :k],
