@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from sae_core.config import ConfigError, SAEConfig, TrainConfig, format_validation_error
 from sae_core.device import pick_device
-from sae_core.sae import native
+from sae_core.sae import kernels, native
 from sae_core.train import Trainer, init_sae
 
 PHASES = ("normalize", "gemm", "topk", "decode", "backward", "optimizer")
@@ -150,9 +150,7 @@ def bench_train(
             sum(p.numel() for p in trainer.sae.parameters()) * 4 * 4 / 2**20, 1
         ),
         "data_mb": round(data.numel() * data.element_size() / 2**20, 1),
-        "bxn_buffer_mb": round(
-            batch * n * (torch.finfo(getattr(torch, dtype)).bits // 8) / 2**20, 1
-        ),
+        "bxn_buffer_mb": round(kernels.padded_bytes(batch, n, getattr(torch, dtype)) / 2**20, 1),
         "cpu_count": os.cpu_count(),
     }
     if dev.type == "cuda":

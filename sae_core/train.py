@@ -470,14 +470,12 @@ def _checkpoint_path(member: GroupMember, store: Store | None) -> str | None:
 def _share_buffer(trainers: list[Trainer], batch_size: int) -> None:
     """One [B, n_max] pre-activation buffer (B: the rows each step gets) for the whole group
     instead of one per SAE: they step one after another, so each needs it only during its own
-    step."""
-    itemsize = [torch.empty((), dtype=t.gemm_dtype).element_size() for t in trainers]
-    sizes = [
-        batch_size * t.sae.n_latents * size for t, size in zip(trainers, itemsize, strict=True)
-    ]
-    flat = torch.empty(max(sizes), dtype=torch.uint8, device=trainers[0].device)
-    for t, size in zip(trainers, sizes, strict=True):
-        t.sae.use_buffer(flat[:size].view(t.gemm_dtype).view(batch_size, t.sae.n_latents))
+    step. Rows padded as `preacts` pads its own buffer."""
+    shapes = [(batch_size, t.sae.n_latents, t.gemm_dtype) for t in trainers]
+    size = max(kernels.padded_bytes(*shape) for shape in shapes)
+    flat = torch.empty(size, dtype=torch.uint8, device=trainers[0].device)
+    for t, shape in zip(trainers, shapes, strict=True):
+        t.sae.use_buffer(kernels.padded_rows(*shape, t.device, storage=flat))
 
 
 def _postfix(trainers: list[Trainer]) -> dict[str, str]:

@@ -71,6 +71,19 @@ def test_topk_adds_the_bias_as_it_reads(kernel_path):
     torch.testing.assert_close(vals, ref_vals)
 
 
+def test_topk_reads_the_rows_of_a_padded_buffer_in_place(kernel_path):
+    """The encoder writes its output with padded rows (`padded_rows`); the top-k reads them."""
+    g = torch.Generator().manual_seed(8)
+    pre = kernels.padded_rows(40, 300, torch.float32, "cpu")
+    pre.copy_(torch.randn(40, 300, generator=g))
+    bias = torch.randn(300, generator=g)
+    assert pre.stride(0) == 300 + kernels.PRE_ROW_PAD
+    pre.as_strided((40, kernels.PRE_ROW_PAD), (pre.stride(0), 1), 300).fill_(1e9)  # the pads
+    vals, idx = kernels.topk(pre, 9, bias)
+    ref_vals, ref_idx = (pre.contiguous() + bias).topk(9, dim=1)
+    assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
+
+
 def test_topk_over_a_few_finite_entries(kernel_path):
     """AuxK's selection: a bias of -inf everywhere but the dead latents, some of them in runs."""
     g = torch.Generator().manual_seed(7)

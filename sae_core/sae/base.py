@@ -203,7 +203,7 @@ class SparseAutoencoder(nn.Module, ABC):
         shape = (x.shape[0], self.n_latents)
         buf = self._pre_buffer
         if buf is None or buf.shape != shape or buf.device != x.device or buf.dtype != dtype:
-            buf = self._pre_buffer = torch.empty(shape, device=x.device, dtype=dtype)
+            buf = self._pre_buffer = kernels.padded_rows(*shape, dtype, x.device)
         with torch.no_grad():
             W = self.encoder_matrix().to(dtype)
         return kernels.encoder_preacts(

@@ -328,12 +328,14 @@ static void topk_row(const TopkPlan& P, TopkScratch& s, const float* p, const fl
   }
 }
 
-// pre: [B, n] float32; bias: [n] (or empty: none) -> (vals [B, k] descending, idx [B, k] int64).
+// pre: [B, n] float32, rows contiguous (its row stride may exceed n: the encoder's padded
+// buffer); bias: [n] (or empty: none) -> (vals [B, k] descending, idx [B, k] int64).
 // Adding the bias here, while the row is read anyway, spares the encoder GEMM a pass over its
 // [B, n] output.
 std::vector<at::Tensor> topk_rows(at::Tensor pre, int64_t k, at::Tensor bias) {
-  TORCH_CHECK(pre.dim() == 2 && pre.scalar_type() == at::kFloat && pre.is_contiguous());
-  const int64_t B = pre.size(0), n = pre.size(1);
+  TORCH_CHECK(pre.dim() == 2 && pre.scalar_type() == at::kFloat && pre.stride(1) == 1 &&
+              pre.stride(0) >= pre.size(1), "topk_rows: pre must be float32 [B, n] with contiguous rows");
+  const int64_t B = pre.size(0), n = pre.size(1), ld = pre.stride(0);
   TORCH_CHECK(k >= 1 && k <= n && n < (int64_t(1) << 31));
   if (bias.numel() == 0) bias = at::zeros({n}, pre.options());
   TORCH_CHECK(bias.is_contiguous() && bias.numel() == n && bias.scalar_type() == at::kFloat);
@@ -345,7 +347,7 @@ std::vector<at::Tensor> topk_rows(at::Tensor pre, int64_t k, at::Tensor bias) {
   int64_t* I = idx.data_ptr<int64_t>();
   at::parallel_for(0, B, grain(n), [&](int64_t b0, int64_t b1) {
     TopkScratch s(plan);
-    for (int64_t b = b0; b < b1; ++b) topk_row(plan, s, P + b * n, bb, V + b * k, I + b * k);
+    for (int64_t b = b0; b < b1; ++b) topk_row(plan, s, P + b * ld, bb, V + b * k, I + b * k);
   });
   return {vals, idx};
 }
