@@ -65,10 +65,10 @@ def topk(
     return (x if bias is None else x + bias).topk(k, dim=1, sorted=True)
 
 
-# The encoder's [B, n] output rows lie n + PRE_ROW_PAD elements apart. Rows a multiple of 2 KB
-# apart (n = 4,608 floats: 18,432 B; 16,384: 64 KB) share a few L1 sets, which MKL's GEMM tiles
-# of its output then contend for; 256 bytes more per row spread them. Alternated GEMMs here:
-# 1.2-2.5 ms less at n = 4,608 (of ~120), 13 ms less at n = 16,384 (of ~430).
+# The encoder's [B, n] output rows lie n + PRE_ROW_PAD elements apart: MKL's GEMM writes them
+# about 2% faster so (alternated GEMMs here: 1.2-2.5 ms less of ~120 at n = 4,608, 13 of ~430
+# at n = 16,384). Likely cause: rows a multiple of 2 KB apart (18,432 B; 64 KB) map its output
+# tiles onto few L1 sets, and 256 bytes more per row spread them.
 PRE_ROW_PAD = 64
 
 
@@ -291,7 +291,7 @@ class _FusedLoss(torch.autograd.Function):
         ext = native.load()
         B, d = xc.shape
         acts = pre.clamp_min(0)
-        slots = 2 + (k_main > k) + (idx.shape[1] > k_main)  # x, residuals of the terms present
+        slots = 2 + (k_main > k) + (idx.shape[1] > k_main)  # xc, residuals of the terms present
         # 16-column panels, filled below
         rows = _BUFFERS.take((-(-d // 16), slots, B, 16), xc.device)
         recon, dots, head, sq, colsum = ext.decode_forward(
