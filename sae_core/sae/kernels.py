@@ -90,7 +90,7 @@ def padded_rows(
 
 def padded_bytes(rows: int, cols: int, dtype: torch.dtype) -> int:
     """The bytes under a `padded_rows` tensor."""
-    return rows * (cols + PRE_ROW_PAD) * torch.empty((), dtype=dtype).element_size()
+    return rows * (cols + PRE_ROW_PAD) * dtype.itemsize
 
 
 def encoder_preacts(
