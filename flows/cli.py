@@ -12,9 +12,14 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from sae_core.config import ConfigError, PipelineConfig, load_config
-from sae_core.store import STORAGE_ERRORS, StoreError, storage_failure
-from sae_core.validation import ValidationFailed
+from sae_core.config import PipelineConfig, load_config
+from sae_core.errors import (
+    ConfigError,
+    StoreError,
+    ValidationFailed,
+    storage_errors,
+    storage_failure,
+)
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Train and evaluate sparse autoencoders."
@@ -66,7 +71,7 @@ def config(preset: PresetOpt = "demo", set_: SetOpt = None, store: StoreOpt = No
 @app.command()
 def assets() -> None:
     """Install the demo model and corpus into the asset cache (idempotent)."""
-    from sae_core.assets import ensure_assets
+    from sae_core.data.assets import ensure_assets
 
     ensure_assets(progress=True)
 
@@ -84,7 +89,7 @@ def run(
     started = time.perf_counter()
     try:
         from flows.runners import task_runner
-        from sae_core.preflight import preflight
+        from sae_core.training.preflight import preflight
 
         shards_on = task_runner(runner)
         preflight(cfg)  # seconds, before Prefect and the model start
@@ -93,7 +98,7 @@ def run(
         result = pipeline.with_options(task_runner=shards_on)(cfg, progress=progress)
     except USER_ERRORS as err:
         _fail(err)
-    except STORAGE_ERRORS as err:  # a disk or S3 failure that outlasted the task's retries
+    except storage_errors() as err:  # a disk or S3 failure that outlasted the task's retries
         _fail(storage_failure(err))
     print_summary(result, time.perf_counter() - started)
 
@@ -122,8 +127,8 @@ def sweep(
     started = time.perf_counter()
     try:
         from flows.runners import task_runner
-        from sae_core.preflight import preflight
-        from sae_core.sweep import grid as sweep_grid
+        from sae_core.studies.sweep import grid as sweep_grid
+        from sae_core.training.preflight import preflight
 
         shards_on = task_runner(runner)
         sweep_grid(cfg)  # a bad grid point fails in seconds
@@ -133,14 +138,14 @@ def sweep(
         result = sweep_flow.with_options(task_runner=shards_on)(cfg, progress=progress)
     except USER_ERRORS as err:
         _fail(err)
-    except STORAGE_ERRORS as err:
+    except storage_errors() as err:
         _fail(storage_failure(err))
     print_sweep_summary(result, time.perf_counter() - started)
 
 
 def print_sweep_summary(result, seconds: float) -> None:  # noqa: ANN001 - SweepResult, imported lazily
-    from sae_core.report import SWEEP_COLUMNS
-    from sae_core.scaling import PAPER
+    from sae_core.studies.report import SWEEP_COLUMNS
+    from sae_core.studies.scaling import PAPER
 
     # Short headers and states keep the table readable in 80 columns; report.md has it all.
     short = {"dead_fraction": "dead", "ce_loss_recovered": "CE rec", "kl_spliced": "KL",
@@ -194,8 +199,8 @@ def frontier(
     started = time.perf_counter()
     try:
         from flows.runners import task_runner
-        from sae_core.frontier import frontier_plan
-        from sae_core.preflight import preflight
+        from sae_core.studies.frontier import frontier_plan
+        from sae_core.training.preflight import preflight
 
         shards_on = task_runner(runner)
         frontier_plan(cfg, preflight(cfg).width)  # a bad degree fails in seconds
@@ -239,7 +244,7 @@ def bench_train(
     """Time SAE training steps on synthetic data against one dense GEMM of the same shape."""
     import json
 
-    from sae_core.bench import bench_train as run_bench
+    from sae_core.bench.train_step import bench_train as run_bench
 
     try:
         result = run_bench(
@@ -263,7 +268,9 @@ def bench_train(
 
 @bench_app.command("extract")
 def bench_extract(
-    model: Annotated[str, typer.Option(help="Demo asset name or HF model folder.")] = "smollm2-135m",
+    model: Annotated[
+        str, typer.Option(help="Demo asset name or HF model folder.")
+    ] = "smollm2-135m",
     hook: Annotated[list[str] | None, typer.Option(help="Hook point (repeatable).")] = None,
     tokens: int = 8192,
     context_len: int = 64,
@@ -277,7 +284,7 @@ def bench_extract(
     """Extraction tokens/s against a bare forward of the truncated model and a full forward."""
     import json
 
-    from sae_core.bench_data import bench_extract as run_bench
+    from sae_core.bench.data import bench_extract as run_bench
 
     try:
         result = run_bench(
@@ -324,7 +331,9 @@ def _bench_stores(stack: ExitStack, s3: bool) -> dict[str, str]:
 
 @bench_app.command("load")
 def bench_load(
-    s3: Annotated[bool, typer.Option("--s3", help="Also on a SeaweedFS started for the run.")] = False,
+    s3: Annotated[
+        bool, typer.Option("--s3", help="Also on a SeaweedFS started for the run.")
+    ] = False,
     rows: int = 2**19,
     width: int = 576,
     dtype: str = "float32",
@@ -337,7 +346,7 @@ def bench_load(
     """Load GB/s and tokens/s (local store, SeaweedFS with --s3) and the trainer's data-wait share."""
     import json
 
-    from sae_core.bench_data import bench_load as run_bench
+    from sae_core.bench.data import bench_load as run_bench
 
     with ExitStack() as stack:
         result = run_bench(
@@ -361,7 +370,9 @@ def bench_group(
         list[int] | None, typer.Option(help="Latents of one SAE (repeatable) [1152, 2304, 4608].")
     ] = None,
     k: Annotated[int, typer.Option(help="Active latents of every SAE.")] = 32,
-    s3: Annotated[bool, typer.Option("--s3", help="Also on a SeaweedFS started for the run.")] = False,
+    s3: Annotated[
+        bool, typer.Option("--s3", help="Also on a SeaweedFS started for the run.")
+    ] = False,
     rows: int = 2**17,
     width: int = 576,
     dtype: str = "float32",
@@ -372,7 +383,7 @@ def bench_group(
     """Wall and CPU time of several SAEs trained one after another against one group reading the data once."""
     import json
 
-    from sae_core.bench_data import bench_group as run_bench
+    from sae_core.bench.data import bench_group as run_bench
 
     with ExitStack() as stack:
         result = run_bench(
@@ -415,7 +426,7 @@ def promote(
     """Move `champion` to the `challenger` version when it beats the champion (the gate)."""
     from rich.markdown import Markdown
 
-    from sae_core.locks import LockTimeout
+    from sae_core.errors import LockTimeout
 
     try:
         policy = _promotion_policy(primary, min_improvement, l0_tolerance, guard)
@@ -437,7 +448,7 @@ def _promotion_policy(
     from pydantic import ValidationError
 
     from sae_core.config import format_validation_error
-    from sae_core.promotion import PromotionPolicy
+    from sae_core.evaluation.promotion import PromotionPolicy
 
     given = {"primary": primary, "min_improvement": min_improvement, "l0_tolerance": l0_tolerance}
     fields = {key: value for key, value in given.items() if value is not None}
@@ -478,7 +489,7 @@ def export(
     """Write an SAE in SAELens or EleutherAI sparsify format, normalisation included."""
     from pathlib import Path
 
-    from sae_core.export import export_sae, load_source
+    from sae_core.sae.export import export_sae, load_source
 
     try:
         if source.startswith("models:/"):
@@ -510,7 +521,7 @@ def import_(
     """Read an SAELens or sparsify TopK SAE into a saeflow safetensors file."""
     from pathlib import Path
 
-    from sae_core.export import detect_format, import_sae
+    from sae_core.sae.export import detect_format, import_sae
 
     try:
         fmt = detect_format(Path(folder))
@@ -547,7 +558,7 @@ def view(
     explanations (computed on first use, then cached; settings: the preset's `latents`)."""
     from pathlib import Path
 
-    from sae_core.viewer import make_server
+    from sae_core.latents.viewer import make_server
 
     cfg = _load(preset, set_, None)
     try:
@@ -572,7 +583,7 @@ def view(
         server = make_server(prepared.site, port)
     except USER_ERRORS as err:
         _fail(err)
-    except STORAGE_ERRORS as err:
+    except storage_errors() as err:
         _fail(storage_failure(err))
     console.print(f"serving the latent viewer at {server.url} (Ctrl-C to stop)", highlight=False)
     try:
@@ -584,7 +595,8 @@ def view(
 
 
 services_app = typer.Typer(
-    no_args_is_help=True, help="Local servers the pipeline can use; state in $SAEFLOW_HOME/services."
+    no_args_is_help=True,
+    help="Local servers the pipeline can use; state in $SAEFLOW_HOME/services.",
 )
 app.add_typer(services_app, name="services")
 ServiceNames = Annotated[

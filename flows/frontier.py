@@ -1,7 +1,7 @@
 """The frontier flow: one cached activation set; the dense TopK reference, an expander SAE per
 degree and the parameter-matched dense SAEs, trained from one read of the data per seed and
 each evaluated, through the pipeline's own cached tasks; then the storage-fidelity table and
-plot (sae_core.frontier)."""
+plot (sae_core.studies.frontier)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from flows.grid import activation_set, train_and_evaluate_all
 from flows.pipeline import check_inputs
 from flows.runners import local_runner
 from sae_core.config import PipelineConfig
-from sae_core.frontier import FrontierPoint, frontier_plan
-from sae_core.refs import DatasetRef
+from sae_core.storage.refs import DatasetRef
+from sae_core.studies.frontier import FrontierPoint, frontier_plan
 from tasks.caching import run_stage
 from tasks.report import ReportRef, report_frontier
 

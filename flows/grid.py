@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from sae_core.config import EvalConfig, PipelineConfig, SAEConfig, TrainConfig
-from sae_core.preflight import ModelFacts
-from sae_core.refs import DatasetRef
-from sae_core.store import default_store_uri
-from sae_core.train import group_by_data_order
+from sae_core.data.models import ModelFacts
+from sae_core.storage.refs import DatasetRef
+from sae_core.storage.store import default_store_uri
+from sae_core.training.group import group_by_data_order
 from tasks.caching import run_stage
 from tasks.data import extract_activations, sample_tokens
 from tasks.evaluate import EvalRef, evaluate_sae
@@ -75,7 +75,7 @@ def train_and_evaluate_all(
 ) -> list[TrainedPoint]:
     """Every point trained on `data` and evaluated, in order.
 
-    The points that share a data order (`sae_core.train.data_order`) and are not on the store
+    The points that share a data order (`sae_core.training.train.data_order`) and are not on the store
     yet train together, reading the data once per group; then each point goes through the
     cached train and evaluate tasks as before (its SAE is committed by then, so a train task
     that misses the cache only reads the manifest): per-point cache hits, states and results

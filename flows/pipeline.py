@@ -11,9 +11,10 @@ from pydantic import BaseModel
 
 from flows.runners import local_runner
 from sae_core.config import PipelineConfig
-from sae_core.preflight import ModelFacts, preflight
-from sae_core.refs import DatasetRef
-from sae_core.store import default_store_uri
+from sae_core.data.models import ModelFacts
+from sae_core.storage.refs import DatasetRef
+from sae_core.storage.store import default_store_uri
+from sae_core.training.preflight import preflight
 from tasks.caching import run_stage
 from tasks.data import extract_activations, sample_tokens
 from tasks.evaluate import EvalRef, evaluate_sae

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from sae_core.promotion import PromotionPolicy, PromotionResult
+from sae_core.evaluation.promotion import PromotionPolicy, PromotionResult
 from tasks.promote import promote_model
 
 

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from sae_core.config import ConfigError
+from sae_core.errors import ConfigError
 
 LOCAL = "local"
 _FORMS = "expected 'local' or 'dask://HOST:PORT' (a Dask scheduler, e.g. dask://127.0.0.1:8786)"

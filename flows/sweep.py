@@ -11,9 +11,9 @@ from flows.grid import activation_set, train_and_evaluate_all
 from flows.pipeline import check_inputs
 from flows.runners import local_runner
 from sae_core.config import PipelineConfig
-from sae_core.refs import DatasetRef
-from sae_core.scaling import ScalingFit
-from sae_core.sweep import SweepPoint, grid
+from sae_core.storage.refs import DatasetRef
+from sae_core.studies.scaling import ScalingFit
+from sae_core.studies.sweep import SweepPoint, grid
 from tasks.caching import run_stage
 from tasks.report import ReportRef, report_sweep
 from tasks.sweep import fit_scaling

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from sae_core import stages
 from sae_core.config import LatentsConfig
-from sae_core.viewer import LatentSite
+from sae_core.latents.viewer import LatentSite
+from sae_core.stages import latents as latents_stage
 from tasks.latents import log_explainability, sae_for
 
 
@@ -25,7 +25,7 @@ def prepare(target: str, latents: LatentsConfig, progress: bool = True) -> Prepa
     """The viewer's site for `target` (tasks.latents.TARGET_FORMS), computing the statistics
     when the store does not hold them yet."""
     sae, run_id = sae_for(target)
-    dataset, metrics = stages.compute_latent_stats(sae, latents, progress)
+    dataset, metrics = latents_stage.compute_latent_stats(sae, latents, progress)
     if run_id is not None:
         log_explainability(run_id, dataset, metrics)
     return Prepared(LatentSite(dataset), metrics, run_id)

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "deployments" / "presets"
+from sae_core.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A user error in the configuration: one line naming the field and the fix."""
+# Package data: a preset is found by name wherever saeflow is installed.
+PRESET_DIR = Path(str(resources.files("sae_core") / "presets"))
 
 
 class _Strict(BaseModel):
@@ -264,15 +264,13 @@ class FrontierConfig(_Strict):
         for name, low in (("degrees", 1), ("seeds", 0)):
             values = getattr(self, name)
             if len(set(values)) != len(values) or min(values) < low:
-                raise ValueError(
-                    f"frontier.{name}={values}: give distinct integers >= {low}"
-                )
+                raise ValueError(f"frontier.{name}={values}: give distinct integers >= {low}")
         return self
 
 
 class LatentsConfig(_Strict):
     """The latent statistics behind `saeflow view` and the explainability metric
-    (sae_core.latent_stats), computed in one pass over the eval activations."""
+    (sae_core.latents.stats), computed in one pass over the eval activations."""
 
     top_contexts: int = Field(16, ge=1, le=256, description="Top activating contexts per latent.")
     random_contexts: int = Field(
@@ -386,7 +384,7 @@ def build_config(
 def load_config(
     preset: str = "demo", overrides: list[str] | tuple[str, ...] = (), store: str | None = None
 ) -> PipelineConfig:
-    """A preset by name (deployments/presets/NAME.yaml) or a path to a YAML file, plus overrides."""
+    """A preset by name (sae_core/presets/NAME.yaml) or a path to a YAML file, plus overrides."""
     path = Path(preset)
     if not path.suffix:
         path = PRESET_DIR / f"{preset}.yaml"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sae_core.config import ConfigError
 from sae_core.env import machine_memory
+from sae_core.errors import ConfigError
 
 
 def pick_device(name: str = "auto") -> torch.device:

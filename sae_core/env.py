@@ -1,20 +1,29 @@
-"""Process environment saeflow runs under: offline, telemetry off, state under one home."""
+"""Process environment saeflow runs under: offline, telemetry off, state under one home.
+
+Nothing here runs at import. The entry points (the `flows` package, which the CLI and Prefect's
+deployments load first, and the tests' conftest) call `apply_runtime_env` before prefect, mlflow
+or great_expectations import; sae_core's own code calls `hub_offline` before it loads
+transformers or datasets, so that a library user's process never reaches for a model hub.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-# Set before transformers, datasets, prefect or mlflow import, wherever saeflow runs.
-RUNTIME_DEFAULTS = {
+# Read by huggingface_hub, transformers and datasets when they import.
+HUB_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# Read by the orchestration stack (Prefect, MLflow, Great Expectations).
+SERVICE_DEFAULTS = {
     "DO_NOT_TRACK": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
     "GX_ANALYTICS_ENABLED": "false",
     # The ephemeral Prefect server migrates a fresh database on first start; on 2 busy cores
     # that outlasts Prefect's 20 s default and a newcomer's first run would fail.
@@ -38,13 +47,18 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def apply_runtime_env() -> None:
-    for key, value in RUNTIME_DEFAULTS.items():
+def hub_offline() -> None:
+    """Model and dataset hubs off (set-if-unset): call before transformers or datasets import."""
+    for key, value in HUB_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    # Prefect keeps its database and cached results in saeflow's state directory.
+
+
+def apply_runtime_env() -> None:
+    """Everything an orchestrated process needs set before prefect or mlflow import: hubs off,
+    telemetry off, and Prefect's home (created) in saeflow's state directory."""
+    hub_offline()
+    for key, value in SERVICE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(saeflow_home() / "prefect"))
-
-
-def ensure_prefect_home() -> None:
-    """Create PREFECT_HOME's parents: Prefect creates only the last level. Called by flows/."""
+    # Prefect creates only the last level of its home.
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)

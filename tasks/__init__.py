@@ -1,5 +1,5 @@
-"""Thin Prefect tasks around sae_core: they take and return small references."""
-
-from sae_core.env import ensure_prefect_home
-
-ensure_prefect_home()
+"""Thin Prefect tasks around sae_core: each takes and returns small references (URIs,
+fingerprints, counts), never tensors, and adds only what orchestration needs: a cache policy,
+retries, logging and artifacts. The logic they wrap lives in sae_core (stages/ for the pipeline's
+stages); the process environment is set by the entry point that imports them (flows/).
+"""

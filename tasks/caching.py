@@ -18,8 +18,8 @@ from prefect.states import State
 from prefect.utilities.hashing import hash_objects
 
 from sae_core.env import saeflow_home
-from sae_core.locks import file_lock
-from sae_core.stages import Location
+from sae_core.stages.location import Location
+from sae_core.storage.locks import file_lock
 
 STANDARD = INPUTS - "progress" + TASK_SOURCE
 

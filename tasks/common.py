@@ -7,9 +7,7 @@ from typing import Any
 from prefect.tasks import exponential_backoff
 from pydantic import ValidationError
 
-from sae_core.config import ConfigError
-from sae_core.store import StoreError
-from sae_core.validation import ValidationFailed
+from sae_core.errors import ConfigError, StoreError, ValidationFailed
 
 # User errors and failed checks are final: retrying would only repeat them. FileNotFoundError
 # (a missing input) is final although it is an OSError; other OSErrors (connection resets,

@@ -13,38 +13,41 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
-from sae_core import stages
-from sae_core.activations import ShardRange
 from sae_core.config import DataConfig, ModelConfig
-from sae_core.refs import DatasetRef
+from sae_core.data.activations import ShardRange
+from sae_core.stages import extract as extract_stage
+from sae_core.stages import sample as sample_stage
+from sae_core.storage.refs import DatasetRef
 from tasks.caching import CommittedOutput
 from tasks.common import TASK_DEFAULTS
 
 
 @task(
-    name="sample_tokens", cache_policy=CommittedOutput(locate=stages.locate_tokens), **TASK_DEFAULTS
+    name="sample_tokens",
+    cache_policy=CommittedOutput(locate=sample_stage.locate_tokens),
+    **TASK_DEFAULTS,
 )
 def sample_tokens(
     store: str, model: ModelConfig, data: DataConfig, progress: bool = True
 ) -> DatasetRef:
-    return stages.sample_tokens(store, model, data, progress)
+    return sample_stage.sample_tokens(store, model, data, progress)
 
 
 # A shard's output is its file and mark on the store, which the next plan reads: nothing to cache.
 @task(name="extract_shard", **{**TASK_DEFAULTS, "cache_policy": NO_CACHE, "persist_result": False})
-def extract_shard(plan: stages.ActivationPlan, shard: ShardRange) -> ShardRange:
-    return stages.extract_activation_shard(plan, shard)
+def extract_shard(plan: extract_stage.ActivationPlan, shard: ShardRange) -> ShardRange:
+    return extract_stage.extract_activation_shard(plan, shard)
 
 
 @task(
     name="extract_activations",
-    cache_policy=CommittedOutput(locate=stages.locate_activations),
+    cache_policy=CommittedOutput(locate=extract_stage.locate_activations),
     **TASK_DEFAULTS,
 )
 def extract_activations(
     tokens: DatasetRef, model: ModelConfig, data: DataConfig, progress: bool = True
 ) -> DatasetRef:
-    plan = stages.plan_activations(tokens, model, data, [model.hook])
+    plan = extract_stage.plan_activations(tokens, model, data, [model.hook])
     try:
         if plan.missing:
             futures = extract_shard.map(plan=unmapped(plan), shard=plan.missing)
@@ -62,5 +65,5 @@ def extract_activations(
             if failures:
                 raise failures[0]
     finally:
-        stages.release_shard_model()  # this process's copy, when shards ran here
-    return stages.commit_activations(plan)[0]
+        extract_stage.release_shard_model()  # this process's copy, when shards ran here
+    return extract_stage.commit_activations(plan)[0]

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sae_core.store import DatasetWriter
+from sae_core.storage.store import DatasetWriter
 
 _SITE = "saeflow"
 _MAX_ASSET_BYTES = 256 * 1024  # skips GE's multi-MB tutorial GIFs; pages, styles, fonts stay

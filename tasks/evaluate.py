@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import task
 from pydantic import BaseModel
 
-from sae_core import stages
 from sae_core.config import DataConfig, EvalConfig, ModelConfig
-from sae_core.refs import DatasetRef
+from sae_core.stages import evaluate as evaluate_stage
+from sae_core.storage.refs import DatasetRef
 from tasks.caching import CommittedOutput
 from tasks.common import TASK_DEFAULTS
 
@@ -21,7 +21,7 @@ class EvalRef(BaseModel):
 
 @task(
     name="evaluate_sae",
-    cache_policy=CommittedOutput(locate=stages.locate_evaluation),
+    cache_policy=CommittedOutput(locate=evaluate_stage.locate_evaluation),
     **TASK_DEFAULTS,
 )
 def evaluate_sae(
@@ -32,5 +32,5 @@ def evaluate_sae(
     eval: EvalConfig,
     progress: bool = True,
 ) -> EvalRef:
-    dataset, metrics = stages.evaluate_sae(sae, tokens, model, data, eval, progress)
+    dataset, metrics = evaluate_stage.evaluate_sae(sae, tokens, model, data, eval, progress)
     return EvalRef(dataset=dataset, metrics=metrics)

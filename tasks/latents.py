@@ -13,12 +13,15 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel
 
-from sae_core import stages
-from sae_core.config import ConfigError, LatentsConfig
-from sae_core.refs import DatasetRef, committed_dataset
+from sae_core.config import LatentsConfig
+from sae_core.errors import ConfigError
+from sae_core.stages import latents as latents_stage
+from sae_core.stages import location as location_stage
+from sae_core.storage.refs import DatasetRef, committed_dataset
 from tasks.caching import CommittedOutput
 from tasks.common import TASK_DEFAULTS
-from tasks.registry import RegistryRef, _client, tracking_uri
+from tasks.registry import RegistryRef
+from tasks.tracking import mlflow_client, tracking_uri
 
 LATENTS_TAG = "saeflow.latents_uri"
 ARTIFACT_DIR = "latents"  # the run's artifact folder holding summary.json
@@ -38,7 +41,7 @@ class LatentsRef(BaseModel):
 def log_explainability(run_id: str, dataset: DatasetRef, metrics: dict[str, float]) -> None:
     """The explainability figures as the run's metrics, summary.json as its `latents/`
     artifact and a tag naming the dataset; nothing when the tag already names it."""
-    client = _client()
+    client = mlflow_client()
     if client.get_run(run_id).data.tags.get(LATENTS_TAG) == dataset.uri:
         return
     for key, value in metrics.items():
@@ -51,15 +54,17 @@ def log_explainability(run_id: str, dataset: DatasetRef, metrics: dict[str, floa
     client.set_tag(run_id, LATENTS_TAG, dataset.uri)
 
 
-def _locate(sae: DatasetRef, latents: LatentsConfig, registry: RegistryRef) -> stages.Location:
-    return stages.locate_latent_stats(sae, latents)
+def _locate(
+    sae: DatasetRef, latents: LatentsConfig, registry: RegistryRef
+) -> location_stage.Location:
+    return latents_stage.locate_latent_stats(sae, latents)
 
 
 @task(name="latent_stats", cache_policy=CommittedOutput(locate=_locate), **TASK_DEFAULTS)
 def latent_stats(
     sae: DatasetRef, latents: LatentsConfig, registry: RegistryRef, progress: bool = True
 ) -> LatentsRef:
-    dataset, metrics = stages.compute_latent_stats(sae, latents, progress)
+    dataset, metrics = latents_stage.compute_latent_stats(sae, latents, progress)
     log_explainability(registry.run_id, dataset, metrics)
     return LatentsRef(dataset=dataset, metrics=metrics)
 
@@ -74,7 +79,7 @@ def _registry(target: str) -> Any:
             "run`, point SAEFLOW_HOME or MLFLOW_TRACKING_URI at a registry, or give "
             "STORE/sae/FINGERPRINT"
         )
-    return _client()
+    return mlflow_client()
 
 
 def _version_run(target: str, name: str, alias: str | None, version: str | None) -> str:

@@ -10,8 +10,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from sae_core.env import saeflow_home
-from sae_core.locks import file_lock
-from sae_core.promotion import PromotionPolicy, PromotionResult, promote
+from sae_core.evaluation.promotion import PromotionPolicy, PromotionResult, promote
+from sae_core.storage.locks import file_lock
 from tasks.common import TASK_DEFAULTS
 from tasks.registry import MlflowRegistry
 

@@ -8,7 +8,6 @@ that loads the safetensors weights. `MlflowRegistry` gives the promotion gate it
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -21,17 +20,18 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 import sae_core
-from sae_core.config import ConfigError, PipelineConfig, RegistryConfig
-from sae_core.env import saeflow_home
-from sae_core.export import ORIGIN_FILE, Origin
-from sae_core.fingerprint import fingerprint
-from sae_core.lineage import sae_lineage
-from sae_core.refs import DatasetRef
+from sae_core.config import PipelineConfig, RegistryConfig
+from sae_core.errors import ConfigError
 from sae_core.sae import WEIGHTS_FILE
-from sae_core.stages import Location
+from sae_core.sae.export import ORIGIN_FILE, Origin
+from sae_core.stages.location import Location
+from sae_core.storage.fingerprint import fingerprint
+from sae_core.storage.lineage import sae_lineage
+from sae_core.storage.refs import DatasetRef
 from tasks.caching import CommittedOutput
 from tasks.common import TASK_DEFAULTS
 from tasks.evaluate import EvalRef
+from tasks.tracking import experiment_id, mlflow_client, tracking_uri
 
 FINGERPRINT_TAG = "saeflow.fingerprint"
 # Small files of an SAE dataset kept with the run (the weights travel in the model).
@@ -48,33 +48,6 @@ class RegistryRef(BaseModel):
     tracking_uri: str
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else a SQLite database in the state directory."""
-    default = f"sqlite:///{saeflow_home() / 'mlflow.db'}"
-    return os.environ.get("MLFLOW_TRACKING_URI", default)
-
-
-def _experiment_id(name: str) -> str:
-    """The experiment's id, creating it with artifacts in the state directory when tracking locally."""
-    import mlflow
-
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    # A tracking server decides its own artifact root; a local database keeps them beside it.
-    local = tracking_uri().startswith(("sqlite:", "file:"))
-    artifacts = (saeflow_home() / "mlartifacts").as_uri() if local else None
-    return mlflow.create_experiment(name, artifact_location=artifacts)
-
-
-def _client() -> Any:
-    import mlflow
-
-    saeflow_home().mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri())
-    return mlflow.MlflowClient()
-
-
 def locate_registration(
     sae: DatasetRef, evaluation: EvalRef, config: PipelineConfig, registry: RegistryConfig
 ) -> Location:
@@ -88,7 +61,7 @@ def locate_registration(
 
 def find_version(name: str, fp: str) -> Any | None:
     """The registered version carrying this registration fingerprint, if any."""
-    client = _client()
+    client = mlflow_client()
     try:
         found = client.search_model_versions(
             f"name = '{name}' and tags.`{FINGERPRINT_TAG}` = '{fp}'"
@@ -123,7 +96,7 @@ def register_model(
     import mlflow
 
     loc = locate_registration(sae, evaluation, config, registry)
-    client = _client()
+    client = mlflow_client()
     existing = find_version(registry.model_name, loc.fingerprint)
     if existing is None:
         existing = _log_and_register(client, sae, evaluation, config, registry, loc.fingerprint)
@@ -153,7 +126,7 @@ def _log_and_register(
     lineage = sae_lineage(sae)
     run_name = f"{config.name}-{sae.fingerprint[:8]}"
     with mlflow.start_run(
-        experiment_id=_experiment_id(registry.experiment), run_name=run_name
+        experiment_id=experiment_id(registry.experiment), run_name=run_name
     ) as run:
         mlflow.log_params(_flatten(config.model_dump(mode="json")))
         mlflow.log_metrics(evaluation.metrics)
@@ -275,11 +248,11 @@ def _link_run(run_id: str, model: str, version: str) -> None:
 
 
 class MlflowRegistry:
-    """The promotion gate's registry (sae_core.promotion.Registry) on MLflow's model registry;
+    """The promotion gate's registry (sae_core.evaluation.promotion.Registry) on MLflow's model registry;
     a version's metrics are those its run logged."""
 
     def __init__(self) -> None:
-        self.client = _client()
+        self.client = mlflow_client()
 
     def version_for_alias(self, name: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
@@ -312,7 +285,7 @@ def registered_sae(model_uri: str) -> tuple[Any, Origin]:
 
     from sae_core.sae import load_sae_bytes
 
-    _client()
+    mlflow_client()
     with tempfile.TemporaryDirectory() as tmp:
         try:
             folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))

@@ -13,15 +13,17 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from sae_core import stages
-from sae_core.frontier import FrontierPoint
-from sae_core.refs import DatasetRef
-from sae_core.scaling import NAMES, ScalingFit
-from sae_core.sweep import SweepPoint
+from sae_core.stages import location as location_stage
+from sae_core.stages import report as report_stage
+from sae_core.storage.refs import DatasetRef
+from sae_core.studies.frontier import FrontierPoint
+from sae_core.studies.scaling import NAMES, ScalingFit
+from sae_core.studies.sweep import SweepPoint
 from tasks.caching import CommittedOutput
 from tasks.common import TASK_DEFAULTS
 from tasks.evaluate import EvalRef
-from tasks.registry import RegistryRef, _client, _experiment_id
+from tasks.registry import RegistryRef
+from tasks.tracking import experiment_id, mlflow_client
 
 REPORT_DIR = "report"  # artifact folder of the report in an MLflow run
 SWEEP_TAG = "saeflow.sweep_report"
@@ -40,7 +42,7 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _post(written: stages.WrittenReport, key: str, description: str) -> None:
+def _post(written: report_stage.WrittenReport, key: str, description: str) -> None:
     """Prefect artifacts (keys: lowercase letters, digits and dashes)."""
     create_markdown_artifact(key=key, markdown=written.markdown, description=description)
     table = [{k: _finite(v) for k, v in row.items()} for row in written.table]
@@ -58,8 +60,8 @@ def _log_report(client: Any, run_id: str, ref: DatasetRef) -> None:
         client.log_artifacts(run_id, tmp, REPORT_DIR)
 
 
-def _ref(written: stages.WrittenReport, run_id: str) -> ReportRef:
-    from sae_core.report import REPORT_FILE
+def _ref(written: report_stage.WrittenReport, run_id: str) -> ReportRef:
+    from sae_core.studies.report import REPORT_FILE
 
     return ReportRef(
         dataset=written.ref, markdown=f"{written.ref.uri}/{REPORT_FILE}", mlflow_run_id=run_id
@@ -68,24 +70,24 @@ def _ref(written: stages.WrittenReport, run_id: str) -> ReportRef:
 
 def _locate_run(
     sae: DatasetRef, evaluation: EvalRef, registry: RegistryRef, title: str
-) -> stages.Location:
-    return stages.locate_run_report(sae, evaluation.dataset, title)
+) -> location_stage.Location:
+    return report_stage.locate_run_report(sae, evaluation.dataset, title)
 
 
 @task(name="report_run", cache_policy=CommittedOutput(locate=_locate_run), **TASK_DEFAULTS)
 def report_run(
     sae: DatasetRef, evaluation: EvalRef, registry: RegistryRef, title: str
 ) -> ReportRef:
-    written = stages.write_run_report(sae, evaluation.dataset, title)
+    written = report_stage.write_run_report(sae, evaluation.dataset, title)
     _post(written, "saeflow-run-report", f"{title}: SAE evaluation")
-    _log_report(_client(), registry.run_id, written.ref)
+    _log_report(mlflow_client(), registry.run_id, written.ref)
     return _ref(written, registry.run_id)
 
 
 def _locate_sweep(
     points: list[SweepPoint], fit: ScalingFit | None, title: str, experiment: str
-) -> stages.Location:
-    return stages.locate_sweep_report(points, fit, title)
+) -> location_stage.Location:
+    return report_stage.locate_sweep_report(points, fit, title)
 
 
 class ChildRun(NamedTuple):
@@ -100,22 +102,22 @@ class ChildRun(NamedTuple):
 def _grid_run(
     client: Any,
     experiment: str,
-    written: stages.WrittenReport,
+    written: report_stage.WrittenReport,
     tag: str,
     metrics: dict[str, float],
     children: list[ChildRun],
 ) -> str:
     """The MLflow run of a sweep or frontier report (found by its tag and the report's
     fingerprint, else created): `metrics`, the report as artifacts, one nested run per SAE."""
-    experiment_id = _experiment_id(experiment)
+    exp_id = experiment_id(experiment)
     found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{tag}` = '{written.ref.fingerprint}'", max_results=1
+        [exp_id], filter_string=f"tags.`{tag}` = '{written.ref.fingerprint}'", max_results=1
     )
     if found:
         return found[0].info.run_id
     kind = tag.removeprefix("saeflow.").removesuffix("_report")
     run = client.create_run(
-        experiment_id,
+        exp_id,
         run_name=f"{kind}-{written.ref.fingerprint[:8]}",
         tags={tag: written.ref.fingerprint, "saeflow.report_uri": written.ref.uri},
     )
@@ -125,7 +127,7 @@ def _grid_run(
     _log_report(client, run_id, written.ref)
     for c in children:
         child = client.create_run(
-            experiment_id,
+            exp_id,
             run_name=c.name,
             tags={"mlflow.parentRunId": run_id, "saeflow.sae_uri": c.sae_uri},
         )
@@ -143,7 +145,7 @@ def _grid_run(
 def report_sweep(
     points: list[SweepPoint], fit: ScalingFit | None, title: str, experiment: str
 ) -> ReportRef:
-    written = stages.write_sweep_report(points, fit, title)
+    written = report_stage.write_sweep_report(points, fit, title)
     _post(written, "saeflow-sweep-report", f"{title}: {len(points)} SAEs")
     metrics = {}
     if fit is not None:
@@ -160,12 +162,14 @@ def report_sweep(
         )
         for p in points
     ]
-    run_id = _grid_run(_client(), experiment, written, SWEEP_TAG, metrics, children)
+    run_id = _grid_run(mlflow_client(), experiment, written, SWEEP_TAG, metrics, children)
     return _ref(written, run_id)
 
 
-def _locate_frontier(points: list[FrontierPoint], title: str, experiment: str) -> stages.Location:
-    return stages.locate_frontier_report(points, title)
+def _locate_frontier(
+    points: list[FrontierPoint], title: str, experiment: str
+) -> location_stage.Location:
+    return report_stage.locate_frontier_report(points, title)
 
 
 @task(
@@ -174,7 +178,7 @@ def _locate_frontier(points: list[FrontierPoint], title: str, experiment: str) -
 def report_frontier(points: list[FrontierPoint], title: str, experiment: str) -> ReportRef:
     """The frontier's report on the store, as Prefect artifacts, and as an MLflow run whose
     nested runs carry each SAE's row of the table (compression, retained, ...)."""
-    written = stages.write_frontier_report(points, title)
+    written = report_stage.write_frontier_report(points, title)
     _post(written, "saeflow-frontier-report", f"{title}: {len(points)} SAEs")
     children = []
     for p, row in zip(points, written.table, strict=True):
@@ -182,5 +186,5 @@ def report_frontier(points: list[FrontierPoint], title: str, experiment: str) ->
                   "sae.k": p.k, "train.seed": p.seed}  # fmt: skip
         figures = {k: float(v) for k, v in row.items() if k not in _IDENTITY}
         children.append(ChildRun(p.label.replace(" ", "-"), p.sae.uri, params, figures))
-    run_id = _grid_run(_client(), experiment, written, FRONTIER_TAG, {}, children)
+    run_id = _grid_run(mlflow_client(), experiment, written, FRONTIER_TAG, {}, children)
     return _ref(written, run_id)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sae_core.scaling import ScalingFit, fit_scaling_law
-from sae_core.sweep import SweepPoint
+from sae_core.studies.scaling import ScalingFit, fit_scaling_law
+from sae_core.studies.sweep import SweepPoint
 from tasks.common import TASK_DEFAULTS
 
 

@@ -6,18 +6,20 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from sae_core import stages
 from sae_core.config import SAEConfig, TrainConfig
-from sae_core.refs import DatasetRef
+from sae_core.stages import train as train_stage
+from sae_core.storage.refs import DatasetRef
 from tasks.caching import CommittedOutput, stage_locks
 from tasks.common import TASK_DEFAULTS
 
 
-@task(name="train_sae", cache_policy=CommittedOutput(locate=stages.locate_sae), **TASK_DEFAULTS)
+@task(
+    name="train_sae", cache_policy=CommittedOutput(locate=train_stage.locate_sae), **TASK_DEFAULTS
+)
 def train_sae(
     acts: DatasetRef, sae: SAEConfig, train: TrainConfig, progress: bool = True
 ) -> DatasetRef:
-    return stages.train_sae(acts, sae, train, progress)
+    return train_stage.train_sae(acts, sae, train, progress)
 
 
 # Not cached itself: each SAE lands at the address a lone `train_sae` uses, where that task's
@@ -26,8 +28,8 @@ def train_sae(
 def train_sae_group(
     acts: DatasetRef, points: list[tuple[SAEConfig, TrainConfig]], progress: bool = True
 ) -> list[DatasetRef]:
-    """points must share `sae_core.train.data_order`; one ref per point, in order."""
-    return stages.train_sae_group(acts, points, progress)
+    """points must share `sae_core.training.train.data_order`; one ref per point, in order."""
+    return train_stage.train_sae_group(acts, points, progress)
 
 
 def train_group_stage(
@@ -36,7 +38,7 @@ def train_group_stage(
     """Train the points' SAEs that are not committed yet in one `train_sae_group` run, holding
     each one's stage lock (as `run_stage` would for a lone `train_sae`), so a concurrent run of
     any of them waits and then reuses it. Nothing runs when all are committed."""
-    locations = {stages.locate_sae(acts, *p): p for p in points}
+    locations = {train_stage.locate_sae(acts, *p): p for p in points}
     missing = {loc: p for loc, p in locations.items() if loc.committed() is None}
     if missing:
         with stage_locks(missing, "train_sae_group"):

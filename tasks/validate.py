@@ -1,6 +1,6 @@
 """Prefect task: check an activations dataset with a Great Expectations suite before training on it.
 
-sae_core.validation reduces each shard to flat tables; here an ephemeral GE context checks them
+sae_core.data.validation reduces each shard to flat tables; here an ephemeral GE context checks them
 shard by shard (facts, per-token, per-dimension), then the split totals against the manifest, then
 an overview with one row per shard. The overview, the split checks and every failed check become
 GE data docs (HTML), committed to the store as `validation/<dataset fingerprint>/` with the report
@@ -22,16 +22,11 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
-from sae_core.config import ConfigError
-from sae_core.refs import DatasetRef
-from sae_core.stages import Location
-from sae_core.store import Store
-from sae_core.validation import (
-    ShardSummary,
-    ValidationFailed,
-    activation_manifest,
-    summarize_dataset,
-)
+from sae_core.data.validation import ShardSummary, activation_manifest, summarize_dataset
+from sae_core.errors import ConfigError, ValidationFailed
+from sae_core.stages.location import Location
+from sae_core.storage.refs import DatasetRef
+from sae_core.storage.store import Store
 from tasks.caching import CommittedOutput
 from tasks.datadocs import DataDocs
 

@@ -2,13 +2,13 @@ import pytest
 from pydantic import ValidationError
 
 from sae_core.config import (
-    ConfigError,
     PipelineConfig,
     available_presets,
     build_config,
     load_config,
     parse_override,
 )
+from sae_core.errors import ConfigError
 
 
 def test_demo_preset_loads_with_issue_values():

@@ -1,4 +1,7 @@
-"""Sparse autoencoders. Public API:
+"""Sparse autoencoders: the kinds, their normalisation (normalize), the reductions over a
+data-parallel batch (ranks), the sparse step's kernels (kernels: the Python face; native: the
+C++ build), orthogonal matching pursuit (omp) and the SAELens / sparsify formats (export).
+May import: storage and the leaves. Public API:
 
 - `SparseAutoencoder`: what every kind provides (`sae_core.sae.base`); two kinds (cfg.kind):
   - `TopKSAE(d, cfg, norm=None, generator=None)`: the Gao et al. TopK SAE, dense W_enc, W_dec.
@@ -20,7 +23,7 @@
   `sae.safetensors` of a committed sae dataset.
 - `storage_report(sae) -> dict`: learned decoder values and artifact bytes against the dense
   TopK equivalent.
-- Training lives in `sae_core.train.train_sae`; kernels in `sae_core.sae.kernels`.
+- Training lives in `sae_core.training`.
 """
 
 from __future__ import annotations
@@ -29,14 +32,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sae_core.config import ConfigError, SAEConfig
-from sae_core.normalize import InputNorm
+from sae_core.config import SAEConfig
+from sae_core.errors import ConfigError
 from sae_core.sae.base import Codes, ForwardOutput, SparseAutoencoder, safetensors_metadata
 from sae_core.sae.expander import ExpanderSAE
+from sae_core.sae.normalize import InputNorm
 from sae_core.sae.topk import TopKSAE
 
 if TYPE_CHECKING:
-    from sae_core.refs import DatasetRef
+    from sae_core.storage.refs import DatasetRef
 
 WEIGHTS_FILE = "sae.safetensors"
 KINDS: dict[str, type[SparseAutoencoder]] = {"topk": TopKSAE, "expander": ExpanderSAE}

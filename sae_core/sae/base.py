@@ -21,11 +21,12 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from sae_core.config import ConfigError, SAEConfig
-from sae_core.normalize import InputNorm, NormStats
-from sae_core.ranks import SINGLE, Ranks
+from sae_core.config import SAEConfig
+from sae_core.errors import ConfigError
 from sae_core.sae import kernels
+from sae_core.sae.normalize import InputNorm, NormStats
 from sae_core.sae.omp import omp
+from sae_core.sae.ranks import SINGLE, Ranks
 
 FORMAT_VERSION = "1"
 FIRE_THRESHOLD = 1e-3  # a latent "fires" on a token when its activation exceeds this

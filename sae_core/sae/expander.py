@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae_core.config import ConfigError, SAEConfig, check_expander_graph
-from sae_core.normalize import InputNorm
+from sae_core.config import SAEConfig, check_expander_graph
+from sae_core.errors import ConfigError
 from sae_core.sae import kernels
 from sae_core.sae.base import SparseAutoencoder
+from sae_core.sae.normalize import InputNorm
 
 FORMAT = "saeflow.expander"
 _MASK_CHUNK = 2**22  # random keys drawn per chunk of latents while sampling the graph

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from sae_core.ranks import SINGLE, Ranks
 from sae_core.sae import native
+from sae_core.sae.ranks import SINGLE, Ranks
 
 USE_NATIVE = True  # tests switch this off to exercise the stock-op path
 # The native decoder's layout: "auto" picks by L2 size; tests force "panels" or "rows".
@@ -474,7 +474,11 @@ def adam_unit_rows_(
     if _decoder_uses_panels(n):
         entry = _PANELS.get(W)
         shape = (-(-W.shape[1] // 16), n, 16)
-        panels = entry.panels if entry is not None and entry.panels.shape == shape else W.new_empty(shape)
+        panels = (
+            entry.panels
+            if entry is not None and entry.panels.shape == shape
+            else W.new_empty(shape)
+        )
     bias1, bias2 = 1 - beta1**step, 1 - beta2**step
     ext.adam_unit_rows(W, G, exp_avg, exp_avg_sq, panels, lr / bias1, beta1, beta2, eps, bias2**0.5)
     torch.autograd.graph.increment_version(W)  # written through its data pointer
@@ -484,9 +488,7 @@ def adam_unit_rows_(
         _PANELS.pop(W, None)
 
 
-def fire_counts(
-    idx: torch.Tensor, vals: torch.Tensor, n: int, threshold: float
-) -> torch.Tensor:
+def fire_counts(idx: torch.Tensor, vals: torch.Tensor, n: int, threshold: float) -> torch.Tensor:
     """[n]: how many entries of each latent exceed threshold. idx: [B, K] latents < n; vals:
     [B, K] their activations (vals' dtype). O(B K + n)."""
     ext = _native_for(idx, vals)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sae_core.config import ConfigError, SAEConfig
-from sae_core.normalize import InputNorm
-from sae_core.ranks import SINGLE, Ranks
+from sae_core.config import SAEConfig
+from sae_core.errors import ConfigError
 from sae_core.sae import kernels
 from sae_core.sae.base import ForwardOutput, Selection, SparseAutoencoder
+from sae_core.sae.normalize import InputNorm
+from sae_core.sae.ranks import SINGLE, Ranks
 
 FORMAT = "saeflow.topk"
 

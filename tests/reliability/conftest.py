@@ -21,9 +21,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner, Result
 
-from sae_core.store import PROGRESS, Store
+from sae_core.storage.store import PROGRESS, Store
+from tests.helpers import HELPERS
 
-WORKER = Path(__file__).with_name("pipeline_worker.py")
+WORKER = HELPERS / "pipeline_worker.py"
 MODEL_NAME = "reliability-sae"
 CHECKPOINT_TOKENS = 1024  # train.checkpoint_every_tokens of the tiny preset: 4 checkpoints a run
 # Folders whose files are the pipeline's results; validation docs and reports carry timestamps.
@@ -112,7 +113,7 @@ class Workspace:
         return CliRunner().invoke(app, list(args), env=env)
 
     def spawn(self, *overrides: str, **env: str) -> subprocess.Popen:
-        """`saeflow run` of the preset in a subprocess (tests/reliability/pipeline_worker.py:
+        """`saeflow run` of the preset in a subprocess (tests/helpers/pipeline_worker.py:
         RELIABILITY_* variables arm its faults); stdout and stderr together."""
         return subprocess.Popen(
             [sys.executable, str(WORKER), *self.args(*overrides)],
@@ -216,8 +217,8 @@ def _whole(store: Store, path: str, manifest: dict[str, Any], settled: bool) -> 
     """Raise unless the committed dataset holds what its manifest promises, readable."""
     import pyarrow.parquet as pq
 
-    from sae_core.loader import open_shard
     from sae_core.sae import load_sae_bytes
+    from sae_core.storage.loader import open_shard
 
     files = _files(store, path)
     leftovers = [f for f in files if ".tmp-" in f or (settled and f.startswith(PROGRESS))]
@@ -304,12 +305,13 @@ def tiny_config(tiny_preset: Path) -> Any:
 def made_store(tmp_path_factory, tiny_config) -> tuple[Path, Any, Any]:
     """A local store holding the tiny preset's tokens and activations: (folder, tokens ref,
     activations ref). Read-only: copy it (`copied_store`) to change it."""
-    from sae_core import stages
+    from sae_core.stages import extract as extract_stage
+    from sae_core.stages import sample as sample_stage
 
     folder = tmp_path_factory.mktemp("made") / "store"
     cfg = tiny_config
-    tokens = stages.sample_tokens(str(folder), cfg.model, cfg.data, progress=False)
-    acts = stages.extract_activations(tokens, cfg.model, cfg.data, progress=False)
+    tokens = sample_stage.sample_tokens(str(folder), cfg.model, cfg.data, progress=False)
+    acts = extract_stage.extract_activations(tokens, cfg.model, cfg.data, progress=False)
     return folder, tokens, acts
 
 

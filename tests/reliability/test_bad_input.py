@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import pytest
 
-from reliability.conftest import Workspace
+from tests.reliability.conftest import Workspace
 
 
 class Case(NamedTuple):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from reliability.conftest import Reference, result_digests, store_problems
+from tests.reliability.conftest import Reference, result_digests, store_problems
 
 pytestmark = pytest.mark.slow
 

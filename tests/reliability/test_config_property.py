@@ -11,7 +11,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from sae_core.config import ConfigError, PipelineConfig, build_config, load_config
+from sae_core.config import PipelineConfig, build_config, load_config
+from sae_core.errors import ConfigError
 
 
 def field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from reliability.conftest import committed, error_line
-from sae_core import stages
-from sae_core.layout import STORAGE_SCHEMA, activation_matrix, storage_batch
-from sae_core.store import DatasetDamaged, Store
-from sae_core.validation import ValidationFailed
+from sae_core.errors import DatasetDamaged, ValidationFailed
+from sae_core.stages import train as train_stage
+from sae_core.storage.layout import STORAGE_SCHEMA, activation_matrix, storage_batch
+from sae_core.storage.store import Store
 from tasks.validate import validate_activations
+from tests.reliability.conftest import committed, error_line
 
 SHARD = "train/shard-00002.parquet"
 VOCAB = 512  # the tiny model's
@@ -89,7 +89,7 @@ def test_the_training_reader_names_the_damaged_shard_and_commits_no_sae(
     folder, _, acts = copied_store
     damage(folder / acts.path / SHARD)
     with pytest.raises(DatasetDamaged, match=SHARD):
-        stages.train_sae(acts, tiny_config.sae, tiny_config.train, progress=False)
+        train_stage.train_sae(acts, tiny_config.sae, tiny_config.train, progress=False)
     assert not [path for path in committed(Store(str(folder))) if path.startswith("sae/")]
 
 

@@ -21,14 +21,14 @@ from typing import NamedTuple
 
 import pytest
 
-from reliability.conftest import (
+from sae_core.storage.store import Store
+from tests.reliability.conftest import (
     CHECKPOINT_TOKENS,
     Reference,
     Workspace,
     result_digests,
     store_problems,
 )
-from sae_core.store import Store
 
 pytestmark = pytest.mark.slow
 KILLED = -9
@@ -36,7 +36,7 @@ KILLED = -9
 
 class Kill(NamedTuple):
     stage: str
-    spec: str  # RELIABILITY_KILL for tests/reliability/pipeline_worker.py
+    spec: str  # RELIABILITY_KILL for tests/helpers/pipeline_worker.py
 
 
 # One deterministic point per stage (and a torn write): what each leaves behind differs.

@@ -18,8 +18,14 @@ from typing import TypeVar
 
 import pytest
 
-from reliability.conftest import Reference, Workspace, error_line, result_digests, store_problems
-from sae_core.store import Store
+from sae_core.storage.store import Store
+from tests.reliability.conftest import (
+    Reference,
+    Workspace,
+    error_line,
+    result_digests,
+    store_problems,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 SHORT_OUTAGE_S = 8.0

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from reliability.conftest import committed, error_line
-from sae_core import stages
-from sae_core.config import ConfigError
-from sae_core.refs import DatasetRef
+from sae_core.errors import ConfigError, StoreError
 from sae_core.sae import WEIGHTS_FILE, load_sae
-from sae_core.store import Store, StoreError
+from sae_core.stages import train as train_stage
+from sae_core.storage.refs import DatasetRef
+from sae_core.storage.store import Store
+from tests.reliability.conftest import committed, error_line
 
 REPO = Path(__file__).resolve().parents[2]
 PRODUCT = ["sae_core", "tasks", "flows", "deployments"]
@@ -65,10 +65,10 @@ def test_a_pickle_as_the_training_checkpoint_is_refused(tmp_path, kind, copied_s
     marker = tmp_path / "pwned"
     data = malicious(marker, kind)
     marker.unlink(missing_ok=True)
-    fp = stages.locate_sae(acts, tiny_config.sae, tiny_config.train).fingerprint
+    fp = train_stage.locate_sae(acts, tiny_config.sae, tiny_config.train).fingerprint
     Store(str(folder)).write_bytes(f"checkpoints/{fp}/last.safetensors", data)
     with pytest.raises(ConfigError, match="not a safetensors file"):
-        stages.train_sae(acts, tiny_config.sae, tiny_config.train, progress=False)
+        train_stage.train_sae(acts, tiny_config.sae, tiny_config.train, progress=False)
     assert not marker.exists()
     assert not [path for path in committed(Store(str(folder))) if path.startswith("sae/")]
 
@@ -124,7 +124,7 @@ def pickled_model(tmp_path: Path, tiny_llama_dir: Path) -> tuple[Path, Path]:
 
 
 def test_pickle_model_weights_are_never_loaded(pickled_model) -> None:
-    from sae_core.models import load_model
+    from sae_core.data.models import load_model
 
     folder, marker = pickled_model
     with pytest.raises(ConfigError, match="model.path"):
@@ -216,7 +216,7 @@ def test_an_export_source_cannot_reach_outside_its_store(tmp_path, new_workspace
 def test_seaweedfs_binds_loopback_and_requires_credentials(tmp_path, monkeypatch) -> None:
     """The arguments `saeflow services up` starts SeaweedFS with (not started here: slow)."""
     from deployments import seaweedfs
-    from deployments.services import SeaweedFS
+    from deployments.seaweedfs import SeaweedFS
 
     started: list[list[str]] = []
 

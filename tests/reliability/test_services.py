@@ -87,8 +87,8 @@ def status_of(url: str, auth: str | None = None, body: bytes | None = None) -> i
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory) -> Iterator[list]:
+    from deployments.seaweedfs import SeaweedFS
     from deployments.servers import MlflowServer, PrefectServer
-    from deployments.services import SeaweedFS
 
     home = tmp_path_factory.mktemp("services")
     s3 = SeaweedFS(home, s3_port=_free_port(), port_base=random.randrange(20000, 40000, 100))

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from reliability.conftest import committed, error_line, result_digests, store_problems
-from sae_core import stages
-from sae_core.store import MANIFEST, Store
+from sae_core.stages import extract as extract_stage
+from sae_core.stages import sample as sample_stage
+from sae_core.storage.store import MANIFEST, Store
+from tests.reliability.conftest import committed, error_line, result_digests, store_problems
 
 FULL = OSError(errno.ENOSPC, "No space left on device")
 
@@ -43,7 +44,7 @@ def fail_writes(monkeypatch: pytest.MonkeyPatch, matching: Callable[[str], bool]
         finally:
             full.now = False
 
-    monkeypatch.setattr("sae_core.store.os.fsync", fsync)
+    monkeypatch.setattr("sae_core.storage.store.os.fsync", fsync)
     monkeypatch.setattr(Store, "write_bytes", write_bytes)
     return refused
 
@@ -100,13 +101,17 @@ def test_full_disk_mid_extraction_then_the_rerun_resumes_and_loses_nothing(
     shards = iter(range(100))
     refused = fail_writes(monkeypatch, lambda rel: "shard-" in rel and next(shards) >= 3)
     with pytest.raises(OSError, match="No space left"):
-        stages.extract_activations(tokens, tiny_config.model, tiny_config.data, progress=False)
+        extract_stage.extract_activations(
+            tokens, tiny_config.model, tiny_config.data, progress=False
+        )
     assert refused and store.manifest(acts.path) is None
     assert temporaries(folder) == []
     kept = sorted((folder / acts.path).rglob("shard-*.parquet"))
     assert len(kept) == 3
     monkeypatch.undo()
-    again = stages.extract_activations(tokens, tiny_config.model, tiny_config.data, progress=False)
+    again = extract_stage.extract_activations(
+        tokens, tiny_config.model, tiny_config.data, progress=False
+    )
     assert again == acts
     assert store_problems(str(folder)) == []
     assert result_digests(str(folder)) == result_digests(str(made_store[0]))
@@ -118,10 +123,13 @@ def test_full_disk_while_sampling_tokens_commits_nothing(copied_store, tiny_conf
     store.rm(tokens.path)
     fail_writes(monkeypatch, lambda rel: rel.endswith("train.parquet"))
     with pytest.raises(OSError, match="No space left"):
-        stages.sample_tokens(str(folder), tiny_config.model, tiny_config.data, progress=False)
+        sample_stage.sample_tokens(str(folder), tiny_config.model, tiny_config.data, progress=False)
     assert store.manifest(tokens.path) is None and temporaries(folder) == []
     monkeypatch.undo()
-    assert stages.sample_tokens(str(folder), tiny_config.model, tiny_config.data, False) == tokens
+    assert (
+        sample_stage.sample_tokens(str(folder), tiny_config.model, tiny_config.data, False)
+        == tokens
+    )
 
 
 @pytest.mark.parametrize(

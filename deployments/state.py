@@ -1,0 +1,52 @@
+"""What every service shares: its owner-only state folder under `$SAEFLOW_HOME/services/`, and
+the status and protocol that `saeflow services` reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from sae_core.env import saeflow_home
+
+
+def services_home() -> Path:
+    return saeflow_home() / "services"
+
+
+def private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text(text)
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    running: bool  # the recorded process is alive and is this service's
+    serving: bool  # it answers (for S3: an object round-trips)
+    pid: int | None
+    endpoint: str | None
+    state_dir: str
+    detail: str = ""
+
+
+class Service(Protocol):
+    name: str
+
+    def up(self, timeout: float = 60.0) -> ServiceStatus: ...
+
+    def down(self) -> ServiceStatus: ...
+
+    def status(self) -> ServiceStatus: ...
+
+    def env(self, reveal: bool = False) -> dict[str, str]:
+        """The variables a client sets to use the service; secrets as a `$(cat FILE)` unless
+        `reveal`."""
+        ...

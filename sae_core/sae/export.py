@@ -1,0 +1,333 @@
+"""SAELens and EleutherAI sparsify on-disk formats: export a saeflow TopK SAE, import either.
+
+SAELens (>= 6): a folder with `cfg.json` (architecture "topk", d_in, d_sae, k,
+normalize_activations, apply_b_dec_to_input, metadata{model_name, hook_name, ...}) and
+`sae_weights.safetensors` (W_enc [d, n], W_dec [n, d], b_enc [n], b_dec [d]). Its encoder
+computes TopK then ReLU of (norm_in(x) - b_dec) W_enc + b_enc; the decoder z W_dec + b_dec,
+then norm_out.
+
+sparsify: a folder (one per hookpoint) with `cfg.json` (activation "topk", num_latents, k,
+d_in, ...) and `sae.safetensors` (encoder.weight [n, d], encoder.bias [n], W_dec [n, d],
+b_dec [d]). Its encoder is ReLU then TopK of (x - b_dec) encoder.weight^T + encoder.bias:
+the same codes as TopK then ReLU. It has no input normalisation.
+
+Normalisation, so that the exported SAE maps raw activations as saeflow does:
+- global (x_norm = g x) is folded into the weights of both formats: W_enc * g, W_dec / g,
+  b_dec = b_pre / g. Same latents, raw-space reconstruction, no runtime transform.
+- per_token (centre each token, scale it to unit norm) is SAELens' "layer_norm" (centre,
+  divide by the unbiased std + 1e-5, undo on the way out) with sqrt(d - 1) folded into the
+  weights, because ||x - mean|| = sqrt(d - 1) std. Equal to saeflow's up to that 1e-5, a
+  relative 1e-5 / std (1e-6 on SmolLM's residual stream). sparsify cannot express it: the
+  weights are exported unfolded and cfg.json's "saeflow" entry names the transform, which
+  `import_sae` applies and a plain sparsify user must apply around encode/decode.
+Both cfg.json files carry a top-level "saeflow" entry (normalisation, full SAE config, origin)
+that the other libraries ignore and that makes the round trip exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from pydantic import BaseModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sae_core.config import SAEConfig
+from sae_core.errors import ConfigError
+from sae_core.sae import SparseAutoencoder, TopKSAE, load_sae_bytes
+from sae_core.sae.normalize import InputNorm
+
+Format = Literal["saelens", "sparsify"]
+FORMATS: tuple[Format, ...] = ("saelens", "sparsify")
+CFG_FILE = "cfg.json"
+WEIGHTS = {"saelens": "sae_weights.safetensors", "sparsify": "sae.safetensors"}
+ORIGIN_FILE = "origin.json"  # written next to the weights of a registered model
+SAELENS_LAYOUT_VERSION = "6.0.0"  # the SAELens cfg.json layout written (metadata nested)
+
+# saeflow hook kind <-> TransformerLens hook name (SAELens' convention).
+_TL_HOOKS = {
+    "resid_pre": "hook_resid_pre",
+    "resid_post": "hook_resid_post",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+}
+_TL_PATTERN = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
+
+
+class Origin(BaseModel):
+    """What an SAE was trained on, as far as it is known."""
+
+    model: str | None = None
+    hook: str | None = None  # saeflow naming, e.g. resid_post.15
+    context_size: int | None = None
+
+
+def transformer_lens_hook(hook: str | None) -> str | None:
+    """`resid_post.15` -> `blocks.15.hook_resid_post` (None when there is no equivalent)."""
+    kind, _, layer = (hook or "").partition(".")
+    return f"blocks.{layer}.{_TL_HOOKS[kind]}" if kind in _TL_HOOKS and layer.isdigit() else None
+
+
+def saeflow_hook(name: str | None) -> str | None:
+    """The inverse of transformer_lens_hook; `layers.15` (sparsify's name) -> resid_post.15."""
+    if name and (m := _TL_PATTERN.match(name)):
+        kind = next((k for k, v in _TL_HOOKS.items() if v == m[2]), None)
+        return f"{kind}.{m[1]}" if kind else None
+    if name and (m := re.fullmatch(r"(?:model\.)?layers\.(\d+)", name)):
+        return f"resid_post.{m[1]}"
+    return None
+
+
+def _saeflow_entry(sae: TopKSAE, origin: Origin, transform_needed: bool) -> dict[str, Any]:
+    return {
+        "normalization": sae.norm.to_json(),
+        # True when the library cannot apply the normalisation itself: the caller must
+        # normalise before encode and undo it after decode (sparsify with per_token).
+        "caller_applies_normalization": transform_needed,
+        "config": sae.cfg.model_dump(mode="json"),
+        "origin": origin.model_dump(),
+    }
+
+
+def _weights(sae: TopKSAE, scale_in: float) -> dict[str, torch.Tensor]:
+    """Latent-major weights with x -> scale_in * x folded in: W_enc*s, W_dec/s, b_pre/s."""
+    with torch.no_grad():
+        return {
+            "W_enc": (sae.W_enc * scale_in).float().contiguous(),
+            "W_dec": (sae.W_dec / scale_in).float().contiguous(),
+            "b_enc": sae.b_enc.float().contiguous(),
+            "b_dec": (sae.b_pre / scale_in).float().contiguous(),
+        }
+
+
+def export_sae(
+    sae: SparseAutoencoder, out: Path, fmt: Format, origin: Origin | None = None
+) -> list[Path]:
+    """Write the TopK SAE `sae` into folder `out` in format `fmt`; returns the files written."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format '{fmt}': choose one of {', '.join(FORMATS)}")
+    if not isinstance(sae, TopKSAE):
+        raise ConfigError(
+            f"export: SAELens and sparsify hold TopK SAEs only, this one is sae.kind="
+            f"{sae.cfg.kind}; ship its saeflow .safetensors file (compact, no pickle) instead"
+        )
+    origin = origin or Origin()
+    mode, d = sae.norm.mode, sae.d
+    if mode == "global":
+        scale_in = sae.norm.global_scale
+    elif mode == "per_token" and fmt == "saelens":
+        scale_in = 1.0 / math.sqrt(d - 1)  # layer_norm's input is sqrt(d-1) x saeflow's
+    else:
+        scale_in = 1.0
+    w = _weights(sae, scale_in)
+    entry = _saeflow_entry(sae, origin, mode == "per_token" and fmt == "sparsify")
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "saelens":
+        tensors = {
+            "W_enc": w["W_enc"].T.contiguous(),
+            "W_dec": w["W_dec"],
+            "b_enc": w["b_enc"],
+            "b_dec": w["b_dec"],
+        }
+        cfg = {
+            "architecture": "topk",
+            "d_in": d,
+            "d_sae": sae.n_latents,
+            "k": sae.k,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "layer_norm" if mode == "per_token" else "none",
+            "reshape_activations": "none",
+            "metadata": {
+                "model_name": origin.model,
+                "hook_name": transformer_lens_hook(origin.hook),
+                "hook_head_index": None,
+                "context_size": origin.context_size,
+                "prepend_bos": False,
+                "sae_lens_version": SAELENS_LAYOUT_VERSION,
+                "sae_lens_training_version": None,
+            },
+            "saeflow": entry,
+        }
+    else:
+        tensors = {
+            "encoder.weight": w["W_enc"],
+            "encoder.bias": w["b_enc"],
+            "W_dec": w["W_dec"],
+            "b_dec": w["b_dec"],
+        }
+        cfg = {
+            "activation": "topk",
+            "expansion_factor": max(1, sae.n_latents // d),
+            "normalize_decoder": mode != "global",  # folding scales the decoder rows by 1/g
+            "num_latents": sae.n_latents,
+            "k": sae.k,
+            "multi_topk": sae.cfg.multi_topk,
+            "skip_connection": False,
+            "transcode": False,
+            "d_in": d,
+            "saeflow": entry,
+        }
+    weights = out / WEIGHTS[fmt]
+    save_file(tensors, str(weights))
+    (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    return [out / CFG_FILE, weights]
+
+
+def detect_format(folder: Path) -> Format:
+    """Which format a folder holds, by its file names."""
+    for fmt in FORMATS:
+        if (folder / CFG_FILE).is_file() and (folder / WEIGHTS[fmt]).is_file():
+            return fmt
+    raise ConfigError(
+        f"{folder}: no SAELens ({CFG_FILE} + {WEIGHTS['saelens']}) or sparsify "
+        f"({CFG_FILE} + {WEIGHTS['sparsify']}) SAE here; point at the folder holding them"
+    )
+
+
+def _require(ok: bool, folder: Path, field: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{folder / CFG_FILE}: {field}: {fix}")
+
+
+class _Stored(NamedTuple):
+    """An SAE as a file holds it: latent-major weights with `scale_in` folded in."""
+
+    W_enc: torch.Tensor  # [n, d]
+    W_dec: torch.Tensor  # [n, d]
+    b_enc: torch.Tensor
+    b_dec: torch.Tensor
+    k: Any
+    norm: InputNorm
+    scale_in: float
+    origin: Origin
+
+
+def _read_saelens(folder: Path, cfg: dict[str, Any], t: dict[str, torch.Tensor]) -> _Stored:
+    arch = cfg.get("architecture") or cfg.get("activation_fn", cfg.get("activation_fn_str"))
+    _require(
+        arch == "topk",
+        folder,
+        "architecture",
+        f"'{arch}' is not TopK; saeflow imports TopK SAEs only",
+    )
+    norm_mode = cfg.get("normalize_activations") or "none"
+    _require(
+        norm_mode in ("none", "layer_norm"),
+        folder,
+        "normalize_activations",
+        f"'{norm_mode}' is not supported; re-export with none or layer_norm",
+    )
+    _require(
+        not cfg.get("rescale_acts_by_decoder_norm"),
+        folder,
+        "rescale_acts_by_decoder_norm",
+        "not supported; fold the decoder norms into the encoder first",
+    )
+    W_enc, b_enc, b_dec = t["W_enc"].T, t["b_enc"], t["b_dec"]
+    if not cfg.get("apply_b_dec_to_input", True):
+        b_enc = b_enc + W_enc @ b_dec  # its encoder never subtracts b_dec; saeflow's does
+    meta = cfg.get("metadata") or cfg  # SAELens < 6 kept these at the top level
+    per_token = norm_mode == "layer_norm"
+    return _Stored(
+        W_enc=W_enc,
+        W_dec=t["W_dec"],
+        b_enc=b_enc,
+        b_dec=b_dec,
+        k=cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k"),
+        norm=InputNorm("per_token" if per_token else "none"),
+        scale_in=1.0 / math.sqrt(W_enc.shape[1] - 1) if per_token else 1.0,
+        origin=Origin(
+            model=meta.get("model_name"),
+            hook=saeflow_hook(meta.get("hook_name")),
+            context_size=meta.get("context_size"),
+        ),
+    )
+
+
+def _read_sparsify(folder: Path, cfg: dict[str, Any], t: dict[str, torch.Tensor]) -> _Stored:
+    _require(
+        cfg.get("activation", "topk") == "topk",
+        folder,
+        "activation",
+        "saeflow imports TopK SAEs only",
+    )
+    _require(
+        not cfg.get("transcode") and "W_skip" not in t,
+        folder,
+        "transcode/skip_connection",
+        "transcoders and skip connections are not supported",
+    )
+    return _Stored(
+        W_enc=t["encoder.weight"],
+        W_dec=t["W_dec"],
+        b_enc=t["encoder.bias"],
+        b_dec=t["b_dec"],
+        k=cfg.get("k"),
+        norm=InputNorm("none"),
+        scale_in=1.0,
+        origin=Origin(hook=saeflow_hook(folder.name)),  # sparsify names folders by hookpoint
+    )
+
+
+def import_sae(folder: Path) -> tuple[TopKSAE, Origin]:
+    """Read an SAELens or sparsify TopK SAE folder into a saeflow TopKSAE and its origin."""
+    fmt = detect_format(folder)
+    cfg = json.loads((folder / CFG_FILE).read_text())
+    weights = folder / WEIGHTS[fmt]
+    try:
+        tensors = {k: v.float() for k, v in load_file(str(weights)).items()}
+    except SafetensorError as err:  # a pickle or a damaged file: refused, never unpickled
+        raise ConfigError(f"{weights}: not a readable safetensors file ({err})") from None
+    stored = (_read_saelens if fmt == "saelens" else _read_sparsify)(folder, cfg, tensors)
+    _require(
+        isinstance(stored.k, int) and stored.k >= 1, folder, "k", "missing; a TopK SAE needs k"
+    )
+    n, d = stored.W_enc.shape
+    norm, scale_in, origin = stored.norm, stored.scale_in, stored.origin
+    sae_cfg = SAEConfig(n_latents=n, k=stored.k, normalize=norm.mode)
+    if entry := cfg.get("saeflow"):  # written by saeflow: its normalisation and config, exactly
+        norm = InputNorm.from_json(entry["normalization"])
+        if norm.mode == "global":
+            scale_in = norm.global_scale
+        origin = Origin.model_validate(entry["origin"])
+        sae_cfg = SAEConfig.model_validate(entry["config"])
+    sae = TopKSAE(d, sae_cfg, norm)
+    sae.load_state_dict(
+        {
+            "W_enc": stored.W_enc / scale_in,
+            "W_dec": stored.W_dec * scale_in,
+            "b_enc": stored.b_enc,
+            "b_pre": stored.b_dec * scale_in,
+        }
+    )
+    return sae, origin
+
+
+def load_source(source: str) -> tuple[SparseAutoencoder, Origin]:
+    """A saeflow SAE to export: a `.safetensors` file it wrote, or an SAE dataset on a store
+    (`STORE/sae/FINGERPRINT`, local or s3://), whose lineage names the model and hook."""
+    from sae_core.sae import load_sae
+    from sae_core.storage.lineage import sae_lineage
+    from sae_core.storage.refs import committed_dataset
+
+    if source.endswith(".safetensors"):
+        if not Path(source).is_file():
+            raise ConfigError(f"export source {source}: no such file")
+        return load_sae_bytes(Path(source).read_bytes()), Origin()
+    ref = committed_dataset(source, "sae")
+    if ref is None:
+        raise ConfigError(
+            f"export source {source}: not a saeflow .safetensors file or a committed "
+            "STORE/sae/FINGERPRINT dataset; or give models:/NAME@ALIAS"
+        )
+    lineage = sae_lineage(ref)
+    return load_sae(ref), Origin(
+        model=lineage.model, hook=lineage.hook, context_size=lineage.context_len
+    )

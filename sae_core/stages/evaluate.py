@@ -1,0 +1,237 @@
+"""Stage `eval`: a trained SAE spliced into the model on the eval split (sae_core.evaluation),
+with the two inputs it shares between SAEs: the eval set's `baseline` (the model cut at the
+hook, its clean and ablated losses) and the `probes` set (labelled contexts and their
+activations), each computed once and reused from the store."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+from sae_core.config import DataConfig, EvalConfig, ModelConfig
+from sae_core.data import models, tokens
+from sae_core.data.activations import first_position
+from sae_core.data.assets import resolve_corpus, resolve_model_path
+from sae_core.data.models import load_model
+from sae_core.data.tokens import load_corpus
+from sae_core.errors import ConfigError
+from sae_core.evaluation import ablation, baseline, evaluate, metrics, probe_data, probes, splice
+from sae_core.evaluation.splice import SplitModel
+from sae_core.sae import load_sae
+from sae_core.stages.location import Location, corpus_identity, located, model_identity
+from sae_core.storage.refs import DatasetRef
+from sae_core.storage.store import Store
+
+BASELINE_CODE = (baseline, splice, models, metrics)
+PROBE_CODE = (probe_data, splice, models, tokens)
+EVAL_CODE = (evaluate, metrics, models, splice, baseline, ablation, probes, probe_data)
+
+
+def locate_baseline(tokens: DatasetRef, model: ModelConfig, data: DataConfig) -> Location:
+    return located(
+        "baseline",
+        tokens.store,
+        tokens.fingerprint,
+        model_identity(model),
+        model.hook,
+        model.dtype,
+        data.skip_first_position,
+        code=BASELINE_CODE,
+    )
+
+
+def prepare_baseline(
+    tokens: DatasetRef,
+    model: ModelConfig,
+    data: DataConfig,
+    eval: EvalConfig,
+    split: SplitModel,
+    progress: bool = True,
+) -> tuple[DatasetRef, Any]:
+    """The eval set's part below the hook and its zero/mean-ablation CE: (ref, Baseline).
+
+    split: the model cut at the hook."""
+
+    loc = locate_baseline(tokens, model, data)
+    store = Store(tokens.store)
+    if (manifest := loc.committed()) is not None:
+        data_bytes = store.read_bytes(f"{loc.path}/{baseline.FILE}")
+        return loc.ref(manifest["contexts"]), baseline.baseline_from(data_bytes, manifest)
+    contexts = evaluate.load_eval_contexts(tokens)
+    result = baseline.compute_baseline(
+        split, contexts, eval.batch_contexts, first_position(data), progress
+    )
+    with store.writing(loc.path) as writer:
+        writer.write_bytes(baseline.FILE, baseline.baseline_bytes(result))
+        writer.manifest = {
+            "kind": "baseline",
+            "fingerprint": loc.fingerprint,
+            "tokens": tokens.uri,
+            "hook": model.hook,
+            "contexts": contexts.shape[0],
+            "ce_sums": result.ce_sums,
+            "terms": result.terms,
+        }
+    return loc.ref(contexts.shape[0]), result
+
+
+_PROBE_DATA_FIELDS = {"corpus", "text_column", "context_len", "skip_first_position"}
+_PROBE_EVAL_FIELDS = {"probe_contexts", "probe_tokens", "seed"}
+
+
+def locate_probe_set(
+    store: str, model: ModelConfig, data: DataConfig, eval: EvalConfig
+) -> Location:
+    return located(
+        "probes",
+        store,
+        corpus_identity(data.corpus),
+        data.model_dump(include=_PROBE_DATA_FIELDS),
+        eval.model_dump(include=_PROBE_EVAL_FIELDS),
+        model_identity(model),
+        model.hook,
+        model.dtype,
+        code=PROBE_CODE,
+    )
+
+
+def prepare_probe_set(
+    store: str,
+    model: ModelConfig,
+    data: DataConfig,
+    eval: EvalConfig,
+    split: SplitModel,
+    tokenizer: Any,
+    progress: bool = True,
+) -> tuple[DatasetRef, Any]:
+    """Probe contexts, labels and activations at the hook: (ref, ProbeSet), or (ref, None)
+    when the corpus carries no labels (recorded, so the corpus is not read again)."""
+
+    loc = locate_probe_set(store, model, data, eval)
+    st = Store(store)
+    if (manifest := loc.committed()) is not None:
+        if not manifest["contexts"]:
+            return loc.ref(0), None
+        data_bytes = st.read_bytes(f"{loc.path}/{probe_data.FILE}")
+        return loc.ref(manifest["contexts"]), probe_data.probe_set_from(data_bytes, manifest)
+    result = None
+    with tempfile.TemporaryDirectory(prefix="saeflow-datasets-") as cache_dir:
+        corpus = load_corpus(resolve_corpus(data.corpus), cache_dir)
+        if probe_data.has_labels(corpus):
+            result = probe_data.build_probe_set(
+                split,
+                corpus,
+                data.text_column,
+                tokenizer,
+                data.context_len,
+                first_position(data),
+                eval.probe_contexts,
+                eval.probe_tokens,
+                eval.batch_contexts,
+                eval.seed,
+                progress,
+            )
+    contexts = 0 if result is None else int(result.acts.shape[0])
+    with st.writing(loc.path) as writer:
+        if result is not None:
+            writer.write_bytes(probe_data.FILE, probe_data.probe_set_bytes(result))
+        writer.manifest = {
+            "kind": "probe_set",
+            "fingerprint": loc.fingerprint,
+            "corpus": data.corpus,
+            "hook": model.hook,
+            "contexts": contexts,
+            "token_sample": 0 if result is None else int(result.token_sample.shape[0]),
+            "genres": [] if result is None else result.genres,
+            "pos_classes": list(probe_data.POS_CLASSES),
+        }
+    return loc.ref(contexts), result
+
+
+def locate_evaluation(
+    sae: DatasetRef, tokens: DatasetRef, model: ModelConfig, data: DataConfig, eval: EvalConfig
+) -> Location:
+    return located(
+        "eval",
+        sae.store,
+        sae.fingerprint,
+        tokens.fingerprint,
+        model_identity(model),
+        model.hook,
+        model.dtype,
+        data.model_dump(include=_PROBE_DATA_FIELDS),
+        eval,
+        code=EVAL_CODE,
+    )
+
+
+def _check_eval(data: DataConfig, eval: EvalConfig) -> None:
+    room = data.context_len - first_position(data)
+    if eval.ablation_samples and eval.ablation_horizon > room:
+        raise ConfigError(
+            f"eval.ablation_horizon={eval.ablation_horizon} exceeds the {room} scored positions "
+            f"of a context (data.context_len={data.context_len}); lower it or set eval.ablation_samples=0"
+        )
+
+
+def evaluate_sae(
+    sae: DatasetRef,
+    tokens: DatasetRef,
+    model: ModelConfig,
+    data: DataConfig,
+    eval: EvalConfig,
+    progress: bool = True,
+) -> tuple[DatasetRef, dict[str, float]]:
+    """Evaluate a trained SAE; the eval set's baseline and the probe set are prepared (or
+    reused from the store) on the way."""
+
+    loc = locate_evaluation(sae, tokens, model, data, eval)
+    if (manifest := loc.committed()) is None:
+        _check_eval(data, eval)
+        started = time.perf_counter()
+        loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
+        split = SplitModel(loaded.model, model.hook)
+        seconds = {"load model": time.perf_counter() - started}
+        start = time.perf_counter()
+        base_ref, base = prepare_baseline(tokens, model, data, eval, split, progress)
+        seconds["baseline (once per eval set)"] = time.perf_counter() - start
+        probe_ref, probe_set = None, None
+        if eval.probe_contexts:
+            start = time.perf_counter()
+            probe_ref, probe_set = prepare_probe_set(
+                tokens.store, model, data, eval, split, loaded.tokenizer, progress
+            )
+            seconds["probe set (once per corpus)"] = time.perf_counter() - start
+        result = evaluate.evaluate_sae(
+            load_sae(sae),
+            split,
+            evaluate.load_eval_contexts(tokens),
+            base,
+            eval,
+            first_position(data),
+            probe_set,
+            progress,
+        )
+        seconds |= result.seconds
+        seconds["total"] = time.perf_counter() - started
+        sae_manifest = sae.manifest()
+        with Store(sae.store).writing(loc.path) as writer:
+            writer.write_json("latent_fire_counts.json", result.latent_fire_counts)
+            writer.write_json("density_histogram.json", result.density._asdict())
+            writer.write_json("probes.json", [p._asdict() for p in result.probes])
+            writer.write_json("ablation_sparsity.json", result.ablation_sparsity)
+            writer.manifest = {
+                "kind": "evaluation",
+                "fingerprint": loc.fingerprint,
+                "sae": sae.uri,
+                "n_latents": sae_manifest.get("n"),
+                "k": sae_manifest.get("k"),
+                "tokens": tokens.uri,
+                "baseline": base_ref.uri,
+                "probe_set": probe_ref.uri if probe_ref else None,
+                "metrics": result.metrics,
+                "seconds": seconds,
+            }
+            manifest = writer.manifest
+    return loc.ref(int(manifest["metrics"]["eval_tokens"])), manifest["metrics"]

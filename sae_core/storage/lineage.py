@@ -1,0 +1,43 @@
+"""Where a trained SAE came from, read back from the manifests on the store."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from sae_core.storage.refs import DatasetRef
+
+
+class Lineage(NamedTuple):
+    """The activations an SAE was trained on, the token dataset behind them, and their source."""
+
+    activations: DatasetRef
+    tokens: DatasetRef
+    model: str  # the language model's path or name as extraction recorded it
+    hook: str  # e.g. resid_post.15
+    context_len: int | None
+
+
+def sae_lineage(sae: DatasetRef) -> Lineage:
+    """Follow the sae manifest to its activations manifest (same store). Raises
+    FileNotFoundError when either is gone."""
+    store = sae.open_store()
+    acts_path = sae.manifest()["activations"].removeprefix(f"{store.uri}/")
+    acts = DatasetRef(store=store.uri, path=acts_path, fingerprint="")
+    manifest = acts.manifest()
+    tokens = manifest["tokens"]
+    return Lineage(
+        activations=DatasetRef(
+            store=store.uri,
+            path=acts_path,
+            fingerprint=manifest["fingerprint"],
+            rows=sum(split["rows"] for split in manifest["splits"].values()),
+        ),
+        tokens=DatasetRef(
+            store=store.uri,
+            path=tokens["uri"].removeprefix(f"{store.uri}/"),
+            fingerprint=tokens["fingerprint"],
+        ),
+        model=manifest["model"],
+        hook=manifest["hook"],
+        context_len=manifest.get("context_len"),
+    )

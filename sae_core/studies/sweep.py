@@ -1,0 +1,65 @@
+"""A sweep's grid (every n x k x seed of `config.sweep`) and the row each trained SAE gives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from sae_core.config import PipelineConfig, SAEConfig, TrainConfig, format_validation_error
+from sae_core.errors import ConfigError
+from sae_core.storage.refs import DatasetRef
+
+
+class GridPoint(NamedTuple):
+    n: int
+    k: int
+    seed: int
+    sae: SAEConfig
+    train: TrainConfig
+
+
+def grid(config: PipelineConfig) -> list[GridPoint]:
+    """The sweep's points, n-major: config.sae and config.train with n_latents, k and the
+    training seed replaced. Fails before any work if a point is not a valid SAE config."""
+    points = []
+    for n in config.sweep.n_latents:
+        for k in config.sweep.k:
+            try:
+                sae = SAEConfig.model_validate(config.sae.model_dump() | {"n_latents": n, "k": k})
+            except ValidationError as err:
+                reason = format_validation_error(err).split(": ", 2)[-1]
+                raise ConfigError(f"config error: sweep point n={n}, k={k}: {reason}") from None
+            for seed in config.sweep.seeds:
+                train = config.train.model_copy(update={"seed": seed})
+                points.append(GridPoint(n, k, seed, sae, train))
+    return points
+
+
+class SweepPoint(BaseModel):
+    """A trained and evaluated grid point, by reference (it travels between tasks)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    n: int
+    k: int
+    seed: int
+    sae: DatasetRef
+    evaluation: DatasetRef
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One trained and evaluated SAE of a sweep."""
+
+    n: int
+    k: int
+    seed: int
+    metrics: dict[str, float]  # the evaluation's figures
+    train_dead_fraction: float  # by the training criterion at the end of training
+
+    @property
+    def label(self) -> str:
+        return f"n={self.n} k={self.k} seed={self.seed}"

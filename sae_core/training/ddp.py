@@ -1,0 +1,202 @@
+"""Data-parallel training on one node: the train stage runs `train.world_size` torchrun workers.
+
+Parent (`train_data_parallel`, called inside the stage's `Store.writing` block): writes the
+inputs as a small JSON file, runs `python -m torch.distributed.run --standalone
+--nproc_per_node=W -m sae_core.training.ddp SPEC` (a rendezvous on a free localhost port), streams the
+workers' output, waits, and returns the manifests rank 0 reports; the stage commits them.
+Workers (`main`): join the group (gloo on CPU, NCCL with one GPU per rank on CUDA) and run
+`sae_core.training.train.train_group` with their `Ranks` (one SAE or several sharing one read of the
+data); rank 0 writes the outputs and checkpoints.
+
+A failing rank writes its error (type, message, time) next to the spec; the parent re-raises
+the earliest one: configuration and storage errors as themselves (final), anything else as
+`DataParallelFailed` (a task may retry it; training resumes from the last checkpoint). Workers
+stop by themselves when the launching process is gone (a killed `saeflow run`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sae_core.config import SAEConfig, TrainConfig
+from sae_core.errors import ConfigError, DatasetDamaged, StoreError
+from sae_core.sae.ranks import Ranks
+from sae_core.storage import faults
+from sae_core.storage.refs import DatasetRef
+from sae_core.storage.store import DatasetWriter
+from sae_core.training import train as training
+from sae_core.training.group import GroupMember
+from sae_core.training.resources import check_world_size
+
+RESULT_FILE = "result.json"
+_CODE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this sae_core
+_ERROR_PREFIX = "error-rank"
+# Errors that re-raise as themselves in the parent: a retry would only repeat them.
+_FINAL = {cls.__name__: cls for cls in (ConfigError, StoreError, DatasetDamaged)}
+
+
+class DataParallelFailed(RuntimeError):
+    """A torchrun worker failed (or the launcher did) for a reason that may pass on a re-run."""
+
+
+class Trained(NamedTuple):
+    manifest: dict[str, Any]  # rank 0's manifest of the SAE dataset (the stage commits it)
+    resumed_from_tokens: int
+
+
+def torchrun_command(world_size: int, spec: Path) -> list[str]:
+    """The launcher's command line: W workers of this module on this node (torchrun's own
+    files in the spec's folder, removed with it)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world_size}",
+        f"--log-dir={spec.parent / 'torchrun'}",
+        "-m",
+        "sae_core.training.ddp",
+        str(spec),
+    ]
+
+
+def train_data_parallel(
+    acts: DatasetRef,
+    members: Sequence[GroupMember],
+    datasets: Sequence[str],
+    progress: bool = True,
+) -> list[Trained]:
+    """Train the members (sharing `sae_core.training.train.data_order`) with train.world_size torchrun
+    workers; rank 0 fills each member's dataset folder on acts' store (without its manifest,
+    which the caller commits). Blocks until every worker has ended."""
+    train = members[0].train
+    check_world_size(train)
+    with tempfile.TemporaryDirectory(prefix="saeflow-ddp-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(
+            json.dumps(
+                {
+                    "acts": acts.model_dump(),
+                    "members": [
+                        {
+                            "sae": m.sae.model_dump(mode="json"),
+                            "train": m.train.model_dump(mode="json"),
+                            "checkpoint_dir": m.checkpoint_dir,
+                            "dataset": dataset,
+                        }
+                        for m, dataset in zip(members, datasets, strict=True)
+                    ],
+                    "progress": progress,
+                    "parent_pid": os.getpid(),
+                }
+            )
+        )
+        env = os.environ.copy()
+        # torchrun would set 1 thread per worker; give each its share of the cores instead.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // train.world_size)))
+        # The workers import the very sae_core this process runs (not another installed copy).
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_CODE_ROOT, env.get("PYTHONPATH")]))
+        try:
+            code = subprocess.run(torchrun_command(train.world_size, spec), env=env).returncode
+        except OSError as err:
+            raise DataParallelFailed(f"could not start torchrun: {err}") from None
+        result = Path(tmp) / RESULT_FILE
+        if code == 0 and result.exists():
+            done = json.loads(result.read_text())
+            return [Trained(d["manifest"], int(d["resumed_from_tokens"])) for d in done]
+        raise rank_error(Path(tmp), code)
+
+
+def rank_error(folder: Path, code: int) -> Exception:
+    """The earliest error a rank reported, as an exception for the parent to raise."""
+    reports = [json.loads(p.read_text()) for p in folder.glob(f"{_ERROR_PREFIX}*.json")]
+    if not reports:
+        return DataParallelFailed(
+            f"data-parallel training failed: torchrun exited with {code} and no rank reported "
+            "an error (killed? out of memory?); see the output above, fix the cause and run again"
+        )
+    first = min(reports, key=lambda r: r["time"])
+    if first["type"] in _FINAL:
+        return _FINAL[first["type"]](first["message"])
+    return DataParallelFailed(
+        f"data-parallel training failed on rank {first['rank']}: {first['type']}: "
+        f"{first['message']} (traceback above); fix the cause and run again: training resumes "
+        "from its last checkpoint"
+    )
+
+
+def _exit_when_gone(pid: int, every_s: float = 1.0) -> None:
+    """End this worker once process `pid` (the stage that launched torchrun) is gone: a killed
+    stage must not leave ranks writing its checkpoints while a re-run trains (checked in a
+    daemon thread; a checkpoint write cut short is harmless, writes are atomic)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                print(
+                    f"sae_core.training.ddp: the launching process {pid} is gone; stopping",
+                    flush=True,
+                )
+                os._exit(1)
+
+    threading.Thread(target=watch, name="ddp-parent-watch", daemon=True).start()
+
+
+def main(spec_path: str) -> None:
+    """A torchrun worker: train this rank's share; rank 0 writes outputs and the result file."""
+    spec = json.loads(Path(spec_path).read_text())
+    folder = Path(spec_path).parent
+    members = [
+        GroupMember(
+            SAEConfig.model_validate(m["sae"]),
+            TrainConfig.model_validate(m["train"]),
+            m["checkpoint_dir"],
+        )
+        for m in spec["members"]
+    ]
+    rank = int(os.environ.get("RANK", "0"))
+    _exit_when_gone(spec["parent_pid"])
+    try:
+        ranks, device = Ranks.from_env(members[0].train.device)
+        acts = DatasetRef.model_validate(spec["acts"])
+        store = faults.open_store(acts.store)
+        trainers = training.train_group(acts, members, store, spec["progress"], ranks, device)
+        if ranks.leader:
+            done = [
+                {
+                    "manifest": training.write_trained(
+                        DatasetWriter(store, m["dataset"]), acts, trainer
+                    ).manifest,
+                    "resumed_from_tokens": trainer.resumed_from_tokens,
+                }
+                for m, trainer in zip(spec["members"], trainers, strict=True)
+            ]
+            (folder / RESULT_FILE).write_text(json.dumps(done))
+    except BaseException as err:
+        report = {
+            "rank": rank,
+            "type": type(err).__name__,
+            "message": str(err),
+            "time": time.time(),
+        }
+        (folder / f"{_ERROR_PREFIX}{rank}.json").write_text(json.dumps(report))
+        traceback.print_exc()
+        sys.exit(1)  # without leaving the group: a peer may be stuck in a collective
+    Ranks.leave()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

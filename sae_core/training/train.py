@@ -1,0 +1,163 @@
+"""Training SAEs on a committed activations dataset and writing them to the store.
+
+Layers, outermost first:
+- `train_sae(acts, sae_cfg, train_cfg, writer, checkpoint_dir)`: reads the stored activations,
+  trains, writes `sae.safetensors`, `config.json`, `history.json` and the manifest
+  (`write_trained`). `train_group(acts, members, store)`: several SAEs that share the data
+  order from one read of the data.
+- `sae_core.training.group.run_group`: any batch source, checkpoints and resume.
+- `sae_core.training.trainer.Trainer.step(x_raw)`: one optimiser step on a [B, d] batch.
+
+Data parallel (`ranks`, launched by `sae_core.training.ddp`): each rank steps on its slice of
+every global batch; the state (weights, Adam, counters, data cursor in global batches) is the
+same on every rank: rank 0 writes the checkpoints, every rank resumes from them, at any world
+size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sae_core.config import SAEConfig, TrainConfig
+from sae_core.device import pick_device
+from sae_core.errors import ConfigError
+from sae_core.sae import WEIGHTS_FILE, SparseAutoencoder, storage_report
+from sae_core.sae.ranks import SINGLE, Ranks
+from sae_core.storage.loader import iter_batches
+from sae_core.storage.refs import DatasetRef
+from sae_core.storage.store import DatasetWriter, Store
+from sae_core.training.group import GroupMember, run_group
+from sae_core.training.trainer import Trainer
+
+INIT_SAMPLE_TOKENS = 32_768  # the released code's sample size for the geometric median
+
+
+@dataclass
+class TrainResult:
+    sae: SparseAutoencoder
+    history: list[dict[str, float]]
+    manifest: dict[str, Any]
+    resumed_from_tokens: int  # 0 for a fresh run
+
+
+def summarize(trainer: Trainer) -> dict[str, Any]:
+    """The final figures for the manifest. final_nmse: mean over the last 5% of steps."""
+    sae, st = trainer.sae, trainer.state
+    tail = st.history[-max(1, len(st.history) // 20) :]
+    window = min(sae.cfg.dead_window_tokens, max(st.tokens_seen, 1))
+    return {
+        "sae_kind": sae.cfg.kind,
+        "d": sae.d,
+        "n": sae.n_latents,
+        "k": sae.k,
+        "k_aux": sae.k_aux,
+        "normalization": sae.norm.to_json(),
+        "tokens_seen": st.tokens_seen,
+        "steps": st.step,
+        "lr": trainer.lr,
+        "final_nmse": sum(r["nmse"] for r in tail) / len(tail) if tail else float("nan"),
+        # AuxK's criterion (silent for dead_window_tokens) and, for runs shorter than the
+        # window, the share of latents silent over the whole run.
+        "dead_fraction": trainer.dead.fraction(),
+        "dead_fraction_run": trainer.dead.fraction(window),
+        "weights": "ema" if trainer.ema is not None else "last",
+        "storage": storage_report(sae),
+    } | ({"batch_topk_threshold": float(sae.threshold)} if sae.cfg.batch_topk else {})
+
+
+def train_group(
+    acts: DatasetRef,
+    members: Sequence[GroupMember],
+    store: Store,
+    progress: bool = True,
+    ranks: Ranks = SINGLE,
+    device: torch.device | None = None,
+) -> list[Trainer]:
+    """Train the members (sharing `data_order`) on the `train` split of a committed activations
+    dataset, reading it once per epoch for all of them; checkpoints go to `store`.
+
+    Each member's checkpoint_dir is a store-relative folder outside the dataset folder (it
+    survives the clearing of unfinished attempts), e.g. `checkpoints/<fingerprint>`. Data
+    parallel (a torchrun worker, `sae_core.training.ddp`): `ranks` and this rank's `device`; every rank
+    reads its rows of each batch, rank 0 alone writes checkpoints. device None: train.device.
+    """
+    manifest = acts.manifest()
+    d = int(manifest["width"])
+    rows = int(manifest["splits"]["train"]["rows"])
+    train_cfg = members[0].train
+    steps_per_epoch = rows // train_cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size={train_cfg.batch_size} exceeds the {rows} training activations; "
+            "lower train.batch_size or raise data.train_tokens"
+        )
+    for sae_cfg, _, _ in members:
+        if sae_cfg.k_aux is not None and sae_cfg.k_aux > sae_cfg.n_latents:
+            raise ConfigError(
+                f"sae.k_aux={sae_cfg.k_aux} exceeds sae.n_latents={sae_cfg.n_latents}"
+            )
+
+    take = ranks.rows(train_cfg.batch_size)
+    device = device or pick_device(train_cfg.device)
+
+    def source(epoch: int, start_batch: int) -> Iterator[torch.Tensor]:
+        return iter_batches(
+            acts,
+            "train",
+            train_cfg.batch_size,
+            train_cfg.seed,
+            epoch,
+            start_batch,
+            take=take,
+            pin_memory=device.type == "cuda",
+        )
+
+    def init_sample() -> torch.Tensor:
+        size = min(INIT_SAMPLE_TOKENS, rows)
+        return next(iter_batches(acts, "train", size, train_cfg.seed + 1, 0, 0))
+
+    return run_group(
+        d,
+        members,
+        source,
+        steps_per_epoch,
+        init_sample,
+        store=store,
+        device=device,
+        progress=progress,
+        ranks=ranks,
+    )
+
+
+def write_trained(writer: DatasetWriter, acts: DatasetRef, trainer: Trainer) -> TrainResult:
+    """Fill `writer` with a trained SAE: weights, configs, history and the manifest."""
+    sae = trainer.final_sae()
+    history = trainer.state.history
+    writer.write_bytes(WEIGHTS_FILE, sae.cpu().to_bytes())
+    writer.write_json(
+        "config.json", {"sae": trainer.sae.cfg.model_dump(), "train": trainer.cfg.model_dump()}
+    )
+    writer.write_json("history.json", history)
+    writer.manifest = {"kind": "sae", "schema_version": 1, "activations": acts.uri} | summarize(
+        trainer
+    )
+    return TrainResult(sae, history, writer.manifest, trainer.resumed_from_tokens)
+
+
+def train_sae(
+    acts: DatasetRef,
+    sae_cfg: SAEConfig,
+    train_cfg: TrainConfig,
+    writer: DatasetWriter,
+    checkpoint_dir: str,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one SAE on the `train` split of a committed activations dataset (`train_group`)
+    and fill `writer`."""
+    member = GroupMember(sae_cfg, train_cfg, checkpoint_dir)
+    [trainer] = train_group(acts, [member], writer.store, progress)
+    return write_trained(writer, acts, trainer)

@@ -1,0 +1,58 @@
+"""The training benchmark runs and reports every field the CLI prints (a smoke test, tiny shape)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sae_core.bench.train_step import PHASES, bench_train
+from sae_core.errors import ConfigError
+from sae_core.sae import kernels
+
+
+def test_bench_train_reports_ratio_breakdown_and_memory():
+    r = bench_train(d=16, n=64, k=4, batch=32, steps=2, warmup=1, device="cpu", verbose=False)
+    assert r["ratio"] > 0 and r["tokens_per_s"] > 0 and r["step_ms"] > 0
+    assert set(r["breakdown_ms"]) == set(PHASES)
+    assert sum(r["breakdown_ms"].values()) <= r["step_ms"] * 1.5
+    assert r["peak_rss_mb"] > 0
+    assert r["bxn_buffer_mb"] == round(32 * (64 + kernels.PRE_ROW_PAD) * 4 / 2**20, 1)
+
+
+def test_bench_train_times_an_expander_step_with_the_same_fields():
+    dense = bench_train(d=16, n=64, k=4, batch=32, steps=1, warmup=1, device="cpu", verbose=False)
+    r = bench_train(
+        d=16,
+        n=64,
+        k=4,
+        batch=32,
+        steps=1,
+        warmup=1,
+        device="cpu",
+        verbose=False,
+        kind="expander",
+        degree=4,
+        encoder="tied",
+    )
+    assert set(r) == set(dense) and r["step_ms"] > 0
+    assert (r["kind"], r["degree"], r["encoder"]) == ("expander", 4, "tied")
+
+
+def test_bench_train_names_a_bad_sae_field():
+    with pytest.raises(ConfigError, match="sae.degree"):
+        bench_train(d=16, n=64, k=4, batch=32, steps=1, device="cpu", verbose=False, degree=4)
+    with pytest.raises(ConfigError, match="dtype.*'float32' or 'bfloat16'"):
+        bench_train(d=16, n=64, k=4, batch=32, steps=1, device="cpu", verbose=False, dtype="fp16")
+
+
+def test_bench_group_times_both_ways_on_the_same_sae_results(tmp_path):
+    from sae_core.bench.data import bench_group
+
+    r = bench_group(
+        {"local": str(tmp_path / "store")}, [(32, 4), (64, 4), (96, 8)], rows=2048, width=16,
+        batch=256, shard_mb=0.05, repeats=2, verbose=False,
+    )  # fmt: skip
+    entry = r["stores"]["local"]
+    assert len(entry["one_by_one_s"]) == len(entry["group_cpu_s"]) == 2
+    assert min(entry["one_by_one_s"] + entry["group_s"]) > 0 and entry["saving"] < 1
+    assert entry["identical_weights"] is True and len(entry["load_average"]) == 5
+    assert not (tmp_path / "store" / "bench-group").exists()

@@ -1,0 +1,145 @@
+"""The whole flow on a tiny random Llama and a generated corpus, through Prefect and MLflow."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from sae_core.storage.store import Store
+from tests.helpers.pipeline import ALL_STAGES, run, tiny_config
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect, tiny_llama_dir, tiny_corpus_dir, local_store):
+    config = tiny_config(tiny_llama_dir, tiny_corpus_dir, local_store)
+    return config, run(config)
+
+
+def test_first_run_computes_every_stage(first_run):
+    _, result = first_run
+    assert list(result.stages) == ALL_STAGES
+    assert set(result.stages.values()) == {"Completed"}
+
+
+def test_outputs_are_committed_with_manifests(first_run, local_store):
+    config, result = first_run
+    store = Store(local_store)
+    tokens = store.manifest(result.tokens.path)
+    acts = store.manifest(result.activations.path)
+    sae = store.manifest(result.sae.path)
+    assert tokens["splits"]["train"]["tokens"] >= 4096
+    assert acts["width"] == 64 and acts["hook"] == "resid_post.2"
+    # Position 0 of every context is skipped, so 31 of 32 tokens per context are kept.
+    assert acts["splits"]["train"]["rows"] == tokens["splits"]["train"]["contexts"] * 31
+    assert (
+        sum(s["rows"] for s in acts["splits"]["train"]["shards"]) == acts["splits"]["train"]["rows"]
+    )
+    assert sae["tokens_seen"] > 0
+    assert store.exists(f"{result.sae.path}/sae.safetensors")
+    all_rows = sum(split["rows"] for split in acts["splits"].values())
+    assert result.validation.passed and result.validation.rows == all_rows
+
+
+def test_metrics_are_in_plausible_ranges(first_run):
+    _, result = first_run
+    m = result.evaluation.metrics
+    assert 0 < m["nmse"] < 1  # better than predicting the mean
+    assert 0 < m["l0"] <= 8
+    assert 0 <= m["dead_fraction"] < 1
+    for key in ("ce_clean", "ce_spliced", "ce_zero"):
+        assert math.isfinite(m[key]) and m[key] > 0
+    assert m["delta_lm_loss"] == pytest.approx(m["ce_spliced"] - m["ce_clean"])
+    assert m["eval_tokens"] == pytest.approx(16 * 31)
+
+
+def test_registry_holds_the_version_with_its_alias(first_run):
+    import mlflow
+
+    _, result = first_run
+    reg = result.registry
+    client = mlflow.MlflowClient(reg.tracking_uri)
+    version = client.get_model_version_by_alias("tiny-sae", "challenger")
+    assert str(version.version) == reg.version
+    run = client.get_run(reg.run_id)
+    assert run.data.metrics["nmse"] == pytest.approx(result.evaluation.metrics["nmse"])
+    assert run.data.params["sae.k"] == "8"
+    assert {a.path for a in client.list_artifacts(reg.run_id, "sae")} >= {"sae/history.json"}
+    # The weights travel in the pickle-free pyfunc model (tests/flows/test_operations.py loads it).
+    model = mlflow.artifacts.download_artifacts(f"models:/tiny-sae/{reg.version}")
+    files = [p.name for p in Path(model).rglob("*") if p.is_file()]
+    assert "sae.safetensors" in files
+    assert not any(f.endswith((".pkl", ".pickle")) or "cloudpickle" in f for f in files)
+
+
+def test_second_run_is_cached_and_registers_nothing_new(first_run):
+    config, result = first_run
+    again = run(config)
+    assert set(again.stages.values()) == {"Cached"}, again.stages
+    assert again.registry.version == result.registry.version
+    assert again.evaluation.metrics == pytest.approx(result.evaluation.metrics, nan_ok=True)
+
+
+def test_changing_the_sae_reruns_only_train_evaluate_register(
+    first_run, tiny_llama_dir, tiny_corpus_dir, local_store
+):
+    config, result = first_run
+    changed = run(tiny_config(tiny_llama_dir, tiny_corpus_dir, local_store, sae={"k": 16}))
+    assert [s for s, state in changed.stages.items() if state != "Cached"] == [
+        "train_sae",
+        "evaluate_sae",
+        "register_model",
+        "latent_stats",
+        "report_run",
+    ]
+    assert changed.sae.path != result.sae.path
+    assert int(changed.registry.version) == int(result.registry.version) + 1
+
+
+def test_deleted_output_is_recomputed_not_served_from_cache(first_run, local_store):
+    config, result = first_run
+    store = Store(local_store)
+    store.rm(result.sae.path)
+    again = run(config)
+    assert again.stages["train_sae"] == "Completed"
+    assert store.is_committed(result.sae.path)
+    assert again.sae == result.sae
+    # Downstream stages see the same SAE fingerprint, so they stay cached.
+    assert again.stages["evaluate_sae"] == "Cached"
+
+
+def test_explainability_is_logged_to_the_registered_run(first_run):
+    import mlflow
+
+    _, result = first_run
+    run = mlflow.MlflowClient(result.registry.tracking_uri).get_run(result.registry.run_id)
+    for key in ("explain/precision_mean", "explain/recall_mean", "explain/f1_mean"):
+        assert run.data.metrics[key] == pytest.approx(result.latents.metrics[key])
+    assert run.data.tags["saeflow.latents_uri"] == result.latents.dataset.uri
+
+
+def test_view_targets_resolve_through_the_registry(first_run):
+    import mlflow
+
+    from sae_core.errors import ConfigError
+    from tasks.latents import sae_for
+
+    _, result = first_run
+    reg = result.registry
+    client = mlflow.MlflowClient(reg.tracking_uri)
+    client.set_registered_model_alias("tiny-sae", "viewing", reg.version)  # others move
+    expected = (result.sae.uri, reg.run_id)
+    targets = ("tiny-sae@viewing", f"models:/tiny-sae/{reg.version}", reg.run_id)
+    for target in (*targets, f"runs:/{reg.run_id}"):
+        ref, run_id = sae_for(target)
+        assert (ref.uri, run_id) == expected, target
+    latest = max(client.search_model_versions("name = 'tiny-sae'"), key=lambda v: int(v.version))
+    assert sae_for("tiny-sae")[1] == latest.run_id  # a bare name: the latest version
+    with pytest.raises(ConfigError, match="nosuch.*registered models: .*tiny-sae"):
+        sae_for("nosuch@champion")

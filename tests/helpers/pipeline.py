@@ -1,0 +1,44 @@
+"""The pipeline on the tiny model and corpus: a small configuration, and one run of the flow."""
+
+from __future__ import annotations
+
+from sae_core.config import PipelineConfig, build_config
+
+# The pipeline's stage tasks, in order.
+ALL_STAGES = [
+    "sample_tokens",
+    "extract_activations",
+    "validate",
+    "train_sae",
+    "evaluate_sae",
+    "register_model",
+    "latent_stats",
+    "report_run",
+]
+
+
+def tiny_config(model_dir, corpus_dir, store: str, **sections) -> PipelineConfig:
+    data = {
+        "name": "tiny-test",
+        "store": store,
+        "model": {"path": str(model_dir), "hook": "resid_post.2"},
+        "data": {
+            "corpus": str(corpus_dir),
+            "context_len": 32,
+            "train_tokens": 4096,
+            "eval_tokens": 512,
+            "shard_rows": 1500,
+        },
+        "sae": {"n_latents": 256, "k": 8, "dead_window_tokens": 2048},
+        "train": {"batch_size": 256, "checkpoint_every_tokens": 2048},
+        "registry": {"model_name": "tiny-sae"},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return build_config(data)
+
+
+def run(config: PipelineConfig):
+    from flows.pipeline import pipeline
+
+    return pipeline(config, progress=False)
