@@ -8,12 +8,17 @@ chosen latents per token: the decoder is a gather-sum over them, and the encoder
 scatters B K rows of d into its weight gradient, so the step costs about one dense GEMM plus
 O(B K d) work instead of the ~6 GEMMs of a dense implementation.
 
-On CPU with float32 the native kernels (`sae_core.sae.native`) run top-k and, in
-`fused_losses`, the whole sparse loss: one token-major pass (decoder, residuals, and the dot
-products the backward needs) and one latent-major pass (both weight gradients at once), each
-a 16-column panel at a time so the rows they gather come from L2.
-Elsewhere (CUDA, bf16, no compiler) stock torch ops compose the same step under autograd
-(topk, embedding_bag, a CSR x dense product). Both paths are tested against the dense reference.
+This module holds the step's ops that have both a native CPU kernel (`sae_core.sae.native`, for
+CPU float32) and a stock torch path (CUDA, bf16, no compiler): top-k, the encoder GEMM,
+per-token normalisation, the sparse encoder backward and decoder, firing counts, and the
+unit-norm decoder's row ops; and the switches the native path reads (`USE_NATIVE`,
+`DECODE_PATH`). Its siblings hold what runs natively only: `fused_loss`, the whole sparse loss
+in one token-major pass (decoder, residuals, and the dot products the backward needs) and one
+latent-major pass (both weight gradients at once), each a 16-column panel at a time so the rows
+they gather come from L2; and `unit_adam`, the unit-norm decoder's Adam step in one pass, which
+leaves W in panels for that decoder. Elsewhere stock torch ops compose the same step under
+autograd (topk, embedding_bag, a CSR x dense product). Both paths are tested against the dense
+reference.
 """
 
 from __future__ import annotations
@@ -21,14 +26,11 @@ from __future__ import annotations
 import threading
 import warnings
 from types import ModuleType
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from sae_core.sae import native
-from sae_core.sae.ranks import SINGLE, Ranks
 
 USE_NATIVE = True  # tests switch this off to exercise the stock-op path
 # The native decoder's layout: "auto" picks by L2 size; tests force "panels" or "rows".
@@ -36,7 +38,7 @@ DECODE_PATH = "auto"
 _DECODE_PATHS = {"auto": 0, "panels": 1, "rows": 2}
 
 
-def _native_for(*tensors: torch.Tensor) -> ModuleType | None:
+def native_for(*tensors: torch.Tensor) -> ModuleType | None:
     """The native module when every tensor is a CPU float32/int64 tensor and it can be built."""
     if not USE_NATIVE or any(t.device.type != "cpu" for t in tensors):
         return None
@@ -47,7 +49,18 @@ def _native_for(*tensors: torch.Tensor) -> ModuleType | None:
 
 def topk_native(x: torch.Tensor) -> ModuleType | None:
     """The native module when `topk` runs natively on x (CPU float32), else None."""
-    return _native_for(x)
+    return native_for(x)
+
+
+def decode_path() -> int:
+    """DECODE_PATH as the native decoder's `path` argument."""
+    return _DECODE_PATHS[DECODE_PATH]
+
+
+def decoder_uses_panels(n: int) -> bool:
+    """Whether the native decoder reads W [n, d] in panels (else row by row), per DECODE_PATH."""
+    path = DECODE_PATH
+    return path == "panels" or (path == "auto" and bool(native.load().panels_fit_l2(n)))
 
 
 def topk(
@@ -56,7 +69,7 @@ def topk(
     """Row-wise top-k of x + bias, descending. x: [B, m]; bias: [m] or None -> (vals [B, k],
     idx [B, k] int64). ~B m work; the native kernel adds the bias as it reads (no [B, m] temporary)
     and reads rows in place when each is contiguous (a padded row stride, as `preacts` leaves)."""
-    ext = _native_for(x) if bias is None else _native_for(x, bias)
+    ext = native_for(x) if bias is None else native_for(x, bias)
     if ext is not None:
         empty = x.new_empty(0)
         rows = x if x.stride(1) == 1 and x.stride(0) >= x.shape[1] else x.contiguous()
@@ -113,7 +126,7 @@ def encoder_preacts(
         if b_pre is None:
             xc = x
         else:
-            reused = _BUFFERS.take(tuple(x.shape), x.device, x.dtype) if out is not None else None
+            reused = BUFFERS.take(tuple(x.shape), x.device, x.dtype) if out is not None else None
             xc = torch.sub(x, b_pre, out=reused)
         if b_enc is None:
             return torch.mm(xc, W_enc.t(), out=out)
@@ -131,7 +144,7 @@ def normalize_tokens(
     while in L1)."""
     needs = x.requires_grad or (offset is not None and offset.requires_grad)
     grad = torch.is_grad_enabled() and needs
-    ext = _native_for(x) if offset is None else _native_for(x, offset)
+    ext = native_for(x) if offset is None else native_for(x, offset)
     if ext is not None and not grad:
         off = x.new_empty(0) if offset is None else offset.contiguous()
         x_norm, shift, scale = ext.normalize_tokens(x.contiguous(), eps, off)
@@ -237,7 +250,7 @@ def sparse_decode(
         z = vals.new_zeros(idx.shape[0], W_dec.shape[0]).scatter_add(1, idx, vals)
         return z @ W_dec + bias
     vals = vals.to(W_dec.dtype)
-    ext = _native_for(vals, W_dec, bias)
+    ext = native_for(vals, W_dec, bias)
     if ext is not None and not torch.is_grad_enabled():  # inference: the native gather-sum
         return ext.gather_sum(
             idx.contiguous(), vals.contiguous(), W_dec.contiguous(), bias.contiguous()
@@ -263,235 +276,13 @@ class _ReusedBuffers(threading.local):
         return buf
 
 
-_BUFFERS = _ReusedBuffers()
-
-
-class LossTerms(NamedTuple):
-    """The sparse loss of one batch: loss = nmse (+ L(4k)/8) + aux_alpha * aux_loss."""
-
-    loss: torch.Tensor  # []
-    nmse: torch.Tensor  # [] TopK-k normalised MSE
-    aux_loss: torch.Tensor  # [] AuxK normalised MSE of the residual (0 without AuxK)
-    recon: torch.Tensor | None  # [B, d] TopK-k reconstruction (no gradient); None unless asked
-
-
-class _FusedLoss(torch.autograd.Function):
-    """TopK / multi-TopK / AuxK loss of given selections, forward and backward in native kernels.
-
-    The loss gradient w.r.t. each selected activation is a multiple of <residual, w_i>, which
-    the forward computes while the decoder rows are in cache; the backward turns the upstream
-    gradients into those multiples and makes one latent-major pass for d W_dec and d W_enc.
-    """
-
-    @staticmethod
-    def forward(
-        ctx, xc, b_pre, W_enc, b_enc, W_dec, idx, pre, k, k_main, aux_alpha, ranks, with_recon
-    ):  # noqa: ANN001
-        # xc = x - b_pre, without a graph to b_pre: b_pre's gradient is made here, holding x fixed.
-        ext = native.load()
-        B, d = xc.shape
-        acts = pre.clamp_min(0)
-        slots = 2 + (k_main > k) + (idx.shape[1] > k_main)  # xc, residuals of the terms present
-        # 16-column panels, filled below
-        rows = _BUFFERS.take((-(-d // 16), slots, B, 16), xc.device)
-        recon, dots, head, sq, colsum = ext.decode_forward(
-            xc,
-            b_pre,
-            W_dec,
-            idx,
-            acts,
-            k,
-            k_main,
-            with_recon,
-            _DECODE_PATHS[DECODE_PATH],
-            rows,
-            _packed(W_dec),
-        )
-        sq = sq.sum(dim=0, dtype=torch.float64)  # |x - b_pre|^2, |r_main|^2, |r_multi|^2, |r_aux|^2
-        # [d] each, sums over tokens of r_main, r_multi and x - b_pre
-        sum_main, sum_multi, sum_x = colsum.double()
-        # Normalisers over the global batch (this rank's terms are its share of the loss). The
-        # data's: sum |x - mean|^2 = sum |x - b_pre|^2 - |sum (x - b_pre)|^2 / B.
-        tokens = B * ranks.world_size
-        sq_x_all, sum_x_all = ranks.sum_(sq[0].clone()), ranks.sum_(sum_x.clone())
-        base_x = sq_x_all - sum_x_all.pow(2).sum() / tokens
-        if base_x * 16 < sq_x_all:  # b_pre far from the data: the difference lost digits
-            base_x = ranks.batch_spread(xc).double()  # shift-invariant
-        base_x = base_x.clamp_min(1e-12)
-        nmse = sq[1] / base_x
-        loss = nmse + sq[2] / base_x / 8  # sq[2] = 0 without multi-TopK
-        aux_loss = base_aux = sq.new_zeros(())
-        if idx.shape[1] > k_main:
-            # The residual x - recon = -r_main, centred: |r_main|^2 summed minus B |mean|^2.
-            sq_main, sum_main_all = ranks.sum_(sq[1].clone()), ranks.sum_(sum_main.clone())
-            base_aux = sq_main - sum_main_all.pow(2).sum() / tokens
-            base_aux = base_aux.clamp_min(1e-12)
-            aux_loss = (sq[3] / base_aux).nan_to_num(0.0)
-            loss = loss + aux_alpha * aux_loss
-        ctx.save_for_backward(b_pre, W_enc, idx, pre, acts, rows, dots, head)
-        ctx.consts = (k, k_main, aux_alpha, float(base_x), float(base_aux), sum_main, sum_multi)
-        ctx.mark_non_differentiable(recon)
-        return loss.float(), nmse.float(), aux_loss.float(), recon
-
-    @staticmethod
-    def backward(ctx, g_loss, g_nmse, g_aux, _g_recon):  # noqa: ANN001
-        b_pre, W_enc, idx, pre, acts, rows, dots, head = ctx.saved_tensors
-        k, k_main, alpha, base_x, base_aux, sum_main, sum_multi = ctx.consts
-        d, K, multi = b_pre.shape[0], idx.shape[1], k_main > k
-        gl, gn, ga = float(g_loss), float(g_nmse), float(g_aux)
-        c_main = 2 * (gl + gn) / base_x  # d loss / d r_main = c_main r_main, and so on
-        c_multi = 2 * gl / (8 * base_x)
-        c_aux = 2 * (gl * alpha + ga) / base_aux if K > k_main else 0.0
-        # The head's gradient with multi-TopK is c_main r_main + c_multi r_multi: written over
-        # r_main (rows slot 1), in place (a second backward through this graph then fails
-        # autograd's version check instead of going wrong). Each entry's coefficients on these
-        # rows and on x are made from the dots inside `weight_grads`.
-        r_main = rows[:, 1]  # [P, B, 16] panels
-        if multi:
-            r_main.mul_(c_main).add_(rows[:, 2], alpha=c_multi)
-        ext = native.load()
-        d_W_dec, d_W_enc, d_b_enc, dpre = ext.weight_grads(
-            idx,
-            W_enc.shape[0],
-            k,
-            k_main,
-            rows,
-            acts,
-            pre,
-            dots,
-            head,
-            c_main,
-            c_multi,
-            c_aux,
-            d,
-            ctx.needs_input_grad[0],
-        )
-        d_b_pre = (c_main * sum_main + c_multi * sum_multi).float() - d_b_enc @ W_enc
-        d_x = None
-        if ctx.needs_input_grad[0]:  # d loss / d xc = d loss / d x
-            direct = r_main if multi else c_main * r_main  # d loss / d x through the target x
-            direct = direct.permute(1, 0, 2).reshape(direct.shape[1], -1)[:, :d]  # panels -> [B, d]
-            d_x = F.embedding_bag(idx, W_enc, per_sample_weights=dpre, mode="sum") - direct
-        return d_x, d_b_pre, d_W_enc, d_b_enc, d_W_dec, None, None, None, None, None, None, None
-
-
-def fused_available(*tensors: torch.Tensor) -> bool:
-    """Whether `fused_losses` can run on these tensors (CPU float32 and a compiled extension)."""
-    return _native_for(*tensors) is not None
-
-
-def fused_losses(
-    x: torch.Tensor,
-    b_pre: torch.Tensor,
-    W_enc: torch.Tensor,
-    b_enc: torch.Tensor,
-    W_dec: torch.Tensor,
-    idx: torch.Tensor,
-    pre: torch.Tensor,
-    k: int,
-    k_main: int,
-    aux_alpha: float,
-    ranks: Ranks = SINGLE,
-    with_recon: bool = True,
-    centred: bool = False,
-) -> LossTerms:
-    """The sparse loss of selected latents, gradients to x, b_pre, W_enc, b_enc and W_dec.
-
-    x: [B, d] normalised (centred=True: x - b_pre already, as training's normaliser writes it;
-    its graph must not lead to b_pre, whose gradient is made here); idx, pre: [B, K] latents
-    and their pre-activations: slots [0, k) the
-    TopK code, [k, k_main) the rest of the 4k code (multi-TopK), [k_main, K) AuxK's. Cost:
-    forward ~2 B K d MACs (each gathered decoder row read once), backward 2 B K d MACs plus
-    O(B K + n d); no [B, K, d] temporary, no dense [B, n] matrix. ranks: x is this rank's
-    slice of the batch; the normalisers are the global batch's (one to three all-reduces).
-    with_recon=False leaves `recon` out (None): training never reads it.
-    """
-    xc = x if centred else x - b_pre.detach()
-    loss, nmse, aux_loss, recon = _FusedLoss.apply(
-        xc.contiguous(),
-        b_pre,
-        W_enc,
-        b_enc,
-        W_dec.contiguous(),
-        idx.contiguous(),
-        pre.contiguous(),
-        k,
-        k_main,
-        aux_alpha,
-        ranks,
-        with_recon,
-    )
-    return LossTerms(loss, nmse, aux_loss, recon if with_recon else None)
-
-
-class _Panels(NamedTuple):
-    """W in panels [P, n, 16] as `adam_unit_rows_` left it, and what identifies that W."""
-
-    version: int  # W._version then: an in-place change of W bumps it
-    data_ptr: int  # new data (`.to`, `.data =`) moves it, without a version bump...
-    storage: torch.UntypedStorage  # ...as long as the old storage, held here, keeps its address
-    panels: torch.Tensor
-
-
-_PANELS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # W -> _Panels
-
-
-def _packed(W: torch.Tensor) -> torch.Tensor:
-    """W's panels from its last `adam_unit_rows_` while W is unchanged since, else an empty
-    tensor (the decoder then packs W itself)."""
-    entry = _PANELS.get(W)
-    if entry is None or (entry.version, entry.data_ptr) != (W._version, W.data_ptr()):
-        return W.new_empty(0)
-    return entry.panels
-
-
-def _decoder_uses_panels(n: int) -> bool:
-    path = DECODE_PATH
-    return path == "panels" or (path == "auto" and bool(native.load().panels_fit_l2(n)))
-
-
-@torch.no_grad()
-def adam_unit_rows_(
-    W: torch.Tensor,
-    G: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    step: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-) -> None:
-    """Adam on unit-norm rows, in place: project G onto each row's tangent space, update the
-    moments and W as Adam does (bias-corrected, `step` counted from 1), renormalise the rows.
-
-    W, G, exp_avg, exp_avg_sq: [n, d] CPU float32 contiguous (G is read only). One native pass
-    (~20 flops per element); it also leaves W packed for the fused decoder's next call.
-    """
-    ext = native.load()
-    beta1, beta2 = betas
-    n = W.shape[0]
-    panels = W.new_empty(0)
-    if _decoder_uses_panels(n):
-        entry = _PANELS.get(W)
-        shape = (-(-W.shape[1] // 16), n, 16)
-        panels = (
-            entry.panels
-            if entry is not None and entry.panels.shape == shape
-            else W.new_empty(shape)
-        )
-    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
-    ext.adam_unit_rows(W, G, exp_avg, exp_avg_sq, panels, lr / bias1, beta1, beta2, eps, bias2**0.5)
-    torch.autograd.graph.increment_version(W)  # written through its data pointer
-    if panels.numel():
-        _PANELS[W] = _Panels(W._version, W.data_ptr(), W.untyped_storage(), panels)
-    else:
-        _PANELS.pop(W, None)
+BUFFERS = _ReusedBuffers()  # the encoder's x - b_pre and the fused loss's per-token rows
 
 
 def fire_counts(idx: torch.Tensor, vals: torch.Tensor, n: int, threshold: float) -> torch.Tensor:
     """[n]: how many entries of each latent exceed threshold. idx: [B, K] latents < n; vals:
     [B, K] their activations (vals' dtype). O(B K + n)."""
-    ext = _native_for(idx, vals)
+    ext = native_for(idx, vals)
     if ext is not None:
         return ext.fire_counts(idx.contiguous(), vals.contiguous(), n, threshold)
     hits = torch.zeros(n, dtype=vals.dtype, device=vals.device)
@@ -501,7 +292,7 @@ def fire_counts(idx: torch.Tensor, vals: torch.Tensor, n: int, threshold: float)
 @torch.no_grad()
 def project_rows_(W: torch.Tensor, G: torch.Tensor) -> None:
     """G[j] -= <G[j], W[j]> W[j] in place, for unit-norm rows W: [n, d]. One pass (native)."""
-    ext = _native_for(W, G)
+    ext = native_for(W, G)
     if ext is not None and W.is_contiguous() and G.is_contiguous():
         ext.project_rows(W, G)
     else:
@@ -511,7 +302,7 @@ def project_rows_(W: torch.Tensor, G: torch.Tensor) -> None:
 @torch.no_grad()
 def normalize_rows_(W: torch.Tensor) -> None:
     """W[j] /= ||W[j]|| in place. W: [n, d]. One pass (native)."""
-    ext = _native_for(W)
+    ext = native_for(W)
     if ext is not None and W.is_contiguous():
         ext.normalize_rows(W)
     else:

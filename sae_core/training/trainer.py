@@ -31,7 +31,7 @@ from safetensors.torch import save as save_tensors
 
 from sae_core.config import TRAIN_EXECUTION_FIELDS, SAEConfig, TrainConfig
 from sae_core.errors import ConfigError
-from sae_core.sae import SparseAutoencoder, build_sae, kernels
+from sae_core.sae import SparseAutoencoder, build_sae, fused_loss, kernels, unit_adam
 from sae_core.sae.base import FIRE_THRESHOLD, safetensors_metadata
 from sae_core.sae.normalize import InputNorm, geometric_median
 from sae_core.sae.ranks import SINGLE, Ranks
@@ -197,14 +197,14 @@ class Trainer:
         projected onto each row's tangent space before the step, the rows renormalised after.
 
         A dense unit-row decoder (TopK) on the native kernels without gradient clipping takes
-        all three in one pass (`kernels.adam_unit_rows_`), with torch's Adam state for it."""
+        all three in one pass (`unit_adam.adam_unit_rows_`), with torch's Adam state for it."""
         sae = self.sae
         W = sae.unit_row_decoder()
         G = W.grad if W is not None else None
         one_pass = (
             G is not None
             and self.cfg.grad_clip_norm is None
-            and kernels.fused_available(W, G)
+            and fused_loss.fused_available(W, G)
             and W.is_contiguous()
             and G.is_contiguous()
         )
@@ -225,7 +225,7 @@ class Trainer:
             state["exp_avg"] = torch.zeros_like(W, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(W, memory_format=torch.preserve_format)
         state["step"] += 1
-        kernels.adam_unit_rows_(
+        unit_adam.adam_unit_rows_(
             W,
             G,
             state["exp_avg"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_core.config import SAEConfig
-from sae_core.sae import TopKSAE, kernels
+from sae_core.sae import TopKSAE, kernels, unit_adam
 
 
 @pytest.fixture(params=["native", "stock"])
@@ -346,7 +346,7 @@ def test_adam_unit_rows_equals_project_adam_normalise(d):
     for step in range(1, 4):
         G = torch.randn(50, d, generator=g) * 10.0**-step  # moments of mixed scales
         G_given = G.clone()
-        kernels.adam_unit_rows_(W, G, m, v, step, 3e-3, (0.9, 0.999), 6.25e-10)
+        unit_adam.adam_unit_rows_(W, G, m, v, step, 3e-3, (0.9, 0.999), 6.25e-10)
         assert torch.equal(G, G_given)  # read only
         ref.grad = G.clone()
         kernels.project_rows_(ref.data, ref.grad)
@@ -369,22 +369,22 @@ def test_adam_unit_rows_leaves_the_decoder_its_panels(monkeypatch):
     W = sae.W_dec
     with torch.no_grad():
         G, m, v = torch.randn(96, 40), torch.zeros(96, 40), torch.zeros(96, 40)
-        kernels.adam_unit_rows_(W, G, m, v, 1, 1e-2, (0.9, 0.999), 1e-8)
-    panels = kernels._packed(W)
+        unit_adam.adam_unit_rows_(W, G, m, v, 1, 1e-2, (0.9, 0.999), 1e-8)
+    panels = unit_adam.packed(W)
     assert panels.shape == (3, 96, 16)
     padded = torch.nn.functional.pad(W.detach(), (0, 8))  # 40 columns -> 3 panels of 16
     assert torch.equal(panels, padded.reshape(96, 3, 16).permute(1, 0, 2))
     x = torch.randn(30, 40)
     sel = sae.select(sae.preacts(x), None)
     with_panels = sae.losses(x, sel).loss
-    kernels._PANELS.clear()
+    unit_adam._PANELS.clear()
     torch.testing.assert_close(sae.losses(x, sel).loss, with_panels, rtol=0, atol=0)
     with torch.no_grad():
-        kernels.adam_unit_rows_(W, *[torch.zeros(96, 40)] * 3, 1, 1e-2, (0.9, 0.999), 1e-8)
-        assert kernels._packed(W).numel() > 0
+        unit_adam.adam_unit_rows_(W, *[torch.zeros(96, 40)] * 3, 1, 1e-2, (0.9, 0.999), 1e-8)
+        assert unit_adam.packed(W).numel() > 0
         W.mul_(2.0)  # an in-place change after the step: its panels are stale
-    assert kernels._packed(W).numel() == 0
+    assert unit_adam.packed(W).numel() == 0
     with torch.no_grad():
-        kernels.adam_unit_rows_(W, *[torch.zeros(96, 40)] * 3, 1, 1e-2, (0.9, 0.999), 1e-8)
+        unit_adam.adam_unit_rows_(W, *[torch.zeros(96, 40)] * 3, 1, 1e-2, (0.9, 0.999), 1e-8)
     sae.double().float()  # new data under the same parameter
-    assert kernels._packed(W).numel() == 0
+    assert unit_adam.packed(W).numel() == 0
