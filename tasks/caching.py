@@ -25,7 +25,7 @@ STANDARD = INPUTS - "progress" + TASK_SOURCE
 
 
 def _committed(location: Location, args: dict[str, Any]) -> bool:
-    return location.committed() is not None
+    return location.is_committed()
 
 
 @dataclass

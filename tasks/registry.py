@@ -27,6 +27,7 @@ from sae_core.sae.export import ORIGIN_FILE, Origin
 from sae_core.stages.location import Location
 from sae_core.storage.fingerprint import fingerprint
 from sae_core.storage.lineage import sae_lineage
+from sae_core.storage.manifests import SaeManifest
 from sae_core.storage.refs import DatasetRef
 from tasks.caching import CommittedOutput
 from tasks.common import TASK_DEFAULTS
@@ -159,7 +160,7 @@ def _log_and_register(
                 model=lineage.model, hook=lineage.hook, context_size=lineage.context_len
             )
             Path(tmp, ORIGIN_FILE).write_text(origin.model_dump_json())
-            model = _log_pyfunc(Path(tmp), sae.manifest())
+            model = _log_pyfunc(Path(tmp), sae.manifest(SaeManifest))
     version = mlflow.register_model(
         model.model_uri, registry.model_name, tags={FINGERPRINT_TAG: fp}
     )
@@ -197,7 +198,7 @@ def _git_tags() -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "saeflow.git_dirty": str(dirty).lower()}
 
 
-def _log_pyfunc(folder: Path, manifest: dict[str, Any]) -> Any:
+def _log_pyfunc(folder: Path, manifest: SaeManifest) -> Any:
     """Log the SAE as a pickle-free pyfunc model: the code file, the safetensors weights, a
     copy of sae_core (so loading needs no saeflow install) and a tensor signature."""
     import mlflow
@@ -206,7 +207,7 @@ def _log_pyfunc(folder: Path, manifest: dict[str, Any]) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    d, n = int(manifest["d"]), int(manifest["n"])
+    d, n = manifest.d, manifest.n
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n))]),

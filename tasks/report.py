@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from sae_core.stages import location as location_stage
 from sae_core.stages import report as report_stage
+from sae_core.storage.manifests import ReportManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.studies.frontier import FrontierPoint
 from sae_core.studies.scaling import NAMES, ScalingFit
@@ -55,7 +56,7 @@ def _log_report(client: Any, run_id: str, ref: DatasetRef) -> None:
         return
     store = ref.open_store()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ref.manifest()["files"]:
+        for name in ref.manifest(ReportManifest).files:
             Path(tmp, name).write_bytes(store.read_bytes(f"{ref.path}/{name}"))
         client.log_artifacts(run_id, tmp, REPORT_DIR)
 

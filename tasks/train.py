@@ -39,7 +39,7 @@ def train_group_stage(
     each one's stage lock (as `run_stage` would for a lone `train_sae`), so a concurrent run of
     any of them waits and then reuses it. Nothing runs when all are committed."""
     locations = {train_stage.locate_sae(acts, *p): p for p in points}
-    missing = {loc: p for loc, p in locations.items() if loc.committed() is None}
+    missing = {loc: p for loc, p in locations.items() if not loc.is_committed()}
     if missing:
         with stage_locks(missing, "train_sae_group"):
             train_sae_group(acts, list(missing.values()), progress)

@@ -20,11 +20,11 @@ from prefect import task
 from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
-from pydantic import BaseModel
 
 from sae_core.data.validation import ShardSummary, activation_manifest, summarize_dataset
 from sae_core.errors import ConfigError, ValidationFailed
 from sae_core.stages.location import Location
+from sae_core.storage.manifests import ActivationsManifest, ValidationManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 from tasks.caching import CommittedOutput
@@ -35,15 +35,8 @@ _SHOWN_FAILURES = 12
 _NORM_RTOL = 1e-4
 
 
-class ValidationReport(BaseModel):
-    """Outcome of validate_activations; `failures` is empty when `passed`."""
-
-    dataset: str
-    passed: bool
-    shards: int
-    rows: int
-    failures: list[str]
-    docs: str  # URL of the data docs' index page on the store
+# The outcome of validate_activations is the manifest it commits (`failures` empty when `passed`).
+ValidationReport = ValidationManifest
 
 
 @cache
@@ -70,7 +63,7 @@ class _Suites:
 
     def __init__(
         self,
-        manifest: dict[str, Any],
+        manifest: ActivationsManifest,
         vocab_size: int,
         min_norm: float,
         max_norm: float,
@@ -83,11 +76,11 @@ class _Suites:
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         source = context.data_sources.add_pandas("saeflow")
-        if manifest.get("max_norm"):
-            max_norm = min(max_norm, float(manifest["max_norm"]) * (1 + _NORM_RTOL))
-        first = 1 if manifest.get("skip_first_position") else 0
-        last = int(manifest["context_len"]) - 1 if manifest.get("context_len") else None
-        width = int(manifest["width"])
+        if manifest.max_norm:
+            max_norm = min(max_norm, manifest.max_norm * (1 + _NORM_RTOL))
+        first = 1 if manifest.skip_first_position else 0
+        last = manifest.context_len - 1 if manifest.context_len else None
+        width = manifest.width
         expectations = {
             "facts": [
                 # The error text itself becomes the example GE reports.
@@ -246,7 +239,7 @@ def _validation_location(ref: DatasetRef, **_: object) -> Location:
 def _validated(location: Location, args: dict[str, Any]) -> bool:
     # Both the docs and the dataset they describe: if either is gone, validate again.
     ref: DatasetRef = args["ref"]
-    return location.committed() is not None and ref.open_store().is_committed(ref.path)
+    return location.is_committed() and ref.open_store().is_committed(ref.path)
 
 
 def _link_artifacts(report: ValidationReport) -> None:
@@ -322,11 +315,11 @@ def validate_activations(
         [
             {
                 "split": name,
-                "rows_manifest": int(info.get("rows", -1)),
-                "rows_listed": sum(int(s.get("rows", 0)) for s in info.get("shards", [])),
+                "rows_manifest": info.rows,
+                "rows_listed": sum(shard.rows for shard in info.shards),
                 "rows_read": rows_read.get(name, 0),
             }
-            for name, info in manifest["splits"].items()
+            for name, info in manifest.splits.items()
         ]
     )
     for i, name in enumerate(splits["split"]):
@@ -337,6 +330,7 @@ def validate_activations(
     location = _validation_location(ref)
     with Store(location.store).writing(location.path) as writer:
         report = ValidationReport(
+            fingerprint=ref.fingerprint,
             dataset=ref.uri,
             passed=not failures,
             shards=len(overview),
@@ -344,10 +338,7 @@ def validate_activations(
             failures=failures,
             docs=suites.docs.publish(writer),
         )
-        writer.manifest = {
-            "kind": "validation",
-            "fingerprint": ref.fingerprint,
-        } | report.model_dump()
+        writer.manifest = report
     _link_artifacts(report)
     if failures and raise_on_failure:
         _raise_failed(report, bad_shards)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,13 @@ from sae_core.config import DataConfig
 from sae_core.data.models import HookPoint, check_hook, model_width, run_to_hooks
 from sae_core.errors import ConfigError
 from sae_core.storage.layout import STORAGE_SCHEMA, storage_batch
+from sae_core.storage.manifests import (
+    ActivationsManifest,
+    ActivationsShard,
+    ActivationsSplit,
+    DatasetLink,
+    TokensManifest,
+)
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import DatasetWriter
 
@@ -94,27 +101,27 @@ class ShardRange(NamedTuple):
         return f"{self.split}/{self.index:05d}"
 
 
-def check_tokens(tokens: DatasetRef, data_cfg: DataConfig, vocab: int | None) -> dict[str, Any]:
+def check_tokens(tokens: DatasetRef, data_cfg: DataConfig, vocab: int | None) -> TokensManifest:
     """The tokens manifest, once checked against the extraction settings and the model's vocabulary."""
-    src = tokens.manifest()
-    if data_cfg.skip_first_position and src["context_len"] < 2:
+    src = tokens.manifest(TokensManifest)
+    if data_cfg.skip_first_position and src.context_len < 2:
         raise ConfigError("data.context_len: must exceed 1 when data.skip_first_position is on")
-    if vocab is not None and src.get("vocab_size", 0) > vocab:
+    if vocab is not None and src.vocab_size > vocab:
         raise ConfigError(
-            f"tokens {tokens.uri}: tokenizer vocabulary {src['vocab_size']} exceeds the "
+            f"tokens {tokens.uri}: tokenizer vocabulary {src.vocab_size} exceeds the "
             f"model's {vocab}; use the model's own tokenizer"
         )
     return src
 
 
 def plan_shards(
-    src: dict[str, Any], data_cfg: DataConfig, width: int, dtype: str
+    src: TokensManifest, data_cfg: DataConfig, width: int, dtype: str
 ) -> list[ShardRange]:
     """Every shard of both splits, train first, from the tokens manifest `src`."""
-    per_shard = contexts_per_shard(data_cfg, width, dtype, src["context_len"])
+    per_shard = contexts_per_shard(data_cfg, width, dtype, src.context_len)
     shards = []
     for split in SPLITS:
-        contexts = src["splits"][split]["contexts"]
+        contexts = src.splits[split].contexts
         for index, start in enumerate(range(0, contexts, per_shard)):
             shards.append(ShardRange(split, index, start, min(start + per_shard, contexts)))
     return shards
@@ -182,7 +189,7 @@ def _batch_rows(
 
 def write_shard(
     writer: DatasetWriter, name: str, parts: list[dict[str, np.ndarray]], schema: pa.Schema
-) -> dict[str, Any]:
+) -> ActivationsShard:
     """Encode rows (`parts`: activation [R, d], sequence, position, token_id, norm [R] each) as
     one Parquet shard and write it; its manifest entry. Cost: one copy of the rows."""
     table = pa.Table.from_batches([storage_batch(p, schema) for p in parts], schema=schema)
@@ -199,13 +206,13 @@ def write_shard(
     )
     writer.write_bytes(name, buf.getbuffer())
     norms = np.concatenate([p["norm"] for p in parts])
-    return {
-        "name": name,
-        "rows": table.num_rows,
-        "bytes": buf.tell(),
-        "norm_sum": float(norms.sum(dtype=np.float64)),
-        "norm_max": float(norms.max(initial=0.0)),
-    }
+    return ActivationsShard(
+        name=name,
+        rows=table.num_rows,
+        bytes=buf.tell(),
+        norm_sum=float(norms.sum(dtype=np.float64)),
+        norm_max=float(norms.max(initial=0.0)),
+    )
 
 
 def extract_shard(
@@ -226,7 +233,7 @@ def extract_shard(
     if len(hooks) != len(writers) or not hooks:
         raise ValueError(f"extract_shard: {len(hooks)} hooks for {len(writers)} writers")
     points = [check_hook(model.config, hook) for hook in hooks]
-    context_len = tokens.manifest()["context_len"]
+    context_len = tokens.manifest(TokensManifest).context_len
     source = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
               "model_dtype": model_dtype(model), "width": model_width(model.config)}  # fmt: skip
     dtype = storage_dtype(source["model_dtype"], data_cfg)
@@ -250,8 +257,8 @@ def extract_shard(
     for writer, hook_parts, n_dropped in zip(writers, parts, dropped, strict=True):
         entry = None
         if sum(len(p["sequence"]) for p in hook_parts):
-            entry = write_shard(writer, shard.name, hook_parts, schema)
-            entry["contexts"] = [shard.start, shard.stop]
+            written = write_shard(writer, shard.name, hook_parts, schema)
+            entry = written.model_copy(update={"contexts": (shard.start, shard.stop)}).to_json()
         writer.mark_done(
             shard.part, {"shard": entry, "dropped_max_norm": n_dropped, "source": source}
         )
@@ -264,9 +271,9 @@ def activation_manifest(
     data_cfg: DataConfig,
     hook: str,
     shards: Sequence[ShardRange],
-) -> dict[str, Any]:
+) -> ActivationsManifest:
     """The manifest of a dataset whose every shard is marked done, from the marks."""
-    src = tokens.manifest()
+    src = tokens.manifest(TokensManifest)
     marks = {split: writer.done_marks(split) for split in SPLITS}
     missing = [s.name for s in shards if f"{s.index:05d}" not in marks[s.split]]
     if missing:
@@ -275,42 +282,42 @@ def activation_manifest(
             "run the extraction again"
         )
     source = marks[shards[0].split][f"{shards[0].index:05d}"]["source"]
+    dtype = storage_dtype(source["model_dtype"], data_cfg)
     splits = {}
     for split in SPLITS:
         done = [marks[split][f"{s.index:05d}"] for s in shards if s.split == split]
-        entries = [m["shard"] for m in done if m["shard"] is not None]
-        rows = sum(e["rows"] for e in entries)
+        entries = [
+            ActivationsShard.model_validate(m["shard"]) for m in done if m["shard"] is not None
+        ]
+        rows = sum(e.rows for e in entries)
         if rows == 0:
             raise ConfigError(
                 f"data.max_norm={data_cfg.max_norm}: dropped every {split} row; raise or unset it"
             )
-        splits[split] = {
-            "rows": rows,
-            "dropped_max_norm": sum(m["dropped_max_norm"] for m in done),
-            "norm_mean": sum(e["norm_sum"] for e in entries) / rows,
-            "norm_max": max(e["norm_max"] for e in entries),
-            "shards": entries,
-        }
-    return {
-        "kind": "activations",
-        "schema_version": SCHEMA_VERSION,
-        "fingerprint": writer.dataset.rsplit("/", 1)[-1],
-        "model": source["model"],
-        "model_dtype": source["model_dtype"],
-        "hook": str(HookPoint.parse(hook)),
-        "dtype": storage_dtype(source["model_dtype"], data_cfg),
-        "width": source["width"],
-        "context_len": src["context_len"],
-        "batch_tokens": data_cfg.batch_tokens,
-        "shard_rows": shard_rows(
-            data_cfg, source["width"], storage_dtype(source["model_dtype"], data_cfg)
-        ),
-        "contexts_per_shard": shards[0].stop - shards[0].start,
-        "skip_first_position": data_cfg.skip_first_position,
-        "max_norm": data_cfg.max_norm,
-        "tokens": {"uri": tokens.uri, "fingerprint": tokens.fingerprint},
-        "splits": splits,
-    }
+        splits[split] = ActivationsSplit(
+            rows=rows,
+            dropped_max_norm=sum(m["dropped_max_norm"] for m in done),
+            norm_mean=sum(e.norm_sum for e in entries) / rows,
+            norm_max=max(e.norm_max for e in entries),
+            shards=entries,
+        )
+    return ActivationsManifest(
+        schema_version=SCHEMA_VERSION,
+        fingerprint=writer.fingerprint,
+        model=source["model"],
+        model_dtype=source["model_dtype"],
+        hook=str(HookPoint.parse(hook)),
+        dtype=dtype,
+        width=source["width"],
+        context_len=src.context_len,
+        batch_tokens=data_cfg.batch_tokens,
+        shard_rows=shard_rows(data_cfg, source["width"], dtype),
+        contexts_per_shard=shards[0].stop - shards[0].start,
+        skip_first_position=data_cfg.skip_first_position,
+        max_norm=data_cfg.max_norm,
+        tokens=DatasetLink(uri=tokens.uri, fingerprint=tokens.fingerprint),
+        splits=splits,
+    )
 
 
 # Extraction in this process ---------------------------------------------------------------------
@@ -321,7 +328,7 @@ def extract_hooks(
     hooks: Sequence[str],
     writers: Sequence[DatasetWriter],
     progress: bool = True,
-) -> list[dict[str, Any]]:
+) -> list[ActivationsManifest]:
     """Run `model` over every context of the tokens dataset once, writing one dataset per hook.
 
     Per forward: about `batch_tokens` tokens as [B, T] contexts -> one [B, T, d] activation per
@@ -354,9 +361,13 @@ def extract_hooks(
                 [hooks[i] for i in lacking], [writers[i] for i in lacking],
             )  # fmt: skip
             bar.update(shard.stop - shard.start)
-    for writer, hook in zip(writers, hooks, strict=True):
-        writer.manifest = activation_manifest(writer, tokens, data_cfg, hook, shards)
-    return [w.manifest for w in writers]
+    manifests = [
+        activation_manifest(writer, tokens, data_cfg, hook, shards)
+        for writer, hook in zip(writers, hooks, strict=True)
+    ]
+    for writer, manifest in zip(writers, manifests, strict=True):
+        writer.manifest = manifest
+    return manifests
 
 
 def extract_activations(
@@ -366,6 +377,6 @@ def extract_activations(
     hook: str,
     writer: DatasetWriter,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> ActivationsManifest:
     """One hook's dataset: `extract_hooks` with a single hook. Returns (and sets) the manifest."""
     return extract_hooks(model, tokens, data_cfg, [hook], [writer], progress)[0]

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from sae_core.config import DataConfig
 from sae_core.env import hub_offline
 from sae_core.errors import ConfigError
+from sae_core.storage.manifests import TokensManifest, TokensSplit
 from sae_core.storage.store import DatasetWriter
 
 SCHEMA_VERSION = 1
@@ -190,7 +191,7 @@ def sample_tokens(
     files: list[str] | str,
     writer: DatasetWriter,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> TokensManifest:
     """Tokenise the corpus, cut, shuffle and split contexts; write `eval.parquet` and
     `train.parquet` (columns tokens: list<int32>[context_len], context_id, doc_id) and set
     the writer's manifest, which it returns.
@@ -243,22 +244,22 @@ def sample_tokens(
     for split, ids in split_ids.items():
         table = _contexts_table(stream, ids, T, doc_of_context)
         nbytes = _write_parquet(writer, f"{split}.parquet", table)
-        splits[split] = {"contexts": len(ids), "tokens": len(ids) * T, "bytes": nbytes}
+        splits[split] = TokensSplit(contexts=len(ids), tokens=len(ids) * T, bytes=nbytes)
 
-    writer.manifest = {
-        "kind": "tokens",
-        "schema_version": SCHEMA_VERSION,
-        "fingerprint": writer.dataset.rsplit("/", 1)[-1],
-        "context_len": T,
-        "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
-        "corpus": data_cfg.corpus,
-        "text_column": data_cfg.text_column,
-        "seed": data_cfg.seed,
-        "vocab_size": len(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id,
-        "corpus_documents": n_docs,
-        "documents_tokenized": len(doc_keys),
-        "stream_tokens": total,
-        "splits": splits,
-    }
-    return writer.manifest
+    manifest = TokensManifest(
+        schema_version=SCHEMA_VERSION,
+        fingerprint=writer.fingerprint,
+        context_len=T,
+        tokenizer=getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        corpus=data_cfg.corpus,
+        text_column=data_cfg.text_column,
+        seed=data_cfg.seed,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        corpus_documents=n_docs,
+        documents_tokenized=len(doc_keys),
+        stream_tokens=total,
+        splits=splits,
+    )
+    writer.manifest = manifest
+    return manifest

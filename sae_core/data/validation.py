@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from sae_core.errors import DatasetDamaged, ValidationFailed
 from sae_core.storage.layout import REQUIRED_COLUMNS, activation_layout, flat_values
 from sae_core.storage.loader import open_shard
+from sae_core.storage.manifests import ActivationsManifest, ActivationsShard
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 
@@ -159,14 +160,14 @@ def summarize_table(table: pa.Table | pa.RecordBatch) -> TableSummary:
 
 
 def summarize_shard(
-    store: Store, dataset: str, split: str, entry: dict[str, Any], width: int, dtype: str
+    store: Store, dataset: str, split: str, entry: ActivationsShard, width: int, dtype: str
 ) -> ShardSummary:
     """Read one shard in record batches; any read error becomes an unreadable-shard fact."""
-    name = str(entry.get("name", "?"))
+    name = entry.name
     facts: dict[str, Any] = {
         "split": split,
         "name": name,
-        "rows_manifest": int(entry.get("rows", -1)),
+        "rows_manifest": entry.rows,
         "width_manifest": width,
         "dtype_manifest": dtype,
     }
@@ -204,17 +205,13 @@ def summarize_shard(
     return ShardSummary(fact, summary.tokens, summary.dims)
 
 
-def activation_manifest(ref: DatasetRef) -> dict[str, Any]:
-    """The dataset's manifest, checked to describe activations; raises ValidationFailed if not."""
-    manifest = ref.manifest()
-    if manifest.get("kind") != "activations":
-        raise ValidationFailed(
-            f"dataset {ref.uri}: kind is {manifest.get('kind')!r}, not 'activations'"
-        )
-    missing = [k for k in ("width", "dtype", "splits") if k not in manifest]
-    if missing:
-        raise ValidationFailed(f"dataset {ref.uri}: manifest lacks {', '.join(missing)}")
-    return manifest
+def activation_manifest(ref: DatasetRef) -> ActivationsManifest:
+    """The dataset's manifest, read as activations; raises ValidationFailed (the finding is
+    what validation reports) if it is not one."""
+    try:
+        return ref.manifest(ActivationsManifest)
+    except DatasetDamaged as err:
+        raise ValidationFailed(f"dataset {ref.uri}: {err.reason}") from None
 
 
 def summarize_dataset(
@@ -223,12 +220,10 @@ def summarize_dataset(
     """Summaries of every shard the manifest lists (all splits unless named), one at a time."""
     manifest = activation_manifest(ref)
     store = ref.open_store()
-    wanted = list(manifest["splits"]) if splits is None else list(splits)
-    unknown = [s for s in wanted if s not in manifest["splits"]]
+    wanted = list(manifest.splits) if splits is None else list(splits)
+    unknown = [s for s in wanted if s not in manifest.splits]
     if unknown:
         raise ValidationFailed(f"dataset {ref.uri}: no split {', '.join(unknown)} in the manifest")
-    shards = [(s, e) for s in wanted for e in manifest["splits"][s].get("shards", [])]
+    shards = [(s, e) for s in wanted for e in manifest.splits[s].shards]
     for split, entry in tqdm(shards, desc="validate shards", unit="shard", disable=not progress):
-        yield summarize_shard(
-            store, ref.path, split, entry, int(manifest["width"]), str(manifest["dtype"])
-        )
+        yield summarize_shard(store, ref.path, split, entry, manifest.width, manifest.dtype)

@@ -83,13 +83,13 @@ def baseline_bytes(baseline: Baseline) -> bytes:
     return save_tensors({k: v.contiguous() for k, v in tensors.items()})
 
 
-def baseline_from(data: bytes, manifest: dict) -> Baseline:
-    """The inverse of `baseline_bytes`, with the sums from the baseline dataset's manifest."""
+def baseline_from(data: bytes, ce_sums: dict[str, float], terms: int) -> Baseline:
+    """The inverse of `baseline_bytes`, with the sums the baseline dataset's manifest holds."""
     tensors = load_tensors(data)
     return Baseline(
         act=tensors["act"],
         block_input=tensors.get("block_input"),
         mean=tensors["mean"],
-        ce_sums={k: float(v) for k, v in manifest["ce_sums"].items()},
-        terms=int(manifest["terms"]),
+        ce_sums=ce_sums,
+        terms=terms,
     )

@@ -225,9 +225,7 @@ def probe_set_bytes(ps: ProbeSet) -> bytes:
     return save_tensors({k: v.contiguous() for k, v in tensors.items()})
 
 
-def probe_set_from(data: bytes, manifest: dict) -> ProbeSet:
-    """The inverse of `probe_set_bytes`, with the genre names from the dataset's manifest."""
+def probe_set_from(data: bytes, genres: list[str]) -> ProbeSet:
+    """The inverse of `probe_set_bytes`, with the genre names the dataset's manifest holds."""
     t = load_tensors(data)
-    return ProbeSet(
-        t["acts"], t["genre"], t["pos"], t["train"], t["token_sample"], manifest["genres"]
-    )
+    return ProbeSet(t["acts"], t["genre"], t["pos"], t["train"], t["token_sample"], genres)

@@ -139,7 +139,7 @@ def latent_statistics(
     peaks, the explanation counts' hashing (O(max_ngram k) per token), and the logit lens
     (2 n d V flops)."""
     manifest, info = split_manifest(acts, "eval")
-    context_len, rows = int(manifest["context_len"]), int(info["rows"])
+    context_len, rows = manifest.recorded("context_len").context_len, info.rows
     n, before = sae.n_latents, cfg.window_before
     sae = sae.cpu().eval()
     top = TopContexts(n, cfg.top_contexts, before, cfg.window_after)

@@ -19,9 +19,9 @@ Adding a stage, the one way:
    - `CODE`: the tuple of modules whose source decides the output (module objects, imported at
      the top, so the contracts and readers see the dependency);
    - `locate_<output>(inputs...) -> Location`: `located("<folder>", store, *inputs, code=CODE)`;
-   - the stage function: `if (manifest := loc.committed()) is not None: return loc.ref(...)`,
-     else compute with sae_core and write inside `Store(store).writing(loc.path)`, the
-     manifest last (its typed model in sae_core.storage.manifests).
+   - the stage function: `if (manifest := loc.committed(ItsManifest)) is not None: return
+     loc.ref(...)`, else compute with sae_core and write inside `Store(store).writing(loc.path)`,
+     the manifest last (its typed model in sae_core.storage.manifests).
 2. In tasks/, a Prefect task calling it, with `cache_policy=CommittedOutput(locate=...)`.
 3. In flows/, a `run_stage(task, ...)` call where the stage belongs in its flow.
 Editing any module in a stage's CODE changes its outputs' addresses: they are recomputed.

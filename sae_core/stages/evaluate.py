@@ -19,7 +19,13 @@ from sae_core.errors import ConfigError
 from sae_core.evaluation import ablation, baseline, evaluate, metrics, probe_data, probes, splice
 from sae_core.evaluation.splice import SplitModel
 from sae_core.sae import load_sae
-from sae_core.stages.location import Location, corpus_identity, located, model_identity
+from sae_core.stages.location import Location, corpus_identity, hook_identity, located
+from sae_core.storage.manifests import (
+    BaselineManifest,
+    EvaluationManifest,
+    ProbeSetManifest,
+    SaeManifest,
+)
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 
@@ -33,9 +39,7 @@ def locate_baseline(tokens: DatasetRef, model: ModelConfig, data: DataConfig) ->
         "baseline",
         tokens.store,
         tokens.fingerprint,
-        model_identity(model),
-        model.hook,
-        model.dtype,
+        *hook_identity(model),
         data.skip_first_position,
         code=BASELINE_CODE,
     )
@@ -55,24 +59,24 @@ def prepare_baseline(
 
     loc = locate_baseline(tokens, model, data)
     store = Store(tokens.store)
-    if (manifest := loc.committed()) is not None:
+    if (manifest := loc.committed(BaselineManifest)) is not None:
         data_bytes = store.read_bytes(f"{loc.path}/{baseline.FILE}")
-        return loc.ref(manifest["contexts"]), baseline.baseline_from(data_bytes, manifest)
+        stored = baseline.baseline_from(data_bytes, manifest.ce_sums, manifest.terms)
+        return loc.ref(manifest.contexts), stored
     contexts = evaluate.load_eval_contexts(tokens)
     result = baseline.compute_baseline(
         split, contexts, eval.batch_contexts, first_position(data), progress
     )
     with store.writing(loc.path) as writer:
         writer.write_bytes(baseline.FILE, baseline.baseline_bytes(result))
-        writer.manifest = {
-            "kind": "baseline",
-            "fingerprint": loc.fingerprint,
-            "tokens": tokens.uri,
-            "hook": model.hook,
-            "contexts": contexts.shape[0],
-            "ce_sums": result.ce_sums,
-            "terms": result.terms,
-        }
+        writer.manifest = BaselineManifest(
+            fingerprint=loc.fingerprint,
+            tokens=tokens.uri,
+            hook=model.hook,
+            contexts=contexts.shape[0],
+            ce_sums=result.ce_sums,
+            terms=result.terms,
+        )
     return loc.ref(contexts.shape[0]), result
 
 
@@ -89,9 +93,7 @@ def locate_probe_set(
         corpus_identity(data.corpus),
         data.model_dump(include=_PROBE_DATA_FIELDS),
         eval.model_dump(include=_PROBE_EVAL_FIELDS),
-        model_identity(model),
-        model.hook,
-        model.dtype,
+        *hook_identity(model),
         code=PROBE_CODE,
     )
 
@@ -110,11 +112,11 @@ def prepare_probe_set(
 
     loc = locate_probe_set(store, model, data, eval)
     st = Store(store)
-    if (manifest := loc.committed()) is not None:
-        if not manifest["contexts"]:
+    if (manifest := loc.committed(ProbeSetManifest)) is not None:
+        if not manifest.contexts:
             return loc.ref(0), None
         data_bytes = st.read_bytes(f"{loc.path}/{probe_data.FILE}")
-        return loc.ref(manifest["contexts"]), probe_data.probe_set_from(data_bytes, manifest)
+        return loc.ref(manifest.contexts), probe_data.probe_set_from(data_bytes, manifest.genres)
     result = None
     with tempfile.TemporaryDirectory(prefix="saeflow-datasets-") as cache_dir:
         corpus = load_corpus(resolve_corpus(data.corpus), cache_dir)
@@ -136,16 +138,15 @@ def prepare_probe_set(
     with st.writing(loc.path) as writer:
         if result is not None:
             writer.write_bytes(probe_data.FILE, probe_data.probe_set_bytes(result))
-        writer.manifest = {
-            "kind": "probe_set",
-            "fingerprint": loc.fingerprint,
-            "corpus": data.corpus,
-            "hook": model.hook,
-            "contexts": contexts,
-            "token_sample": 0 if result is None else int(result.token_sample.shape[0]),
-            "genres": [] if result is None else result.genres,
-            "pos_classes": list(probe_data.POS_CLASSES),
-        }
+        writer.manifest = ProbeSetManifest(
+            fingerprint=loc.fingerprint,
+            corpus=data.corpus,
+            hook=model.hook,
+            contexts=contexts,
+            token_sample=0 if result is None else int(result.token_sample.shape[0]),
+            genres=[] if result is None else result.genres,
+            pos_classes=list(probe_data.POS_CLASSES),
+        )
     return loc.ref(contexts), result
 
 
@@ -157,9 +158,7 @@ def locate_evaluation(
         sae.store,
         sae.fingerprint,
         tokens.fingerprint,
-        model_identity(model),
-        model.hook,
-        model.dtype,
+        *hook_identity(model),
         data.model_dump(include=_PROBE_DATA_FIELDS),
         eval,
         code=EVAL_CODE,
@@ -187,7 +186,7 @@ def evaluate_sae(
     reused from the store) on the way."""
 
     loc = locate_evaluation(sae, tokens, model, data, eval)
-    if (manifest := loc.committed()) is None:
+    if (manifest := loc.committed(EvaluationManifest)) is None:
         _check_eval(data, eval)
         started = time.perf_counter()
         loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
@@ -215,23 +214,22 @@ def evaluate_sae(
         )
         seconds |= result.seconds
         seconds["total"] = time.perf_counter() - started
-        sae_manifest = sae.manifest()
+        sae_manifest = sae.manifest(SaeManifest)
         with Store(sae.store).writing(loc.path) as writer:
             writer.write_json("latent_fire_counts.json", result.latent_fire_counts)
             writer.write_json("density_histogram.json", result.density._asdict())
             writer.write_json("probes.json", [p._asdict() for p in result.probes])
             writer.write_json("ablation_sparsity.json", result.ablation_sparsity)
-            writer.manifest = {
-                "kind": "evaluation",
-                "fingerprint": loc.fingerprint,
-                "sae": sae.uri,
-                "n_latents": sae_manifest.get("n"),
-                "k": sae_manifest.get("k"),
-                "tokens": tokens.uri,
-                "baseline": base_ref.uri,
-                "probe_set": probe_ref.uri if probe_ref else None,
-                "metrics": result.metrics,
-                "seconds": seconds,
-            }
-            manifest = writer.manifest
-    return loc.ref(int(manifest["metrics"]["eval_tokens"])), manifest["metrics"]
+            manifest = EvaluationManifest(
+                fingerprint=loc.fingerprint,
+                sae=sae.uri,
+                n_latents=sae_manifest.n,
+                k=sae_manifest.k,
+                tokens=tokens.uri,
+                baseline=base_ref.uri,
+                probe_set=probe_ref.uri if probe_ref else None,
+                metrics=result.metrics,
+                seconds=seconds,
+            )
+            writer.manifest = manifest
+    return loc.ref(int(manifest.metrics["eval_tokens"])), manifest.metrics

@@ -27,7 +27,8 @@ from sae_core.data.activations import (
 )
 from sae_core.data.assets import resolve_model_path
 from sae_core.data.models import inspect_model, load_model
-from sae_core.stages.location import Location, located, model_identity
+from sae_core.stages.location import Location, hook_identity, located
+from sae_core.storage.manifests import ActivationsManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import PROGRESS, DatasetWriter, Store
 
@@ -47,9 +48,7 @@ def locate_activations(tokens: DatasetRef, model: ModelConfig, data: DataConfig)
         "activations",
         tokens.store,
         tokens.fingerprint,
-        model_identity(model),
-        model.hook,
-        model.dtype,
+        *hook_identity(model),
         data.model_dump(include=_ACTIVATION_FIELDS),
         code=CODE,
     )
@@ -85,7 +84,7 @@ def plan_activations(
     store = Store(tokens.store)
     todo = []
     for i, loc in enumerate(locs):
-        if loc.committed() is None:
+        if not loc.is_committed():
             todo.append(i)
         else:  # marks of an attempt killed between its commit and their removal
             store.rm(f"{loc.path}/{PROGRESS}")
@@ -152,11 +151,10 @@ def commit_activations(plan: ActivationPlan) -> list[DatasetRef]:
             manifest = activation_manifest(
                 writer, plan.tokens, plan.data, plan.hooks[i], plan.shards
             )
-            manifest["fingerprint"] = loc.fingerprint
             store.commit(loc.path, manifest)
         else:
-            manifest = loc.committed()
-        refs.append(loc.ref(manifest["splits"]["train"]["rows"]))
+            manifest = loc.committed(ActivationsManifest)
+        refs.append(loc.ref(manifest.splits["train"].rows))
     return refs
 
 

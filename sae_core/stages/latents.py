@@ -17,6 +17,7 @@ from sae_core.stages.location import Location, located
 from sae_core.storage import loader
 from sae_core.storage.fingerprint import path_fingerprint
 from sae_core.storage.lineage import sae_lineage
+from sae_core.storage.manifests import LatentStatsManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 
@@ -54,7 +55,7 @@ def compute_latent_stats(
     logit lens and explanations from one pass over its eval activations; returns (ref, the
     explainability figures). The logit lens reads the model the activations came from."""
     loc = locate_latent_stats(sae, latents)
-    if (manifest := loc.committed()) is None:
+    if (manifest := loc.committed(LatentStatsManifest)) is None:
         started = time.perf_counter()
         lineage = sae_lineage(sae)
         loaded = load_model(_lineage_model(sae), "float32", "cpu")
@@ -80,13 +81,12 @@ def compute_latent_stats(
                 latents,
                 progress,
             )
-            writer.manifest = {
-                "kind": "latent_stats",
-                "fingerprint": loc.fingerprint,
+            manifest = LatentStatsManifest(
+                fingerprint=loc.fingerprint,
                 **about,
-                "n_latents": autoencoder.n_latents,
-                "metrics": pages.explainability_metrics(summary["explainability"]),
-                "seconds": time.perf_counter() - started,
-            }
-            manifest = writer.manifest
-    return loc.ref(int(manifest["n_latents"])), manifest["metrics"]
+                n_latents=autoencoder.n_latents,
+                metrics=pages.explainability_metrics(summary["explainability"]),
+                seconds=time.perf_counter() - started,
+            )
+            writer.manifest = manifest
+    return loc.ref(manifest.n_latents), manifest.metrics

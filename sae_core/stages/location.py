@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 from sae_core.config import ModelConfig
 from sae_core.data.assets import resolve_corpus, resolve_model_path
 from sae_core.storage.fingerprint import code_fingerprint, fingerprint, path_fingerprint
+from sae_core.storage.manifests import AnyManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 
@@ -27,8 +28,13 @@ class Location(NamedTuple):
     def ref(self, rows: int = 0) -> DatasetRef:
         return DatasetRef(store=self.store, path=self.path, fingerprint=self.fingerprint, rows=rows)
 
-    def committed(self) -> dict[str, Any] | None:
-        return Store(self.store).manifest(self.path)
+    def is_committed(self) -> bool:
+        return Store(self.store).is_committed(self.path)
+
+    def committed(self, kind: type[AnyManifest]) -> AnyManifest | None:
+        """The output's manifest read by the model `kind`, or None while it is not committed."""
+        manifest = Store(self.store).manifest(self.path)
+        return None if manifest is None else kind.from_json(manifest, self.ref().uri)
 
 
 def located(stage: str, store: str, *inputs: Any, code: Sequence[ModuleType]) -> Location:
@@ -42,6 +48,11 @@ def model_identity(model: ModelConfig) -> dict[str, Any]:
     """The model as an input: its name and a digest of its files."""
     path = resolve_model_path(model.path)
     return {"path": model.path, "content": path_fingerprint(path)}
+
+
+def hook_identity(model: ModelConfig) -> tuple[dict[str, Any], str, str]:
+    """A hook's activations as an input: the model, the hook point and the dtype it ran in."""
+    return model_identity(model), model.hook, model.dtype
 
 
 def corpus_identity(corpus: str) -> str:

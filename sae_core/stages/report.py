@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 from sae_core.evaluation.metrics import DensityHistogram
 from sae_core.stages.location import Location, located
+from sae_core.storage.manifests import EvaluationManifest, ReportManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 from sae_core.studies import frontier, plots, report, scaling, sweep
@@ -37,11 +38,11 @@ def _write_report(store: Store, loc: Location, report: Report, kind: str) -> Wri
             writer.write_bytes(name, png)
         writer.write_bytes(REPORT_FILE, report.markdown.encode())
         writer.write_json("table.json", report.table)
-        writer.manifest = {
-            "kind": kind,
-            "fingerprint": loc.fingerprint,
-            "files": [REPORT_FILE, "table.json", *report.images],
-        }
+        writer.manifest = ReportManifest(
+            kind=kind,
+            fingerprint=loc.fingerprint,
+            files=[REPORT_FILE, "table.json", *report.images],
+        )
     return WrittenReport(loc.ref(), report.markdown, report.table)
 
 
@@ -62,21 +63,21 @@ def write_run_report(sae: DatasetRef, evaluation: DatasetRef, title: str) -> Wri
 
     loc = locate_run_report(sae, evaluation, title)
     store = Store(sae.store)
-    if loc.committed() is not None:
+    if loc.is_committed():
         return _read_report(store, loc)
-    sae_m, eval_m = sae.manifest(), evaluation.manifest()
+    sae_m, eval_m = sae.manifest(SaeManifest), evaluation.manifest(EvaluationManifest)
     probes = [
         {k: p[k] for k in ("task", "latent", "loss", "baseline_loss", "positives")}
         for p in store.read_json(f"{evaluation.path}/probes.json")
     ]
     report = run_report(
         title,
-        {k: sae_m.get(k) for k in ("d", "n", "k", "tokens_seen", "steps")},
-        eval_m["metrics"],
+        sae_m.model_dump(include={"d", "n", "k", "tokens_seen", "steps"}),
+        eval_m.metrics,
         probes,
         store.read_json(f"{sae.path}/history.json"),
         DensityHistogram(**store.read_json(f"{evaluation.path}/density_histogram.json")),
-        eval_m.get("seconds", {}),
+        eval_m.seconds,
         {"sae": sae.uri, "evaluation": evaluation.uri},
     )
     return _write_report(store, loc, report, "run_report")
@@ -100,11 +101,11 @@ def write_sweep_report(
 
     loc = locate_sweep_report(points, fit, title)
     store = Store(points[0].sae.store)
-    if loc.committed() is not None:
+    if loc.is_committed():
         return _read_report(store, loc)
     rows, histories = [], []
     for p in points:
-        train_dead = p.sae.manifest().get("dead_fraction", float("nan"))
+        train_dead = p.sae.manifest(SaeManifest).dead_fraction
         rows.append(SweepRow(p.n, p.k, p.seed, p.metrics, train_dead))
         histories.append((rows[-1].label, store.read_json(f"{p.sae.path}/history.json")))
     report = sweep_report(title, rows, fit, histories)
@@ -127,11 +128,11 @@ def write_frontier_report(points: list[FrontierPoint], title: str) -> WrittenRep
 
     loc = locate_frontier_report(points, title)
     store = Store(points[0].sae.store)
-    if loc.committed() is not None:
+    if loc.is_committed():
         return _read_report(store, loc)
     rows = []
     for p in points:
-        storage = p.sae.manifest()["storage"]
+        storage = p.sae.manifest(SaeManifest).storage
         rows.append(
             FrontierRow(
                 p.family,
@@ -140,8 +141,8 @@ def write_frontier_report(points: list[FrontierPoint], title: str) -> WrittenRep
                 p.k,
                 p.seed,
                 p.metrics,
-                storage["decoder_values"],
-                storage["artifact_bytes"],
+                storage.decoder_values,
+                storage.artifact_bytes,
             )  # fmt: skip
         )
     table = frontier_table(rows)

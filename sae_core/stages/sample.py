@@ -7,6 +7,7 @@ from sae_core.data import tokens
 from sae_core.data.assets import resolve_corpus, resolve_model_path
 from sae_core.env import hub_offline
 from sae_core.stages.location import Location, corpus_identity, located, model_identity
+from sae_core.storage.manifests import TokensManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 
@@ -29,8 +30,8 @@ def sample_tokens(
     store: str, model: ModelConfig, data: DataConfig, progress: bool = True
 ) -> DatasetRef:
     loc = locate_tokens(store, model, data)
-    if (manifest := loc.committed()) is not None:
-        return loc.ref(manifest["splits"]["train"]["tokens"])
+    if (manifest := loc.committed(TokensManifest)) is not None:
+        return loc.ref(manifest.splits["train"].tokens)
     hub_offline()
     from transformers import AutoTokenizer
 
@@ -39,5 +40,4 @@ def sample_tokens(
         manifest = tokens.sample_tokens(
             data, tokenizer, resolve_corpus(data.corpus), writer, progress
         )
-        manifest["fingerprint"] = loc.fingerprint
-    return loc.ref(manifest["splits"]["train"]["tokens"])
+    return loc.ref(manifest.splits["train"].tokens)

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import Any
 
 from sae_core.config import TRAIN_EXECUTION_FIELDS, SAEConfig, TrainConfig
 from sae_core.device import device_memory, pick_device, state_copies
-from sae_core.sae import base, expander, kernels, native, normalize, ranks, topk
+from sae_core.sae import (
+    base,
+    expander,
+    fused_loss,
+    kernels,
+    native,
+    normalize,
+    ranks,
+    topk,
+    unit_adam,
+)
 from sae_core.stages.location import Location, located
 from sae_core.storage import faults, loader
+from sae_core.storage.manifests import ActivationsManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 from sae_core.training import ddp, group, trainer
@@ -20,7 +30,21 @@ from sae_core.training.group import GroupMember, split_by_memory
 
 # One SAE or a group: the same loop, the same result. The loader fixes the batch order, ranks
 # the reductions over the global batch.
-CODE = (training, group, trainer, loader, ranks, base, topk, expander, kernels, native, normalize)
+CODE = (
+    training,
+    group,
+    trainer,
+    loader,
+    ranks,
+    base,
+    topk,
+    expander,
+    kernels,
+    fused_loss,
+    unit_adam,
+    native,
+    normalize,
+)
 
 
 def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location:
@@ -50,7 +74,7 @@ def train_sae_group(
     chunks that fit, one read of the data each.
     """
     locs = [locate_sae(acts, sae, train) for sae, train in points]
-    manifests = {loc: loc.committed() for loc in locs}  # one entry per distinct location
+    manifests = {loc: loc.committed(SaeManifest) for loc in locs}  # one per distinct location
     configs = dict(zip(locs, points, strict=True))
     todo = [loc for loc, manifest in manifests.items() if manifest is None]
     members = [
@@ -62,36 +86,30 @@ def train_sae_group(
         train0 = members[0].train
         device = pick_device(train0.device)
         budget = device_memory(device) // (2 * state_copies(device, train0.world_size))
-        width = int(acts.manifest()["width"])
+        width = acts.manifest(ActivationsManifest).width
         for chunk in split_by_memory(members, width, budget):
             chunk_locs = [todo[i] for i in chunk]
             chunk_members = [members[i] for i in chunk]
             manifests |= _train_and_commit(acts, store, chunk_locs, chunk_members, progress)
-    return [loc.ref(manifests[loc].get("tokens_seen", 0)) for loc in locs]
+    return [loc.ref(manifests[loc].tokens_seen) for loc in locs]
 
 
 def _train_and_commit(
     acts: DatasetRef, store: Store, locs: list[Location], members: list[GroupMember], progress: bool
-) -> dict[Location, dict[str, Any]]:
+) -> dict[Location, SaeManifest]:
     """Train `members` as one group, commit each at its location;
     their manifests. The trainers are dropped on return, before another chunk starts. With
     train.world_size > 1 torchrun workers train the group and rank 0 fills the folders."""
-    manifests = {}
     with ExitStack() as stack:  # every folder committed on a normal exit, none on an error
         writers = [stack.enter_context(store.writing(loc.path)) for loc in locs]
         if members[0].train.world_size > 1:
-            done = ddp.train_data_parallel(acts, members, [w.dataset for w in writers], progress)
-            made = [(trained.manifest, trained.resumed_from_tokens) for trained in done]
+            made = ddp.train_data_parallel(acts, members, [w.dataset for w in writers], progress)
+            for writer, manifest in zip(writers, made, strict=True):
+                writer.manifest = manifest  # rank 0 reported it
         else:
             trainers = training.train_group(acts, members, store, progress)
             made = [
-                (training.write_trained(w, acts, t).manifest, t.resumed_from_tokens)
+                training.write_trained(w, acts, t).manifest
                 for w, t in zip(writers, trainers, strict=True)
             ]
-        for loc, writer, (manifest, resumed) in zip(locs, writers, made, strict=True):
-            writer.manifest = manifest | {
-                "fingerprint": loc.fingerprint,
-                "resumed_from_tokens": resumed,
-            }
-            manifests[loc] = writer.manifest
-    return manifests
+    return dict(zip(locs, made, strict=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from sae_core.storage.manifests import ActivationsManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
 
 
@@ -19,25 +20,24 @@ class Lineage(NamedTuple):
 
 def sae_lineage(sae: DatasetRef) -> Lineage:
     """Follow the sae manifest to its activations manifest (same store). Raises
-    FileNotFoundError when either is gone."""
+    FileNotFoundError when either is gone, DatasetDamaged when either does not say."""
     store = sae.open_store()
-    acts_path = sae.manifest()["activations"].removeprefix(f"{store.uri}/")
+    acts_path = sae.manifest(SaeManifest).activations.removeprefix(f"{store.uri}/")
     acts = DatasetRef(store=store.uri, path=acts_path, fingerprint="")
-    manifest = acts.manifest()
-    tokens = manifest["tokens"]
+    manifest = acts.manifest(ActivationsManifest).recorded("fingerprint", "tokens", "model", "hook")
     return Lineage(
         activations=DatasetRef(
             store=store.uri,
             path=acts_path,
-            fingerprint=manifest["fingerprint"],
-            rows=sum(split["rows"] for split in manifest["splits"].values()),
+            fingerprint=manifest.fingerprint,
+            rows=sum(split.rows for split in manifest.splits.values()),
         ),
         tokens=DatasetRef(
             store=store.uri,
-            path=tokens["uri"].removeprefix(f"{store.uri}/"),
-            fingerprint=tokens["fingerprint"],
+            path=manifest.tokens.uri.removeprefix(f"{store.uri}/"),
+            fingerprint=manifest.tokens.fingerprint,
         ),
-        model=manifest["model"],
-        hook=manifest["hook"],
-        context_len=manifest.get("context_len"),
+        model=manifest.model,
+        hook=manifest.hook,
+        context_len=manifest.context_len,
     )

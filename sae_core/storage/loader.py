@@ -24,7 +24,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Generator, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,7 @@ from torch import Tensor
 
 from sae_core.errors import ConfigError, DatasetDamaged
 from sae_core.storage.layout import activation_matrix
+from sae_core.storage.manifests import ActivationsManifest, ActivationsShard, ActivationsSplit
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 
@@ -44,16 +45,14 @@ _READ_AHEAD = 4  # row groups (8192 rows each as extraction writes them) read ah
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def split_manifest(ref: DatasetRef, split: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_manifest(ref: DatasetRef, split: str) -> tuple[ActivationsManifest, ActivationsSplit]:
     """(the dataset's manifest, the split's entry); raises if it is not an activations split."""
-    manifest = ref.manifest()
-    if manifest.get("kind") != "activations":
-        raise ValueError(f"dataset {ref.uri} holds {manifest.get('kind')!r}, not activations")
-    if split not in manifest["splits"]:
+    manifest = ref.manifest(ActivationsManifest)
+    if split not in manifest.splits:
         raise ValueError(
-            f"dataset {ref.uri} has no split {split!r}; it has {', '.join(manifest['splits'])}"
+            f"dataset {ref.uri} has no split {split!r}; it has {', '.join(manifest.splits)}"
         )
-    return manifest, manifest["splits"][split]
+    return manifest, manifest.splits[split]
 
 
 def _damaged(store: Store, rel: str, err: BaseException) -> BaseException:
@@ -104,22 +103,22 @@ def read_split(ref: DatasetRef, split: str) -> Iterator[pa.RecordBatch]:
     """Stream a split's rows in storage order, shard by shard, a row group at a time."""
     _, info = split_manifest(ref, split)
     store = ref.open_store()
-    for shard in info["shards"]:
-        yield from read_shard(store, f"{ref.path}/{shard['name']}")
+    for shard in info.shards:
+        yield from read_shard(store, f"{ref.path}/{shard.name}")
 
 
 def load_split_tensor(ref: DatasetRef, split: str) -> Tensor:
     """All activations of a split as one `[N, d]` float32 tensor (N*d*4 bytes: small data only)."""
     manifest, info = split_manifest(ref, split)
-    out = torch.empty(info["rows"], manifest["width"], dtype=torch.float32)
+    out = torch.empty(info.rows, manifest.width, dtype=torch.float32)
     view = out.numpy()
     row = 0
     for batch in read_split(ref, split):
         view[row : row + batch.num_rows] = activation_matrix(batch)
         row += batch.num_rows
-    if row != info["rows"]:
+    if row != info.rows:
         raise DatasetDamaged(
-            f"dataset {ref.uri} split {split}: read {row} rows, manifest says {info['rows']}; "
+            f"dataset {ref.uri} split {split}: read {row} rows, manifest says {info.rows}; "
             "delete the dataset folder and run again to recompute it"
         )
     return out
@@ -133,26 +132,26 @@ def _as_tensor(rows: np.ndarray) -> Tensor:
 
 
 def _shard_rows(
-    ref: DatasetRef, shards: list[dict[str, Any]], width: int
+    ref: DatasetRef, shards: list[ActivationsShard], width: int
 ) -> Generator[Tensor, None, None]:
     """The rows of `shards`, in that order, as `[r, d]` tensors (one per row group), each shard's
     row count and width checked against the manifest."""
     store = ref.open_store()
     for shard in shards:
         seen = 0
-        for batch in read_shard(store, f"{ref.path}/{shard['name']}"):
+        for batch in read_shard(store, f"{ref.path}/{shard.name}"):
             seen += batch.num_rows
             rows = activation_matrix(batch)
             if rows.shape[1] != width:
                 raise DatasetDamaged(
-                    f"dataset {ref.uri}: {shard['name']} holds rows of width {rows.shape[1]}, "
+                    f"dataset {ref.uri}: {shard.name} holds rows of width {rows.shape[1]}, "
                     f"the manifest says {width}; delete the dataset folder and run again"
                 )
             yield _as_tensor(rows)
-        if seen != shard["rows"]:
+        if seen != shard.rows:
             raise DatasetDamaged(
-                f"dataset {ref.uri}: {shard['name']} has {seen} rows, the manifest says "
-                f"{shard['rows']}; delete the dataset folder and run again"
+                f"dataset {ref.uri}: {shard.name} has {seen} rows, the manifest says "
+                f"{shard.rows}; delete the dataset folder and run again"
             )
 
 
@@ -175,45 +174,46 @@ class _Rows:
             yield piece
 
 
+class _Plan(NamedTuple):
+    """How a split's rows become batches: iter_batches' arguments, resolved."""
+
+    width: int
+    """d: values per row."""
+    dtype: str
+    """The stored dtype, which the shuffle buffer holds."""
+    batch_size: int
+    """Rows per batch."""
+    generator: torch.Generator
+    """Seeded by (seed, epoch): draws the shard order and every round of the buffer."""
+    buffer_tokens: int
+    """The shuffle buffer's size (see iter_batches)."""
+    start_batch: int
+    """Batches of the epoch skipped: read, not copied out."""
+    take: slice
+    """The rows of each batch copied out."""
+
+
 def _shuffled(
-    ref: DatasetRef,
-    info: dict[str, Any],
-    width: int,
-    dtype: str,
-    batch_size: int,
-    generator: torch.Generator,
-    buffer_tokens: int,
-    start_batch: int,
-    take: slice,
+    ref: DatasetRef, info: ActivationsSplit, plan: _Plan
 ) -> Generator[Tensor, None, None]:
-    """The split's batches from `start_batch` on: shards in a shuffled order, read in their own
-    thread a few row groups ahead (S3 transfers and decoding overlap the shuffling), through
-    the shuffle buffer; `take`: the rows of each batch to yield."""
-    order = torch.randperm(len(info["shards"]), generator=generator).tolist()
-    shards = [info["shards"][i] for i in order]
-    pieces = _prefetched(_shard_rows(ref, shards, width), _READ_AHEAD)
+    """The split's batches from `plan.start_batch` on: shards in a shuffled order, read in their
+    own thread a few row groups ahead (S3 transfers and decoding overlap the shuffling), through
+    the shuffle buffer."""
+    order = torch.randperm(len(info.shards), generator=plan.generator).tolist()
+    shards = [info.shards[i] for i in order]
+    pieces = _prefetched(_shard_rows(ref, shards, plan.width), _READ_AHEAD)
     try:
-        yield from _shuffle_buffer(
-            _Rows(pieces), width, dtype, batch_size, generator, buffer_tokens, start_batch, take
-        )
+        yield from _shuffle_buffer(_Rows(pieces), plan)
     finally:
         pieces.close()
 
 
-def _shuffle_buffer(
-    rows: _Rows,
-    width: int,
-    dtype: str,
-    batch_size: int,
-    generator: torch.Generator,
-    buffer_tokens: int,
-    start_batch: int,
-    take: slice,
-) -> Generator[Tensor, None, None]:
-    """The shuffle-buffer algorithm of the module docstring; batches from `start_batch` on,
-    only their rows `take` copied out."""
-    per_round = max(1, buffer_tokens // (2 * batch_size)) * batch_size
-    buf = torch.empty(2 * per_round, width, dtype=_TORCH_DTYPES[dtype])  # [cap, d]
+def _shuffle_buffer(rows: _Rows, plan: _Plan) -> Generator[Tensor, None, None]:
+    """The shuffle-buffer algorithm of the module docstring; batches from `plan.start_batch` on,
+    only their rows `plan.take` copied out."""
+    batch_size, generator, take = plan.batch_size, plan.generator, plan.take
+    per_round = max(1, plan.buffer_tokens // (2 * batch_size)) * batch_size
+    buf = torch.empty(2 * per_round, plan.width, dtype=_TORCH_DTYPES[plan.dtype])  # [cap, d]
 
     def fill(slots: Tensor) -> int:
         """Copy the next rows of the stream into `slots` (in order); how many arrived."""
@@ -229,7 +229,7 @@ def _shuffle_buffer(
         slots = torch.randperm(len(buf), generator=generator)[:per_round]
         for b in range(0, per_round, batch_size):
             chosen = slots[b : b + batch_size]
-            if emitted >= start_batch:
+            if emitted >= plan.start_batch:
                 yield buf.index_select(0, chosen[take]).float()
             emitted += 1
             # Refill the emitted rows' slots now (not at the round's end), so the wait spreads.
@@ -243,7 +243,7 @@ def _shuffle_buffer(
         rest = torch.arange(filled)
     rest = rest[torch.randperm(len(rest), generator=generator)]
     for b in range(0, len(rest) - batch_size + 1, batch_size):
-        if emitted >= start_batch:
+        if emitted >= plan.start_batch:
             yield buf.index_select(0, rest[b : b + batch_size][take]).float()
         emitted += 1
 
@@ -321,23 +321,22 @@ def iter_batches(
     GPU, `non_blocking`, then overlaps the previous step instead of waiting on a staging copy).
     """
     manifest, info = split_manifest(ref, split)
-    if batch_size > info["rows"]:
+    if batch_size > info.rows:
         raise ConfigError(
-            f"train.batch_size={batch_size} exceeds the {info['rows']} rows of split '{split}' "
+            f"train.batch_size={batch_size} exceeds the {info.rows} rows of split '{split}' "
             f"of {ref.uri}; lower it or raise data.train_tokens"
         )
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    batches = _shuffled(
-        ref,
-        info,
-        int(manifest["width"]),
-        str(manifest.get("dtype", "float32")),
+    plan = _Plan(
+        manifest.width,
+        manifest.dtype,
         batch_size,
         generator,
         buffer_tokens,
         start_batch,
         take or slice(None),
     )
+    batches = _shuffled(ref, info, plan)
     if pin_memory:
         batches = (batch.pin_memory() for batch in batches)
     return _prefetched(batches, prefetch)

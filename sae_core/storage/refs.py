@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 from pydantic import BaseModel, ConfigDict
 
+from sae_core.storage.manifests import AnyManifest, Manifest
 from sae_core.storage.store import Store
 
 
@@ -26,13 +27,19 @@ class DatasetRef(BaseModel):
     def open_store(self) -> Store:
         return Store(self.store)
 
-    def manifest(self) -> dict[str, Any]:
+    @overload
+    def manifest(self) -> dict[str, Any]: ...
+    @overload
+    def manifest(self, kind: type[AnyManifest]) -> AnyManifest: ...
+    def manifest(self, kind: type[Manifest] | None = None) -> dict[str, Any] | Manifest:
+        """The committed manifest, read by the model `kind` (DatasetDamaged if it does not
+        fit), or as its plain JSON without one."""
         manifest = self.open_store().manifest(self.path)
         if manifest is None:
             raise FileNotFoundError(
                 f"dataset {self.uri} has no manifest: it was deleted or never finished"
             )
-        return manifest
+        return manifest if kind is None else kind.from_json(manifest, self.uri)
 
 
 def committed_dataset(uri: str, kind: str) -> DatasetRef | None:

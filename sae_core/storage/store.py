@@ -1,9 +1,10 @@
 """The store: datasets addressed by URI (local directory or s3://), committed atomically.
 
-A dataset is a folder of data files plus `_MANIFEST.json`. Writers put the data first and the
-manifest last, so a folder without a manifest is never taken for a finished dataset. A long
-writer may leave per-part completion markers under `_progress/` so that an interrupted attempt
-resumes (`Store.resuming`); they go once the manifest is written.
+A dataset is a folder of data files plus `_MANIFEST.json` (one typed model per kind:
+sae_core.storage.manifests). Writers put the data first and the manifest last, so a folder
+without a manifest is never taken for a finished dataset. A long writer may leave per-part
+completion markers under `_progress/` so that an interrupted attempt resumes
+(`Store.resuming`); they go once the manifest is written.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fsspec.core import url_to_fs
 
 from sae_core.env import saeflow_home
 from sae_core.errors import StoreError
+from sae_core.storage.manifests import Manifest
 
 MANIFEST = "_MANIFEST.json"
 PROGRESS = "_progress"  # completion markers of an unfinished dataset (Store.resuming)
@@ -241,10 +243,12 @@ class Store:
             raise StoreError(f"dataset {dataset}: writer finished without a manifest")
         self.commit(dataset, writer.manifest)
 
-    def commit(self, dataset: str, manifest: dict[str, Any]) -> None:
-        """Write the manifest of a dataset whose data is in place, then drop its completion marks."""
-        manifest.setdefault("uri", self.url(dataset))
-        self.write_json(f"{dataset}/{MANIFEST}", manifest)
+    def commit(self, dataset: str, manifest: Manifest | dict[str, Any]) -> None:
+        """Write the manifest (a typed one as its JSON) of a dataset whose data is in place,
+        then drop its completion marks."""
+        written = manifest.to_json() if isinstance(manifest, Manifest) else manifest
+        written.setdefault("uri", self.url(dataset))
+        self.write_json(f"{dataset}/{MANIFEST}", written)
         self.rm(f"{dataset}/{PROGRESS}")
 
     def clear_temporaries(self, dataset: str) -> None:
@@ -275,7 +279,12 @@ class DatasetWriter:
     def __init__(self, store: Store, dataset: str):
         self.store = store
         self.dataset = dataset
-        self.manifest: dict[str, Any] | None = None
+        self.manifest: Manifest | dict[str, Any] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """The dataset folder's name: the fingerprint that addresses it."""
+        return self.dataset.rsplit("/", 1)[-1]
 
     def rel(self, name: str) -> str:
         return f"{self.dataset}/{name}"

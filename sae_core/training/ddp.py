@@ -26,12 +26,12 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
 
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.errors import ConfigError, DatasetDamaged, StoreError
 from sae_core.sae.ranks import Ranks
 from sae_core.storage import faults
+from sae_core.storage.manifests import SaeManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import DatasetWriter
 from sae_core.training import train as training
@@ -47,11 +47,6 @@ _FINAL = {cls.__name__: cls for cls in (ConfigError, StoreError, DatasetDamaged)
 
 class DataParallelFailed(RuntimeError):
     """A torchrun worker failed (or the launcher did) for a reason that may pass on a re-run."""
-
-
-class Trained(NamedTuple):
-    manifest: dict[str, Any]  # rank 0's manifest of the SAE dataset (the stage commits it)
-    resumed_from_tokens: int
 
 
 def torchrun_command(world_size: int, spec: Path) -> list[str]:
@@ -75,10 +70,10 @@ def train_data_parallel(
     members: Sequence[GroupMember],
     datasets: Sequence[str],
     progress: bool = True,
-) -> list[Trained]:
+) -> list[SaeManifest]:
     """Train the members (sharing `sae_core.training.train.data_order`) with train.world_size torchrun
     workers; rank 0 fills each member's dataset folder on acts' store (without its manifest,
-    which the caller commits). Blocks until every worker has ended."""
+    which it reports: the caller commits it). Blocks until every worker has ended."""
     train = members[0].train
     check_world_size(train)
     with tempfile.TemporaryDirectory(prefix="saeflow-ddp-") as tmp:
@@ -112,8 +107,7 @@ def train_data_parallel(
             raise DataParallelFailed(f"could not start torchrun: {err}") from None
         result = Path(tmp) / RESULT_FILE
         if code == 0 and result.exists():
-            done = json.loads(result.read_text())
-            return [Trained(d["manifest"], int(d["resumed_from_tokens"])) for d in done]
+            return [SaeManifest.model_validate(m) for m in json.loads(result.read_text())]
         raise rank_error(Path(tmp), code)
 
 
@@ -176,12 +170,9 @@ def main(spec_path: str) -> None:
         trainers = training.train_group(acts, members, store, spec["progress"], ranks, device)
         if ranks.leader:
             done = [
-                {
-                    "manifest": training.write_trained(
-                        DatasetWriter(store, m["dataset"]), acts, trainer
-                    ).manifest,
-                    "resumed_from_tokens": trainer.resumed_from_tokens,
-                }
+                training.write_trained(
+                    DatasetWriter(store, m["dataset"]), acts, trainer
+                ).manifest.to_json()
                 for m, trainer in zip(spec["members"], trainers, strict=True)
             ]
             (folder / RESULT_FILE).write_text(json.dumps(done))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -28,6 +27,7 @@ from sae_core.errors import ConfigError
 from sae_core.sae import WEIGHTS_FILE, SparseAutoencoder, storage_report
 from sae_core.sae.ranks import SINGLE, Ranks
 from sae_core.storage.loader import iter_batches
+from sae_core.storage.manifests import ActivationsManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import DatasetWriter, Store
 from sae_core.training.group import GroupMember, run_group
@@ -40,33 +40,44 @@ INIT_SAMPLE_TOKENS = 32_768  # the released code's sample size for the geometric
 class TrainResult:
     sae: SparseAutoencoder
     history: list[dict[str, float]]
-    manifest: dict[str, Any]
-    resumed_from_tokens: int  # 0 for a fresh run
+    manifest: SaeManifest
+
+    @property
+    def resumed_from_tokens(self) -> int:
+        """0 for a fresh run."""
+        return self.manifest.resumed_from_tokens
 
 
-def summarize(trainer: Trainer) -> dict[str, Any]:
-    """The final figures for the manifest. final_nmse: mean over the last 5% of steps."""
+def sae_manifest(trainer: Trainer, fingerprint: str, acts: DatasetRef) -> SaeManifest:
+    """The trained SAE's manifest: where it came from and its final figures. final_nmse: mean
+    over the last 5% of steps."""
     sae, st = trainer.sae, trainer.state
     tail = st.history[-max(1, len(st.history) // 20) :]
     window = min(sae.cfg.dead_window_tokens, max(st.tokens_seen, 1))
-    return {
-        "sae_kind": sae.cfg.kind,
-        "d": sae.d,
-        "n": sae.n_latents,
-        "k": sae.k,
-        "k_aux": sae.k_aux,
-        "normalization": sae.norm.to_json(),
-        "tokens_seen": st.tokens_seen,
-        "steps": st.step,
-        "lr": trainer.lr,
-        "final_nmse": sum(r["nmse"] for r in tail) / len(tail) if tail else float("nan"),
+    return SaeManifest(
+        schema_version=1,
+        fingerprint=fingerprint,
+        activations=acts.uri,
+        sae_kind=sae.cfg.kind,
+        d=sae.d,
+        n=sae.n_latents,
+        k=sae.k,
+        k_aux=sae.k_aux,
+        normalization=sae.norm.to_json(),
+        tokens_seen=st.tokens_seen,
+        steps=st.step,
+        lr=trainer.lr,
+        final_nmse=sum(r["nmse"] for r in tail) / len(tail) if tail else float("nan"),
         # AuxK's criterion (silent for dead_window_tokens) and, for runs shorter than the
         # window, the share of latents silent over the whole run.
-        "dead_fraction": trainer.dead.fraction(),
-        "dead_fraction_run": trainer.dead.fraction(window),
-        "weights": "ema" if trainer.ema is not None else "last",
-        "storage": storage_report(sae),
-    } | ({"batch_topk_threshold": float(sae.threshold)} if sae.cfg.batch_topk else {})
+        dead_fraction=trainer.dead.fraction(),
+        dead_fraction_run=trainer.dead.fraction(window),
+        weights="ema" if trainer.ema is not None else "last",
+        storage=storage_report(sae),
+        resumed_from_tokens=trainer.resumed_from_tokens,
+        # Set only for BatchTopK SAEs: the others' manifests do not have the field.
+        **({"batch_topk_threshold": float(sae.threshold)} if sae.cfg.batch_topk else {}),
+    )
 
 
 def train_group(
@@ -85,9 +96,9 @@ def train_group(
     parallel (a torchrun worker, `sae_core.training.ddp`): `ranks` and this rank's `device`; every rank
     reads its rows of each batch, rank 0 alone writes checkpoints. device None: train.device.
     """
-    manifest = acts.manifest()
-    d = int(manifest["width"])
-    rows = int(manifest["splits"]["train"]["rows"])
+    manifest = acts.manifest(ActivationsManifest)
+    d = manifest.width
+    rows = manifest.splits["train"].rows
     train_cfg = members[0].train
     steps_per_epoch = rows // train_cfg.batch_size
     if steps_per_epoch == 0:
@@ -142,10 +153,9 @@ def write_trained(writer: DatasetWriter, acts: DatasetRef, trainer: Trainer) -> 
         "config.json", {"sae": trainer.sae.cfg.model_dump(), "train": trainer.cfg.model_dump()}
     )
     writer.write_json("history.json", history)
-    writer.manifest = {"kind": "sae", "schema_version": 1, "activations": acts.uri} | summarize(
-        trainer
-    )
-    return TrainResult(sae, history, writer.manifest, trainer.resumed_from_tokens)
+    manifest = sae_manifest(trainer, writer.fingerprint, acts)
+    writer.manifest = manifest
+    return TrainResult(sae, history, manifest)
 
 
 def train_sae(

@@ -56,11 +56,11 @@ def _extract(store, loaded, tokens_ref, name, **kw):
             w,
             progress=False,
         )
-    return manifest, DatasetRef(
+    return manifest.to_json(), DatasetRef(
         store=store.uri,
         path=f"activations/{name}",
         fingerprint=name,
-        rows=manifest["splits"]["train"]["rows"],
+        rows=manifest.splits["train"].rows,
     )
 
 
@@ -185,6 +185,7 @@ def test_several_hooks_from_one_forward_pass(store, loaded, tokens_ref, acts):
             manifests = extract_hooks(
                 loaded.model, tokens_ref, DataConfig(**BASE), hooks, [w0, w1, w2], progress=False
             )
+        manifests = [m.to_json() for m in manifests]
     finally:
         handle.remove()
         later_handle.remove()
@@ -213,7 +214,7 @@ def test_bfloat16_model_is_stored_as_float32(store, tiny_llama_dir, tokens_ref):
         manifest = extract_activations(
             model, tokens_ref, DataConfig(**BASE, storage_dtype="float16"), "resid_post.1", w,
             progress=False,
-        )  # fmt: skip
+        ).to_json()  # fmt: skip
     assert manifest["dtype"] == "float32" and manifest["model_dtype"] == "bfloat16"
     shard = manifest["splits"]["train"]["shards"][0]["name"]
     table = pq.read_table(store.open(f"activations/bf16/{shard}"))
@@ -250,7 +251,7 @@ def test_interrupted_extraction_only_makes_the_shards_it_had_not_finished(
         with store.resuming(path) as w:
             manifest = extract_activations(
                 loaded.model, tokens_ref, DataConfig(**BASE), "resid_post.1", w, False
-            )
+            ).to_json()
     finally:
         handle.remove()
     # The 4 train shards left, then the 2 eval shards.

@@ -35,7 +35,7 @@ def _sample(tmp_path, tokenizer, files, name="tokens/fp0", **kw):
     with store.writing(name) as writer:
         manifest = sample_tokens(_cfg(**kw), tokenizer, files, writer, progress=False)
     tables = {s: pq.read_table(store.open(f"{name}/{s}.parquet")) for s in ("train", "eval")}
-    return store, manifest, tables
+    return store, manifest.to_json(), tables
 
 
 def test_counts_schema_and_manifest(tmp_path, tokenizer, tiny_corpus_dir):

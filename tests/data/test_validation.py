@@ -7,15 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from sae_core.data.validation import SummaryBuilder, summarize_dataset, summarize_table
 from sae_core.errors import ConfigError, ValidationFailed
 from sae_core.storage.layout import STORAGE_SCHEMA, storage_batch
+from sae_core.storage.manifests import ActivationsManifest, ActivationsSplit
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 from tasks.validate import validate_activations
+from tests.helpers.activations import write_shard_table
 
 WIDTH, VOCAB, CONTEXT = 16, 1000, 8
 SHARDS = {"train": [100, 100], "eval": [50]}
@@ -64,24 +65,22 @@ def make_dataset(
                 token_id = rng.integers(0, VOCAB, rows)
                 if mutate:
                     x, token_id = mutate(split, i, x, token_id)
-                name = f"shard-{i:05d}.parquet"
-                with writer.open(f"{split}/{name}") as fh:
-                    pq.write_table(activation_table(x, token_id, dtype, stored), fh)
-                shards.append({"name": name, "rows": rows, "bytes": 0})
-            splits[split] = {"rows": sum(sizes), "shards": shards}
-        writer.manifest = {
-            "kind": "activations",
-            "schema_version": 2 if stored else 1,
-            "fingerprint": "test",
-            "model": "tiny",
-            "hook": "resid_post.1",
-            "dtype": dtype,
-            "width": WIDTH,
-            "context_len": CONTEXT,
-            "skip_first_position": True,
-            "max_norm": None,
-            "splits": splits,
-        }
+                name = f"shard-{i:05d}.parquet"  # without its split folder, as older ones were
+                table = activation_table(x, token_id, dtype, stored)
+                shards.append(write_shard_table(writer, f"{split}/{name}", name, table, x))
+            splits[split] = ActivationsSplit(rows=sum(sizes), shards=shards)
+        writer.manifest = ActivationsManifest(
+            schema_version=2 if stored else 1,
+            fingerprint="test",
+            model="tiny",
+            hook="resid_post.1",
+            dtype=dtype,
+            width=WIDTH,
+            context_len=CONTEXT,
+            skip_first_position=True,
+            max_norm=None,
+            splits=splits,
+        )
     return DatasetRef(store=store.uri, path=path, fingerprint="test", rows=200)
 
 

@@ -54,7 +54,7 @@ def test_baseline_ablations_equal_full_forwards(model, contexts, baseline):
     assert _mean_ce(model, contexts, lambda h: with_tail(h, FIRST, mean)) == pytest.approx(
         baseline.ce_sums["mean"] / terms, rel=1e-5
     )
-    again = baseline_from(baseline_bytes(baseline), {"ce_sums": baseline.ce_sums, "terms": terms})
+    again = baseline_from(baseline_bytes(baseline), baseline.ce_sums, terms)
     assert torch.equal(again.act, baseline.act) and again.block_input is None
 
 

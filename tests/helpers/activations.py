@@ -3,13 +3,17 @@ activations dataset, and a spy on the trainer's reads of it."""
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from sae_core.storage.layout import ACTIVATION_SCHEMA
+from sae_core.storage.manifests import ActivationsManifest, ActivationsShard, ActivationsSplit
 from sae_core.storage.refs import DatasetRef
-from sae_core.storage.store import Store
+from sae_core.storage.store import DatasetWriter, Store
 
 
 def sparse_dictionary_data(
@@ -22,6 +26,24 @@ def sparse_dictionary_data(
     which = torch.rand(n_tokens, n_features, generator=g).argsort(dim=1)[:, :active]
     coef = torch.rand(n_tokens, active, generator=g) * 0.9 + 0.1
     return (coef[..., None] * features[which]).sum(dim=1), features
+
+
+def write_shard_table(
+    writer: DatasetWriter, path: str, name: str, table: pa.Table, x: np.ndarray, **parquet
+) -> ActivationsShard:
+    """Write `table` (the rows x [rows, d]) as the Parquet file `path` of the dataset; the
+    manifest entry naming it `name`."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **parquet)
+    writer.write_bytes(path, buf.getvalue())
+    norms = np.linalg.norm(np.asarray(x, dtype=np.float64), axis=1)
+    return ActivationsShard(
+        name=name,
+        rows=table.num_rows,
+        bytes=buf.tell(),
+        norm_sum=float(norms.sum()),
+        norm_max=float(norms.max(initial=0.0)),
+    )
 
 
 def write_activations(
@@ -45,16 +67,11 @@ def write_activations(
                 schema=ACTIVATION_SCHEMA(d),
             )
             name = f"{split}/shard-00000.parquet"
-            with w.open(name) as fh:
-                pq.write_table(table, fh)
-            splits[split] = {"rows": n, "shards": [{"name": name, "rows": n, "bytes": 0}]}
-        w.manifest = {
-            "kind": "activations",
-            "schema_version": 1,
-            "fingerprint": "test",
-            "width": d,
-            "splits": splits,
-        }
+            shard = write_shard_table(w, name, name, table, x.numpy())
+            splits[split] = ActivationsSplit(rows=n, shards=[shard])
+        w.manifest = ActivationsManifest(
+            schema_version=1, fingerprint="test", width=d, dtype="float32", splits=splits
+        )
     return DatasetRef(store=store.uri, path=path, fingerprint="test", rows=train.shape[0])
 
 

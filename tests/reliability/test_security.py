@@ -18,6 +18,7 @@ from sae_core.sae import WEIGHTS_FILE, load_sae
 from sae_core.stages import train as train_stage
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
+from tests.helpers.manifests import example_sae
 from tests.reliability.conftest import committed, error_line
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +79,7 @@ def pickled_sae_dataset(folder: Path, acts: DatasetRef, data: bytes) -> DatasetR
     store = Store(str(folder))
     with store.writing("sae/evil") as writer:
         writer.write_bytes(WEIGHTS_FILE, data)
-        writer.manifest = {"kind": "sae", "activations": acts.uri}
+        writer.manifest = example_sae(fingerprint="evil", activations=acts.uri)
     return DatasetRef(store=store.uri, path="sae/evil", fingerprint="evil")
 
 

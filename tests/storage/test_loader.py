@@ -6,7 +6,6 @@ import threading
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -14,8 +13,10 @@ from sae_core.errors import ConfigError, DatasetDamaged
 from sae_core.storage import loader
 from sae_core.storage.layout import ACTIVATION_SCHEMA
 from sae_core.storage.loader import iter_batches, load_split_tensor
+from sae_core.storage.manifests import ActivationsManifest, ActivationsSplit
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
+from tests.helpers.activations import write_shard_table
 
 D = 4
 
@@ -39,16 +40,15 @@ def write_indexed(
                 schema=ACTIVATION_SCHEMA(D, dtype),
             )
             name = f"train/shard-{i:05d}.parquet"
-            with w.open(name) as fh:
-                pq.write_table(table, fh, row_group_size=row_group)
-            shards.append({"name": name, "rows": rows})
+            x = values.reshape(rows, D)
+            shards.append(write_shard_table(w, name, name, table, x, row_group_size=row_group))
             start += rows
-        w.manifest = {
-            "kind": "activations",
-            "width": D,
-            "dtype": dtype,
-            "splits": {"train": {"rows": start, "shards": shards}},
-        }
+        w.manifest = ActivationsManifest(
+            schema_version=1,
+            width=D,
+            dtype=dtype,
+            splits={"train": ActivationsSplit(rows=start, shards=shards)},
+        )
     return DatasetRef(store=store.uri, path="acts", fingerprint="acts", rows=start)
 
 

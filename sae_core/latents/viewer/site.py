@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sae_core.errors import ConfigError
+from sae_core.storage.manifests import LatentStatsManifest
 from sae_core.storage.refs import DatasetRef
 
 STATIC = Path(__file__).with_name("static")
@@ -32,9 +32,7 @@ class LatentSite:
     """The site of one latent statistics dataset (kind `latent_stats`)."""
 
     def __init__(self, ref: DatasetRef):
-        manifest = ref.manifest()
-        if manifest.get("kind") != "latent_stats":
-            raise ConfigError(f"{ref.uri} holds {manifest.get('kind')!r}, not latent statistics")
+        ref.manifest(LatentStatsManifest)  # DatasetDamaged if it holds another kind
         self.ref, self.store = ref, ref.open_store()
         self.summary: dict[str, Any] = self.store.read_json(f"{ref.path}/summary.json")
         self.n = int(self.summary["n_latents"])
