@@ -1,8 +1,8 @@
 """Training-step benchmark: tokens/s, memory, a time breakdown, and the step's cost in GEMMs.
 
 ratio = time(one dense x[B, d] @ W[d, n]) / time(one training step), both measured in the same
-run, interleaved (median of the per-step ratios; `ratio_best` = best GEMM / best step). A sparse-aware step is about one such GEMM plus O(B k d) work; a dense
-implementation costs ~6. The target on a 2-core CPU at d=576, k=32, B=4096 is ratio >= 0.7.
+run, interleaved (median of the per-step ratios; `ratio_best` = best GEMM / best step). A
+sparse-aware step is about one such GEMM plus O(B k d) work; a dense implementation costs ~6. The target on a 2-core CPU at d=576, k=32, B=4096 is ratio >= 0.7.
 kind="expander" times an Expander SAE's step (decoder with `degree` non-zeros per latent).
 """
 
@@ -12,11 +12,12 @@ import os
 import resource
 import statistics
 import time
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
+from sae_core.bench.options import TrainBench
 from sae_core.config import SAEConfig, TrainConfig, format_validation_error
 from sae_core.device import pick_device
 from sae_core.errors import ConfigError
@@ -36,24 +37,17 @@ def _peak_rss_mb() -> float:
 
 
 def bench_train(
-    d: int = 576,
-    n: int = 4608,
-    k: int = 32,
-    batch: int = 4096,
-    steps: int = 10,
+    options: TrainBench,
+    *,
     warmup: int = 2,
     data: torch.Tensor | None = None,
-    device: str = "auto",
     threads: int | None = None,
     multi_topk: bool = False,
-    dtype: str = "float32",
     seed: int = 0,
     verbose: bool = True,
-    kind: Literal["topk", "expander"] = "topk",
-    degree: int | None = None,
-    encoder: Literal["untied", "tied"] = "untied",
 ) -> dict[str, Any]:
-    """Time `steps` training steps (after `warmup`) on `data` [N, d] (default: Gaussian).
+    """Time `options.steps` training steps (after `warmup`) on `data` [N, d] (default:
+    Gaussian).
 
     Returns medians in milliseconds, tokens/s, the GEMM ratio, peak memory and the breakdown
     (median ms per phase: normalize, gemm, topk, decode, backward, optimizer). Prints a table
@@ -62,7 +56,8 @@ def bench_train(
     kind, degree, encoder: the SAE (sae.kind, sae.degree, sae.encoder); invalid ones raise
     ConfigError naming the field.
     """
-    dev = pick_device(device)
+    d, n, k, batch, kind = options.d, options.n, options.k, options.batch, options.kind
+    dev = pick_device(options.device)
     rss_before = _peak_rss_mb()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -80,10 +75,10 @@ def bench_train(
             k=k,
             multi_topk=multi_topk,
             b_pre_init="mean",
-            degree=degree,
-            encoder=encoder,
+            degree=options.degree,
+            encoder=options.encoder,
         )
-        train_cfg = TrainConfig(batch_size=batch, dtype=dtype)
+        train_cfg = TrainConfig(batch_size=batch, dtype=options.dtype)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
     trainer = Trainer(init_sae(d, sae_cfg, data[: min(len(data), 8192)], seed), train_cfg, dev)
@@ -100,7 +95,7 @@ def bench_train(
         _sync(dev)
         marks.append((phase, time.perf_counter()))
 
-    for i in range(warmup + steps):
+    for i in range(warmup + options.steps):
         x = batches[i % len(batches)]
         _sync(dev)
         t0 = time.perf_counter()
@@ -125,15 +120,15 @@ def bench_train(
     ratio = statistics.median(g / s for g, s in zip(gemm_ms, step_ms, strict=True))
     result: dict[str, Any] = {
         "kind": kind,
-        "degree": degree if kind == "expander" else None,
-        "encoder": encoder if kind == "expander" else None,
+        "degree": options.degree if kind == "expander" else None,
+        "encoder": options.encoder if kind == "expander" else None,
         "d": d,
         "n": n,
         "k": k,
         "batch": batch,
-        "steps": steps,
+        "steps": options.steps,
         "device": str(dev),
-        "dtype": dtype,
+        "dtype": options.dtype,
         "threads": torch.get_num_threads(),
         "native_kernels": dev.type == "cpu" and native.load() is not None,
         "step_ms": round(step, 2),
@@ -151,7 +146,9 @@ def bench_train(
             sum(p.numel() for p in trainer.sae.parameters()) * 4 * 4 / 2**20, 1
         ),
         "data_mb": round(data.numel() * data.element_size() / 2**20, 1),
-        "bxn_buffer_mb": round(kernels.padded_bytes(batch, n, getattr(torch, dtype)) / 2**20, 1),
+        "bxn_buffer_mb": round(
+            kernels.padded_bytes(batch, n, getattr(torch, options.dtype)) / 2**20, 1
+        ),
         "cpu_count": os.cpu_count(),
     }
     if dev.type == "cuda":

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from sae_core.bench.options import GroupBench, TrainBench
 from sae_core.bench.train_step import PHASES, bench_train
 from sae_core.errors import ConfigError
 from sae_core.sae import kernels
 
+TINY = {"d": 16, "n": 64, "k": 4, "batch": 32, "device": "cpu"}
+
 
 def test_bench_train_reports_ratio_breakdown_and_memory():
-    r = bench_train(d=16, n=64, k=4, batch=32, steps=2, warmup=1, device="cpu", verbose=False)
+    r = bench_train(TrainBench(**TINY, steps=2), warmup=1, verbose=False)
     assert r["ratio"] > 0 and r["tokens_per_s"] > 0 and r["step_ms"] > 0
     assert set(r["breakdown_ms"]) == set(PHASES)
     assert sum(r["breakdown_ms"].values()) <= r["step_ms"] * 1.5
@@ -19,38 +22,27 @@ def test_bench_train_reports_ratio_breakdown_and_memory():
 
 
 def test_bench_train_times_an_expander_step_with_the_same_fields():
-    dense = bench_train(d=16, n=64, k=4, batch=32, steps=1, warmup=1, device="cpu", verbose=False)
-    r = bench_train(
-        d=16,
-        n=64,
-        k=4,
-        batch=32,
-        steps=1,
-        warmup=1,
-        device="cpu",
-        verbose=False,
-        kind="expander",
-        degree=4,
-        encoder="tied",
-    )
+    dense = bench_train(TrainBench(**TINY, steps=1), warmup=1, verbose=False)
+    expander = TrainBench(**TINY, steps=1, kind="expander", degree=4, encoder="tied")
+    r = bench_train(expander, warmup=1, verbose=False)
     assert set(r) == set(dense) and r["step_ms"] > 0
     assert (r["kind"], r["degree"], r["encoder"]) == ("expander", 4, "tied")
 
 
 def test_bench_train_names_a_bad_sae_field():
     with pytest.raises(ConfigError, match="sae.degree"):
-        bench_train(d=16, n=64, k=4, batch=32, steps=1, device="cpu", verbose=False, degree=4)
+        bench_train(TrainBench(**TINY, steps=1, degree=4), verbose=False)
     with pytest.raises(ConfigError, match="dtype.*'float32' or 'bfloat16'"):
-        bench_train(d=16, n=64, k=4, batch=32, steps=1, device="cpu", verbose=False, dtype="fp16")
+        bench_train(TrainBench(**TINY, steps=1, dtype="fp16"), verbose=False)
 
 
 def test_bench_group_times_both_ways_on_the_same_sae_results(tmp_path):
-    from sae_core.bench.data import bench_group
+    from sae_core.bench.group import bench_group
 
-    r = bench_group(
-        {"local": str(tmp_path / "store")}, [(32, 4), (64, 4), (96, 8)], rows=2048, width=16,
-        batch=256, shard_mb=0.05, repeats=2, verbose=False,
-    )  # fmt: skip
+    options = GroupBench(
+        n=[32, 64, 96], k=4, rows=2048, width=16, batch=256, shard_mb=0.05, repeats=2
+    )
+    r = bench_group(options, {"local": str(tmp_path / "store")}, verbose=False)
     entry = r["stores"]["local"]
     assert len(entry["one_by_one_s"]) == len(entry["group_cpu_s"]) == 2
     assert min(entry["one_by_one_s"] + entry["group_s"]) > 0 and entry["saving"] < 1

@@ -104,3 +104,14 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_importing_the_cli_loads_no_heavy_module():
+    import subprocess
+    import sys
+
+    heavy = ["torch", "pyarrow", "pandas", "prefect", "mlflow", "transformers",
+             "great_expectations", "scipy", "matplotlib"]  # fmt: skip
+    code = f"import sys, flows.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout

@@ -1,0 +1,159 @@
+"""`saeflow config | assets | run | sweep | frontier`: the configuration, the demo assets and
+the three flows over one activation set.
+
+A flow command is declared by the overrides its own flags mean; `flow_command` gives it the
+flags every flow takes and runs it the one way: load the configuration, run the checks that
+fail in seconds (before Prefect and the model start), run the flow, print its summary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from flows.cli.errors import one_line_errors
+from flows.cli.options import (
+    PresetOpt,
+    ProgressOpt,
+    RunnerOpt,
+    SetOpt,
+    StoreOpt,
+    flag,
+    flags_of,
+    register,
+)
+from flows.cli.summaries import print_frontier_summary, print_summary, print_sweep_summary
+
+if TYPE_CHECKING:
+    from prefect.task_runners import TaskRunner
+
+    from sae_core.config import PipelineConfig
+
+app = typer.Typer()
+
+GridOpt = Annotated[
+    str | None, typer.Option(help="Comma-separated values, e.g. 1152,2304,4608 (default: preset).")
+]
+# A flow command's flags: the configuration, the command's own, then where and how it runs.
+CONFIG_FLAGS = [
+    flag("preset", PresetOpt, "demo"),
+    flag("set_", SetOpt, None),
+    flag("store", StoreOpt, None),
+]
+RUN_FLAGS = [flag("runner", RunnerOpt, "local"), flag("progress", ProgressOpt, True)]
+
+# (config, task runner for the extraction shards, progress) -> the flow's result.
+Launch = Callable[["PipelineConfig", "TaskRunner", bool], Any]
+
+
+@app.command()
+def config(preset: PresetOpt = "demo", set_: SetOpt = None, store: StoreOpt = None) -> None:
+    """Print the resolved configuration as YAML."""
+    import yaml
+
+    from sae_core.config import load_config
+
+    with one_line_errors():
+        cfg = load_config(preset, set_ or [], store)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+@app.command()
+def assets() -> None:
+    """Install the demo model and corpus into the asset cache (idempotent)."""
+    from sae_core.data.assets import ensure_assets
+
+    ensure_assets(progress=True)
+
+
+def flow_command(
+    launch: Launch, summary: Callable[[Any, float], None]
+) -> Callable[[Callable[..., list[str]]], Callable[..., list[str]]]:
+    """Registers `overrides(**own_flags) -> ["key.path=value", ...]` as a command of its name:
+    the configuration (--preset, --set, then those overrides, --store), the task runner
+    (--runner), then `launch` (its checks, then the flow) and `summary(result, seconds)`."""
+
+    def register_flow(overrides: Callable[..., list[str]]) -> Callable[..., list[str]]:
+        def command(
+            preset: str,
+            set_: list[str] | None,
+            store: str | None,
+            runner: str,
+            progress: bool,
+            **own: Any,
+        ) -> None:
+            from sae_core.config import load_config
+
+            with one_line_errors():
+                cfg = load_config(preset, [*(set_ or []), *overrides(**own)], store)
+                started = time.perf_counter()
+                from flows.runners import task_runner
+
+                result = launch(cfg, task_runner(runner), progress)
+            summary(result, time.perf_counter() - started)
+
+        flags = [*CONFIG_FLAGS, *flags_of(overrides), *RUN_FLAGS]
+        register(app, overrides.__name__, command, flags, help_from=overrides)
+        return overrides
+
+    return register_flow
+
+
+def _launch_pipeline(cfg: PipelineConfig, shards_on: TaskRunner, progress: bool) -> Any:
+    from sae_core.training.preflight import preflight
+
+    preflight(cfg)  # seconds, before Prefect and the model start
+    from flows.pipeline import pipeline
+
+    return pipeline.with_options(task_runner=shards_on)(cfg, progress=progress)
+
+
+@flow_command(_launch_pipeline, print_summary)
+def run() -> list[str]:
+    """Run the pipeline: tokens, activations, validation, training, evaluation, registration."""
+    return []
+
+
+def _launch_sweep(cfg: PipelineConfig, shards_on: TaskRunner, progress: bool) -> Any:
+    from sae_core.studies.sweep import grid
+    from sae_core.training.preflight import preflight
+
+    grid(cfg)  # a bad grid point fails in seconds
+    preflight(cfg)
+    from flows.sweep import sweep as sweep_flow
+
+    return sweep_flow.with_options(task_runner=shards_on)(cfg, progress=progress)
+
+
+@flow_command(_launch_sweep, print_sweep_summary)
+def sweep(n: GridOpt = None, k: GridOpt = None, seeds: GridOpt = None) -> list[str]:
+    """Train and evaluate a grid of SAEs over n x k (x seeds) on one cached activation set, fit
+    the scaling law L(n, k) and write the sweep report."""
+    grid = {"sweep.n_latents": n, "sweep.k": k, "sweep.seeds": seeds}
+    return [f"{key}=[{value}]" for key, value in grid.items() if value]
+
+
+def _launch_frontier(cfg: PipelineConfig, shards_on: TaskRunner, progress: bool) -> Any:
+    from sae_core.studies.frontier import frontier_plan
+    from sae_core.training.preflight import preflight
+
+    frontier_plan(cfg, preflight(cfg).width)  # a bad degree fails in seconds
+    from flows.frontier import frontier as frontier_flow
+
+    return frontier_flow.with_options(task_runner=shards_on)(cfg, progress=progress)
+
+
+@flow_command(_launch_frontier, print_frontier_summary)
+def frontier(
+    degrees: GridOpt = None,
+    seeds: GridOpt = None,
+    encoder: Annotated[str | None, typer.Option(help="Expander encoder: tied or untied.")] = None,
+) -> list[str]:
+    """Trace the storage-fidelity frontier on one cached activation set: the dense TopK SAE,
+    an expander SAE per degree and parameter-matched dense SAEs, scored by CE loss recovered."""
+    options = {"frontier.degrees": degrees and f"[{degrees}]", "frontier.seeds": seeds and f"[{seeds}]",
+               "frontier.encoder": encoder}  # fmt: skip
+    return [f"{key}={value}" for key, value in options.items() if value]

@@ -1,0 +1,86 @@
+"""`saeflow services up | down | status | env`: the local servers (deployments/services.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from flows.cli.errors import one_line_errors
+from flows.cli.options import JsonOpt
+
+if TYPE_CHECKING:
+    from deployments.state import Service, ServiceStatus
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Local servers the pipeline can use; state in $SAEFLOW_HOME/services.",
+)
+ServiceNames = Annotated[
+    list[str] | None, typer.Argument(help="Services to act on (default: all).", show_default=False)
+]
+
+
+def _services(
+    names: list[str] | None, s3_port: int | None = None, port_base: int | None = None
+) -> list[Service]:
+    from deployments.services import select
+
+    ports = {"s3_port": s3_port, "port_base": port_base}
+    with one_line_errors(ValueError):  # an unknown service name
+        return select(names, {"seaweedfs": {k: v for k, v in ports.items() if v is not None}})
+
+
+def _say(status: ServiceStatus) -> None:
+    state = "serving" if status.serving else "running, not serving" if status.running else "stopped"
+    where = f" at {status.endpoint} (pid {status.pid})" if status.running else ""
+    typer.echo(f"{status.name}: {state}{where}; {status.detail}")
+
+
+@app.command("up")
+def services_up(
+    names: ServiceNames = None,
+    s3_port: Annotated[int, typer.Option(help="SeaweedFS S3 port.")] = 8333,
+    port_base: Annotated[
+        int, typer.Option(help="Shift SeaweedFS's internal ports (0: its defaults).")
+    ] = 0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each service.")] = 60.0,
+) -> None:
+    """Start the services (idempotent), wait until each serves, print the environment to use."""
+    from deployments.services import export_lines
+
+    for service in _services(names, s3_port, port_base):
+        # A missing binary, a server that exits or never answers.
+        with one_line_errors(FileNotFoundError, RuntimeError, TimeoutError):
+            _say(service.up(timeout))
+        typer.echo("\n".join(export_lines(service.env(reveal=False), reveal=False)))
+    typer.echo('# or: eval "$(saeflow services env)"')
+
+
+@app.command("down")
+def services_down(names: ServiceNames = None) -> None:
+    """Stop the services by their recorded pids; their data stays for the next `up`."""
+    for service in reversed(_services(names)):  # dependents first: MLflow stores on SeaweedFS
+        _say(service.down())
+
+
+@app.command("status")
+def services_status(names: ServiceNames = None, json_out: JsonOpt = False) -> None:
+    """Whether each service runs and serves, where, and where its state lives."""
+    import dataclasses
+    import json
+
+    statuses = [service.status() for service in _services(names)]
+    if json_out:
+        typer.echo(json.dumps({s.name: dataclasses.asdict(s) for s in statuses}))
+    for status in statuses if not json_out else []:
+        _say(status)
+
+
+@app.command("env")
+def services_env(names: ServiceNames = None) -> None:
+    """Print `export` lines, secrets included, for `eval "$(saeflow services env)"`."""
+    from deployments.services import export_lines
+
+    for service in _services(names):
+        typer.echo("\n".join(export_lines(service.env(reveal=True), reveal=True)))
