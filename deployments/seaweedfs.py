@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments.process import is_running, spawn, terminate
-from deployments.state import ServiceStatus, private_dir, services_home, write_private
+from deployments.state import ServiceFolder, ServiceStatus, private_dir, write_private
 
 READY_BUCKET = "saeflow-ready"
 
@@ -199,7 +199,7 @@ def stop(server: S3Server, timeout: float = 15.0) -> None:
     terminate(server.pid, timeout, server.process)
 
 
-class SeaweedFS:
+class SeaweedFS(ServiceFolder):
     """SeaweedFS's S3 gateway on loopback, with one bucket for the saeflow store."""
 
     name = "seaweedfs"
@@ -211,14 +211,10 @@ class SeaweedFS:
         port_base: int = 0,
         bucket: str = "saeflow",
     ):
-        self.dir = (home or services_home()) / self.name
+        super().__init__(home)
         self.s3_port, self.port_base, self.bucket = s3_port, port_base, bucket
 
     # State -----------------------------------------------------------------------------------
-    @property
-    def _record(self) -> Path:
-        return self.dir / "server.json"
-
     @property
     def _secret_file(self) -> Path:
         return self.dir / "secret_key"
@@ -233,9 +229,8 @@ class SeaweedFS:
 
     def _server(self) -> S3Server | None:
         """The recorded server, if there is a record."""
-        if not self._record.exists():
+        if (info := self.record()) is None:
             return None
-        info = json.loads(self._record.read_text())
         creds = self.credentials()
         return S3Server(info["endpoint"], creds.access_key, creds.secret_key, info["pid"], self.dir)
 
@@ -276,14 +271,14 @@ class SeaweedFS:
             "port_base": self.port_base,
             "started": time.time(),
         }
-        self._record.write_text(json.dumps(record))
+        self.keep_record(record)
         return self.status()
 
     def down(self) -> ServiceStatus:
         server = self._server()
         if server is not None and server.is_running():
             terminate(server.pid)
-        self._record.unlink(missing_ok=True)
+        self.drop_record()
         return self.status()
 
     def env(self, reveal: bool = False) -> dict[str, str]:

@@ -16,7 +16,6 @@ through MLflow's artifact proxy, the store.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shlex
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from deployments.process import is_running, spawn, terminate
 from deployments.seaweedfs import SeaweedFS
-from deployments.state import ServiceStatus, private_dir, services_home, write_private
+from deployments.state import ServiceFolder, ServiceStatus, private_dir, write_private
 from sae_core.env import SERVICE_DEFAULTS
 
 USER = "saeflow"  # the one account of each server
@@ -41,18 +40,25 @@ def _answers(url: str) -> bool:
         return False
 
 
-class _HttpServer:
+class _HttpServer(ServiceFolder):
     """A server process started detached, recorded in server.json, checked by `health_url`."""
 
     name = ""
+    program: tuple[str, ...] = ()  # `python -m` this, e.g. ("prefect", "server", "start")
+    default_port = 0
 
-    def __init__(self, home: Path | None, port: int):
-        self.dir = (home or services_home()) / self.name
-        self.port = port
+    def __init__(self, home: Path | None = None, port: int | None = None):
+        super().__init__(home)
+        self.port = port or self.default_port
+
+    def command(self) -> list[str]:
+        host = ["--host", "127.0.0.1", "--port", str(self.port)]
+        return [sys.executable, "-m", *self.program, *host, *self.options()]
 
     # What each server defines ------------------------------------------------------------------
-    def command(self) -> list[str]:
-        raise NotImplementedError
+    def options(self) -> list[str]:
+        """Its command-line options after the host and port."""
+        return []
 
     def server_env(self) -> dict[str, str]:
         return {}
@@ -81,17 +87,13 @@ class _HttpServer:
 
     # Lifecycle ---------------------------------------------------------------------------------
     @property
-    def _record(self) -> Path:
-        return self.dir / "server.json"
-
-    @property
     def _log(self) -> Path:
         return self.dir / "server.log"
 
     def _pid(self) -> int | None:
-        if not self._record.exists():
+        if (record := self.record()) is None:
             return None
-        pid = json.loads(self._record.read_text())["pid"]
+        pid = record["pid"]
         return pid if is_running(pid, marker=self.marker) else None
 
     def status(self) -> ServiceStatus:
@@ -112,7 +114,7 @@ class _HttpServer:
             private_dir(self.dir)
             env = {**os.environ, **SERVICE_DEFAULTS, **self.server_env()}
             process = spawn(self.command(), self._log, env)
-            self._record.write_text(json.dumps({"pid": process.pid, "endpoint": self.endpoint}))
+            self.keep_record({"pid": process.pid, "endpoint": self.endpoint})
         deadline = time.monotonic() + timeout
         while not _answers(self.health_url):
             # The child we just started is watched directly: until it has exec'd, its command
@@ -130,7 +132,7 @@ class _HttpServer:
         pid = self._pid()
         if pid is not None:
             terminate(pid)
-        self._record.unlink(missing_ok=True)
+        self.drop_record()
         return self.status()
 
 
@@ -138,21 +140,17 @@ class MlflowServer(_HttpServer):
     """`mlflow server`: SQLite in its state folder, artifacts proxied to the SeaweedFS store."""
 
     name = "mlflow"
+    program = ("mlflow", "server")
+    default_port = 5000
 
-    def __init__(self, home: Path | None = None, port: int = 5000, s3: SeaweedFS | None = None):
+    def __init__(
+        self, home: Path | None = None, port: int | None = None, s3: SeaweedFS | None = None
+    ):
         super().__init__(home, port)
         self.s3 = s3 or SeaweedFS(home)
 
-    def command(self) -> list[str]:
+    def options(self) -> list[str]:
         return [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
             "--workers",
             "1",
             "--app-name",
@@ -212,22 +210,8 @@ class PrefectServer(_HttpServer):
     """`prefect server start`, its database and settings under its state folder."""
 
     name = "prefect"
-
-    def __init__(self, home: Path | None = None, port: int = 4200):
-        super().__init__(home, port)
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
+    program = ("prefect", "server", "start")
+    default_port = 4200
 
     def server_env(self) -> dict[str, str]:
         return {

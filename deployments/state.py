@@ -3,9 +3,10 @@ the status and protocol that `saeflow services` reads."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sae_core.env import saeflow_home
 
@@ -50,3 +51,27 @@ class Service(Protocol):
         """The variables a client sets to use the service; secrets as a `$(cat FILE)` unless
         `reveal`."""
         ...
+
+
+class ServiceFolder:
+    """A service's owner-only state folder, `$SAEFLOW_HOME/services/<name>/`, and the record of
+    its running process (`server.json`, written by `up`, removed by `down`)."""
+
+    name = ""
+
+    def __init__(self, home: Path | None = None):
+        self.dir = (home or services_home()) / self.name
+
+    @property
+    def record_file(self) -> Path:
+        return self.dir / "server.json"
+
+    def record(self) -> dict[str, Any] | None:
+        """What `up` recorded of the running process (pid, endpoint, ...), or None."""
+        return json.loads(self.record_file.read_text()) if self.record_file.exists() else None
+
+    def keep_record(self, record: dict[str, Any]) -> None:
+        self.record_file.write_text(json.dumps(record))
+
+    def drop_record(self) -> None:
+        self.record_file.unlink(missing_ok=True)

@@ -40,18 +40,8 @@ def frontier(config: PipelineConfig, progress: bool = True) -> FrontierResult:
         data, config, [(p.sae, p.train) for p in plan], evaluation, progress
     )
     for p, done in zip(plan, trained, strict=True):
-        points.append(
-            FrontierPoint(
-                family=p.family,
-                degree=p.degree,
-                n=p.sae.n_latents,
-                k=p.sae.k,
-                seed=p.seed,
-                sae=done.sae,
-                evaluation=done.evaluation.dataset,
-                metrics=done.evaluation.metrics,
-            )
-        )
+        fields = done.study_fields(p.sae, p.seed)
+        points.append(FrontierPoint(family=p.family, degree=p.degree, **fields))
         states[p.label] = done.states
     title = f"{config.name} frontier: {config.model.path} {config.model.hook}"
     report = run_stage(

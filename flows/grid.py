@@ -5,7 +5,7 @@ pipeline's own cached tasks."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sae_core.config import EvalConfig, PipelineConfig, SAEConfig, TrainConfig
 from sae_core.data.models import ModelFacts
@@ -28,6 +28,17 @@ class TrainedPoint(NamedTuple):
     sae: DatasetRef
     evaluation: EvalRef
     states: str  # "train state / evaluate state" (Completed, Cached)
+
+    def study_fields(self, sae: SAEConfig, seed: int) -> dict[str, Any]:
+        """What a study records of this point (sae_core.studies.points.EvaluatedSAE's fields)."""
+        return {
+            "n": sae.n_latents,
+            "k": sae.k,
+            "seed": seed,
+            "sae": self.sae,
+            "evaluation": self.evaluation.dataset,
+            "metrics": self.evaluation.metrics,
+        }
 
 
 def activation_set(config: PipelineConfig, facts: ModelFacts, progress: bool) -> ActivationSet:

@@ -5,13 +5,23 @@ parameters stay short strings instead of a whole configuration."""
 
 from __future__ import annotations
 
-from prefect import flow
+from typing import Any
+
+from prefect import Flow, flow
 
 from flows.frontier import FrontierResult, frontier
 from flows.pipeline import PipelineResult, pipeline
 from flows.runners import LOCAL, task_runner
 from flows.sweep import SweepResult, sweep
 from sae_core.config import load_config
+
+
+def _run_preset(
+    study: Flow, preset: str, overrides: list[str] | None, store: str | None, runner: str
+) -> Any:
+    """`study` (the pipeline, sweep or frontier flow) on the preset's configuration."""
+    config = load_config(preset, overrides or [], store)
+    return study.with_options(task_runner=task_runner(runner))(config, progress=False)
 
 
 @flow(name="saeflow-pipeline-preset", log_prints=True)
@@ -21,8 +31,7 @@ def pipeline_from_preset(
     store: str | None = None,
     runner: str = LOCAL,
 ) -> PipelineResult:
-    config = load_config(preset, overrides or [], store)
-    return pipeline.with_options(task_runner=task_runner(runner))(config, progress=False)
+    return _run_preset(pipeline, preset, overrides, store, runner)
 
 
 @flow(name="saeflow-sweep-preset", log_prints=True)
@@ -32,8 +41,7 @@ def sweep_from_preset(
     store: str | None = None,
     runner: str = LOCAL,
 ) -> SweepResult:
-    config = load_config(preset, overrides or [], store)
-    return sweep.with_options(task_runner=task_runner(runner))(config, progress=False)
+    return _run_preset(sweep, preset, overrides, store, runner)
 
 
 @flow(name="saeflow-frontier-preset", log_prints=True)
@@ -43,5 +51,4 @@ def frontier_from_preset(
     store: str | None = None,
     runner: str = LOCAL,
 ) -> FrontierResult:
-    config = load_config(preset, overrides or [], store)
-    return frontier.with_options(task_runner=task_runner(runner))(config, progress=False)
+    return _run_preset(frontier, preset, overrides, store, runner)

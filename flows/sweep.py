@@ -38,16 +38,7 @@ def sweep(config: PipelineConfig, progress: bool = True) -> SweepResult:
         data, config, [(p.sae, p.train) for p in points_to_run], config.eval, progress
     )
     for p, done in zip(points_to_run, trained, strict=True):
-        points.append(
-            SweepPoint(
-                n=p.n,
-                k=p.k,
-                seed=p.seed,
-                sae=done.sae,
-                evaluation=done.evaluation.dataset,
-                metrics=done.evaluation.metrics,
-            )
-        )
+        points.append(SweepPoint(**done.study_fields(p.sae, p.seed)))
         states[f"n={p.n} k={p.k} seed={p.seed}"] = done.states
     fit = fit_scaling(points)
     if fit is not None:

@@ -216,6 +216,12 @@ class EvalConfig(_Strict):
     seed: int = Field(0, ge=0, description="Seed of the ablation and probe samples.")
 
 
+def _check_distinct(field: str, values: list[int], low: int) -> None:
+    """A grid's values: distinct, none below `low` (ValueError naming the field)."""
+    if len(set(values)) != len(values) or min(values) < low:
+        raise ValueError(f"{field}={values}: give distinct integers >= {low}")
+
+
 class SweepConfig(_Strict):
     """The grid `saeflow sweep` trains: every (n_latents, k, seed) with k <= n_latents."""
 
@@ -225,12 +231,8 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _valid_grid(self) -> SweepConfig:
-        for name in ("n_latents", "k", "seeds"):
-            values = getattr(self, name)
-            if len(set(values)) != len(values) or min(values) < (0 if name == "seeds" else 1):
-                raise ValueError(
-                    f"{name}={values}: give distinct {'non-negative' if name == 'seeds' else 'positive'} integers"
-                )
+        for name, low in (("n_latents", 1), ("k", 1), ("seeds", 0)):
+            _check_distinct(f"sweep.{name}", getattr(self, name), low)
         if max(self.k) > min(self.n_latents):
             raise ValueError(
                 f"k={self.k} has k > n for n_latents={self.n_latents}; "
@@ -262,9 +264,7 @@ class FrontierConfig(_Strict):
     @model_validator(mode="after")
     def _distinct(self) -> FrontierConfig:
         for name, low in (("degrees", 1), ("seeds", 0)):
-            values = getattr(self, name)
-            if len(set(values)) != len(values) or min(values) < low:
-                raise ValueError(f"frontier.{name}={values}: give distinct integers >= {low}")
+            _check_distinct(f"frontier.{name}", getattr(self, name), low)
         return self
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from torch import nn
+from torch import Tensor, nn
 
 from sae_core.config import SAEConfig
 from sae_core.errors import ConfigError
@@ -129,8 +129,20 @@ class SparseAutoencoder(nn.Module, ABC):
     """
 
     FORMAT: ClassVar[str]  # the safetensors `format` metadata of the kind's files
+    KIND: ClassVar[str]  # the sae.kind it implements
 
-    def __init__(self, d: int, cfg: SAEConfig, norm: InputNorm | None = None):
+    def __init__(
+        self,
+        d: int,
+        cfg: SAEConfig,
+        norm: InputNorm | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        if cfg.kind != self.KIND:
+            raise ConfigError(
+                f"{type(self).__name__} needs sae.kind={self.KIND}, got {cfg.kind!r}; "
+                "build it with sae_core.sae.build_sae"
+            )
         super().__init__()
         self.d, self.cfg = d, cfg
         self.n_latents, self.k = cfg.n_latents, cfg.k
@@ -143,8 +155,14 @@ class SparseAutoencoder(nn.Module, ABC):
             # BatchTopK's inference threshold, estimated during training (NaN until then: encode
             # falls back to the top k per token).
             self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.init_weights(generator)
 
     # What a kind provides --------------------------------------------------------------------
+    @abstractmethod
+    def init_weights(self, generator: torch.Generator | None) -> None:
+        """Draw the kind's weights from `generator`: unit-norm decoder directions, the encoder
+        tied to them at initialisation only."""
+
     @abstractmethod
     def encoder_matrix(self) -> torch.Tensor:
         """The encoder as a dense [n, d] matrix: the one GEMM's weights (no autograd needed)."""
@@ -162,12 +180,8 @@ class SparseAutoencoder(nn.Module, ABC):
 
     @abstractmethod
     def sparse_decode(
-        self,
-        idx: torch.Tensor,
-        vals: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        dense: bool = False,
-    ) -> torch.Tensor:
+        self, idx: Tensor, vals: Tensor, bias: Tensor | None = None, dense: bool = False
+    ) -> Tensor:
         """bias + sum_i vals[b, i] D[idx[b, i]]: [B, K] codes -> [B, d], with autograd.
         dense=True: the reference through the [B, n] code matrix and `dense_decoder`."""
 
@@ -182,7 +196,7 @@ class SparseAutoencoder(nn.Module, ABC):
     def unit_row_decoder(self) -> nn.Parameter | None:
         """The decoder when it is one dense [n, d] parameter of unit-norm rows, else None. Its
         projection, optimiser step and renormalisation can then run as one pass
-        (`train.Trainer`, `kernels.adam_unit_rows_`)."""
+        (`train.Trainer`, `unit_adam.adam_unit_rows_`)."""
         return None
 
     # Encoder and selection -------------------------------------------------------------------
@@ -267,6 +281,13 @@ class SparseAutoencoder(nn.Module, ABC):
         else:
             self.threshold.mul_(decay).add_(low, alpha=1 - decay)
 
+    def fused_losses(
+        self, x: Tensor, sel: Selection, ranks: Ranks, with_recon: bool, centred: bool
+    ) -> ForwardOutput | None:
+        """`losses` (not dense) in a kind's fused kernels, or None where it has none for these
+        inputs: then the stock ops below run."""
+        return None
+
     def losses(
         self,
         x: torch.Tensor,
@@ -283,7 +304,11 @@ class SparseAutoencoder(nn.Module, ABC):
         this rank's slice; the loss terms are its shares of the global batch's (`normalized_mse`).
         with_recon: whether the output carries the reconstruction (this path computes it anyway).
         centred=True: x is x - b_pre already, with no graph to b_pre (see `preacts`).
+        A kind with fused kernels for its inputs takes over (`fused_losses`), unless dense.
         """
+        fused = None if dense else self.fused_losses(x, sel, ranks, with_recon, centred)
+        if fused is not None:
+            return fused
         if centred:  # b_pre's gradient comes from the graph below
             x = x + self.b_pre.detach()
         # BatchTopK's code has a variable width; its padding slots hold pre = -inf (act 0, no gradient).

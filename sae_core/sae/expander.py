@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from sae_core.config import SAEConfig, check_expander_graph
-from sae_core.errors import ConfigError
+from sae_core.config import check_expander_graph
 from sae_core.sae import kernels
 from sae_core.sae.base import SparseAutoencoder
-from sae_core.sae.normalize import InputNorm
 
 FORMAT = "saeflow.expander"
 _MASK_CHUNK = 2**22  # random keys drawn per chunk of latents while sampling the graph
@@ -106,17 +104,10 @@ class ExpanderSAE(SparseAutoencoder):
     latent (see the module docstring); the interface is TopKSAE's."""
 
     FORMAT = FORMAT
+    KIND = "expander"
 
-    def __init__(
-        self,
-        d: int,
-        cfg: SAEConfig,
-        norm: InputNorm | None = None,
-        generator: torch.Generator | None = None,
-    ):
-        if cfg.kind != "expander" or cfg.degree is None:
-            raise ConfigError("ExpanderSAE needs sae.kind=expander and sae.degree")
-        super().__init__(d, cfg, norm)
+    def init_weights(self, generator: torch.Generator | None) -> None:
+        cfg, d = self.cfg, self.d
         self.degree = cfg.degree
         self.register_buffer("rows", expander_mask(self.n_latents, d, self.degree, cfg.mask_seed))
         V = torch.randn(self.n_latents, self.degree, generator=generator)
@@ -149,12 +140,8 @@ class ExpanderSAE(SparseAutoencoder):
         return tied_selected_preacts(x, self.b_pre, self.rows, self.values, self.b_enc, idx)
 
     def sparse_decode(
-        self,
-        idx: torch.Tensor,
-        vals: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        dense: bool = False,
-    ) -> torch.Tensor:
+        self, idx: Tensor, vals: Tensor, bias: Tensor | None = None, dense: bool = False
+    ) -> Tensor:
         """`expander_decode`: B K degree each way; dense=True multiplies the [B, n] code matrix
         by the dense masked decoder (2 B n d flops)."""
         if bias is None:

@@ -8,14 +8,11 @@ unit-norm direction of latent j. Selection, the loss, the codec and I/O: `sae_co
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from sae_core.config import SAEConfig
-from sae_core.errors import ConfigError
-from sae_core.sae import kernels
+from sae_core.sae import fused_loss, kernels
 from sae_core.sae.base import ForwardOutput, Selection, SparseAutoencoder
-from sae_core.sae.normalize import InputNorm
-from sae_core.sae.ranks import SINGLE, Ranks
+from sae_core.sae.ranks import Ranks
 
 FORMAT = "saeflow.topk"
 
@@ -25,20 +22,10 @@ class TopKSAE(SparseAutoencoder):
     k per token on average over a training batch, a learned threshold at inference)."""
 
     FORMAT = FORMAT
+    KIND = "topk"
 
-    def __init__(
-        self,
-        d: int,
-        cfg: SAEConfig,
-        norm: InputNorm | None = None,
-        generator: torch.Generator | None = None,
-    ):
-        if cfg.kind != "topk":
-            raise ConfigError(
-                f"TopKSAE needs sae.kind=topk, got {cfg.kind!r}; build it with sae_core.sae.build_sae"
-            )
-        super().__init__(d, cfg, norm)
-        W = torch.randn(self.n_latents, d, generator=generator)
+    def init_weights(self, generator: torch.Generator | None) -> None:
+        W = torch.randn(self.n_latents, self.d, generator=generator)
         W /= W.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W)
         self.W_enc = nn.Parameter(W.clone())  # tied at initialisation only
@@ -56,36 +43,22 @@ class TopKSAE(SparseAutoencoder):
         return kernels.selected_preacts(x, self.b_pre, self.W_enc, self.b_enc, pre, idx, dense)
 
     def sparse_decode(
-        self,
-        idx: torch.Tensor,
-        vals: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        dense: bool = False,
-    ) -> torch.Tensor:
+        self, idx: Tensor, vals: Tensor, bias: Tensor | None = None, dense: bool = False
+    ) -> Tensor:
         """B K d flops each way (`kernels.sparse_decode`)."""
         return kernels.sparse_decode(idx, vals, self.W_dec, bias, dense)
 
-    def losses(
-        self,
-        x: torch.Tensor,
-        sel: Selection,
-        dense: bool = False,
-        ranks: Ranks = SINGLE,
-        with_recon: bool = True,
-        centred: bool = False,
-    ) -> ForwardOutput:
-        """Decode the selected latents and score them. x: [B, d] normalised (centred=True:
-        less b_pre, see `preacts`); O(B K d) sparse.
-
-        On CPU float32 the native fused kernels run it (with_recon=False spares them writing
-        the reconstruction, which training does not read); elsewhere stock ops under autograd.
-        dense=True is the reference: full GEMMs with autograd, same selections.
-        """
-        if dense or not kernels.fused_available(x, self.W_dec, self.W_enc):
-            return super().losses(x, sel, dense, ranks, with_recon, centred)
+    def fused_losses(
+        self, x: Tensor, sel: Selection, ranks: Ranks, with_recon: bool, centred: bool
+    ) -> ForwardOutput | None:
+        """`losses` in the native fused kernels (CPU float32; O(B K d) sparse, two passes):
+        with_recon=False spares them writing the reconstruction, which training does not read.
+        None elsewhere, where `losses` runs stock ops under autograd."""
+        if not fused_loss.fused_available(x, self.W_dec, self.W_enc):
+            return None
         k = sel.idx.shape[1] if self.cfg.batch_topk else self.k
         use_aux = sel.aux_idx.shape[1] > 0
-        terms = kernels.fused_losses(
+        terms = fused_loss.fused_losses(
             x,
             self.b_pre,
             self.W_enc,

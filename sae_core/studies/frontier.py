@@ -13,11 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict
-
 from sae_core.config import PipelineConfig, SAEConfig, TrainConfig
 from sae_core.errors import ConfigError
-from sae_core.storage.refs import DatasetRef
+from sae_core.studies.points import EvaluatedSAE
 
 Family = Literal["dense", "expander", "matched"]
 FAMILIES: tuple[Family, ...] = ("dense", "expander", "matched")
@@ -94,19 +92,13 @@ def frontier_plan(config: PipelineConfig, width: int) -> list[FrontierPlanPoint]
     return points
 
 
-class FrontierPoint(BaseModel):
-    """A trained and evaluated frontier SAE, by reference (it travels between tasks)."""
-
-    model_config = ConfigDict(frozen=True)
+class FrontierPoint(EvaluatedSAE):
+    """A trained and evaluated frontier SAE."""
 
     family: Family
+    """dense (the reference), expander, or matched (a dense SAE with the expander's values)."""
     degree: int
-    n: int
-    k: int
-    seed: int
-    sae: DatasetRef
-    evaluation: DatasetRef
-    metrics: dict[str, float]
+    """Decoder non-zeros per latent (the model width m for dense SAEs)."""
 
     @property
     def label(self) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from sae_core.config import PipelineConfig, SAEConfig, TrainConfig, format_validation_error
 from sae_core.errors import ConfigError
-from sae_core.storage.refs import DatasetRef
+from sae_core.studies.points import EvaluatedSAE
 
 
 class GridPoint(NamedTuple):
@@ -37,17 +37,8 @@ def grid(config: PipelineConfig) -> list[GridPoint]:
     return points
 
 
-class SweepPoint(BaseModel):
-    """A trained and evaluated grid point, by reference (it travels between tasks)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    n: int
-    k: int
-    seed: int
-    sae: DatasetRef
-    evaluation: DatasetRef
-    metrics: dict[str, float]
+class SweepPoint(EvaluatedSAE):
+    """A trained and evaluated grid point."""
 
 
 @dataclass(frozen=True)
