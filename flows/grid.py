@@ -86,7 +86,7 @@ def train_and_evaluate_all(
 ) -> list[TrainedPoint]:
     """Every point trained on `data` and evaluated, in order.
 
-    The points that share a data order (`sae_core.training.train.data_order`) and are not on the store
+    The points that share a data order (`sae_core.training.group.data_order`) and are not on the store
     yet train together, reading the data once per group; then each point goes through the
     cached train and evaluate tasks as before (its SAE is committed by then, so a train task
     that misses the cache only reads the manifest): per-point cache hits, states and results

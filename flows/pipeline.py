@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from flows.runners import local_runner
 from sae_core.config import PipelineConfig
 from sae_core.data.models import ModelFacts
+from sae_core.storage.manifests import ValidationManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import default_store_uri
 from sae_core.training.preflight import preflight
@@ -22,7 +23,7 @@ from tasks.latents import LatentsRef, latent_stats
 from tasks.registry import RegistryRef, register_model
 from tasks.report import ReportRef, report_run
 from tasks.train import train_sae
-from tasks.validate import ValidationReport, validate_activations
+from tasks.validate import validate_activations
 
 
 class PipelineResult(BaseModel):
@@ -31,7 +32,7 @@ class PipelineResult(BaseModel):
     stages: dict[str, str]
     tokens: DatasetRef
     activations: DatasetRef
-    validation: ValidationReport
+    validation: ValidationManifest  # the validation's outcome: its committed manifest
     sae: DatasetRef
     evaluation: EvalRef
     registry: RegistryRef

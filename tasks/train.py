@@ -28,7 +28,7 @@ def train_sae(
 def train_sae_group(
     acts: DatasetRef, points: list[tuple[SAEConfig, TrainConfig]], progress: bool = True
 ) -> list[DatasetRef]:
-    """points must share `sae_core.training.train.data_order`; one ref per point, in order."""
+    """points must share `sae_core.training.group.data_order`; one ref per point, in order."""
     return train_stage.train_sae_group(acts, points, progress)
 
 

@@ -35,10 +35,6 @@ _SHOWN_FAILURES = 12
 _NORM_RTOL = 1e-4
 
 
-# The outcome of validate_activations is the manifest it commits (`failures` empty when `passed`).
-ValidationReport = ValidationManifest
-
-
 @cache
 def _gx() -> Any:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -219,7 +215,7 @@ def _check_shard(suites: _Suites, summary: ShardSummary) -> list[str]:
     return failures
 
 
-def _raise_failed(report: ValidationReport, bad_shards: set[str]) -> None:
+def _raise_failed(report: ValidationManifest, bad_shards: set[str]) -> None:
     failures = report.failures
     lines = failures[:_SHOWN_FAILURES]
     if len(failures) > len(lines):
@@ -242,7 +238,7 @@ def _validated(location: Location, args: dict[str, Any]) -> bool:
     return location.is_committed() and ref.open_store().is_committed(ref.path)
 
 
-def _link_artifacts(report: ValidationReport) -> None:
+def _link_artifacts(report: ValidationManifest) -> None:
     """The data docs and the outcome as artifacts of the flow run (only inside a Prefect run)."""
     if TaskRunContext.get() is None:
         return
@@ -283,7 +279,7 @@ def validate_activations(
     max_norm: float = 1e6,
     progress: bool = True,
     raise_on_failure: bool = True,
-) -> ValidationReport:
+) -> ValidationManifest:
     """Check every shard of an activations dataset: readable, finite, norms in range, token ids
     in [0, vocab_size), positions in the context, widths, dtypes and row counts as the manifest
     says. Writes the data docs and the report to `validation/<fingerprint>/` on the dataset's store.
@@ -329,7 +325,7 @@ def validate_activations(
     )
     location = _validation_location(ref)
     with Store(location.store).writing(location.path) as writer:
-        report = ValidationReport(
+        report = ValidationManifest(
             fingerprint=ref.fingerprint,
             dataset=ref.uri,
             passed=not failures,

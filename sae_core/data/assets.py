@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from tqdm.auto import tqdm
 
 from sae_core.data.brown import convert_brown
+from sae_core.data.hub import transformers_bars_off
 from sae_core.env import asset_cache, hub_offline
 from sae_core.errors import AssetError, ConfigError
 
@@ -251,18 +252,14 @@ def convert_model(name: str, progress: bool = True) -> Path:
     import torch
 
     hub_offline()
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = DEMO_MODELS[name]
     gguf = _find_gguf(spec)
     final = model_dir(name)
     steps = tqdm(total=4, desc=f"model {name}", unit="step", disable=not progress)
-    was_enabled = transformers.utils.logging.is_progress_bar_enabled()
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
     try:
-        with _building(final) as tmp:
+        with transformers_bars_off(not progress), _building(final) as tmp:
             steps.set_postfix_str("dequantise GGUF")
             gguf_model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -300,8 +297,6 @@ def convert_model(name: str, progress: bool = True) -> Path:
             )
             steps.update()
     finally:
-        if was_enabled:
-            transformers.utils.logging.enable_progress_bar()
         steps.close()
     if progress:
         tqdm.write(f"model {name}: next-token CE {ce:.2f} nats/token on the check passage")

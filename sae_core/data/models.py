@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_core.data.assets import resolve_model_path
+from sae_core.data.hub import transformers_bars_off
 from sae_core.device import pick_device
 from sae_core.env import hub_offline
 from sae_core.errors import ConfigError
@@ -318,9 +319,10 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
         # Safetensors or GGUF only: pickle weights (pytorch_model.bin) can run code when loaded.
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=_DTYPES[dtype], use_safetensors=None if extra else True, **extra
-        )
+        with transformers_bars_off():  # a stage's own bar reports its progress
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=_DTYPES[dtype], use_safetensors=None if extra else True, **extra
+            )
     except Exception as err:  # noqa: BLE001 - any loader failure is a bad model.path
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(

@@ -97,9 +97,9 @@ def train_sae_group(
 def _train_and_commit(
     acts: DatasetRef, store: Store, locs: list[Location], members: list[GroupMember], progress: bool
 ) -> dict[Location, SaeManifest]:
-    """Train `members` as one group, commit each at its location;
-    their manifests. The trainers are dropped on return, before another chunk starts. With
-    train.world_size > 1 torchrun workers train the group and rank 0 fills the folders."""
+    """Train `members` as one group and commit each at its location; their manifests. The
+    trainers are dropped on return, before another chunk starts. With train.world_size > 1
+    torchrun workers train the group and rank 0 fills the folders."""
     with ExitStack() as stack:  # every folder committed on a normal exit, none on an error
         writers = [stack.enter_context(store.writing(loc.path)) for loc in locs]
         if members[0].train.world_size > 1:

@@ -71,7 +71,7 @@ def train_data_parallel(
     datasets: Sequence[str],
     progress: bool = True,
 ) -> list[SaeManifest]:
-    """Train the members (sharing `sae_core.training.train.data_order`) with train.world_size torchrun
+    """Train the members (sharing `sae_core.training.group.data_order`) with train.world_size torchrun
     workers; rank 0 fills each member's dataset folder on acts' store (without its manifest,
     which it reports: the caller commits it). Blocks until every worker has ended."""
     train = members[0].train

@@ -317,7 +317,7 @@ def test_sigkilled_extraction_restarts_at_the_first_unwritten_shard(
         whole = extract_activations(
             loaded.model, DatasetRef(store=store.uri, path="tokens/t", fingerprint="t"),
             DataConfig(context_len=16, batch_tokens=64, shard_rows=50), "resid_post.1", w, False,
-        )  # fmt: skip
+        ).to_json()  # fmt: skip
     assert killed["splits"] == whole["splits"] and done < len(whole["splits"]["train"]["shards"])
 
     def train_rows(name: str) -> torch.Tensor:

@@ -29,8 +29,16 @@ MODEL_NAME = "reliability-sae"
 CHECKPOINT_TOKENS = 1024  # train.checkpoint_every_tokens of the tiny preset: 4 checkpoints a run
 # Folders whose files are the pipeline's results; validation docs and reports carry timestamps.
 RESULT_STAGES = ("tokens", "activations", "sae", "baseline", "probes", "eval")
-# Environment a test sets for one worker only: never inherited by the next one.
-_ARMED = ("RELIABILITY_", "SAEFLOW_INJECT_FAULT", "SAEFLOW_HOME", "SAEFLOW_STORE", "PREFECT_")
+# Environment a test sets for one worker only, or an earlier test left in this process (MLflow
+# exports the tracking URI it is given): never inherited by a workspace's runs.
+_ARMED = (
+    "RELIABILITY_",
+    "SAEFLOW_INJECT_FAULT",
+    "SAEFLOW_HOME",
+    "SAEFLOW_STORE",
+    "PREFECT_",
+    "MLFLOW_TRACKING_URI",
+)
 
 
 def tiny_preset_data(model_dir: Path, corpus_dir: Path) -> dict[str, Any]:
@@ -109,7 +117,9 @@ class Workspace:
         """`saeflow ARGS` in this process (CliRunner), with this workspace's state directory."""
         from flows.cli import app
 
-        env = {"SAEFLOW_HOME": str(self.home), **(env or {})}
+        # No tracking URI an earlier test left in this process: the run records in its home.
+        # No tracking URI an earlier test left in this process: the run records in its home.
+        env = {"SAEFLOW_HOME": str(self.home), "MLFLOW_TRACKING_URI": None, **(env or {})}
         return CliRunner().invoke(app, list(args), env=env)
 
     def spawn(self, *overrides: str, **env: str) -> subprocess.Popen:
