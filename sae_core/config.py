@@ -364,7 +364,7 @@ def format_validation_error(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "config"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; check the spelling against `saeflow config --show`"
+            msg = "unknown key; check the spelling against `saeflow config` (the resolved configuration)"
         lines.append(f"config error: {loc}: {msg}")
     return "\n".join(lines)
 
