@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, overload
-
 from pydantic import BaseModel, ConfigDict
 
-from sae_core.storage.manifests import AnyManifest, Manifest
+from sae_core.storage.manifests import AnyManifest
 from sae_core.storage.store import Store
 
 
@@ -27,19 +25,14 @@ class DatasetRef(BaseModel):
     def open_store(self) -> Store:
         return Store(self.store)
 
-    @overload
-    def manifest(self) -> dict[str, Any]: ...
-    @overload
-    def manifest(self, kind: type[AnyManifest]) -> AnyManifest: ...
-    def manifest(self, kind: type[Manifest] | None = None) -> dict[str, Any] | Manifest:
-        """The committed manifest, read by the model `kind` (DatasetDamaged if it does not
-        fit), or as its plain JSON without one."""
+    def manifest(self, kind: type[AnyManifest]) -> AnyManifest:
+        """The committed manifest, read by the model `kind` (DatasetDamaged if it does not fit)."""
         manifest = self.open_store().manifest(self.path)
         if manifest is None:
             raise FileNotFoundError(
                 f"dataset {self.uri} has no manifest: it was deleted or never finished"
             )
-        return manifest if kind is None else kind.from_json(manifest, self.uri)
+        return kind.from_json(manifest, self.uri)
 
 
 def committed_dataset(uri: str, kind: str) -> DatasetRef | None:

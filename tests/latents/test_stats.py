@@ -300,7 +300,7 @@ def test_stage_writes_the_viewer_dataset_once(
     store = tmp_path_factory.getbasetemp() / "latents-store"
     cfg, sae = tiny_sae(store, tiny_llama_dir, tiny_corpus_dir, **extra)
     ref, metrics = latents_stage.compute_latent_stats(sae, cfg.latents, progress=False)
-    manifest = ref.manifest()
+    manifest = ref.open_store().manifest(ref.path)
     assert manifest["kind"] == "latent_stats" and manifest["sae_kind"] == kind
     assert 0 <= metrics["explain/precision_mean"] <= 1 and metrics["explain/scored_latents"] > 0
     s = ref.open_store()

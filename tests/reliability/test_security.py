@@ -16,6 +16,7 @@ import torch
 from sae_core.errors import ConfigError, StoreError
 from sae_core.sae import WEIGHTS_FILE, load_sae
 from sae_core.stages import train as train_stage
+from sae_core.storage.manifests import SaeManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 from tests.helpers.manifests import example_sae
@@ -201,7 +202,7 @@ def test_a_dataset_reference_cannot_reach_outside_its_store(tmp_path: Path) -> N
     (tmp_path / "secret" / "_MANIFEST.json").write_text("{}")
     ref = DatasetRef(store=str(tmp_path / "store"), path="../secret", fingerprint="x")
     with pytest.raises(StoreError, match="'..' is not allowed"):
-        ref.manifest()
+        ref.manifest(SaeManifest)
     with pytest.raises(StoreError), Store(str(tmp_path / "store")).writing("../secret"):
         pass
     assert (tmp_path / "secret" / "_MANIFEST.json").exists()  # `writing` clears first: it did not

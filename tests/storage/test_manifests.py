@@ -228,7 +228,7 @@ def test_a_trained_sae_writes_the_manifest_it_wrote_before(tmp_path, one_thread,
 def old_activation_manifest(writer, tokens: DatasetRef, data_cfg, hook: str, shards) -> dict:
     """data.activations.activation_manifest as of e58736d, with the fingerprint the extract
     stage set."""
-    src = tokens.manifest()
+    src = tokens.open_store().manifest(tokens.path)
     marks = {split: writer.done_marks(split) for split in SPLITS}
     source = marks[shards[0].split][f"{shards[0].index:05d}"]["source"]
     splits = {}
