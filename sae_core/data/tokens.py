@@ -1,10 +1,15 @@
 """Corpus -> fixed-length token contexts, split into eval and train, written as Parquet.
 
 Documents are shuffled with the seed and tokenised a chunk at a time (batched `Dataset.map`)
-until the stream holds enough tokens, so a large hub corpus is never tokenised whole. Each
-document is followed by EOS and the stream is cut into `context_len` contexts; a context may
-cross a document boundary and records the document it starts in. The contexts are shuffled
-with the seed; eval takes the first ones, train the next, so the splits are disjoint.
+until enough tokens are in hand, so a large hub corpus is never tokenised whole. Each document
+is followed by EOS and a stream of documents is cut into `context_len` contexts; a context may
+cross a document boundary and records the document it starts in.
+
+data.split=document (the default): the first documents in seeded order form the eval stream,
+each cut to data.eval_contexts_per_document contexts (the rest of it is dropped), the next
+ones the train stream, so no eval context shares a document with training. data.split=context:
+one stream whose contexts are shuffled, eval taking the first ones and train the next (disjoint
+contexts, shared documents).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -126,53 +131,78 @@ def _tokenize_chunk(
     return values, np.diff(ids.offsets.to_numpy()), keys
 
 
-def _token_stream(
-    corpus: Any, tokenizer: Any, text_column: str, seed: int, needed: int, progress: bool
-) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Documents in seeded order, each followed by EOS, until `needed` tokens (or the end).
+class _Stream(NamedTuple):
+    """Documents joined into one token stream."""
 
-    Returns (stream [n_tokens] int64, document names, end offset of each document).
-    """
+    tokens: np.ndarray  # [n_tokens] int64
+    doc_keys: list[str]  # the documents, in stream order
+    doc_ends: np.ndarray  # [n_docs] int64, the end offset of each document
+
+    def contexts(self, context_len: int) -> int:
+        return self.tokens.size // context_len
+
+    def doc_of_contexts(self, context_len: int) -> list[str]:
+        """The document each whole context starts in."""
+        starts = np.arange(self.contexts(context_len), dtype=np.int64) * context_len
+        return [self.doc_keys[i] for i in np.searchsorted(self.doc_ends, starts, side="right")]
+
+
+def _documents(
+    corpus: Any, tokenizer: Any, text_column: str, seed: int
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, token ids + EOS) of each non-empty document, in seeded order, tokenised a chunk at
+    a time as they are consumed."""
     eos = tokenizer.eos_token_id
     separator = np.array([] if eos is None else [eos], dtype=np.int64)
     doc_order = np.random.default_rng(seed).permutation(len(corpus))
-    pieces: list[np.ndarray] = []
-    doc_keys: list[str] = []
-    doc_ends: list[int] = []
-    total = 0
-    bar = tqdm(total=needed, unit="tok", desc="tokenize", disable=not progress)
     for start in range(0, len(corpus), _DOC_CHUNK):
         rows = doc_order[start : start + _DOC_CHUNK]
         values, lengths, keys = _tokenize_chunk(corpus, rows, tokenizer, text_column)
         for doc, key in zip(np.split(values, np.cumsum(lengths)[:-1]), keys, strict=True):
-            if doc.size == 0:
-                continue
-            pieces.append(np.concatenate([doc, separator]))
-            total += pieces[-1].size
-            doc_keys.append(key)
-            doc_ends.append(total)
-        bar.update(min(total, needed) - bar.n)
-        if total >= needed:
+            if doc.size:
+                yield key, np.concatenate([doc, separator])
+
+
+def _fill(
+    documents: Iterator[tuple[str, np.ndarray]],
+    needed: int,
+    bar: Any,
+    max_doc_tokens: int | None = None,
+) -> _Stream:
+    """Documents taken from `documents` until the stream holds `needed` tokens (or they run
+    out); each cut to `max_doc_tokens` when given."""
+    pieces: list[np.ndarray] = []
+    doc_keys: list[str] = []
+    doc_ends: list[int] = []
+    total = 0
+    while total < needed:
+        key, doc = next(documents, (None, None))
+        if key is None:
             break
-    bar.close()
+        pieces.append(doc[:max_doc_tokens])
+        total += pieces[-1].size
+        doc_keys.append(key)
+        doc_ends.append(total)
+        bar.update(min(total, needed) - min(total - pieces[-1].size, needed))
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    return stream, doc_keys, np.asarray(doc_ends, dtype=np.int64)
+    return _Stream(stream, doc_keys, np.asarray(doc_ends, dtype=np.int64))
 
 
 def _contexts_table(
-    stream: np.ndarray, context_ids: np.ndarray, context_len: int, doc_of_context: list[str]
+    stream: _Stream, indices: np.ndarray, context_len: int, offset: int
 ) -> pa.Table:
-    tokens = stream[: (stream.size // context_len) * context_len].reshape(-1, context_len)[
-        context_ids
-    ]
-    offsets = pa.array(np.arange(len(context_ids) + 1, dtype=np.int32) * context_len)
+    """The stream's contexts at `indices`, named `offset + index`."""
+    whole = stream.contexts(context_len) * context_len
+    tokens = stream.tokens[:whole].reshape(-1, context_len)[indices]
+    doc_of_context = stream.doc_of_contexts(context_len)
+    offsets = pa.array(np.arange(len(indices) + 1, dtype=np.int32) * context_len)
     return pa.table(
         {
             "tokens": pa.ListArray.from_arrays(
                 offsets, pa.array(tokens.reshape(-1).astype(np.int32))
             ),
-            "context_id": pa.array(context_ids.astype(np.int64)),
-            "doc_id": pa.array([doc_of_context[i] for i in context_ids], pa.string()),
+            "context_id": pa.array(indices.astype(np.int64) + offset),
+            "doc_id": pa.array([doc_of_context[i] for i in indices], pa.string()),
         },
         schema=TOKENS_SCHEMA,
     )
@@ -220,31 +250,54 @@ def sample_tokens(
                 f"data.text_column '{data_cfg.text_column}': the corpus has columns "
                 f"{', '.join(corpus.column_names)}; set data.text_column to the text column"
             )
-        stream, doc_keys, doc_ends = _token_stream(
-            corpus, tokenizer, data_cfg.text_column, data_cfg.seed, needed, progress
-        )
+        documents = _documents(corpus, tokenizer, data_cfg.text_column, data_cfg.seed)
+        with tqdm(total=needed, unit="tok", desc="tokenize", disable=not progress) as bar:
+            if data_cfg.split == "document":
+                cap = data_cfg.eval_contexts_per_document * T
+                streams = {
+                    "eval": _fill(documents, n_eval * T, bar, max_doc_tokens=cap),
+                    "train": _fill(documents, n_train * T, bar),
+                }
+            else:
+                whole = _fill(documents, needed, bar)
         n_docs = len(corpus)
 
-    total = stream.size
-    available = total // T
-    if available < n_eval + n_train:
+    rng = np.random.default_rng(data_cfg.seed)
+    if data_cfg.split == "document":
+        short = [s for s, n in (("eval", n_eval), ("train", n_train)) if streams[s].contexts(T) < n]
+        tables = {}
+        offset = 0  # context ids stay unique across the splits
+        for split, n in (("eval", n_eval), ("train", n_train)):
+            stream = streams[split]
+            ids = rng.permutation(stream.contexts(T))[:n]
+            tables[split] = (stream, ids, offset)
+            offset += stream.contexts(T)
+        total = sum(stream.tokens.size for stream in streams.values())
+    else:
+        available = whole.contexts(T)
+        short = ["eval", "train"] if available < n_eval + n_train else []
+        order = rng.permutation(available)
+        tables = {
+            "eval": (whole, order[:n_eval], 0),
+            "train": (whole, order[n_eval : n_eval + n_train], 0),
+        }
+        total = whole.tokens.size
+    if short:
         raise ConfigError(
-            f"data.corpus '{data_cfg.corpus}' has {total} tokens ({available} contexts of "
-            f"{T}) but data.train_tokens + data.eval_tokens need {needed}; lower data.train_tokens "
-            "(or data.eval_tokens, data.context_len) or use a larger corpus"
+            f"data.corpus '{data_cfg.corpus}' has {total} tokens to use ({data_cfg.split} split; "
+            f"the {' and '.join(short)} split came up short) but data.train_tokens + "
+            f"data.eval_tokens need {needed}; lower data.train_tokens (or data.eval_tokens, "
+            "data.context_len) or use a larger corpus"
         )
-    # The document each context starts in.
-    starts = np.arange(available, dtype=np.int64) * T
-    doc_index = np.searchsorted(doc_ends, starts, side="right")
-    doc_of_context = [doc_keys[i] for i in doc_index]
-    order = np.random.default_rng(data_cfg.seed).permutation(available)
-    split_ids = {"eval": order[:n_eval], "train": order[n_eval : n_eval + n_train]}
 
     splits = {}
-    for split, ids in split_ids.items():
-        table = _contexts_table(stream, ids, T, doc_of_context)
+    for split, (stream, ids, offset) in tables.items():
+        table = _contexts_table(stream, ids, T, offset)
         nbytes = _write_parquet(writer, f"{split}.parquet", table)
-        splits[split] = TokensSplit(contexts=len(ids), tokens=len(ids) * T, bytes=nbytes)
+        docs = set(table.column("doc_id").to_pylist())
+        splits[split] = TokensSplit(
+            contexts=len(ids), tokens=len(ids) * T, bytes=nbytes, documents=len(docs)
+        )
 
     manifest = TokensManifest(
         schema_version=SCHEMA_VERSION,
@@ -257,8 +310,14 @@ def sample_tokens(
         vocab_size=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         corpus_documents=n_docs,
-        documents_tokenized=len(doc_keys),
+        documents_tokenized=sum(len(stream.doc_keys) for stream, _, _ in tables.values()),
         stream_tokens=total,
+        split=data_cfg.split,
+        **(
+            {"eval_contexts_per_document": data_cfg.eval_contexts_per_document}
+            if data_cfg.split == "document"
+            else {}
+        ),
         splits=splits,
     )
     writer.manifest = manifest

@@ -126,6 +126,8 @@ class TokensSplit(Part):
     """contexts x context_len."""
     bytes: int | None = None
     """The size of `<split>.parquet` (absent from synthetic datasets)."""
+    documents: int | None = None
+    """Documents the split's contexts come from (absent before the split by document)."""
 
 
 class ActivationsShard(Part):
@@ -226,6 +228,10 @@ class TokensManifest(SyntheticCapable):
     """Documents tokenised to fill the contexts."""
     stream_tokens: int | None = None
     """Tokens in the stream the contexts were cut from."""
+    split: Literal["document", "context"] | None = None
+    """data.split: eval held out by document, or contexts split at random (absent: the latter)."""
+    eval_contexts_per_document: int | None = None
+    """data.eval_contexts_per_document, with split=document."""
 
 
 class ActivationsManifest(SyntheticCapable):

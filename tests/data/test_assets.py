@@ -136,6 +136,7 @@ def test_ensure_assets_is_a_fast_no_op_when_ready(asset_cache_dir, monkeypatch):
     for folder in [
         asset_cache_dir / "models" / "smollm2-135m",
         asset_cache_dir / "corpora" / "brown",
+        asset_cache_dir / "corpora" / "english",
     ]:
         folder.mkdir(parents=True)
         (folder / MARKER).write_text(json.dumps({"format_version": assets.FORMAT_VERSION}))
@@ -149,7 +150,9 @@ def test_ensure_assets_is_a_fast_no_op_when_ready(asset_cache_dir, monkeypatch):
     result = ensure_assets(progress=False)
     assert time.perf_counter() - start < 0.5
     assert result.models == {"smollm2-135m": asset_cache_dir / "models" / "smollm2-135m"}
-    assert result.corpora == {"brown": asset_cache_dir / "corpora" / "brown"}
+    assert result.corpora == {
+        name: asset_cache_dir / "corpora" / name for name in ("brown", "english")
+    }
 
 
 # ---------------------------------------------------------------- resolving config values

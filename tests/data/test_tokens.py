@@ -87,7 +87,8 @@ def test_documents_joined_with_eos(tmp_path, tokenizer):
     expected = tokenizer("the old dog saw a man .")["input_ids"] + [tokenizer.eos_token_id]
     for row in tables["train"].column("tokens").to_pylist():
         assert row == expected
-    assert manifest["stream_tokens"] == 40 * 8
+    # Eval takes 2 documents (16 tokens), train the next 20 (160): only those are in the streams.
+    assert manifest["stream_tokens"] == 22 * 8
 
 
 def test_text_corpus(tmp_path, tokenizer):
@@ -146,3 +147,56 @@ def test_bad_corpus_errors(tmp_path, tokenizer):
         _sample(tmp_path, tokenizer, [str(odd)])
     with pytest.raises(ConfigError, match="data.corpus 'no-such/dataset'"):
         _sample(tmp_path, tokenizer, "no-such/dataset")
+
+
+def _many_documents(tmp_path, n_docs: int, words: int) -> list[str]:
+    import random
+
+    rng = random.Random(0)
+    docs = tmp_path / "corpus" / "docs.jsonl"
+    docs.parent.mkdir(parents=True)
+    docs.write_text(
+        "".join(
+            json.dumps({"doc_id": f"d{i}", "text": generated_text(rng, words)}) + "\n"
+            for i in range(n_docs)
+        )
+    )
+    return [str(docs)]
+
+
+def test_document_split_holds_eval_documents_out_of_training(tmp_path, tokenizer):
+    files = _many_documents(tmp_path, n_docs=200, words=60)
+    _, manifest, tables = _sample(tmp_path, tokenizer, files, train_tokens=2000, eval_tokens=300)
+    eval_docs = set(tables["eval"].column("doc_id").to_pylist())
+    train_docs = set(tables["train"].column("doc_id").to_pylist())
+    assert eval_docs and train_docs and not eval_docs & train_docs
+    assert manifest["split"] == "document" and manifest["eval_contexts_per_document"] == 4
+    assert manifest["splits"]["eval"]["documents"] == len(eval_docs)
+    # Each eval document is cut to 4 contexts of 16: the 19 eval contexts span >= 5 documents.
+    assert len(eval_docs) >= 5
+    ids = (
+        tables["eval"].column("context_id").to_pylist()
+        + tables["train"].column("context_id").to_pylist()
+    )
+    assert len(set(ids)) == len(ids)
+
+
+def test_eval_contexts_per_document_caps_each_document(tmp_path, tokenizer):
+    files = _many_documents(tmp_path, n_docs=200, words=60)
+    _, _, tables = _sample(
+        tmp_path, tokenizer, files, train_tokens=800, eval_tokens=320, eval_contexts_per_document=1
+    )
+    # One context per eval document: 20 eval contexts come from at least 20 documents (a
+    # context may start in one document and end in the next).
+    assert len(set(tables["eval"].column("doc_id").to_pylist())) == 20
+
+
+def test_context_split_shares_documents(tmp_path, tokenizer):
+    files = _many_documents(tmp_path, n_docs=40, words=200)
+    _, manifest, tables = _sample(
+        tmp_path, tokenizer, files, train_tokens=4000, eval_tokens=400, split="context"
+    )
+    eval_docs = set(tables["eval"].column("doc_id").to_pylist())
+    train_docs = set(tables["train"].column("doc_id").to_pylist())
+    assert manifest["split"] == "context" and "eval_contexts_per_document" not in manifest
+    assert eval_docs & train_docs  # the old default: 114 of Brown's 118 eval documents shared
