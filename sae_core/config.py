@@ -166,8 +166,25 @@ TRAIN_EXECUTION_FIELDS = frozenset({"device", "world_size"})
 
 class TrainConfig(_Strict):
     batch_size: int = Field(4096, ge=1, description="Tokens per optimiser step.")
-    epochs: int = Field(1, ge=1)
-    lr: float | None = Field(None, gt=0, description="Default 2e-4 / sqrt(n / 2^14).")
+    epochs: int = Field(1, ge=1, description="Passes over the data (unless train.tokens is set).")
+    tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Training tokens in all, taking as many passes over the data as that needs "
+        "(the last one cut short); None: train.epochs whole passes.",
+    )
+    recipe: Literal["budget", "paper"] = Field(
+        "budget",
+        description="paper: Gao et al.'s constant 2e-4 / sqrt(n / 2^14); budget: that rate raised "
+        "for short runs, 5% linear warm-up, linear decay to zero (sae_core.training.recipe).",
+    )
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; None: the recipe's.")
+    lr_warmup: float | None = Field(
+        None, ge=0, lt=1, description="Fraction of the steps warming up; None: the recipe's."
+    )
+    lr_decay: Literal["none", "linear"] | None = Field(
+        None, description="none or linear (to zero at the last step); None: the recipe's."
+    )
     seed: int = Field(0, ge=0)
     checkpoint_every_tokens: int = Field(2**16, ge=1)
     grad_clip_norm: float | None = Field(None, gt=0, description="Gradient-norm clip; None: off")
@@ -198,6 +215,20 @@ class TrainConfig(_Strict):
         "node): each takes batch_size / world_size rows of every batch. 1: one process, no launcher. "
         "Not part of the SAE's address (like device: same computation, up to float rounding).",
     )
+
+    @model_validator(mode="after")
+    def _tokens_or_epochs(self) -> TrainConfig:
+        if self.tokens is not None and self.epochs != 1:
+            raise ValueError(
+                f"train.tokens={self.tokens} and train.epochs={self.epochs} both set the run's "
+                "length; set one of them"
+            )
+        if self.tokens is not None and self.tokens < self.batch_size:
+            raise ValueError(
+                f"train.tokens={self.tokens} is less than one batch (train.batch_size="
+                f"{self.batch_size}); raise train.tokens or lower train.batch_size"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_splits_over_ranks(self) -> TrainConfig:

@@ -294,7 +294,13 @@ class SaeManifest(Manifest):
     steps: int
     """Optimiser steps."""
     lr: float
-    """The learning rate trained with."""
+    """The peak learning rate trained with."""
+    recipe: str | None = None
+    """train.recipe: paper or budget (absent: written before recipes, the paper's)."""
+    lr_warmup_steps: int | None = None
+    """Steps of linear warm-up."""
+    lr_decay: Literal["none", "linear"] | None = None
+    """How the rate fell after warm-up."""
     final_nmse: float
     """The normalised MSE, mean over the last 5% of steps."""
     dead_fraction: float

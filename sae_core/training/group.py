@@ -1,6 +1,6 @@
 """Several SAEs trained from one stream of batches: each batch read once, every SAE stepped on it.
 
-`run_group` trains SAEs that share a data order (`data_order`: batch size, seed, epochs, device
+`run_group` trains SAEs that share a data order (`data_order`: batch size, seed, epochs, tokens, device
 and ranks); each resumes from its last checkpoint on the store if one exists and checkpoints
 every train.checkpoint_every_tokens; each ends bit-identical (CPU) to training it alone.
 `run_training` is a group of one. A `BatchSource` is any callable giving an epoch's batches
@@ -20,6 +20,7 @@ from sae_core.errors import ConfigError
 from sae_core.sae import kernels
 from sae_core.sae.ranks import SINGLE, Ranks
 from sae_core.storage.store import Store
+from sae_core.training.recipe import run_steps
 from sae_core.training.resources import training_bytes
 from sae_core.training.trainer import Trainer, init_sae
 
@@ -37,13 +38,17 @@ class GroupMember(NamedTuple):
     checkpoint_dir: str | None = None
 
 
-def data_order(train_cfg: TrainConfig) -> tuple[int, int, int, str, int]:
+DataOrder = tuple[int, int, int, int | None, str, int]
+
+
+def data_order(train_cfg: TrainConfig) -> DataOrder:
     """What fixes the batches an SAE sees, in order (and where and on how many ranks it trains):
     SAEs that agree on it can share one read of the data (`run_group`)."""
     return (
         train_cfg.batch_size,
         train_cfg.seed,
         train_cfg.epochs,
+        train_cfg.tokens,
         train_cfg.device,
         train_cfg.world_size,
     )
@@ -51,7 +56,7 @@ def data_order(train_cfg: TrainConfig) -> tuple[int, int, int, str, int]:
 
 def group_by_data_order(points: Sequence[tuple[SAEConfig, TrainConfig]]) -> list[list[int]]:
     """Indices of `points` grouped by `data_order`, groups and members in first-seen order."""
-    groups: dict[tuple[int, int, int, str, int], list[int]] = {}
+    groups: dict[DataOrder, list[int]] = {}
     for i, (_, train_cfg) in enumerate(points):
         groups.setdefault(data_order(train_cfg), []).append(i)
     return list(groups.values())
@@ -92,11 +97,14 @@ def _start(
     init_sample: Callable[[], torch.Tensor],
     device: torch.device | str,
     ranks: Ranks,
+    total_steps: int,
 ) -> Trainer:
     """The member's trainer: from its checkpoint when there is one, else fresh (seeded)."""
     ckpt = _checkpoint_path(member, store)
     if ckpt is not None and store.exists(ckpt):
-        trainer = Trainer.from_checkpoint(store.read_bytes(ckpt), member.train, device, ranks)
+        trainer = Trainer.from_checkpoint(
+            store.read_bytes(ckpt), member.train, device, ranks, total_steps
+        )
         if trainer.sae.cfg != member.sae or trainer.sae.d != d:
             raise ConfigError(
                 f"checkpoint {ckpt} belongs to another SAE config; delete it to start over"
@@ -104,7 +112,7 @@ def _start(
         return trainer
     torch.manual_seed(member.train.seed)
     sae = init_sae(d, member.sae, init_sample(), member.train.seed)
-    return Trainer(sae, member.train, device, ranks)
+    return Trainer(sae, member.train, device, ranks, total_steps)
 
 
 def _checkpoint_path(member: GroupMember, store: Store | None) -> str | None:
@@ -160,7 +168,7 @@ def run_group(
     """
     if len({data_order(m.train) for m in members}) != 1:
         raise ConfigError(
-            "train: a group's SAEs must share train.batch_size, seed, epochs, device and world_size; "
+            "train: a group's SAEs must share train.batch_size, seed, epochs, tokens, device and world_size; "
             "group them with group_by_data_order"
         )
     sample: list[torch.Tensor] = []
@@ -171,29 +179,33 @@ def run_group(
         return sample[0]
 
     device = torch.device(device)
+    train_cfg = members[0].train
+    total_steps = run_steps(train_cfg, steps_per_epoch)
+    epochs = -(-total_steps // steps_per_epoch)
     trainers, rngs = [], []
     for member in members:
-        trainers.append(_start(d, member, store, shared_sample, device, ranks))
+        trainers.append(_start(d, member, store, shared_sample, device, ranks, total_steps))
         rngs.append(_rng_state(device))
     sample.clear()
-    train_cfg = members[0].train
     _share_buffer(trainers, train_cfg.batch_size // ranks.world_size)  # this rank's rows
     ckpts = [_checkpoint_path(m, store) if ranks.leader else None for m in members]
     states = [t.state for t in trainers]
     first = min(st.epoch * steps_per_epoch + st.batch_in_epoch for st in states)
     desc = "train sae" if len(members) == 1 else f"train {len(members)} saes"
     with tqdm(
-        total=train_cfg.epochs * steps_per_epoch,
+        total=total_steps,
         initial=first,
         desc=desc,
         unit="step",
         disable=not progress or not ranks.leader,
     ) as bar:
-        for epoch in range(min(st.epoch for st in states), train_cfg.epochs):
+        for epoch in range(min(st.epoch for st in states), epochs):
+            # The last pass of a train.tokens run stops where the run's steps end.
+            end = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
             due = [st.batch_in_epoch for st in states if st.epoch == epoch]
-            start = min(due, default=steps_per_epoch)
-            batches = source(epoch, start) if start < steps_per_epoch else iter(())
-            for batch_in_epoch, x in enumerate(batches, start):
+            start = min(due, default=end)
+            batches = source(epoch, start) if start < end else iter(())
+            for batch_in_epoch, x in zip(range(start, end), batches, strict=False):
                 for i, (trainer, st) in enumerate(zip(trainers, states, strict=True)):
                     if (st.epoch, st.batch_in_epoch) != (epoch, batch_in_epoch):
                         continue  # resumed past this batch

@@ -21,7 +21,6 @@ the decoder-gradient projection, so every rank applies the same update to the sa
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -35,6 +34,7 @@ from sae_core.sae import SparseAutoencoder, build_sae, fused_loss, kernels, unit
 from sae_core.sae.base import FIRE_THRESHOLD, safetensors_metadata
 from sae_core.sae.normalize import InputNorm, geometric_median
 from sae_core.sae.ranks import SINGLE, Ranks
+from sae_core.training.recipe import schedule
 
 CHECKPOINT_FORMAT = "saeflow.checkpoint"
 ADAM_BETAS = (0.9, 0.999)
@@ -42,11 +42,6 @@ ADAM_BETAS = (0.9, 0.999)
 
 def _no_mark(phase: str) -> None:
     pass
-
-
-def default_lr(n_latents: int) -> float:
-    """Gao et al.: 2e-4 / sqrt(n / 2^14)."""
-    return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
 class DeadLatents:
@@ -96,7 +91,9 @@ def init_sae(d: int, sae_cfg: SAEConfig, sample: torch.Tensor, seed: int) -> Spa
 class Trainer:
     """Owns the SAE, its optimiser, the dead-latent counters, the weights' moving average (when
     train.ema_decay is set) and the training state. ranks: the data-parallel group; the
-    weights are rank 0's from the start (broadcast), identical everywhere afterwards."""
+    weights are rank 0's from the start (broadcast), identical everywhere afterwards.
+    total_steps: the run's length, which the recipe's schedule follows (None: unknown, a
+    constant rate; `sae_core.training.recipe.schedule`)."""
 
     def __init__(
         self,
@@ -104,13 +101,15 @@ class Trainer:
         train_cfg: TrainConfig,
         device: torch.device | str = "cpu",
         ranks: Ranks = SINGLE,
+        total_steps: int | None = None,
     ):
         self.device = torch.device(device)
         self.sae = sae.to(self.device)
         self.ranks = ranks
         ranks.broadcast_(list(self.sae.state_dict().values()))
         self.cfg = train_cfg
-        self.lr = train_cfg.lr or default_lr(sae.n_latents)
+        self.schedule = schedule(train_cfg, sae.n_latents, total_steps)
+        self.lr = self.schedule.peak_lr
         self.opt = torch.optim.Adam(
             self.sae.parameters(), lr=self.lr, betas=ADAM_BETAS, eps=train_cfg.adam_eps, fused=True
         )
@@ -158,6 +157,9 @@ class Trainer:
         out.loss.backward()
         self.sum_grads()
         mark("backward")
+        lr = self.schedule.lr(self.state.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         self.optimizer_step()
         if self.ema is not None:
             with torch.no_grad():
@@ -188,6 +190,7 @@ class Trainer:
             "aux_loss": aux_loss,
             "l0": active / batch,
             "dead_fraction": self.dead.fraction(),
+            "lr": lr,
         } | ({"resampled": resampled} if sae.cfg.resample_dead else {})
         st.history.append(record)
         return record
@@ -310,6 +313,7 @@ class Trainer:
         train_cfg: TrainConfig,
         device: torch.device | str = "cpu",
         ranks: Ranks = SINGLE,
+        total_steps: int | None = None,
     ) -> Trainer:
         meta = safetensors_metadata(data)
         if meta.get("format") != CHECKPOINT_FORMAT:
@@ -329,7 +333,7 @@ class Trainer:
         sae.load_state_dict(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         )
-        trainer = cls(sae, train_cfg, device, ranks)
+        trainer = cls(sae, train_cfg, device, ranks, total_steps)
         names = [name for name, _ in sae.named_parameters()]
         opt_state = trainer.opt.state_dict()
         opt_state["state"] = {

@@ -14,8 +14,9 @@ from sae_core.sae import kernels, load_sae, unit_adam
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 from sae_core.training.group import CHECKPOINT_FILE, run_training, tensor_source
+from sae_core.training.recipe import paper_lr
 from sae_core.training.train import train_sae
-from sae_core.training.trainer import DeadLatents, Trainer, default_lr, init_sae
+from sae_core.training.trainer import DeadLatents, Trainer, init_sae
 from tests.helpers.activations import sparse_dictionary_data, write_activations
 
 
@@ -29,9 +30,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_default_lr_follows_the_paper():
-    assert default_lr(2**14) == pytest.approx(2e-4)
-    assert default_lr(2**16) == pytest.approx(1e-4)
+def test_paper_lr_follows_the_paper():
+    assert paper_lr(2**14) == pytest.approx(2e-4)
+    assert paper_lr(2**16) == pytest.approx(1e-4)
 
 
 def test_train_sae_writes_weights_history_and_manifest(tmp_path):
@@ -48,6 +49,10 @@ def test_train_sae_writes_weights_history_and_manifest(tmp_path):
     assert manifest["kind"] == "sae" and manifest["tokens_seen"] == 2 * 4096
     assert (manifest["d"], manifest["n"], manifest["k"]) == (32, 96, 3)
     assert manifest["normalization"]["mode"] == "per_token"
+    # The recipe is recorded: the budget recipe's warm-up (5% of 32 steps) and linear decay.
+    assert (manifest["recipe"], manifest["lr"]) == ("budget", 3e-3)
+    assert (manifest["lr_warmup_steps"], manifest["lr_decay"]) == (2, "linear")
+    assert json.loads(store.read_bytes("sae/test/config.json"))["train"]["recipe"] == "budget"
     assert 0 <= manifest["dead_fraction"] <= 1 and manifest["final_nmse"] < 0.8
     history = store.read_json("sae/test/history.json")
     assert len(history) == 32 and {"loss", "nmse", "dead_fraction", "l0", "aux_loss"} <= set(
