@@ -270,6 +270,13 @@ class SweepConfig(_Strict):
     n_latents: list[int] = Field([1152, 2304, 4608], min_length=1)
     k: list[int] = Field([16, 32, 64], min_length=1)
     seeds: list[int] = Field([0], min_length=1, description="Training seeds (train.seed).")
+    tokens_exponent: float | None = Field(
+        None,
+        ge=0,
+        le=2,
+        description="Train each n on train.tokens x (n / smallest n)^exponent tokens, as tokens to "
+        "convergence grow with n (Gao et al.: about 0.6); None: every point trains as train says.",
+    )
 
     @model_validator(mode="after")
     def _valid_grid(self) -> SweepConfig:

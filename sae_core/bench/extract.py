@@ -3,6 +3,11 @@ rows, Parquet shards) against a bare forward of the same model truncated after t
 and against a full-depth forward (logits), over the same token batches, interleaved per repeat
 (the pair's order alternating). ratio = extraction / bare, the median of the per-repeat ratios;
 the target is >= 0.9.
+
+The forward's FLOP limit: the truncated forward's matmul FLOPs per token (`forward_flops`)
+against the rate this machine reaches on the forward's largest GEMM (a batch of tokens times
+the MLP's up-projection) in the model's dtype (`gemm_rate`). `ratio_vs_flop_limit` = extraction
+tokens/s over that limit: near 1, only faster arithmetic (bf16 units, a GPU) goes faster.
 """
 
 from __future__ import annotations
@@ -54,15 +59,32 @@ def _write_tokens(store: Store, path: str, contexts: np.ndarray, vocab: int) -> 
     return DatasetRef(store=store.uri, path=path, fingerprint="bench")
 
 
+def forward_flops(config: Any, layers: int, context_len: int) -> float:
+    """Multiply-add FLOPs per token of a Llama-style decoder's first `layers` blocks: the
+    attention and MLP projections, and the attention scores and mixing over, on average,
+    half a causal context."""
+    d = config.hidden_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) * (d // heads)
+    projections = d * (d + 2 * kv) + d * d + 3 * d * config.intermediate_size
+    attention = 2 * (context_len / 2) * d
+    return 2.0 * layers * (projections + attention)
+
+
+def gemm_rate(tokens: int, config: Any, dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of [tokens, d] @ [d, intermediate] in `dtype`: the median of 5 after a warm-up."""
+    a = torch.randn(tokens, config.hidden_size, device=device).to(dtype)
+    b = torch.randn(config.hidden_size, config.intermediate_size, device=device).to(dtype)
+    a @ b
+    seconds = statistics.median(timed(lambda: a @ b) for _ in range(5))
+    return 2.0 * tokens * config.hidden_size * config.intermediate_size / seconds
+
+
 def bench_extract(
-    options: ExtractBench,
-    *,
-    dtype: str = "float32",
-    store: str | None = None,
-    verbose: bool = True,
+    options: ExtractBench, *, store: str | None = None, verbose: bool = True
 ) -> dict[str, Any]:
-    """Extraction tokens/s against the bare truncated forward and the full forward (see module),
-    the model's weights in `dtype`.
+    """Extraction tokens/s against the bare truncated forward, the full forward and the
+    forward's FLOP limit (see module), the model's weights in `options.dtype`.
 
     Shards go to `store` (default: a scratch directory), `options.shard_mb` each so that the run
     writes several.
@@ -70,7 +92,7 @@ def bench_extract(
     from sae_core.data.assets import resolve_model_path
 
     hooks, context_len, repeats = options.hook, options.context_len, options.repeats
-    loaded = load_model(resolve_model_path(options.model), dtype, options.device)
+    loaded = load_model(resolve_model_path(options.model), options.dtype, options.device)
     model = loaded.model
     dev = next(model.parameters()).device
     vocab = int(model.config.vocab_size)
@@ -130,6 +152,9 @@ def bench_extract(
     def tps(key: str) -> float:
         return n_tokens / statistics.median(times[key])
 
+    flops = forward_flops(model.config, depth, context_len)
+    rate = gemm_rate(options.batch_tokens, model.config, next(model.parameters()).dtype, dev)
+
     result = {
         "model": options.model,
         "hooks": hooks,
@@ -137,6 +162,7 @@ def bench_extract(
         "layers_total": int(getattr(model.config, "num_hidden_layers", 0)) or None,
         "tokens_per_pass": n_tokens,
         "batch_tokens": options.batch_tokens,
+        "dtype": options.dtype,
         "storage_dtype": options.storage_dtype,
         "shard_mb": options.shard_mb,
         "train_shards_written": shards,
@@ -146,6 +172,10 @@ def bench_extract(
         "extract_tokens_per_s": round(tps("extract"), 1),
         "bare_truncated_tokens_per_s": round(tps("bare"), 1),
         "full_depth_tokens_per_s": round(tps("full"), 1),
+        "forward_flops_per_token": round(flops),
+        "gemm_flops_per_s": round(rate),
+        "flop_limit_tokens_per_s": round(rate / flops, 1),
+        "ratio_vs_flop_limit": round(tps("extract") * flops / rate, 3),
         # Per repeat, extraction against the bare pass timed just before it; load from other
         # processes hits both sides of a pair alike.
         "ratio_vs_bare": round(
@@ -162,11 +192,16 @@ def bench_extract(
     if verbose:
         print(
             f"{options.model} to {', '.join(hooks)} ({depth} of {result['layers_total']} layers), "
-            f"{n_tokens} tokens x {repeats} on {dev} ({result['threads']} threads)\n"
+            f"{n_tokens} tokens x {repeats} on {dev} in {options.dtype} "
+            f"({result['threads']} threads)\n"
             f"  extraction {result['extract_tokens_per_s']:.0f} tokens/s   "
             f"bare truncated forward {result['bare_truncated_tokens_per_s']:.0f}   "
             f"full forward {result['full_depth_tokens_per_s']:.0f}\n"
             f"  ratio vs bare {result['ratio_vs_bare']:.3f} (target >= 0.9)   "
-            f"vs full {result['ratio_vs_full']:.2f}   load average {result['load_average']}"
+            f"vs full {result['ratio_vs_full']:.2f}   load average {result['load_average']}\n"
+            f"  FLOP limit {result['flop_limit_tokens_per_s']:.0f} tokens/s "
+            f"({flops / 1e6:.0f} MFLOP/token at "
+            f"{rate / 1e9:.0f} GFLOP/s)   "
+            f"ratio vs limit {result['ratio_vs_flop_limit']:.2f}"
         )
     return result

@@ -48,6 +48,9 @@ class ExtractBench(BenchOptions):
     batch_tokens: int = Field(2048, description="Tokens per forward batch.")
     shard_mb: float = Field(4.0, description="Size of one activation shard in MiB.")
     storage_dtype: str = Field("float32", description="Stored activations: float32 or float16.")
+    dtype: str = Field(
+        "float32", description="The model's weights (model.dtype): float32 or bfloat16."
+    )
     repeats: int = Field(3, description="Timed passes of each kind.")
     device: DeviceName = "auto"
 

@@ -20,9 +20,25 @@ class GridPoint(NamedTuple):
     train: TrainConfig
 
 
+def point_tokens(config: PipelineConfig, n: int) -> int | None:
+    """train.tokens for the sweep's n: train.tokens x (n / smallest n)^sweep.tokens_exponent,
+    whole batches; train.tokens as it is without an exponent."""
+    sweep, train = config.sweep, config.train
+    if sweep.tokens_exponent is None:
+        return train.tokens
+    if train.tokens is None:
+        raise ConfigError(
+            "sweep.tokens_exponent scales train.tokens, which is not set; set train.tokens "
+            "(the smallest n's budget) or drop sweep.tokens_exponent"
+        )
+    scaled = train.tokens * (n / min(sweep.n_latents)) ** sweep.tokens_exponent
+    return max(1, round(scaled / train.batch_size)) * train.batch_size
+
+
 def grid(config: PipelineConfig) -> list[GridPoint]:
-    """The sweep's points, n-major: config.sae and config.train with n_latents, k and the
-    training seed replaced. Fails before any work if a point is not a valid SAE config."""
+    """The sweep's points, n-major: config.sae and config.train with n_latents, k, the training
+    seed and (with sweep.tokens_exponent) train.tokens replaced. Fails before any work if a
+    point is not a valid SAE config."""
     points = []
     for n in config.sweep.n_latents:
         for k in config.sweep.k:
@@ -32,7 +48,8 @@ def grid(config: PipelineConfig) -> list[GridPoint]:
                 reason = format_validation_error(err).split(": ", 2)[-1]
                 raise ConfigError(f"config error: sweep point n={n}, k={k}: {reason}") from None
             for seed in config.sweep.seeds:
-                train = config.train.model_copy(update={"seed": seed})
+                update = {"seed": seed, "tokens": point_tokens(config, n)}
+                train = config.train.model_copy(update=update)
                 points.append(GridPoint(n, k, seed, sae, train))
     return points
 

@@ -125,3 +125,16 @@ def test_a_run_report_lists_metrics_probes_and_figures(swept):
     assert "## Probe tasks" in written.markdown and "genre=news" in written.markdown
     again = write_run_report(point.sae, point.evaluation, "tiny run")
     assert again.markdown == written.markdown  # read back from the store, not redrawn
+
+
+def test_tokens_grow_with_n_by_the_sweeps_exponent(tiny_llama_dir, tiny_corpus_dir, tmp_path):
+    config = tiny_config(
+        tiny_llama_dir, tiny_corpus_dir, str(tmp_path),
+        sweep={"n_latents": [64, 256], "k": [4], "tokens_exponent": 0.5},
+        train={"batch_size": 100, "tokens": 1000},
+    )  # fmt: skip
+    tokens = {p.n: p.train.tokens for p in grid(config)}
+    assert tokens == {64: 1000, 256: 2000}  # (256 / 64)^0.5 = 2, in whole batches
+    unset = config.model_copy(update={"train": config.train.model_copy(update={"tokens": None})})
+    with pytest.raises(ConfigError, match="set train.tokens"):
+        grid(unset)
