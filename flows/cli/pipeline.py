@@ -115,12 +115,13 @@ def flow_command(
 def _launch_pipeline(
     cfg: PipelineConfig, shards_on: TaskRunner, progress: bool, refresh: list[str] | None
 ) -> Any:
-    from flows.pipeline import STAGES, pipeline
     from sae_core.training.preflight import preflight
+
+    preflight(cfg)  # seconds, before Prefect and the model start
+    from flows.pipeline import STAGES, pipeline
     from tasks.refresh import checked_stages
 
-    checked_stages(refresh or [], STAGES)
-    preflight(cfg)  # seconds, before Prefect and the model start
+    checked_stages(refresh or [], STAGES)  # before the flow (and Prefect's server) starts
     return pipeline.with_options(task_runner=shards_on)(cfg, progress=progress, refresh=refresh)
 
 
