@@ -49,11 +49,14 @@ def _chunk_digest(path: Path, start: int, length: int) -> bytes:
 def hash_file(path: Path, size: int) -> str:
     """SHA-256 of `size` and the SHA-256 of each CHUNK of the file, chunks hashed in parallel."""
     starts = range(0, max(size, 1), CHUNK)
-    workers = min(len(starts), len(os.sched_getaffinity(0)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        parts = pool.map(lambda start: _chunk_digest(path, start, min(CHUNK, size - start)), starts)
-        digest = hashlib.sha256(str(size).encode())
-        for part in parts:
+    digest = hashlib.sha256(str(size).encode())
+    if len(starts) == 1:  # no threads for a small file: a folder may hold thousands
+        digest.update(_chunk_digest(path, 0, size))
+        return digest.hexdigest()
+    with ThreadPoolExecutor(max_workers=min(len(starts), len(os.sched_getaffinity(0)))) as pool:
+        for part in pool.map(
+            lambda start: _chunk_digest(path, start, min(CHUNK, size - start)), starts
+        ):
             digest.update(part)
     return digest.hexdigest()
 
