@@ -20,6 +20,7 @@ from tasks.caching import run_stage
 from tasks.data import extract_activations, sample_tokens
 from tasks.evaluate import EvalRef, evaluate_sae
 from tasks.latents import LatentsRef, latent_stats
+from tasks.refresh import Refresh, checked_stages
 from tasks.registry import RegistryRef, register_model
 from tasks.report import ReportRef, report_run
 from tasks.train import train_sae
@@ -45,21 +46,39 @@ def check_inputs(config: PipelineConfig) -> ModelFacts:
     return preflight(config)
 
 
-class _Stages:
-    """Runs stage tasks in order and remembers how each ended (Completed or Cached)."""
+# The stage tasks, in the order the flow runs them: the names `--refresh` takes.
+STAGES = tuple(
+    t.name
+    for t in (sample_tokens, extract_activations, validate_activations, train_sae, evaluate_sae,
+              register_model, latent_stats, report_run)
+)  # fmt: skip
 
-    def __init__(self) -> None:
+
+class _Stages:
+    """Runs stage tasks in order, recomputing those `refresh` wants, and remembers how each
+    ended (Completed or Cached)."""
+
+    def __init__(self, refresh: Refresh) -> None:
         self.states: dict[str, str] = {}
+        self.refresh = refresh
 
     def __call__(self, task: Any, **inputs: Any) -> Any:
-        state = run_stage(task, **inputs)
+        recompute = self.refresh.wants(task.name, inputs)
+        state = run_stage(task, refresh=recompute, **inputs)
         self.states[task.name] = state.name
-        return state.result()
+        result = state.result()
+        if recompute:
+            self.refresh.recomputed(result)
+        return result
 
 
 @flow(name="saeflow-pipeline", log_prints=True, task_runner=local_runner())
-def pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResult:
-    run = _Stages()
+def pipeline(
+    config: PipelineConfig, progress: bool = True, refresh: list[str] | None = None
+) -> PipelineResult:
+    """The pipeline; `refresh`: stages (of STAGES, or `all`) to recompute with everything
+    downstream of them, although their outputs are committed."""
+    run = _Stages(Refresh(checked_stages(refresh or [], STAGES)))
     facts = check_inputs(config)
     store = config.store or default_store_uri()
     tokens = run(

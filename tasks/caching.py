@@ -35,11 +35,14 @@ class CommittedOutput(CachePolicy):
     `locate` maps the task's inputs to that Location; it carries the fingerprint of the sae_core
     code, which TASK_SOURCE alone does not see. `is_done` says whether the output is really
     there (default: the dataset is committed); `run_stage` uses it to refresh the cache entry
-    instead of serving it when the output is gone.
+    instead of serving it when the output is gone. `forget` (called with the task's inputs)
+    removes the output and whatever the stage would reuse toward it (default: the located
+    folder), so that a refreshed stage computes it from the start.
     """
 
     locate: Callable[..., Location] | None = None
     is_done: Callable[[Location, dict[str, Any]], bool] = _committed
+    forget: Callable[..., None] | None = None
 
     def compute_key(
         self,
@@ -55,6 +58,13 @@ class CommittedOutput(CachePolicy):
     def output_missing(self, inputs: dict[str, Any]) -> bool:
         args = _key_inputs(inputs)
         return not self.is_done(self.locate(**args), args)
+
+    def forget_output(self, inputs: dict[str, Any]) -> None:
+        args = _key_inputs(inputs)
+        if self.forget is None:
+            self.locate(**args).remove()
+        else:
+            self.forget(**args)
 
 
 def _key_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -83,16 +93,21 @@ def stage_locks(locations: Iterable[Location], name: str) -> Iterator[None]:
         yield
 
 
-def run_stage(task: Task, **inputs: Any) -> State:
-    """Call a stage task; when its output is missing from the store, recompute and re-cache it.
+def run_stage(task: Task, refresh: bool = False, **inputs: Any) -> State:
+    """Call a stage task; when its output is missing from the store, or `refresh` is set
+    (the output is then removed first: `CommittedOutput.forget`), recompute and re-cache it.
 
     Runs sharing the state directory compute one output at a time: a second run of the same
     stage waits for the first (a kernel lock, released even if its holder is killed), then
     finds the output committed and reuses it instead of clearing and rewriting it."""
     policy = task.cache_policy
     if not isinstance(policy, CommittedOutput):
-        return task(**inputs, return_state=True)
+        return (task.with_options(refresh_cache=True) if refresh else task)(
+            **inputs, return_state=True
+        )
     with stage_locks([policy.locate(**_key_inputs(inputs))], task.name):
-        if policy.output_missing(inputs):
+        if refresh:
+            policy.forget_output(inputs)
+        if refresh or policy.output_missing(inputs):
             task = task.with_options(refresh_cache=True)
         return task(**inputs, return_state=True)

@@ -21,7 +21,9 @@ class EvalRef(BaseModel):
 
 @task(
     name="evaluate_sae",
-    cache_policy=CommittedOutput(locate=evaluate_stage.locate_evaluation),
+    cache_policy=CommittedOutput(
+        locate=evaluate_stage.locate_evaluation, forget=evaluate_stage.remove_evaluation
+    ),
     **TASK_DEFAULTS,
 )
 def evaluate_sae(

@@ -60,20 +60,36 @@ def locate_registration(
     return Location(store=sae.store, path=sae.path, fingerprint=fp)
 
 
-def find_version(name: str, fp: str) -> Any | None:
-    """The registered version carrying this registration fingerprint, if any."""
+def _versions_with(name: str, fp: str) -> list[Any]:
     client = mlflow_client()
     try:
-        found = client.search_model_versions(
+        return client.search_model_versions(
             f"name = '{name}' and tags.`{FINGERPRINT_TAG}` = '{fp}'"
         )
     except Exception:  # noqa: BLE001 - a registry without this model has no such version
-        return None
+        return []
+
+
+def find_version(name: str, fp: str) -> Any | None:
+    """The registered version carrying this registration fingerprint, if any."""
+    found = _versions_with(name, fp)
     return found[0] if found else None
 
 
 def _is_registered(loc: Location, args: dict[str, Any]) -> bool:
     return find_version(args["registry"].model_name, loc.fingerprint) is not None
+
+
+def _unregister(
+    sae: DatasetRef, evaluation: EvalRef, config: PipelineConfig, registry: RegistryConfig
+) -> None:
+    """Untag the version registered for these inputs: the next registration logs a new run
+    and version (the old version stays, as history)."""
+    fp = locate_registration(sae, evaluation, config, registry).fingerprint
+    for version in _versions_with(registry.model_name, fp):
+        mlflow_client().delete_model_version_tag(
+            registry.model_name, version.version, FINGERPRINT_TAG
+        )
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -88,7 +104,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @task(
     name="register_model",
-    cache_policy=CommittedOutput(locate=locate_registration, is_done=_is_registered),
+    cache_policy=CommittedOutput(
+        locate=locate_registration, is_done=_is_registered, forget=_unregister
+    ),
     **TASK_DEFAULTS,
 )
 def register_model(

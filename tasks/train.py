@@ -14,7 +14,9 @@ from tasks.common import TASK_DEFAULTS
 
 
 @task(
-    name="train_sae", cache_policy=CommittedOutput(locate=train_stage.locate_sae), **TASK_DEFAULTS
+    name="train_sae",
+    cache_policy=CommittedOutput(locate=train_stage.locate_sae, forget=train_stage.remove_sae),
+    **TASK_DEFAULTS,
 )
 def train_sae(
     acts: DatasetRef, sae: SAEConfig, train: TrainConfig, progress: bool = True

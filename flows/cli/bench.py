@@ -18,6 +18,7 @@ from sae_core.bench.options import (
     CliBench,
     ExtractBench,
     GroupBench,
+    HashBench,
     LoadBench,
     TrainBench,
 )
@@ -94,6 +95,14 @@ def cli(options: CliBench, verbose: bool) -> dict[str, Any]:
     from sae_core.bench.startup import bench_cli
 
     return bench_cli(options, verbose=verbose)
+
+
+@bench_command("hash", HashBench)
+def hash_(options: HashBench, verbose: bool) -> dict[str, Any]:
+    """Seconds to fingerprint a model by content: the first time, and again with the digests remembered."""
+    from sae_core.bench.hashing import bench_hash
+
+    return bench_hash(options, verbose=verbose)
 
 
 def _scratch_stores(stack: ExitStack, s3: bool) -> dict[str, str]:

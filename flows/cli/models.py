@@ -10,7 +10,8 @@ import typer
 
 from flows.cli.console import console
 from flows.cli.errors import one_line_errors
-from flows.cli.options import flag_error
+from flows.cli.options import ForceOpt, flag_error
+from flows.cli.outputs import output_file, output_folder
 from sae_core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -99,11 +100,14 @@ def export(
         str | None, typer.Option(help="Hook the SAE reads, e.g. resid_post.15.")
     ] = None,
     model: Annotated[str | None, typer.Option(help="Model name to record.")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Write an SAE in SAELens or EleutherAI sparsify format, normalisation included."""
-    from sae_core.sae.export import export_sae, load_source
+    from sae_core.sae.export import check_format, export_sae, load_source
 
     with one_line_errors():
+        check_format(format_)
+        folder = output_folder(out, "--out", force)
         if source.startswith("models:/"):
             from tasks.registry import registered_sae
 
@@ -113,7 +117,8 @@ def export(
         origin = origin.model_copy(
             update={k: v for k, v in {"hook": hook, "model": model}.items() if v}
         )
-        files = export_sae(sae, Path(out), format_, origin)  # type: ignore[arg-type]
+    with one_line_errors(OSError):  # a full disk, a folder it may not write
+        files = export_sae(sae, folder, format_, origin)  # type: ignore[arg-type]
     for file in files:
         console.print(f"wrote {file}")
     if format_ == "sparsify" and sae.norm.mode == "per_token":
@@ -127,14 +132,17 @@ def export(
 def import_(
     folder: Annotated[str, typer.Argument(help="An SAELens or sparsify SAE folder.")],
     out: Annotated[str, typer.Option("--out", "-o", help="saeflow .safetensors file to write.")],
+    force: ForceOpt = False,
 ) -> None:
     """Read an SAELens or sparsify TopK SAE into a saeflow safetensors file."""
     from sae_core.sae.export import detect_format, import_sae
 
     with one_line_errors():
+        target = output_file(out, "--out", force)
         fmt = detect_format(Path(folder))
         sae, origin = import_sae(Path(folder))
-    sae.save_safetensors(out)
+    with one_line_errors(OSError):
+        sae.save_safetensors(target)
     console.print(
         f"imported {fmt} SAE: d={sae.d} n={sae.n_latents} k={sae.k} "
         f"normalisation={sae.norm.mode} hook={origin.hook} model={origin.model} -> {out}",

@@ -30,6 +30,9 @@ RunnerOpt = Annotated[
     ),
 ]
 ProgressOpt = Annotated[bool, typer.Option(help="Show progress bars.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an existing output file, or the files of a folder.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 

@@ -8,6 +8,7 @@ fail in seconds (before Prefect and the model start), run the flow, print its su
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
@@ -44,9 +45,16 @@ CONFIG_FLAGS = [
     flag("store", StoreOpt, None),
 ]
 RUN_FLAGS = [flag("runner", RunnerOpt, "local"), flag("progress", ProgressOpt, True)]
+RefreshOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Recompute this stage (a name from the stage table, or all) and every stage after "
+        "it that reads its output, although their outputs are stored (repeatable)."
+    ),
+]
 
-# (config, task runner for the extraction shards, progress) -> the flow's result.
-Launch = Callable[["PipelineConfig", "TaskRunner", bool], Any]
+# (config, task runner for the extraction shards, progress, **launch flags) -> the result.
+Launch = Callable[..., Any]
 
 
 @app.command()
@@ -70,11 +78,12 @@ def assets() -> None:
 
 
 def flow_command(
-    launch: Launch, summary: Callable[[Any, float], None]
+    launch: Launch, summary: Callable[[Any, float], None], *launch_flags: inspect.Parameter
 ) -> Callable[[Callable[..., list[str]]], Callable[..., list[str]]]:
     """Registers `overrides(**own_flags) -> ["key.path=value", ...]` as a command of its name:
     the configuration (--preset, --set, then those overrides, --store), the task runner
-    (--runner), then `launch` (its checks, then the flow) and `summary(result, seconds)`."""
+    (--runner), then `launch` (its checks, then the flow; `launch_flags` are passed to it by
+    name) and `summary(result, seconds)`."""
 
     def register_flow(overrides: Callable[..., list[str]]) -> Callable[..., list[str]]:
         def command(
@@ -87,31 +96,36 @@ def flow_command(
         ) -> None:
             from sae_core.config import load_config
 
+            launching = {p.name: own.pop(p.name) for p in launch_flags}
             with one_line_errors():
                 cfg = load_config(preset, [*(set_ or []), *overrides(**own)], store)
                 started = time.perf_counter()
                 from flows.runners import task_runner
 
-                result = launch(cfg, task_runner(runner), progress)
+                result = launch(cfg, task_runner(runner), progress, **launching)
             summary(result, time.perf_counter() - started)
 
-        flags = [*CONFIG_FLAGS, *flags_of(overrides), *RUN_FLAGS]
+        flags = [*CONFIG_FLAGS, *flags_of(overrides), *launch_flags, *RUN_FLAGS]
         register(app, overrides.__name__, command, flags, help_from=overrides)
         return overrides
 
     return register_flow
 
 
-def _launch_pipeline(cfg: PipelineConfig, shards_on: TaskRunner, progress: bool) -> Any:
+def _launch_pipeline(
+    cfg: PipelineConfig, shards_on: TaskRunner, progress: bool, refresh: list[str] | None
+) -> Any:
     from sae_core.training.preflight import preflight
 
     preflight(cfg)  # seconds, before Prefect and the model start
-    from flows.pipeline import pipeline
+    from flows.pipeline import STAGES, pipeline
+    from tasks.refresh import checked_stages
 
-    return pipeline.with_options(task_runner=shards_on)(cfg, progress=progress)
+    checked_stages(refresh or [], STAGES)  # before the flow (and Prefect's server) starts
+    return pipeline.with_options(task_runner=shards_on)(cfg, progress=progress, refresh=refresh)
 
 
-@flow_command(_launch_pipeline, print_summary)
+@flow_command(_launch_pipeline, print_summary, flag("refresh", RefreshOpt, None))
 def run() -> list[str]:
     """Run the pipeline: tokens, activations, validation, training, evaluation, registration."""
     return []

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from flows.cli.console import console
 from flows.cli.errors import one_line_errors
-from flows.cli.options import PresetOpt, ProgressOpt, SetOpt
+from flows.cli.options import ForceOpt, PresetOpt, ProgressOpt, SetOpt
+from flows.cli.outputs import output_folder
 
 app = typer.Typer()
 
@@ -31,6 +31,7 @@ def view(
     preset: PresetOpt = "demo",
     set_: SetOpt = None,
     progress: ProgressOpt = True,
+    force: ForceOpt = False,
 ) -> None:
     """Browse an SAE's latents in a local web page: contexts, histograms, logit lens and
     explanations (computed on first use, then cached; settings: the preset's `latents`)."""
@@ -38,6 +39,7 @@ def view(
     from sae_core.latents.viewer import make_server
 
     with one_line_errors():
+        site_folder = output_folder(export_dir, "--export", force) if export_dir else None
         cfg = load_config(preset, set_ or [], None)
         from flows.view import prepare
 
@@ -49,8 +51,9 @@ def view(
             f"{figures['scored_latents']:.0f} scored latents ({prepared.site.ref.uri})",
             highlight=False,
         )
-        if export_dir:
-            files = prepared.site.export(Path(export_dir), progress)
+        if site_folder:
+            with one_line_errors(OSError):  # a full disk, a folder it may not write
+                files = prepared.site.export(site_folder, progress)
             console.print(
                 f"wrote {files} files to {export_dir}; browse them through a web server, e.g. "
                 f"python -m http.server --bind 127.0.0.1 -d {export_dir}",

@@ -85,3 +85,10 @@ class CliBench(BenchOptions):
     """`saeflow bench cli`: start-up seconds of the installed `saeflow` command."""
 
     repeats: int = Field(5, ge=1, description="Runs of each command.")
+
+
+class HashBench(BenchOptions):
+    """`saeflow bench hash`: seconds to fingerprint a model's files by content."""
+
+    model: str = Field("smollm2-135m", description="Demo asset name or HF model folder.")
+    repeats: int = Field(5, ge=1, description="Runs with the digests remembered.")

@@ -120,6 +120,21 @@ def safetensors_metadata(data: bytes) -> dict[str, Any]:
     return header.get("__metadata__") or {}
 
 
+def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """`tensors` and `metadata` as a safetensors byte string, the same bytes in every process.
+
+    safetensors writes its metadata in the order of a hash map seeded per process, so one SAE
+    saved twice would differ byte for byte; the header is rewritten with the keys sorted (the
+    data offsets, relative to the end of the header, are unchanged)."""
+    data = save_tensors(tensors, metadata=metadata)
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text + data[8 + size :]
+
+
 class SparseAutoencoder(nn.Module, ABC):
     """An SAE of width d with cfg.n_latents latents, k of them active per token (BatchTopK: k per
     token on average over a training batch, a learned threshold at inference).
@@ -415,7 +430,7 @@ class SparseAutoencoder(nn.Module, ABC):
 
     def to_bytes(self) -> bytes:
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        return save_tensors(tensors, metadata=self.metadata())
+        return safetensors_bytes(tensors, self.metadata())
 
     def save_safetensors(self, target: str | Path | IO[bytes]) -> None:
         """Weights, config and normalisation constants in one safetensors file (no pickle)."""

@@ -105,12 +105,17 @@ def _weights(sae: TopKSAE, scale_in: float) -> dict[str, torch.Tensor]:
         }
 
 
+def check_format(fmt: str) -> None:
+    """Raise unless `fmt` is a format export writes (checked before any SAE is fetched)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format '{fmt}': choose one of {', '.join(FORMATS)}")
+
+
 def export_sae(
     sae: SparseAutoencoder, out: Path, fmt: Format, origin: Origin | None = None
 ) -> list[Path]:
     """Write the TopK SAE `sae` into folder `out` in format `fmt`; returns the files written."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"export format '{fmt}': choose one of {', '.join(FORMATS)}")
+    check_format(fmt)
     if not isinstance(sae, TopKSAE):
         raise ConfigError(
             f"export: SAELens and sparsify hold TopK SAEs only, this one is sae.kind="
@@ -233,14 +238,14 @@ def _read_saelens(folder: Path, cfg: dict[str, Any], t: dict[str, torch.Tensor])
     W_enc, b_enc, b_dec = t["W_enc"].T, t["b_enc"], t["b_dec"]
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc = b_enc + W_enc @ b_dec  # its encoder never subtracts b_dec; saeflow's does
-    meta = cfg.get("metadata") or cfg  # SAELens < 6 kept these at the top level
+    meta = _section(folder, cfg, "metadata") or cfg  # SAELens < 6 kept these at the top level
     per_token = norm_mode == "layer_norm"
     return _Stored(
         W_enc=W_enc,
         W_dec=t["W_dec"],
         b_enc=b_enc,
         b_dec=b_dec,
-        k=cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k"),
+        k=cfg["k"] if "k" in cfg else _section(folder, cfg, "activation_fn_kwargs").get("k"),
         norm=InputNorm("per_token" if per_token else "none"),
         scale_in=1.0 / math.sqrt(W_enc.shape[1] - 1) if per_token else 1.0,
         origin=Origin(
@@ -276,28 +281,121 @@ def _read_sparsify(folder: Path, cfg: dict[str, Any], t: dict[str, torch.Tensor]
     )
 
 
-def import_sae(folder: Path) -> tuple[TopKSAE, Origin]:
-    """Read an SAELens or sparsify TopK SAE folder into a saeflow TopKSAE and its origin."""
-    fmt = detect_format(folder)
-    cfg = json.loads((folder / CFG_FILE).read_text())
-    weights = folder / WEIGHTS[fmt]
+# Per format: the tensors a file must hold, by their axes (d: input width, n: latents; the
+# encoder first), and the cfg.json fields that declare d and n.
+_SHAPES = {
+    "saelens": {"W_enc": "dn", "W_dec": "nd", "b_enc": "n", "b_dec": "d"},
+    "sparsify": {"encoder.weight": "nd", "encoder.bias": "n", "W_dec": "nd", "b_dec": "d"},
+}
+_WIDTH_FIELDS = {
+    "saelens": {"d": "d_in", "n": "d_sae"},
+    "sparsify": {"d": "d_in", "n": "num_latents"},
+}
+
+
+def _section(folder: Path, cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    value = cfg.get(key) or {}
+    _require(
+        isinstance(value, dict), folder, key, f"expected an object, found {type(value).__name__}"
+    )
+    return value
+
+
+def _read_cfg(folder: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((folder / CFG_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{folder / CFG_FILE}: not JSON ({err}); fix or re-export it") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(
+            f"{folder / CFG_FILE}: holds a JSON {type(cfg).__name__}, expected an object of "
+            "settings (architecture, d_in, k, ...)"
+        )
+    return cfg
+
+
+def _read_tensors(weights: Path, fmt: Format) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The file's tensors, checked: each one the format needs, shapes that agree, all finite;
+    and the widths {d, n} they hold."""
     try:
         tensors = {k: v.float() for k, v in load_file(str(weights)).items()}
     except SafetensorError as err:  # a pickle or a damaged file: refused, never unpickled
         raise ConfigError(f"{weights}: not a readable safetensors file ({err})") from None
-    stored = (_read_saelens if fmt == "saelens" else _read_sparsify)(folder, cfg, tensors)
+    shapes = _SHAPES[fmt]
+    missing = [name for name in shapes if name not in tensors]
+    if missing:
+        raise ConfigError(
+            f"{weights}: no tensor {missing[0]} (it holds {', '.join(sorted(tensors)) or 'none'}); "
+            f"a {fmt} TopK SAE holds {', '.join(shapes)}"
+        )
+    encoder, axes = next(iter(shapes.items()))
+    widths = dict(zip(axes, tensors[encoder].shape, strict=False))
+    for name, axes in shapes.items():
+        found, expected = list(tensors[name].shape), [widths.get(axis, -1) for axis in axes]
+        if found != expected:
+            raise ConfigError(
+                f"{weights}: tensor {name} has shape {found}, expected {expected} "
+                f"({'x'.join(axes)}, d={widths.get('d')} dimensions, n={widths.get('n')} latents)"
+            )
+        if not torch.isfinite(tensors[name]).all():
+            raise ConfigError(
+                f"{weights}: tensor {name} holds NaN or infinite values; re-export a trained SAE"
+            )
+    return tensors, widths
+
+
+def _check_cfg(
+    folder: Path, fmt: Format, cfg: dict[str, Any], widths: dict[str, int], k: Any
+) -> None:
+    """cfg.json's declared widths match the weights, and its k is a valid k."""
+    for axis, field in _WIDTH_FIELDS[fmt].items():
+        declared = cfg.get(field)
+        _require(
+            declared is None or declared == widths[axis],
+            folder,
+            field,
+            f"says {declared!r} but the weights hold {widths[axis]}; fix cfg.json or the weights",
+        )
+    _require(k is not None, folder, "k", "missing; a TopK SAE needs k")
     _require(
-        isinstance(stored.k, int) and stored.k >= 1, folder, "k", "missing; a TopK SAE needs k"
+        isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= widths["n"],
+        folder,
+        "k",
+        f"{k!r} is not a valid k; a TopK SAE needs an integer in [1, {widths['n']}] (its latents)",
     )
+
+
+def import_sae(folder: Path) -> tuple[TopKSAE, Origin]:
+    """Read an SAELens or sparsify TopK SAE folder into a saeflow TopKSAE and its origin.
+    Refused in one line: a cfg.json that is not an object, widths it declares that the
+    weights do not have, an invalid k, missing tensors, NaN or infinite weights."""
+    fmt = detect_format(folder)
+    cfg = _read_cfg(folder)
+    tensors, widths = _read_tensors(folder / WEIGHTS[fmt], fmt)
+    stored = (_read_saelens if fmt == "saelens" else _read_sparsify)(folder, cfg, tensors)
+    _check_cfg(folder, fmt, cfg, widths, stored.k)
     n, d = stored.W_enc.shape
     norm, scale_in, origin = stored.norm, stored.scale_in, stored.origin
     sae_cfg = SAEConfig(n_latents=n, k=stored.k, normalize=norm.mode)
     if entry := cfg.get("saeflow"):  # written by saeflow: its normalisation and config, exactly
-        norm = InputNorm.from_json(entry["normalization"])
+        try:
+            norm = InputNorm.from_json(entry["normalization"])
+            origin = Origin.model_validate(entry["origin"])
+            sae_cfg = SAEConfig.model_validate(entry["config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(
+                f"{folder / CFG_FILE}: saeflow: unreadable ({type(err).__name__}: {err}); "
+                "remove the entry to import it as another tool's SAE"
+            ) from None
+        _require(
+            sae_cfg.n_latents == n and sae_cfg.k == stored.k,
+            folder,
+            "saeflow.config",
+            f"n_latents={sae_cfg.n_latents}, k={sae_cfg.k} disagree with the weights' {n} "
+            f"latents and k={stored.k}",
+        )
         if norm.mode == "global":
             scale_in = norm.global_scale
-        origin = Origin.model_validate(entry["origin"])
-        sae_cfg = SAEConfig.model_validate(entry["config"])
     sae = TopKSAE(d, sae_cfg, norm)
     sae.load_state_dict(
         {

@@ -165,6 +165,16 @@ def locate_evaluation(
     )
 
 
+def remove_evaluation(
+    sae: DatasetRef, tokens: DatasetRef, model: ModelConfig, data: DataConfig, eval: EvalConfig
+) -> None:
+    """Delete the evaluation and the baseline and probe set it used: the next run makes all
+    three afresh."""
+    locate_evaluation(sae, tokens, model, data, eval).remove()
+    locate_baseline(tokens, model, data).remove()
+    locate_probe_set(tokens.store, model, data, eval).remove()
+
+
 def _check_eval(data: DataConfig, eval: EvalConfig) -> None:
     room = data.context_len - first_position(data)
     if eval.ablation_samples and eval.ablation_horizon > room:

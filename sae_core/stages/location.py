@@ -31,6 +31,10 @@ class Location(NamedTuple):
     def is_committed(self) -> bool:
         return Store(self.store).is_committed(self.path)
 
+    def remove(self) -> None:
+        """Delete the output folder, committed or not: the next run computes it afresh."""
+        Store(self.store).rm(self.path)
+
     def committed(self, kind: type[AnyManifest]) -> AnyManifest | None:
         """The output's manifest read by the model `kind`, or None while it is not committed."""
         manifest = Store(self.store).manifest(self.path)

@@ -58,6 +58,19 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
     )
 
 
+def checkpoint_folder(loc: Location) -> str:
+    """Where training toward `loc` keeps its checkpoints: outside the dataset folder, so that
+    clearing an unfinished attempt keeps them."""
+    return f"checkpoints/{loc.fingerprint}"
+
+
+def remove_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> None:
+    """Delete the SAE and its checkpoints: the next run trains it from the start."""
+    loc = locate_sae(acts, sae, train)
+    loc.remove()
+    Store(loc.store).rm(checkpoint_folder(loc))
+
+
 def train_sae(
     acts: DatasetRef, sae: SAEConfig, train: TrainConfig, progress: bool = True
 ) -> DatasetRef:
@@ -77,9 +90,7 @@ def train_sae_group(
     manifests = {loc: loc.committed(SaeManifest) for loc in locs}  # one per distinct location
     configs = dict(zip(locs, points, strict=True))
     todo = [loc for loc, manifest in manifests.items() if manifest is None]
-    members = [
-        GroupMember(*configs[loc], checkpoint_dir=f"checkpoints/{loc.fingerprint}") for loc in todo
-    ]
+    members = [GroupMember(*configs[loc], checkpoint_dir=checkpoint_folder(loc)) for loc in todo]
     if todo:
         # faults.open_store: SAEFLOW_INJECT_FAULT can fail checkpoint writes, to test re-runs.
         store = faults.open_store(acts.store)

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from sae_core.storage.digests import file_digest
+
 
 def _canonical(obj: Any) -> Any:
     if isinstance(obj, BaseModel):
@@ -42,14 +44,10 @@ def code_fingerprint(*modules: ModuleType) -> str:
     return digest.hexdigest()[:16]
 
 
-_CONTENT_HASH_LIMIT = 16 * 2**20  # files above this are identified by name and size only
-
-
-def path_fingerprint(paths: str | list[str]) -> str:
-    """A digest of local files (or every file below a folder); other strings hash as names.
-
-    Small files contribute their bytes; large ones (model weights) their size, so this stays fast.
-    """
+def path_fingerprint(paths: str | list[str], digest_cache: Path | None = None) -> str:
+    """A digest of local files (or every file below a folder), by their names and content at
+    any size; other strings hash as names. Content digests are remembered (`digests.file_digest`
+    in `digest_cache`): an unchanged model costs a `stat` per file."""
     digest = hashlib.sha256()
     for entry in [paths] if isinstance(paths, str) else sorted(paths):
         root = Path(entry)
@@ -58,10 +56,6 @@ def path_fingerprint(paths: str | list[str]) -> str:
             continue
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for file in files:
-            size = file.stat().st_size
-            digest.update(
-                f"{file.relative_to(root) if root.is_dir() else file.name}:{size}".encode()
-            )
-            if size <= _CONTENT_HASH_LIMIT:
-                digest.update(file.read_bytes())
+            name = file.relative_to(root) if root.is_dir() else file.name
+            digest.update(f"{name}:{file_digest(file, digest_cache)}".encode())
     return digest.hexdigest()[:16]

@@ -26,12 +26,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from sae_core.config import TRAIN_EXECUTION_FIELDS, SAEConfig, TrainConfig
 from sae_core.errors import ConfigError
 from sae_core.sae import SparseAutoencoder, build_sae, fused_loss, kernels, unit_adam
-from sae_core.sae.base import FIRE_THRESHOLD, safetensors_metadata
+from sae_core.sae.base import FIRE_THRESHOLD, safetensors_bytes, safetensors_metadata
 from sae_core.sae.normalize import InputNorm, geometric_median
 from sae_core.sae.ranks import SINGLE, Ranks
 from sae_core.training.recipe import schedule
@@ -304,7 +303,7 @@ class Trainer:
             "state": json.dumps(st),
             "history": json.dumps(history),
         }
-        return save_tensors(tensors, metadata=meta)
+        return safetensors_bytes(tensors, meta)
 
     @classmethod
     def from_checkpoint(

@@ -48,3 +48,17 @@ def test_bench_group_times_both_ways_on_the_same_sae_results(tmp_path):
     assert min(entry["one_by_one_s"] + entry["group_s"]) > 0 and entry["saving"] < 1
     assert entry["identical_weights"] is True and len(entry["load_average"]) == 5
     assert not (tmp_path / "store" / "bench-group").exists()
+
+
+def test_bench_hash_times_the_first_and_the_remembered_fingerprint(tmp_path):
+    from sae_core.bench.hashing import bench_hash
+    from sae_core.bench.options import HashBench
+    from sae_core.storage import digests
+
+    (tmp_path / "model.safetensors").write_bytes(b"w" * (digests.REMEMBERED_FROM + 1))
+    (tmp_path / "config.json").write_text("{}")
+    r = bench_hash(HashBench(model=str(tmp_path), repeats=2), verbose=False)
+    assert r["first_s"] > 0 and r["rerun_median_s"] <= r["rerun_max_s"]
+    assert r["mb"] == round((digests.REMEMBERED_FROM + 3) / 1e6, 1)
+    with pytest.raises(ConfigError, match="--model"):
+        bench_hash(HashBench(model=str(tmp_path / "config.json")), verbose=False)

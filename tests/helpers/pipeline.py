@@ -38,7 +38,7 @@ def tiny_config(model_dir, corpus_dir, store: str, **sections) -> PipelineConfig
     return build_config(data)
 
 
-def run(config: PipelineConfig):
+def run(config: PipelineConfig, refresh: list[str] | None = None):
     from flows.pipeline import pipeline
 
-    return pipeline(config, progress=False)
+    return pipeline(config, progress=False, refresh=refresh)

@@ -269,30 +269,17 @@ def store_problems(uri: str, settled: bool = True) -> list[str]:
     return problems
 
 
-def _digest(name: str, data: bytes) -> str:
-    """Content digest; a safetensors file by its tensors and metadata (the writer orders its
-    metadata keys differently from run to run)."""
-    if not name.endswith(".safetensors"):
-        return hashlib.sha256(data).hexdigest()
-    from safetensors.torch import load
-
-    from sae_core.sae.base import safetensors_metadata
-
-    digest = hashlib.sha256(json.dumps(safetensors_metadata(data), sort_keys=True).encode())
-    for key, tensor in sorted(load(data).items()):
-        digest.update(key.encode() + tensor.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def result_digests(uri: str) -> dict[str, str]:
-    """{path: content digest} of the committed results (manifests aside: they name the store)."""
+    """{path: SHA-256} of the committed results (manifests aside: they name the store): a
+    resumed run must write the same bytes as an undisturbed one, safetensors files included."""
     store = Store(uri)
     digests = {}
     for path in committed(store):
         if path.split("/")[0] in RESULT_STAGES:
             for name in _files(store, path):
                 if name != "_MANIFEST.json":
-                    digests[f"{path}/{name}"] = _digest(name, store.read_bytes(f"{path}/{name}"))
+                    data = store.read_bytes(f"{path}/{name}")
+                    digests[f"{path}/{name}"] = hashlib.sha256(data).hexdigest()
     return digests
 
 
