@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from sae_core.config import SAEConfig, TrainConfig
+from sae_core.config import PipelineConfig, SAEConfig, TrainConfig, load_config
 from sae_core.evaluation.baseline import Baseline, compute_baseline, with_tail
 from sae_core.evaluation.evaluate import load_eval_contexts
 from sae_core.evaluation.metrics import VarianceStats, ce_loss_recovered, next_token_ce
@@ -39,6 +39,7 @@ from sae_core.evaluation.splice import SplitModel
 from sae_core.storage.loader import iter_batches
 from sae_core.storage.manifests import ActivationsManifest
 from sae_core.storage.refs import DatasetRef, committed_dataset
+from sae_core.storage.store import default_store_uri
 from sae_core.training.group import run_training
 
 Reconstruct = Callable[[Tensor], Tensor]  # [N, d] raw -> [N, d] raw
@@ -237,35 +238,61 @@ def run_sparsify(
     return points
 
 
-def main(argv: list[str]) -> None:
-    """python -m sae_core.studies.recipes ACTIVATIONS_URI OUT.json [sparsify_python] [budgets]"""
+def recipe_study(
+    config: PipelineConfig,
+    budgets: list[int],
+    recipes: list[str],
+    out: Path,
+    sparsify_python: str | None = None,
+    ce_contexts: int = 128,
+) -> list[RecipePoint]:
+    """The study on `config`'s activations (sampled and extracted through the pipeline's stages
+    on its store, so `saeflow run` shares them): config.sae trained with config.train under each
+    recipe at each budget, then sparsify when `sparsify_python` is given. Each point is appended
+    to `out` (JSON) as it finishes, and a point already there is not trained again."""
     from sae_core.data.assets import resolve_model_path
     from sae_core.data.models import load_model
+    from sae_core.stages.extract import extract_activations
+    from sae_core.stages.sample import sample_tokens
 
-    acts = committed_dataset(argv[0], "activations")
-    manifest = acts.manifest(ActivationsManifest)
-    budgets = [int(b) for b in argv[3].split(",")] if len(argv) > 3 else [2**17, 2**18]
-    recipes = argv[4].split(",") if len(argv) > 4 else ["paper", "budget"]
-    model = load_model(resolve_model_path(manifest.model), "float32", "cpu").model
-    scorer = Scorer(acts, model, ce_contexts=128)
-    sae_cfg = SAEConfig(n_latents=4608, k=32)
-    points: list[RecipePoint] = []
-    out = Path(argv[1])
+    store = config.store or default_store_uri()
+    tokens = sample_tokens(store, config.model, config.data)
+    acts = extract_activations(tokens, config.model, config.data)
+    model = load_model(resolve_model_path(config.model.path), "float32", "cpu").model
+    scorer = Scorer(acts, model, ce_contexts)
+    points = [RecipePoint(**p) for p in json.loads(out.read_text())] if out.exists() else []
 
     def save() -> None:
         out.write_text(json.dumps([p._asdict() for p in points], indent=1) + "\n")
 
+    done = {(p.trainer, p.budget) for p in points}
     for budget in budgets:
         for recipe in recipes:
-            cfg = TrainConfig(recipe=recipe, tokens=budget, batch_size=4096)
-            points.append(train_recipe(acts, sae_cfg, cfg, scorer))
+            if (recipe, budget) in done:
+                continue
+            cfg = config.train.model_copy(update={"recipe": recipe, "tokens": budget})
+            points.append(train_recipe(acts, config.sae, cfg, scorer))
             print(json.dumps(points[-1]._asdict()), flush=True)
             save()
-    if len(argv) > 2 and argv[2]:
-        points += run_sparsify(argv[2], acts, 4608, 32, 4096, budgets, 0, scorer)
-        for p in points[-len(budgets) :]:
-            print(json.dumps(p._asdict()), flush=True)
+    todo = [b for b in budgets if ("sparsify", b) not in done]
+    if sparsify_python and todo:
+        sae, B = config.sae, config.train.batch_size
+        points += run_sparsify(
+            sparsify_python, acts, sae.n_latents, sae.k, B, todo, config.train.seed, scorer
+        )
         save()
+    return points
+
+
+def main(argv: list[str]) -> None:
+    """python -m sae_core.studies.recipes PRESET OUT.json BUDGETS [RECIPES] [SPARSIFY_PYTHON]
+    [--set key=value ...]: BUDGETS and RECIPES comma-separated (recipes: paper,budget)."""
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    args = [a for i, a in enumerate(argv) if a != "--set" and (i == 0 or argv[i - 1] != "--set")]
+    config = load_config(args[0], sets)
+    budgets = [int(b) for b in args[2].split(",")]
+    recipes = args[3].split(",") if len(args) > 3 else ["paper", "budget"]
+    recipe_study(config, budgets, recipes, Path(args[1]), args[4] if len(args) > 4 else None)
 
 
 if __name__ == "__main__":
