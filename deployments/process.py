@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 
 
-def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `args` in a new session, stdout and stderr appended to `log`."""
+def spawn(
+    args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
+    """Start `args` in a new session, stdout and stderr appended to `log`; what it creates is
+    owner-only (umask 077: its data, sockets and logs are nobody else's to read)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
@@ -24,6 +27,8 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             env=env,
+            cwd=cwd,
+            umask=0o077,
         )
 
 
