@@ -129,7 +129,8 @@ class Store:
                     f"(saeflow services bucket {bucket}) or fix the store URI"
                 ) from None
             hint = (
-                "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and that the server runs"
+                "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and that the "
+                'server runs (for `saeflow services`: eval "$(saeflow services env)")'
                 if self.protocol == "s3"
                 else "check the path exists and is writable"
             )
