@@ -257,3 +257,12 @@ def test_seaweedfs_internal_ports_refuse_requests_without_credentials(services) 
     assert answer(f"https://127.0.0.1:{master}/cluster/status", _with_certificate(tls)) == "200"
     read = f"https://127.0.0.1:{filer}/buckets/{s3.bucket}/store/sae/x/sae.safetensors"
     assert answer(read, _with_certificate(tls)) == "401"
+
+
+def test_the_http_servers_log_through_a_size_capped_log(services) -> None:
+    """MLflow's server logged every request into a log that never rotated."""
+    for server in services[1:]:
+        command = Path(f"/proc/{server.status().pid}/cmdline").read_bytes().split(b"\0")
+        assert b"deployments.rotating_log" in command, (server.name, command)
+        assert (Path(server.dir) / "server.log").stat().st_size > 0
+    assert b"--no-access-log" in Path(f"/proc/{services[1].status().pid}/cmdline").read_bytes()
