@@ -9,13 +9,28 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 
-def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `args` in a new session, stdout and stderr appended to `log`."""
+def spawn(
+    args: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    rotate_log: bool = False,
+) -> subprocess.Popen:
+    """Start `args` in a new session, stdout and stderr appended to `log`; what it creates is
+    owner-only (umask 077: its data, sockets and logs are nobody else's to read).
+
+    rotate_log: the server runs under deployments/rotating_log.py, which caps the log's size
+    (keeping a few old files); the recorded process is that copier, whose command line holds
+    the server's."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    if rotate_log:
+        args = [sys.executable, "-m", "deployments.rotating_log", str(log), "--", *args]
+        log = Path(os.devnull)
     with open(log, "ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
             args,
@@ -24,6 +39,8 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             env=env,
+            cwd=cwd,
+            umask=0o077,
         )
 
 

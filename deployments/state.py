@@ -4,6 +4,7 @@ the status and protocol that `saeflow services` reads."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,6 +53,16 @@ class Service(Protocol):
         `reveal`."""
         ...
 
+    def purge(self) -> Purged | None: ...
+
+
+@dataclass(frozen=True)
+class Purged:
+    """A service folder `purge` removed: its data, credentials and log."""
+
+    path: Path
+    size_bytes: int
+
 
 class ServiceFolder:
     """A service's owner-only state folder, `$SAEFLOW_HOME/services/<name>/`, and the record of
@@ -75,3 +86,12 @@ class ServiceFolder:
 
     def drop_record(self) -> None:
         self.record_file.unlink(missing_ok=True)
+
+    def purge(self) -> Purged | None:
+        """Remove the whole state folder (data, credentials, log); None if there was none.
+        The caller stops the service first."""
+        if not self.dir.exists():
+            return None
+        size = sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
+        shutil.rmtree(self.dir)
+        return Purged(self.dir, size)

@@ -28,6 +28,9 @@ SERVICE_DEFAULTS = {
     # The ephemeral Prefect server migrates a fresh database on first start; on 2 busy cores
     # that outlasts Prefect's 20 s default and a newcomer's first run would fail.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # Prefect's SQLite (WAL already) waits this long for a lock before "database is locked";
+    # its 10 s default was outlasted under load (concurrent runs beside training on 2 cores).
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
 }
 
 

@@ -36,12 +36,23 @@ class LockTimeout(TimeoutError):
     """Another process held a lock for longer than the caller would wait."""
 
 
+class AccessDenied(RuntimeError):
+    """A server (Prefect, MLflow) refused this client's credentials: the message names the
+    variables and the fix."""
+
+
 class AssetError(RuntimeError):
     """A demo asset (model or corpus package) cannot be installed: the message says why."""
 
 
 # Errors a command reports in one line and exits 2 on.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, StoreError, ValidationFailed, LockTimeout)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    StoreError,
+    ValidationFailed,
+    LockTimeout,
+    AccessDenied,
+)
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:

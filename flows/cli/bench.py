@@ -119,7 +119,9 @@ def _scratch_stores(stack: ExitStack, s3: bool) -> dict[str, str]:
 
         # A missing binary, a server that exits or never answers.
         with one_line_errors(FileNotFoundError, RuntimeError, TimeoutError):
-            server = seaweedfs.start(scratch / "seaweedfs", s3_port=18333, port_base=18300)
+            server = seaweedfs.start(
+                scratch / "seaweedfs", s3_port=18333, port_base=18300, bucket="saeflow-bench"
+            )
         stack.callback(seaweedfs.stop, server)
         saved = dict(os.environ)
         stack.callback(lambda: (os.environ.clear(), os.environ.update(saved)))

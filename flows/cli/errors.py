@@ -8,6 +8,7 @@ from typing import NoReturn
 
 import typer
 
+from deployments.access import refused
 from flows.cli.console import console
 from sae_core.errors import USER_ERRORS, storage_errors, storage_failure
 
@@ -21,8 +22,8 @@ def _fail(err: BaseException) -> NoReturn:
 def one_line_errors(*extra: type[Exception]) -> Iterator[None]:
     """Ends the command with one line and exit code 2 on a user error (USER_ERRORS, or one of
     `extra`: what the command's own calls raise on bad input) or on a storage error that
-    outlasted the retries (shown as `storage_failure`). Anything else is a bug: it keeps its
-    traceback."""
+    outlasted the retries (shown as `storage_failure`) or on a server refusing our credentials
+    (`deployments.access.refused`). Anything else is a bug: it keeps its traceback."""
     try:
         yield
     except (*USER_ERRORS, *extra) as err:
@@ -30,3 +31,8 @@ def one_line_errors(*extra: type[Exception]) -> Iterator[None]:
     # Evaluated only when an exception gets here, so botocore loads only then.
     except storage_errors() as err:
         _fail(storage_failure(err))
+    except Exception as err:
+        # A server that refused our credentials (a 401 from Prefect or MLflow): one line.
+        if (denied := refused(err)) is None:
+            raise
+        _fail(denied)

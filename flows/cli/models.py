@@ -46,8 +46,11 @@ def promote(
     """Move `champion` to the `challenger` version when it beats the champion (the gate)."""
     from rich.markdown import Markdown
 
+    from deployments.access import check_access
+
     with one_line_errors():
         policy = _promotion_policy(primary, min_improvement, l0_tolerance, guard)
+        check_access()
         from flows.promote import promote as promote_flow
         from tasks.promote import decision_markdown
 

@@ -94,11 +94,13 @@ def flow_command(
             progress: bool,
             **own: Any,
         ) -> None:
+            from deployments.access import check_access
             from sae_core.config import load_config
 
             launching = {p.name: own.pop(p.name) for p in launch_flags}
             with one_line_errors():
                 cfg = load_config(preset, [*(set_ or []), *overrides(**own)], store)
+                check_access()  # a refused credential in seconds, not after the flow ran
                 started = time.perf_counter()
                 from flows.runners import task_runner
 

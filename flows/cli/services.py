@@ -1,4 +1,5 @@
-"""`saeflow services up | down | status | env`: the local servers (deployments/services.py)."""
+"""`saeflow services up | down | status | env | bucket`: the local servers
+(deployments/services.py)."""
 
 from __future__ import annotations
 
@@ -58,10 +59,26 @@ def services_up(
 
 
 @app.command("down")
-def services_down(names: ServiceNames = None) -> None:
-    """Stop the services by their recorded pids; their data stays for the next `up`."""
+def services_down(
+    names: ServiceNames = None,
+    purge: Annotated[
+        bool,
+        typer.Option(
+            "--purge", help="Also remove their data, credentials and logs (cannot be undone)."
+        ),
+    ] = False,
+) -> None:
+    """Stop the services by their recorded pids; their data stays for the next `up` unless
+    --purge."""
     for service in reversed(_services(names)):  # dependents first: MLflow stores on SeaweedFS
-        _say(service.down())
+        status = service.down()
+        _say(status)
+        if purge and not status.running and (purged := service.purge()) is not None:
+            size = purged.size_bytes / 2**20
+            typer.echo(
+                f"{service.name}: removed {purged.path} ({size:.1f} MiB: its data, "
+                "credentials and log)"
+            )
 
 
 @app.command("status")
@@ -84,3 +101,17 @@ def services_env(names: ServiceNames = None) -> None:
 
     for service in _services(names):
         typer.echo("\n".join(export_lines(service.env(reveal=True), reveal=True)))
+
+
+@app.command("bucket")
+def services_bucket(
+    name: Annotated[str, typer.Argument(help="The bucket to create, e.g. `team-store`.")],
+) -> None:
+    """Create a bucket on the running SeaweedFS: no store ever creates one implicitly (a
+    mistyped bucket is an error, not a new store)."""
+    from deployments.seaweedfs import SeaweedFS
+
+    with one_line_errors(ValueError, RuntimeError):  # a bad name; the server is not running
+        created = SeaweedFS().create_bucket(name)
+    state = "created" if created else "exists already"
+    typer.echo(f"bucket {name}: {state}; use it as --store s3://{name}/PREFIX")

@@ -115,17 +115,22 @@ class Store:
             if self.protocol == "s3":
                 # A fresh client: fsspec's cached one may hold other credentials.
                 self.fs, _ = url_to_fs(self.uri, skip_instance_cache=True, **self._options)
-                bucket = self.root.split("/")[0]
-                if not self.fs.exists(bucket):
-                    self.fs.mkdir(bucket)
             else:
                 self.fs.makedirs(self.root, exist_ok=True)
             probe = f"_probe-{uuid.uuid4().hex}"
             self.write_bytes(probe, b"ok")
             self.fs.rm_file(self.path(probe))
         except Exception as err:  # noqa: BLE001 - any transport error becomes one message
+            if self.protocol == "s3" and isinstance(err, FileNotFoundError):
+                # A missing bucket is never created: a mistyped one would start a new store.
+                bucket = self.root.split("/")[0]
+                raise StoreError(
+                    f"store {self.uri}: bucket '{bucket}' does not exist; create it on purpose "
+                    f"(saeflow services bucket {bucket}) or fix the store URI"
+                ) from None
             hint = (
-                "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and that the server runs"
+                "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and that the "
+                'server runs (for `saeflow services`: eval "$(saeflow services env)")'
                 if self.protocol == "s3"
                 else "check the path exists and is writable"
             )

@@ -9,13 +9,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
-from tests.reliability.conftest import Workspace
+from tests.reliability.conftest import Workspace, error_line
 
 
 class Case(NamedTuple):
@@ -179,3 +179,100 @@ def test_the_installed_command_prints_one_line_and_no_traceback(
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     nothing_written(ws)
+
+
+# Servers that refuse the credentials (none given) -------------------------------------------
+@pytest.fixture(scope="module")
+def refusing_server() -> Iterator[str]:
+    """An HTTP server that answers every request 401, as Prefect's and MLflow's do without the
+    credentials `saeflow services env` prints: its URL."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def refuse(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b"You are not authenticated."
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="saeflow"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = refuse
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _one_refusal_line(output: str, variables: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), output[-3000:]
+    assert "(401)" in lines[0] and variables in lines[0], lines[0]
+    assert 'eval "$(saeflow services env)"' in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("server", "variables"),
+    [("prefect", "PREFECT_API_AUTH_STRING"), ("mlflow", "MLFLOW_TRACKING_PASSWORD")],
+)
+def test_a_server_refusing_the_credentials_is_one_line_naming_services_env(
+    server: str, variables: str, refusing_server: str, new_workspace
+) -> None:
+    """Before: a 220-line traceback ending in a 401 (Prefect at once; MLflow after the whole
+    pipeline ran, at registration). Now: refused in seconds, before the flow starts."""
+    ws = new_workspace("ws")
+    env = (
+        {"PREFECT_API_URL": f"{refusing_server}/api"}
+        if server == "prefect"
+        else {"MLFLOW_TRACKING_URI": refusing_server}
+    )
+    result = ws.invoke(*ws.args(), env=env)
+    assert result.exit_code == 2, (result.output, result.exception)
+    _one_refusal_line(result.output, variables)
+    nothing_written(ws)
+
+
+def test_promote_against_a_refusing_server_is_one_line(refusing_server: str, new_workspace) -> None:
+    ws = new_workspace("ws")
+    result = ws.invoke("promote", "reliability-sae", env={"MLFLOW_TRACKING_URI": refusing_server})
+    assert result.exit_code == 2, (result.output, result.exception)
+    _one_refusal_line(result.output, "MLFLOW_TRACKING_PASSWORD")
+
+
+def test_a_refusal_the_clients_raise_mid_command_becomes_the_same_line(refusing_server) -> None:
+    """What one_line_errors makes of the 401 each client raises where no check ran first."""
+    import httpx
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from deployments.access import refused
+
+    with pytest.raises(MlflowException) as mlflow_error:
+        mlflow.MlflowClient(tracking_uri=refusing_server).get_registered_model("x")
+    try:
+        httpx.post(f"{refusing_server}/api/flows/filter").raise_for_status()
+    except httpx.HTTPStatusError as err:
+        prefect_error = PrefectHTTPStatusError.from_httpx_error(err)
+    mlflow_line = str(refused(mlflow_error.value))
+    assert "MLflow server" in mlflow_line and "MLFLOW_TRACKING_PASSWORD" in mlflow_line
+    prefect_line = str(refused(prefect_error))
+    assert f"Prefect server at {refusing_server}/api refused the request (401)" in prefect_line
+    assert all('eval "$(saeflow services env)"' in line for line in (mlflow_line, prefect_line))
+    assert refused(ValueError("401")) is None  # anything else keeps its traceback
+
+
+def test_s3_without_credentials_names_services_env(new_workspace, refusing_server: str) -> None:
+    ws = new_workspace("ws")
+    env = {"AWS_ENDPOINT_URL": refusing_server, "AWS_ACCESS_KEY_ID": None}
+    result = ws.invoke(*ws.args(), "--store", "s3://saeflow/store", env=env)
+    assert result.exit_code == 2, (result.output, result.exception)
+    line = error_line(result.output)
+    assert "AWS_ACCESS_KEY_ID" in line and 'eval "$(saeflow services env)"' in line, line

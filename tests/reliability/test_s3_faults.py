@@ -29,6 +29,7 @@ from tests.reliability.conftest import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 SHORT_OUTAGE_S = 8.0
+BUCKET = "reliability"  # created with the server: a store never creates its bucket
 T = TypeVar("T")
 
 
@@ -46,7 +47,9 @@ class S3:
 
         self.folder, self.port = folder, _free_port()
         self.port_base = random.randrange(20000, 40000, 100)
-        self.server = seaweedfs.start(folder, s3_port=self.port, port_base=self.port_base)
+        self.server = seaweedfs.start(
+            folder, s3_port=self.port, port_base=self.port_base, bucket=BUCKET
+        )
 
     def env(self) -> dict[str, str]:
         return self.server.env()
@@ -61,7 +64,11 @@ class S3:
 
         keys = seaweedfs.Credentials(self.server.access_key, self.server.secret_key)
         self.server = seaweedfs.start(
-            self.folder, s3_port=self.port, port_base=self.port_base, credentials=keys
+            self.folder,
+            s3_port=self.port,
+            port_base=self.port_base,
+            credentials=keys,
+            bucket=BUCKET,
         )
 
 
@@ -76,9 +83,7 @@ def s3(tmp_path_factory) -> Iterator[S3]:
 
 
 def s3_workspace(new_workspace, s3: S3, name: str, prefect_api: str | None) -> Workspace:
-    return new_workspace(
-        name, store=f"s3://reliability/{name}", prefect_api=prefect_api, env=s3.env()
-    )
+    return new_workspace(name, store=f"s3://{BUCKET}/{name}", prefect_api=prefect_api, env=s3.env())
 
 
 def wait_for(signal: Path, proc, timeout: float = 600) -> None:
@@ -177,7 +182,7 @@ def test_credentials_from_a_profile_reach_the_store(s3: S3, tmp_path: Path, monk
     monkeypatch.setenv("AWS_DEFAULT_REGION", env["AWS_DEFAULT_REGION"])
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
     monkeypatch.setenv("AWS_PROFILE", "reliability")
-    store = Store("s3://reliability/profile")
+    store = Store(f"s3://{BUCKET}/profile")
     store.check()
     store.write_bytes("object", b"by profile")
     assert store.read_bytes("object") == b"by profile"

@@ -8,6 +8,7 @@ import json
 import pickle
 import re
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -216,17 +217,18 @@ def test_an_export_source_cannot_reach_outside_its_store(tmp_path, new_workspace
 
 # Services -----------------------------------------------------------------------------------
 def test_seaweedfs_binds_loopback_and_requires_credentials(tmp_path, monkeypatch) -> None:
-    """The arguments `saeflow services up` starts SeaweedFS with (not started here: slow)."""
+    """The arguments and files `saeflow services up` starts SeaweedFS with (the real start and
+    the refused requests: test_services.py, slow)."""
     from deployments import seaweedfs
     from deployments.seaweedfs import SeaweedFS
 
-    started: list[list[str]] = []
+    started: list[tuple[list[str], Path]] = []
 
     class Started:
         pid = 1
 
-    def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> Started:
-        started.append(args)
+    def spawn(args: list[str], log: Path, env=None, cwd: Path | None = None) -> Started:
+        started.append((args, cwd))
         return Started()
 
     monkeypatch.setattr(seaweedfs, "weed_binary", lambda: "weed")
@@ -234,12 +236,26 @@ def test_seaweedfs_binds_loopback_and_requires_credentials(tmp_path, monkeypatch
     monkeypatch.setattr(seaweedfs, "wait_ready", lambda *args: None)
     monkeypatch.setattr(SeaweedFS, "status", lambda self: None)
     SeaweedFS(tmp_path / "services").up()
-    [args] = started
+    [(args, cwd)] = started
     assert "-ip=127.0.0.1" in args and "-ip.bind=127.0.0.1" in args
+    assert "-s3.autoCreateBucket=false" in args
     config = next(a.removeprefix("-s3.config=") for a in args if a.startswith("-s3.config="))
-    identity = json.loads(Path(config).read_text())["identities"][0]
-    assert identity["credentials"][0]["secretKey"]  # S3 requests must be signed with it
+    client, admin = json.loads(Path(config).read_text())["identities"]
+    assert client["credentials"][0]["secretKey"]  # S3 requests must be signed with it
+    assert "Admin" not in client["actions"]  # so it cannot create buckets
+    assert admin["actions"] == ["Admin"] and admin["credentials"][0]["secretKey"]
     assert Path(config).stat().st_mode & 0o077 == 0
+    # `weed` reads ./security.toml: JWT keys and client certificates for every internal port.
+    security = tomllib.loads((cwd / "security.toml").read_text())
+    for section in (security["jwt"]["signing"], security["jwt"]["filer_signing"]):
+        assert len(section["key"]) >= 32 and len(section["read"]["key"]) >= 32
+    for server in ("master", "volume", "filer", "admin"):
+        assert security["https"][server]["ca"] and security["https"][server]["cert"]
+    for server in ("master", "volume", "filer", "s3", "admin"):
+        assert security["grpc"][server]["cert"]
+    private = [cwd / "security.toml", *(cwd / "tls").iterdir()]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in private), private
+    assert not [p for p in private if "ca.key" in p.name]  # no one can sign another cert
 
 
 @pytest.mark.parametrize("name", ["mlflow", "prefect"])

@@ -1,5 +1,7 @@
 """`saeflow services up` started for real: every port its servers listen on is on loopback, and
-every request but a health check needs the credentials `saeflow services env` prints.
+every request but a health check needs the credentials `saeflow services env` prints. SeaweedFS's
+internal ports (master, volume, filer, admin; HTTP and gRPC) refuse the requests that once
+listed, read and wrote the store without any credentials.
 
 Slow (three servers start): `.venv/bin/pytest -m slow tests/reliability/test_services.py`."""
 
@@ -10,6 +12,7 @@ import json
 import os
 import random
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -156,3 +159,110 @@ def test_the_printed_environment_reads_secrets_from_owner_only_files(services) -
         assert [s for s in secrets if s in printed] == [], service.name
         files = [p for p in Path(service.dir).iterdir() if p.name in private]
         assert files and all(f.stat().st_mode & 0o077 == 0 for f in files), files
+
+
+def answer(url: str, context: ssl.SSLContext | None = None, form_file: bytes | None = None) -> str:
+    """The HTTP status a request got, or why it got none (a TLS alert, a closed connection).
+    `form_file`: a multipart upload (how the filer takes a write)."""
+    request = urllib.request.Request(url)
+    if form_file is not None:
+        boundary = "saeflowprobe"
+        request.data = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=file; filename=t.txt\r\n"
+            f"Content-Type: text/plain\r\n\r\n".encode()
+            + form_file
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        request.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return str(response.status)
+    except urllib.error.HTTPError as err:
+        return str(err.code)
+    except (urllib.error.URLError, OSError) as err:
+        return f"no answer: {getattr(err, 'reason', err)}"
+
+
+def plaintext_http2_answers(port: int) -> bool:
+    """Whether a port speaks HTTP/2 in the clear (an open gRPC port answers the client preface
+    with its SETTINGS frame)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+        try:
+            return len(conn.recv(9)) == 9
+        except OSError:
+            return False
+
+
+def _without_certificate() -> ssl.SSLContext:
+    """TLS as an outsider: the server's certificate is not checked, none is presented."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
+
+
+def _with_certificate(tls: Path) -> ssl.SSLContext:
+    """TLS with the client certificate the S3 gateway presents."""
+    context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+    context.load_cert_chain(tls / "node.pem", tls / "node.key")
+    return context
+
+
+def test_seaweedfs_internal_ports_refuse_requests_without_credentials(services) -> None:
+    """The issue's requests (list, read and write on the filer; the master's /dir/assign and
+    /cluster/status; a volume read) on every port but S3's, over HTTP and TLS without a client
+    certificate: none is served. Before: the filer listed and took a write (201)."""
+    import boto3
+
+    s3 = services[0]
+    env = s3.env(reveal=True)
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    client.put_object(Bucket=s3.bucket, Key="store/sae/x/sae.safetensors", Body=b"weights")
+    s3_port = int(env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    internal = sorted({int(p.rsplit(":", 1)[1]) for p in listening(s3.status().pid)} - {s3_port})
+    assert len(internal) >= 8, internal  # HTTP and gRPC of master, volume, filer and admin
+    requests = [
+        ("GET", f"/buckets/{s3.bucket}/store/sae/"),  # list
+        ("GET", f"/buckets/{s3.bucket}/store/sae/x/sae.safetensors"),  # read
+        ("POST", f"/buckets/{s3.bucket}/store/t.txt"),  # write
+        ("GET", "/dir/assign"),
+        ("GET", "/cluster/status"),
+        ("GET", "/1,01637037d6"),  # a volume read
+        ("GET", "/metrics"),
+    ]
+    served = []
+    for port in internal:
+        for scheme, context in (("http", None), ("https", _without_certificate())):
+            for method, path in requests:
+                body = b"written" if method == "POST" else None
+                got = answer(f"{scheme}://127.0.0.1:{port}{path}", context, body)
+                if got.startswith("2") or got.startswith("3"):
+                    served.append(f"{method} {scheme}://127.0.0.1:{port}{path}: {got}")
+        if plaintext_http2_answers(port):
+            served.append(f"plaintext HTTP/2 (gRPC) on {port}")
+    assert served == []
+    listed = client.list_objects_v2(Bucket=s3.bucket, Prefix="store/")["Contents"]
+    assert [o["Key"] for o in listed] == ["store/sae/x/sae.safetensors"]  # nothing written
+
+    # The control: the refusals come from the missing credentials, not a dead port. With the
+    # gateway's certificate the master answers; the filer then still wants a signed token.
+    tls = Path(s3.dir) / "tls"
+    master, filer = s3.port_base + 1, s3.port_base + 3
+    assert answer(f"https://127.0.0.1:{master}/cluster/status", _with_certificate(tls)) == "200"
+    read = f"https://127.0.0.1:{filer}/buckets/{s3.bucket}/store/sae/x/sae.safetensors"
+    assert answer(read, _with_certificate(tls)) == "401"
+
+
+def test_the_http_servers_log_through_a_size_capped_log(services) -> None:
+    """MLflow's server logged every request into a log that never rotated."""
+    for server in services[1:]:
+        command = Path(f"/proc/{server.status().pid}/cmdline").read_bytes().split(b"\0")
+        assert b"deployments.rotating_log" in command, (server.name, command)
+        assert (Path(server.dir) / "server.log").stat().st_size > 0
+    assert b"--no-access-log" in Path(f"/proc/{services[1].status().pid}/cmdline").read_bytes()

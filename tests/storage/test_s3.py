@@ -20,6 +20,8 @@ def s3_server(tmp_path_factory):
         )
     except FileNotFoundError as err:
         pytest.skip(str(err))
+    for bucket in ("saeflow-test", "saeflow-it"):  # a store never creates its bucket
+        seaweedfs.create_bucket(server, bucket)
     mp = pytest.MonkeyPatch()
     for key, value in server.env().items():
         mp.setenv(key, value)
@@ -47,6 +49,49 @@ def test_wrong_credentials_are_refused(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(StoreError, match="not usable"):
         Store("s3://saeflow-test/denied").check()
+
+
+def test_a_missing_bucket_is_one_line_naming_the_fix_and_is_not_created(s3_server):
+    import boto3
+
+    from deployments import seaweedfs
+
+    with pytest.raises(StoreError) as err:
+        Store("s3://no-such-bucket/x").check()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "bucket 'no-such-bucket' does not exist" in message
+    assert "saeflow services bucket no-such-bucket" in message
+    admin = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.admin.access_key,
+        aws_secret_access_key=s3_server.admin.secret_key,
+        region_name="us-east-1",
+    )
+    listed = {b["Name"] for b in admin.list_buckets()["Buckets"]}
+    assert "no-such-bucket" not in listed and "saeflow-test" in listed
+    # The identity clients get may not create one either (SeaweedFS lets an admin identity
+    # create a bucket on upload): only `services bucket` (the admin identity) does.
+    client = boto3.client("s3", **_client_args(s3_server))
+    with pytest.raises(client.exceptions.ClientError, match="AccessDenied"):
+        client.create_bucket(Bucket="no-such-bucket")
+    with pytest.raises(client.exceptions.ClientError, match="NoSuchBucket"):
+        client.put_object(Bucket="no-such-bucket", Key="x", Body=b"1")
+    assert seaweedfs.create_bucket(s3_server, "no-such-bucket")
+    assert not seaweedfs.create_bucket(s3_server, "no-such-bucket")  # there already
+    Store("s3://no-such-bucket/x").check()
+    with pytest.raises(ValueError, match="bucket name 'Bad_Name'"):
+        seaweedfs.create_bucket(s3_server, "Bad_Name")
+
+
+def _client_args(server) -> dict[str, str]:
+    return {
+        "endpoint_url": server.endpoint,
+        "aws_access_key_id": server.access_key,
+        "aws_secret_access_key": server.secret_key,
+        "region_name": "us-east-1",
+    }
 
 
 def test_resumable_writes_on_s3(s3_server):
@@ -159,6 +204,12 @@ def test_services_cli(tmp_path, monkeypatch):
             runner.invoke(app, ["services", "status", "seaweedfs", "--json"]).output
         )
         assert status["seaweedfs"]["serving"] is True
+        made = runner.invoke(app, ["services", "bucket", "team-store"])
+        assert made.exit_code == 0 and "bucket team-store: created" in made.output, made.output
+        again = runner.invoke(app, ["services", "bucket", "team-store"])
+        assert "bucket team-store: exists already" in again.output
+        bad = runner.invoke(app, ["services", "bucket", "Team_Store"])
+        assert bad.exit_code == 2 and "bucket name 'Team_Store'" in bad.output
     finally:
         down = runner.invoke(app, ["services", "down", "seaweedfs"])
     assert "seaweedfs: stopped" in down.output
