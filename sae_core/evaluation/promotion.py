@@ -96,6 +96,12 @@ class PromotionResult(BaseModel):
     decision: Decision
     dry_run: bool
 
+    @property
+    def rejected(self) -> bool:
+        """The gate compared the two and kept the champion (a challenger that already is
+        champion is no rejection: nothing was compared)."""
+        return not self.decision.promote and self.champion_before != self.challenger
+
 
 class Registry(Protocol):
     """The registry operations a promotion needs (MLflow's, in tasks/registry.py)."""

@@ -107,6 +107,7 @@ def test_promote_moves_the_alias_and_tags_both_versions():
     # Promoting again is a no-op: the challenger is already champion.
     again = promote(reg, "m", POLICY)
     assert not again.decision.promote and "already champion" in again.decision.reason
+    assert not result.rejected and not again.rejected  # `saeflow promote` exits 0 on both
 
 
 def test_rejection_is_recorded_and_the_champion_stays():
@@ -116,6 +117,7 @@ def test_rejection_is_recorded_and_the_champion_stays():
     result = promote(reg, "m", POLICY)
     assert reg.aliases["champion"] == "1" and result.champion_after == "1"
     assert reg.tags["2"]["saeflow.promotion.decision"] == "rejected"
+    assert result.rejected  # `saeflow promote` exits 3
 
 
 def test_dry_run_decides_but_writes_nothing():

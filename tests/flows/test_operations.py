@@ -156,17 +156,18 @@ def test_promote_cli_dry_run_then_gate_rejects_an_incomparable_challenger(champi
     import mlflow
 
     from flows.cli import app
+    from flows.cli.models import EXIT_REJECTED
 
     runner = CliRunner()
     dry = runner.invoke(app, ["promote", MODEL, "--dry-run"])
-    assert dry.exit_code == 0, dry.output
+    assert dry.exit_code == EXIT_REJECTED == 3, dry.output
     assert "kept champion" in dry.output and "dry run" in dry.output and "FAIL" in dry.output
     client = mlflow.MlflowClient()
     challenger = client.get_model_version_by_alias(MODEL, "challenger")
     assert "saeflow.promotion.decision" not in challenger.tags  # the dry run wrote nothing
 
     real = runner.invoke(app, ["promote", MODEL])
-    assert real.exit_code == 0, real.output
+    assert real.exit_code == EXIT_REJECTED, real.output
     challenger = client.get_model_version_by_alias(MODEL, "challenger")
     assert challenger.tags["saeflow.promotion.decision"] == "rejected"
     assert "l0" in challenger.tags["saeflow.promotion.reason"]  # k=4 against k=8
