@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import Task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
@@ -22,6 +22,11 @@ from sae_core.stages.location import Location
 from sae_core.storage.locks import file_lock
 
 STANDARD = INPUTS - "progress" + TASK_SOURCE
+
+# How a stage ended, as the run's stage table says it.
+COMPUTED = "computed"  # the task ran and made its output
+CACHED = "cached"  # Prefect's cache answered: the task did not run
+REUSED = "reused from the store"  # the task ran and found its output already there
 
 
 def _committed(location: Location, args: dict[str, Any]) -> bool:
@@ -40,6 +45,7 @@ class CommittedOutput(CachePolicy):
 
     locate: Callable[..., Location] | None = None
     is_done: Callable[[Location, dict[str, Any]], bool] = _committed
+    reused: str = REUSED  # what the stage table says when the task found is_done already true
 
     def compute_key(
         self,
@@ -83,7 +89,18 @@ def stage_locks(locations: Iterable[Location], name: str) -> Iterator[None]:
         yield
 
 
-def run_stage(task: Task, **inputs: Any) -> State:
+class StageRun(NamedTuple):
+    """A stage task's final state and how it got there (COMPUTED, CACHED, or its policy's
+    `reused`: another run, or another state directory on the same store, made the output)."""
+
+    state: State
+    outcome: str
+
+    def result(self) -> Any:
+        return self.state.result()
+
+
+def run_stage(task: Task, **inputs: Any) -> StageRun:
     """Call a stage task; when its output is missing from the store, recompute and re-cache it.
 
     Runs sharing the state directory compute one output at a time: a second run of the same
@@ -91,8 +108,13 @@ def run_stage(task: Task, **inputs: Any) -> State:
     finds the output committed and reuses it instead of clearing and rewriting it."""
     policy = task.cache_policy
     if not isinstance(policy, CommittedOutput):
-        return task(**inputs, return_state=True)
+        state = task(**inputs, return_state=True)
+        return StageRun(state, CACHED if state.name == "Cached" else COMPUTED)
     with stage_locks([policy.locate(**_key_inputs(inputs))], task.name):
-        if policy.output_missing(inputs):
+        missing = policy.output_missing(inputs)
+        if missing:
             task = task.with_options(refresh_cache=True)
-        return task(**inputs, return_state=True)
+        state = task(**inputs, return_state=True)
+    if state.name == "Cached":
+        return StageRun(state, CACHED)
+    return StageRun(state, COMPUTED if missing else policy.reused)

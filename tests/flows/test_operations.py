@@ -110,12 +110,12 @@ def test_failed_stage_is_retried_then_fails_after_the_stages_before_it(first):
 def test_new_run_skips_completed_stages_and_resumes_training(first, store):
     _, _, recovered = first
     expected = {
-        "sample_tokens": "Cached",
-        "extract_activations": "Cached",
-        "validate": "Cached",
-        "train_sae": "Completed",
-        "evaluate_sae": "Completed",
-        "register_model": "Completed",
+        "sample_tokens": "cached",
+        "extract_activations": "cached",
+        "validate": "cached",
+        "train_sae": f"resumed from {CHECKPOINT_TOKENS} tokens",
+        "evaluate_sae": "computed",
+        "register_model": "computed",
     }
     assert {stage: recovered.stages[stage] for stage in expected} == expected
     assert sae_manifest(recovered.sae.path, store)["resumed_from_tokens"] == CHECKPOINT_TOKENS

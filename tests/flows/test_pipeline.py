@@ -25,7 +25,7 @@ def first_run(prefect, tiny_llama_dir, tiny_corpus_dir, local_store):
 def test_first_run_computes_every_stage(first_run):
     _, result = first_run
     assert list(result.stages) == ALL_STAGES
-    assert set(result.stages.values()) == {"Completed"}
+    assert set(result.stages.values()) == {"computed"}
 
 
 def test_outputs_are_committed_with_manifests(first_run, local_store):
@@ -67,6 +67,7 @@ def test_registry_holds_the_version_with_its_alias(first_run):
     client = mlflow.MlflowClient(reg.tracking_uri)
     version = client.get_model_version_by_alias("tiny-sae", "challenger")
     assert str(version.version) == reg.version
+    assert result.nomination.moved and result.nomination.before is None
     run = client.get_run(reg.run_id)
     assert run.data.metrics["nmse"] == pytest.approx(result.evaluation.metrics["nmse"])
     assert run.data.params["sae.k"] == "8"
@@ -81,7 +82,7 @@ def test_registry_holds_the_version_with_its_alias(first_run):
 def test_second_run_is_cached_and_registers_nothing_new(first_run):
     config, result = first_run
     again = run(config)
-    assert set(again.stages.values()) == {"Cached"}, again.stages
+    assert set(again.stages.values()) == {"cached"}, again.stages
     assert again.registry.version == result.registry.version
     assert again.evaluation.metrics == pytest.approx(result.evaluation.metrics, nan_ok=True)
 
@@ -91,7 +92,7 @@ def test_changing_the_sae_reruns_only_train_evaluate_register(
 ):
     config, result = first_run
     changed = run(tiny_config(tiny_llama_dir, tiny_corpus_dir, local_store, sae={"k": 16}))
-    assert [s for s, state in changed.stages.items() if state != "Cached"] == [
+    assert [s for s, state in changed.stages.items() if state != "cached"] == [
         "train_sae",
         "evaluate_sae",
         "register_model",
@@ -100,6 +101,37 @@ def test_changing_the_sae_reruns_only_train_evaluate_register(
     ]
     assert changed.sae.path != result.sae.path
     assert int(changed.registry.version) == int(result.registry.version) + 1
+    assert changed.nomination.after == changed.registry.version  # the new version: challenger
+
+
+def test_a_run_with_another_prefect_cache_reuses_the_store_and_keeps_the_newest_challenger(
+    first_run, tiny_llama_dir, tiny_corpus_dir, local_store, tmp_path
+):
+    """Another state directory on the same store and registry (here: another Prefect result
+    storage, where the cache lives): every stage runs, finds its output and says so; the older
+    version it finds registered does not take `challenger` back."""
+    import mlflow
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    config, result = first_run
+    client = mlflow.MlflowClient(result.registry.tracking_uri)
+    newest = max(int(v.version) for v in client.search_model_versions("name = 'tiny-sae'"))
+    assert newest > int(result.registry.version)  # the k=16 run above registered it
+    client.set_registered_model_alias("tiny-sae", "challenger", str(newest))
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results"}):
+        other = run(config)
+    reused = dict.fromkeys(ALL_STAGES, "reused from the store")
+    assert other.stages == reused | {"register_model": "reused from the registry"}
+    assert other.registry.version == result.registry.version
+    assert not other.nomination.moved and other.nomination.after == str(newest)
+    challenger = client.get_model_version_by_alias("tiny-sae", "challenger")
+    assert str(challenger.version) == str(newest)
+    # A cached re-run reconciles too: with the alias moved by hand, the newest version's
+    # configuration, all from Prefect's cache, takes it back.
+    client.set_registered_model_alias("tiny-sae", "challenger", result.registry.version)
+    cached = run(tiny_config(tiny_llama_dir, tiny_corpus_dir, local_store, sae={"k": 16}))
+    assert set(cached.stages.values()) == {"cached"}, cached.stages
+    assert cached.nomination.moved and cached.nomination.after == str(newest)
 
 
 def test_deleted_output_is_recomputed_not_served_from_cache(first_run, local_store):
@@ -107,11 +139,11 @@ def test_deleted_output_is_recomputed_not_served_from_cache(first_run, local_sto
     store = Store(local_store)
     store.rm(result.sae.path)
     again = run(config)
-    assert again.stages["train_sae"] == "Completed"
+    assert again.stages["train_sae"] == "computed"
     assert store.is_committed(result.sae.path)
     assert again.sae == result.sae
     # Downstream stages see the same SAE fingerprint, so they stay cached.
-    assert again.stages["evaluate_sae"] == "Cached"
+    assert again.stages["evaluate_sae"] == "cached"
 
 
 def test_explainability_is_logged_to_the_registered_run(first_run):
