@@ -21,6 +21,7 @@ from sae_core.sae import (
 )
 from sae_core.stages.location import Location, located
 from sae_core.storage import faults, loader
+from sae_core.storage.housekeeping import CHECKPOINTS
 from sae_core.storage.manifests import ActivationsManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
@@ -58,6 +59,12 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
     )
 
 
+def checkpoint_dir(sae: Location) -> str:
+    """Where training an SAE keeps its checkpoint until the SAE is committed: outside its
+    dataset folder, which an unfinished attempt's clearing empties."""
+    return f"{CHECKPOINTS}/{sae.fingerprint}"
+
+
 def train_sae(
     acts: DatasetRef, sae: SAEConfig, train: TrainConfig, progress: bool = True
 ) -> DatasetRef:
@@ -77,9 +84,7 @@ def train_sae_group(
     manifests = {loc: loc.committed(SaeManifest) for loc in locs}  # one per distinct location
     configs = dict(zip(locs, points, strict=True))
     todo = [loc for loc, manifest in manifests.items() if manifest is None]
-    members = [
-        GroupMember(*configs[loc], checkpoint_dir=f"checkpoints/{loc.fingerprint}") for loc in todo
-    ]
+    members = [GroupMember(*configs[loc], checkpoint_dir=checkpoint_dir(loc)) for loc in todo]
     if todo:
         # faults.open_store: SAEFLOW_INJECT_FAULT can fail checkpoint writes, to test re-runs.
         store = faults.open_store(acts.store)
@@ -112,4 +117,9 @@ def _train_and_commit(
                 training.write_trained(w, acts, t).manifest
                 for w, t in zip(writers, trainers, strict=True)
             ]
+    # Committed: an SAE is found at its address from now on and never trains again, so its
+    # checkpoint (needed only before the commit, to resume) goes. A kill between the two
+    # leaves it for `saeflow gc`.
+    for loc in locs:
+        store.rm(checkpoint_dir(loc))
     return dict(zip(locs, made, strict=True))

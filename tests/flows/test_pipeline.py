@@ -175,3 +175,74 @@ def test_view_targets_resolve_through_the_registry(first_run):
     assert sae_for("tiny-sae")[1] == latest.run_id  # a bare name: the latest version
     with pytest.raises(ConfigError, match="nosuch.*registered models: .*tiny-sae"):
         sae_for("nosuch@champion")
+
+
+def test_ls_lists_the_datasets_with_lineage_and_the_versions_using_them(first_run, local_store):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _, result = first_run
+    listed = CliRunner().invoke(app, ["ls", local_store], env={"COLUMNS": "400"})
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split("│")[1].strip(): line for line in listed.output.splitlines() if "│" in line}
+    version = f"tiny-sae v{result.registry.version}"
+    for ref in (result.sae, result.activations, result.tokens, result.evaluation.dataset):
+        assert version in rows[ref.path], rows.get(ref.path)  # used directly or as its input
+    assert result.activations.path in rows[result.sae.path]  # what the SAE was made from
+    assert "checkpoints/" not in listed.output  # the checkpoint went with the SAE's commit
+
+
+def test_gc_removes_what_nothing_needs_and_never_a_registered_versions_data(first_run, local_store):
+    """Garbage of each kind, and a registered version's dataset made to look like garbage (its
+    manifest gone, as while it is recomputed): gc removes the first, never the second."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from sae_core.env import saeflow_home
+    from sae_core.storage.store import MANIFEST
+
+    _, result = first_run
+    store = Store(local_store)
+    store.write_bytes(f"checkpoints/{result.sae.fingerprint}/last.safetensors", b"left by a kill")
+    store.write_bytes("sae/0123456789abcdef/sae.safetensors", b"an abandoned attempt")
+    latents = result.latents.dataset.path  # named by the registered version's run
+    manifest = store.read_bytes(f"{latents}/{MANIFEST}")
+    store.rm(f"{latents}/{MANIFEST}")
+    lock = saeflow_home() / "locks" / "stale.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    try:
+        runner = CliRunner()
+        gc = ["gc", local_store, "--older-than-hours", "0"]
+        dry = runner.invoke(app, [*gc, "--dry-run"])
+        assert dry.exit_code == 0, dry.output
+        assert f"would remove checkpoints/{result.sae.fingerprint}" in dry.output
+        assert store.exists(f"checkpoints/{result.sae.fingerprint}") and lock.exists()
+        done = runner.invoke(app, gc)
+        assert done.exit_code == 0, done.output
+        assert "removed sae/0123456789abcdef (unfinished attempt" in done.output
+        assert not store.exists(f"checkpoints/{result.sae.fingerprint}")
+        assert not store.exists("sae/0123456789abcdef") and not lock.exists()
+        assert store.exists(latents) and latents not in done.output
+        for ref in (result.sae, result.activations, result.tokens, result.evaluation.dataset):
+            assert store.is_committed(ref.path), ref.path
+    finally:
+        store.write_bytes(f"{latents}/{MANIFEST}", manifest)
+
+
+def test_ls_without_a_registry_still_lists_and_gc_refuses_in_one_line(
+    first_run, local_store, unused_port
+):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _, result = first_run
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{unused_port}", "COLUMNS": "400"}
+    listed = CliRunner().invoke(app, ["ls", local_store], env=env)
+    assert listed.exit_code == 0, listed.output
+    assert result.sae.path in listed.output and "versions unknown: registry" in listed.output
+    gc = CliRunner().invoke(app, ["gc", local_store], env=env)
+    assert gc.exit_code == 2 and gc.output.startswith("error: registry http://127.0.0.1:")
+    assert "unreachable" in gc.output and len(gc.output.strip().splitlines()) == 1

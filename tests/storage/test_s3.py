@@ -73,10 +73,12 @@ def test_pipeline_on_s3(s3_server, prefect, tiny_llama_dir, tiny_corpus_dir):
     store = Store("s3://saeflow-it/run")
     for ref in (result.tokens, result.activations, result.sae, result.evaluation.dataset):
         assert store.is_committed(ref.path), ref.path
-    # Layout: one folder per stage, only committed datasets below it (checkpoints aside).
+    # Layout: one folder per stage, only committed datasets below it; the finished SAE's
+    # checkpoint went with its commit.
     stages = set(store.listdir(""))
-    assert stages >= {"tokens", "activations", "validation", "sae", "eval", "checkpoints"}
-    for stage in stages - {"checkpoints"}:
+    assert stages >= {"tokens", "activations", "validation", "sae", "eval"}
+    assert "checkpoints" not in stages
+    for stage in stages:
         for fp in store.listdir(stage):
             assert store.is_committed(f"{stage}/{fp}"), f"{stage}/{fp}"
     acts = store.manifest(result.activations.path)
@@ -99,7 +101,7 @@ def test_pipeline_on_s3(s3_server, prefect, tiny_llama_dir, tiny_corpus_dir):
     everything = store.fs.find(store.root)
     assert not [p for p in everything if ".tmp-" in p or "_probe" in p or "/_progress/" in p]
     assert 0 < result.evaluation.metrics["nmse"] < 1
-    assert run(config).stages == dict.fromkeys(ALL_STAGES, "Cached")
+    assert run(config).stages == dict.fromkeys(ALL_STAGES, "cached")
 
 
 def test_services_up_status_down_keep_data(tmp_path, monkeypatch):
