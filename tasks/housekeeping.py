@@ -22,7 +22,7 @@ from sae_core.storage.housekeeping import (
     inventory,
     users,
 )
-from sae_core.storage.locks import file_lock, remove_if_free
+from sae_core.storage.locks import file_lock, is_held, remove_if_free
 from sae_core.storage.store import Store
 from tasks.caching import stage_lock_path
 from tasks.tracking import mlflow_client, tracking_uri
@@ -112,9 +112,13 @@ def collect(store: Store, dry_run: bool, min_age_s: float) -> Collection:
     found = garbage(folders, needed, time.time(), min_age_s)
     removed, in_use = [], []
     for item in found:
+        lock = stage_lock_path(_owner(store, item.path))
         try:
-            with file_lock(stage_lock_path(_owner(store, item.path)), timeout=0):
-                if not dry_run:
+            if dry_run:
+                if is_held(lock):
+                    raise LockTimeout(str(lock))
+            else:
+                with file_lock(lock, timeout=0):
                     store.rm(item.path)
             removed.append(item)
         except LockTimeout:

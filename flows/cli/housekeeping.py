@@ -31,13 +31,16 @@ def ls(store: StoreArg = None) -> None:
         target = Store(store)
         found = listing(target)
     table = Table(title=f"store {target.uri}")
-    for column in ("folder", "size", "committed (UTC)", "made from", "used by"):
-        table.add_column(column, justify="right" if column == "size" else "left")
+    table.add_column("folder", overflow="fold")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("committed (UTC)", no_wrap=True)
+    table.add_column("made from", overflow="fold")
+    table.add_column("used by", overflow="fold")
     for f in sorted(found.folders, key=lambda f: (f.kind, f.created or 0, f.path)):
         table.add_row(
             f.path,
             _size(f.size),
-            _when(f.created) if f.committed else "[yellow]not committed[/]",
+            _when(f.created) if f.committed else _unfinished(f.kind),
             ", ".join(f.inputs),
             ", ".join(sorted(found.used_by.get(f.path, ()))),
         )
@@ -91,6 +94,12 @@ def _size(n: float) -> str:
         if n < 1024:
             return f"{n:.1f} {unit}"
     return f"{n / 1024:.1f} GiB"
+
+
+def _unfinished(kind: str) -> str:
+    from sae_core.storage.housekeeping import CHECKPOINTS
+
+    return "(a checkpoint)" if kind == CHECKPOINTS else "[yellow]not committed[/]"
 
 
 def _when(seconds: float | None) -> str:

@@ -66,6 +66,21 @@ def _still_at(fd: int, path: Path) -> bool:
         return False
 
 
+def is_held(path: Path) -> bool:
+    """Whether a process holds the lock file `path` now (a missing file: no one); creates nothing."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def remove_if_free(path: Path, dry_run: bool = False) -> bool:
     """Delete the lock file `path` unless a process holds it (it is held while deleted, so no
     one takes it in between); whether it was deleted (dry_run: whether it would be)."""

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from sae_core.storage.housekeeping import garbage, inventory, users
-from sae_core.storage.locks import file_lock, remove_if_free
+from sae_core.storage.locks import file_lock, is_held, remove_if_free
 from sae_core.storage.store import Store
 
 DAY = 24 * 3600
@@ -86,8 +86,11 @@ def test_what_a_registered_version_needs_is_never_garbage(store):
 
 def test_a_lock_file_is_removed_only_when_free(tmp_path):
     path = tmp_path / "locks" / "a.lock"
+    assert not is_held(path) and not path.parent.exists()  # asking creates nothing
     with file_lock(path):
+        assert is_held(path)
         assert not remove_if_free(path) and path.exists()  # held: kept
+    assert not is_held(path)
     assert remove_if_free(path, dry_run=True) and path.exists()
     assert remove_if_free(path) and not path.exists()
     assert not remove_if_free(path)  # already gone
