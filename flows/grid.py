@@ -74,7 +74,8 @@ def train_and_evaluate(
         eval=evaluation,
         progress=progress,
     )
-    return TrainedPoint(trained.result(), evaluated.result(), f"{trained.name} / {evaluated.name}")
+    states = f"{trained.state.name} / {evaluated.state.name}"
+    return TrainedPoint(trained.result(), evaluated.result(), states)
 
 
 def train_and_evaluate_all(

@@ -1,25 +1,31 @@
 """The main flow: tokens -> activations -> validation -> training -> evaluation -> registry ->
-latent statistics (the viewer's data, explainability logged to the registered run) -> report."""
+latent statistics (the viewer's data, explainability logged to the registered run) -> report.
+
+The registration is a cached stage; moving the `challenger` alias is not: `nominate_version`
+runs on every run and decides from the registry alone (tasks/promote.py)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.runners import local_runner
 from sae_core.config import PipelineConfig
 from sae_core.data.models import ModelFacts
-from sae_core.storage.manifests import ValidationManifest
+from sae_core.evaluation.promotion import Nomination
+from sae_core.storage.manifests import SaeManifest, ValidationManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import default_store_uri
 from sae_core.training.preflight import preflight
-from tasks.caching import run_stage
+from tasks.caching import COMPUTED, run_stage
 from tasks.data import extract_activations, sample_tokens
 from tasks.evaluate import EvalRef, evaluate_sae
 from tasks.latents import LatentsRef, latent_stats
+from tasks.promote import nominate_version
 from tasks.refresh import Refresh, checked_stages
 from tasks.registry import RegistryRef, register_model
 from tasks.report import ReportRef, report_run
@@ -28,15 +34,16 @@ from tasks.validate import validate_activations
 
 
 class PipelineResult(BaseModel):
-    """What a run produced: references, figures, and whether each stage ran or came from cache."""
+    """What a run produced: references, figures, and how each stage ended."""
 
-    stages: dict[str, str]
+    stages: dict[str, str]  # stage -> computed | cached | reused from ... | resumed from N tokens
     tokens: DatasetRef
     activations: DatasetRef
     validation: ValidationManifest  # the validation's outcome: its committed manifest
     sae: DatasetRef
     evaluation: EvalRef
     registry: RegistryRef
+    nomination: Nomination  # what this run did to the `challenger` alias
     latents: LatentsRef
     report: ReportRef
 
@@ -55,20 +62,30 @@ STAGES = tuple(
 
 
 class _Stages:
-    """Runs stage tasks in order, recomputing those `refresh` wants, and remembers how each
-    ended (Completed or Cached)."""
+    """Runs stage tasks in order, recomputing those `refresh` wants; remembers how each ended
+    (tasks.caching's outcomes; a training that resumed says from how many tokens) and logs
+    each start and end to the run's logger: a deployment run shows its progress in the
+    worker's log and the Prefect UI."""
 
     def __init__(self, refresh: Refresh) -> None:
         self.states: dict[str, str] = {}
         self.refresh = refresh
+        self.log = get_run_logger()
 
     def __call__(self, task: Any, **inputs: Any) -> Any:
+        self.log.info("stage %s: started", task.name)
+        started = time.monotonic()
         recompute = self.refresh.wants(task.name, inputs)
-        state = run_stage(task, refresh=recompute, **inputs)
-        self.states[task.name] = state.name
-        result = state.result()
+        stage = run_stage(task, refresh=recompute, **inputs)
+        result = stage.result()
         if recompute:
             self.refresh.recomputed(result)
+        outcome = stage.outcome
+        if task.name == "train_sae" and outcome == COMPUTED:
+            resumed = result.manifest(SaeManifest).resumed_from_tokens
+            outcome = f"resumed from {resumed} tokens" if resumed else outcome
+        self.states[task.name] = outcome
+        self.log.info("stage %s: %s in %.1f s", task.name, outcome, time.monotonic() - started)
         return result
 
 
@@ -101,6 +118,7 @@ def pipeline(
     registry = run(
         register_model, sae=sae, evaluation=evaluation, config=config, registry=config.registry
     )
+    nomination = nominate_version(registry, config.registry.alias)
     latents = run(
         latent_stats, sae=sae, latents=config.latents, registry=registry, progress=progress
     )
@@ -116,6 +134,7 @@ def pipeline(
         sae=sae,
         evaluation=evaluation,
         registry=registry,
+        nomination=nomination,
         latents=latents,
         report=report,
     )

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import Task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
@@ -22,6 +22,11 @@ from sae_core.stages.location import Location
 from sae_core.storage.locks import file_lock
 
 STANDARD = INPUTS - "progress" + TASK_SOURCE
+
+# How a stage ended, as the run's stage table says it.
+COMPUTED = "computed"  # the task ran and made its output
+CACHED = "cached"  # Prefect's cache answered: the task did not run
+REUSED = "reused from the store"  # the task ran and found its output already there
 
 
 def _committed(location: Location, args: dict[str, Any]) -> bool:
@@ -43,6 +48,7 @@ class CommittedOutput(CachePolicy):
     locate: Callable[..., Location] | None = None
     is_done: Callable[[Location, dict[str, Any]], bool] = _committed
     forget: Callable[..., None] | None = None
+    reused: str = REUSED  # what the stage table says when the task found is_done already true
 
     def compute_key(
         self,
@@ -93,7 +99,18 @@ def stage_locks(locations: Iterable[Location], name: str) -> Iterator[None]:
         yield
 
 
-def run_stage(task: Task, refresh: bool = False, **inputs: Any) -> State:
+class StageRun(NamedTuple):
+    """A stage task's final state and how it got there (COMPUTED, CACHED, or its policy's
+    `reused`: another run, or another state directory on the same store, made the output)."""
+
+    state: State
+    outcome: str
+
+    def result(self) -> Any:
+        return self.state.result()
+
+
+def run_stage(task: Task, refresh: bool = False, **inputs: Any) -> StageRun:
     """Call a stage task; when its output is missing from the store, or `refresh` is set
     (the output is then removed first: `CommittedOutput.forget`), recompute and re-cache it.
 
@@ -102,12 +119,17 @@ def run_stage(task: Task, refresh: bool = False, **inputs: Any) -> State:
     finds the output committed and reuses it instead of clearing and rewriting it."""
     policy = task.cache_policy
     if not isinstance(policy, CommittedOutput):
-        return (task.with_options(refresh_cache=True) if refresh else task)(
+        state = (task.with_options(refresh_cache=True) if refresh else task)(
             **inputs, return_state=True
         )
+        return StageRun(state, CACHED if state.name == "Cached" else COMPUTED)
     with stage_locks([policy.locate(**_key_inputs(inputs))], task.name):
         if refresh:
             policy.forget_output(inputs)
-        if refresh or policy.output_missing(inputs):
+        missing = refresh or policy.output_missing(inputs)
+        if missing:
             task = task.with_options(refresh_cache=True)
-        return task(**inputs, return_state=True)
+        state = task(**inputs, return_state=True)
+    if state.name == "Cached":
+        return StageRun(state, CACHED)
+    return StageRun(state, COMPUTED if missing else policy.reused)

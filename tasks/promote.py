@@ -1,4 +1,6 @@
-"""Prefect task: run the promotion gate against MLflow's registry, under the promotion lock."""
+"""Prefect tasks over MLflow's aliases, under one lock per model: a run's nomination of its version
+(`challenger`) and the promotion gate (`champion`). Never cached: each reads the registry as it
+is now."""
 
 from __future__ import annotations
 
@@ -10,10 +12,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from sae_core.env import saeflow_home
-from sae_core.evaluation.promotion import PromotionPolicy, PromotionResult, promote
+from sae_core.evaluation.promotion import (
+    Nomination,
+    PromotionPolicy,
+    PromotionResult,
+    nominate,
+    promote,
+)
 from sae_core.storage.locks import file_lock
 from tasks.common import TASK_DEFAULTS
-from tasks.registry import MlflowRegistry
+from tasks.registry import MlflowRegistry, RegistryRef
 
 
 def lock_path(name: str) -> Path:
@@ -21,8 +29,30 @@ def lock_path(name: str) -> Path:
     return saeflow_home() / "locks" / f"promote-{name}.lock"
 
 
-# Never cached: every call must read the registry as it is now.
-@task(name="promote_model", **{**TASK_DEFAULTS, "cache_policy": NO_CACHE})
+NEVER_CACHED = {**TASK_DEFAULTS, "cache_policy": NO_CACHE}
+
+
+@task(name="nominate_version", **NEVER_CACHED)
+def nominate_version(registered: RegistryRef, alias: str) -> Nomination:
+    """Move `alias` to the run's version if it is the newest (sae_core.evaluation.promotion.nominate)."""
+    name = registered.name
+    result = nominate(
+        MlflowRegistry(), name, registered.version, alias, lock=partial(file_lock, lock_path(name))
+    )
+    print(nomination_line(result))
+    return result
+
+
+def nomination_line(n: Nomination) -> str:
+    head = f"{n.model}: @{n.alias}"
+    if n.moved:
+        return f"{head} moved from version {n.before or '(none)'} to {n.version}, this run's"
+    if n.after == n.version:
+        return f"{head} already at this run's version {n.version}"
+    return f"{head} stays at version {n.after}: this run's version {n.version} is older"
+
+
+@task(name="promote_model", **NEVER_CACHED)
 def promote_model(name: str, policy: PromotionPolicy, dry_run: bool = False) -> PromotionResult:
     lock = partial(file_lock, lock_path(name))
     result = promote(MlflowRegistry(), name, policy, dry_run, lock=lock)

@@ -42,9 +42,12 @@ MODEL_NAME_IN_RUN = "sae"
 
 
 class RegistryRef(BaseModel):
+    """The registered version of a run's SAE. Which aliases point at it is not part of it:
+    a cached reference would go stale when another run moves them (tasks/promote.py moves
+    them, outside any cache)."""
+
     name: str
     version: str
-    alias: str
     run_id: str
     tracking_uri: str
 
@@ -105,7 +108,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 @task(
     name="register_model",
     cache_policy=CommittedOutput(
-        locate=locate_registration, is_done=_is_registered, forget=_unregister
+        locate=locate_registration,
+        is_done=_is_registered,
+        forget=_unregister,
+        reused="reused from the registry",
     ),
     **TASK_DEFAULTS,
 )
@@ -119,11 +125,9 @@ def register_model(
     existing = find_version(registry.model_name, loc.fingerprint)
     if existing is None:
         existing = _log_and_register(client, sae, evaluation, config, registry, loc.fingerprint)
-    client.set_registered_model_alias(registry.model_name, registry.alias, existing.version)
     return RegistryRef(
         name=registry.model_name,
         version=str(existing.version),
-        alias=registry.alias,
         run_id=existing.run_id,
         tracking_uri=mlflow.get_tracking_uri(),
     )
@@ -273,16 +277,20 @@ class MlflowRegistry:
     def __init__(self) -> None:
         self.client = mlflow_client()
 
-    def version_for_alias(self, name: str, alias: str) -> str | None:
+    def aliases(self, name: str) -> dict[str, str]:
+        """alias -> version of a model, as the registry holds them now ({} for no such model)."""
         from mlflow.exceptions import MlflowException
 
         try:
             aliases = self.client.get_registered_model(name).aliases
         except MlflowException as err:
             if err.error_code == "RESOURCE_DOES_NOT_EXIST":  # no such model yet
-                return None
+                return {}
             raise
-        return str(aliases[alias]) if alias in aliases else None
+        return {alias: str(version) for alias, version in aliases.items()}
+
+    def version_for_alias(self, name: str, alias: str) -> str | None:
+        return self.aliases(name).get(alias)
 
     def metrics(self, name: str, version: str) -> dict[str, float]:
         run_id = self.client.get_model_version(name, version).run_id

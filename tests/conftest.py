@@ -49,6 +49,16 @@ def prefect():
 
 
 @pytest.fixture
+def unused_port() -> int:
+    """A loopback port nothing listens on (the moment it is returned)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
 def one_thread():
     """Tiny SAEs: one thread is faster on a busy machine, and results do not depend on it."""
     import torch

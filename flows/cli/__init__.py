@@ -11,13 +11,13 @@ import sys
 
 import typer
 
-from flows.cli import bench, models, pipeline, services, view
+from flows.cli import bench, housekeeping, models, pipeline, services, view
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Train and evaluate sparse autoencoders."
 )
 # Unnamed groups merge their commands into `saeflow`; help lists them in this order.
-for commands in (pipeline.app, models.app, view.app):
+for commands in (pipeline.app, models.app, view.app, housekeeping.app):
     app.add_typer(commands)
 app.add_typer(bench.app, name="bench")
 app.add_typer(services.app, name="services")

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 app = typer.Typer()
 
+# `saeflow promote`'s exit code when the gate keeps the champion (dry run or not): automation
+# tells a rejection from a promotion (0) and from bad input (2).
+EXIT_REJECTED = 3
+
 
 @app.command()
 def promote(
@@ -43,7 +47,10 @@ def promote(
         ),
     ] = None,
 ) -> None:
-    """Move `champion` to the `challenger` version when it beats the champion (the gate)."""
+    """Move `champion` to the `challenger` version when it beats the champion (the gate).
+
+    Exit code: 0 promoted (or would be, with --dry-run; or already champion), 3 the gate
+    rejected the challenger, 2 bad input."""
     from rich.markdown import Markdown
 
     from deployments.access import check_access
@@ -56,6 +63,8 @@ def promote(
 
         result = promote_flow(name, policy, dry_run)
     console.print(Markdown(decision_markdown(result)))
+    if result.rejected:
+        raise typer.Exit(EXIT_REJECTED)
 
 
 def _promotion_policy(

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def print_summary(result: PipelineResult, seconds: float) -> None:
     stages = Table(title="stages")
     stages.add_column("stage")
-    stages.add_column("state")
+    stages.add_column("outcome")
     for name, state in result.stages.items():
         stages.add_row(name, state)
     metrics = Table(title="evaluation (eval split)")
@@ -35,11 +35,26 @@ def print_summary(result: PipelineResult, seconds: float) -> None:
     where.add_row("evaluation", result.evaluation.dataset.uri)
     where.add_row("latents (saeflow view)", result.latents.dataset.uri)
     reg = result.registry
-    where.add_row("model", f"{reg.name} version {reg.version} @{reg.alias}")
+    where.add_row("model", f"{reg.name} version {reg.version} (this run's)")
+    where.add_row("aliases (registry, now)", registry_aliases(reg.name))
     where.add_row("mlflow", f"{reg.tracking_uri} run {reg.run_id}")
     for table in (stages, metrics, where):
         console.print(table)
     console.print(f"finished in {seconds:.1f} s")
+
+
+def registry_aliases(name: str) -> str:
+    """The model's aliases as the registry holds them when the summary prints (read now, not
+    remembered from the run: another run may have moved them since)."""
+    from tasks.registry import MlflowRegistry
+
+    try:
+        aliases = MlflowRegistry().aliases(name)
+    except Exception as err:  # noqa: BLE001 - the summary still prints without a registry
+        return (
+            f"registry unreadable: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        )
+    return ", ".join(f"@{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
 
 
 def print_sweep_summary(result: SweepResult, seconds: float) -> None:

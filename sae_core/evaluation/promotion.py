@@ -1,7 +1,8 @@
-"""The promotion gate: does the `challenger` version replace the `champion`?
+"""The registry's two aliases: which version a run makes `challenger` (`nominate`), and does the
+`challenger` replace the `champion` (the promotion gate, `promote`)?
 
-Plain Python over a small registry interface, so the rule and its locking are tested without
-MLflow. The rule, in order:
+Plain Python over a small registry interface, so the rules and their locking are tested without
+MLflow. The gate's rule, in order:
 1. no champion yet: the challenger becomes champion;
 2. L0 must be comparable (a larger k buys reconstruction with density, not with a better SAE);
 3. the primary metric must improve by at least `min_improvement` (a tie within it is no win);
@@ -96,6 +97,12 @@ class PromotionResult(BaseModel):
     decision: Decision
     dry_run: bool
 
+    @property
+    def rejected(self) -> bool:
+        """The gate compared the two and kept the champion (a challenger that already is
+        champion is no rejection: nothing was compared)."""
+        return not self.decision.promote and self.champion_before != self.challenger
+
 
 class Registry(Protocol):
     """The registry operations a promotion needs (MLflow's, in tasks/registry.py)."""
@@ -170,6 +177,46 @@ def decision_tags(decision: Decision, champion: str | None) -> dict[str, str]:
             f"champion={check.champion} ({check.rule})"
         )
     return tags
+
+
+class Nomination(BaseModel):
+    """What a run did to the alias it moves: its version, and where the alias pointed before
+    and after."""
+
+    model: str
+    alias: str
+    version: str
+    before: str | None
+    after: str
+
+    @property
+    def moved(self) -> bool:
+        return self.before != self.after
+
+
+def nominate(
+    registry: Registry,
+    name: str,
+    version: str,
+    alias: str = CHALLENGER,
+    lock: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> Nomination:
+    """Point `alias` at a run's `version` when that version is newer (a higher number) than the
+    one the alias points at, or the alias is unset; otherwise leave it.
+
+    Decided from the registry alone, never from a cache: the run that registers a new version
+    moves the alias to it; a re-run of an older configuration, cached or not and from any state
+    directory, leaves it; the re-run of a run killed between registering and moving the alias
+    moves it. Read and write happen under `lock` (the promotion's), so a promotion never reads
+    a half-made move.
+    """
+    with lock():
+        before = registry.version_for_alias(name, alias)
+        after = before
+        if before is None or int(version) > int(before):
+            registry.set_alias(name, alias, version)
+            after = version
+    return Nomination(model=name, alias=alias, version=version, before=before, after=after)
 
 
 def promote(

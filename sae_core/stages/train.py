@@ -21,6 +21,7 @@ from sae_core.sae import (
 )
 from sae_core.stages.location import Location, located
 from sae_core.storage import faults, loader
+from sae_core.storage.housekeeping import CHECKPOINTS
 from sae_core.storage.manifests import ActivationsManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
@@ -58,17 +59,17 @@ def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location
     )
 
 
-def checkpoint_folder(loc: Location) -> str:
-    """Where training toward `loc` keeps its checkpoints: outside the dataset folder, so that
-    clearing an unfinished attempt keeps them."""
-    return f"checkpoints/{loc.fingerprint}"
+def checkpoint_dir(sae: Location) -> str:
+    """Where training an SAE keeps its checkpoint until the SAE is committed: outside its
+    dataset folder, which an unfinished attempt's clearing empties."""
+    return f"{CHECKPOINTS}/{sae.fingerprint}"
 
 
 def remove_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> None:
     """Delete the SAE and its checkpoints: the next run trains it from the start."""
     loc = locate_sae(acts, sae, train)
     loc.remove()
-    Store(loc.store).rm(checkpoint_folder(loc))
+    Store(loc.store).rm(checkpoint_dir(loc))
 
 
 def train_sae(
@@ -90,7 +91,7 @@ def train_sae_group(
     manifests = {loc: loc.committed(SaeManifest) for loc in locs}  # one per distinct location
     configs = dict(zip(locs, points, strict=True))
     todo = [loc for loc, manifest in manifests.items() if manifest is None]
-    members = [GroupMember(*configs[loc], checkpoint_dir=checkpoint_folder(loc)) for loc in todo]
+    members = [GroupMember(*configs[loc], checkpoint_dir=checkpoint_dir(loc)) for loc in todo]
     if todo:
         # faults.open_store: SAEFLOW_INJECT_FAULT can fail checkpoint writes, to test re-runs.
         store = faults.open_store(acts.store)
@@ -123,4 +124,9 @@ def _train_and_commit(
                 training.write_trained(w, acts, t).manifest
                 for w, t in zip(writers, trainers, strict=True)
             ]
+    # Committed: an SAE is found at its address from now on and never trains again, so its
+    # checkpoint (needed only before the commit, to resume) goes. A kill between the two
+    # leaves it for `saeflow gc`.
+    for loc in locs:
+        store.rm(checkpoint_dir(loc))
     return dict(zip(locs, made, strict=True))

@@ -1,7 +1,9 @@
 """An exclusive lock between processes that share saeflow's state directory.
 
 `fcntl.flock` on a lock file: the kernel releases it when its holder exits or crashes, so a
-killed process never leaves a stale lock behind (an O_EXCL marker file would).
+killed process never leaves a stale lock behind (an O_EXCL marker file would). The files
+themselves stay; `remove_if_free` deletes one nobody holds (`saeflow gc`), and a process that
+locked a file just deleted that way sees it and locks the new one instead.
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ def file_lock(
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if _still_at(fd, path):
+                    break
+                # Removed (remove_if_free) between our open and our lock: lock the new file.
+                os.close(fd)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                continue
             except BlockingIOError:
                 if on_wait is not None and not waited:
                     on_wait()
@@ -49,3 +56,47 @@ def file_lock(
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the file at `path`."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def is_held(path: Path) -> bool:
+    """Whether a process holds the lock file `path` now (a missing file: no one); creates nothing."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def remove_if_free(path: Path, dry_run: bool = False) -> bool:
+    """Delete the lock file `path` unless a process holds it (it is held while deleted, so no
+    one takes it in between); whether it was deleted (dry_run: whether it would be)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if not _still_at(fd, path):
+            return False
+        if not dry_run:
+            path.unlink()
+        return True
+    finally:
+        os.close(fd)

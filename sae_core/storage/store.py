@@ -187,7 +187,9 @@ class Store:
         path = self.path(rel)
         if not self.fs.exists(path):
             return []
-        return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        # An emptied folder's own `key/` marker (SeaweedFS keeps one) lists as the name ''.
+        names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        return sorted(name for name in names if name)
 
     def rm(self, rel: str) -> None:
         path = self.path(rel)

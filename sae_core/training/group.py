@@ -109,6 +109,8 @@ def _start(
             raise ConfigError(
                 f"checkpoint {ckpt} belongs to another SAE config; delete it to start over"
             )
+        if ranks.leader:  # the flow's log_prints sends it to the run's log too
+            print(f"training resumes from {ckpt} at {trainer.resumed_from_tokens} tokens")
         return trainer
     torch.manual_seed(member.train.seed)
     sae = init_sae(d, member.sae, init_sample(), member.train.seed)

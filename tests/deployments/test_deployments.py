@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.deploy import PREFECT_FILE, REPO, work_pools
+from deployments.deploy import CONCURRENCY_ENV, PREFECT_FILE, REPO, pool_concurrency, work_pools
 
 SPEC = yaml.safe_load(PREFECT_FILE.read_text())
 
@@ -51,6 +51,17 @@ def _wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float 
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"prefect server at {api} did not start in {timeout} s")
+
+
+def test_the_work_pool_runs_one_flow_run_at_a_time_unless_told(monkeypatch):
+    monkeypatch.delenv(CONCURRENCY_ENV, raising=False)
+    assert pool_concurrency() == 1
+    monkeypatch.setenv(CONCURRENCY_ENV, "3")
+    assert pool_concurrency() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(CONCURRENCY_ENV, bad)
+        with pytest.raises(SystemExit, match=f"{CONCURRENCY_ENV}='{bad}'"):
+            pool_concurrency()
 
 
 @pytest.fixture
@@ -130,10 +141,11 @@ async def main():
     async with get_client() as client:
         deployments = await client.read_deployments()
         found = {{d.name: [s.schedule.cron for s in d.schedules] for d in deployments}}
+        limit = (await client.read_work_pool("saeflow")).concurrency_limit
     run = await run_deployment(
         "saeflow-pipeline-preset/nightly", parameters={{"preset": {str(preset)!r}}}, timeout=0
     )
-    print(json.dumps({{"deployments": found, "run": str(run.id)}}))
+    print(json.dumps({{"deployments": found, "run": str(run.id), "limit": limit}}))
 
 asyncio.run(main())
 """
@@ -145,6 +157,7 @@ asyncio.run(main())
     assert facts["deployments"] == {
         d["name"]: [s["cron"] for s in d["schedules"]] for d in SPEC["deployments"]
     }
+    assert facts["limit"] == 1  # a scheduled run waits for a running one
 
     worker = subprocess.run(
         [
@@ -183,6 +196,10 @@ print(json.dumps({{"state": run.state.name, "scheduled": scheduled}}))
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = yaml.safe_load(result.stdout.strip().splitlines()[-1])
     assert outcome["state"] == "Completed", worker.stdout[-3000:]
+    # The worker's log shows the run's progress, stage by stage.
+    for stage in ("sample_tokens", "train_sae", "register_model"):
+        assert f"stage {stage}: started" in worker.stdout + worker.stderr, stage
+    assert "stage train_sae: computed in" in worker.stdout + worker.stderr
     # The cron schedule has materialised future nightly runs at 02:00 UTC.
     assert outcome["scheduled"] and all("02:00:00" in t for t in outcome["scheduled"])
     assert (tmp_path / "store" / "sae").is_dir()

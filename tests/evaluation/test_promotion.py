@@ -10,7 +10,7 @@ from functools import partial
 import pytest
 
 from sae_core.errors import ConfigError, LockTimeout
-from sae_core.evaluation.promotion import PromotionPolicy, decide, promote
+from sae_core.evaluation.promotion import PromotionPolicy, decide, nominate, promote
 from sae_core.storage.locks import file_lock
 
 BASE = {"ce_loss_recovered": 0.90, "l0": 32.0, "dead_fraction": 0.05, "nmse": 0.20}
@@ -107,6 +107,7 @@ def test_promote_moves_the_alias_and_tags_both_versions():
     # Promoting again is a no-op: the challenger is already champion.
     again = promote(reg, "m", POLICY)
     assert not again.decision.promote and "already champion" in again.decision.reason
+    assert not result.rejected and not again.rejected  # `saeflow promote` exits 0 on both
 
 
 def test_rejection_is_recorded_and_the_champion_stays():
@@ -116,6 +117,7 @@ def test_rejection_is_recorded_and_the_champion_stays():
     result = promote(reg, "m", POLICY)
     assert reg.aliases["champion"] == "1" and result.champion_after == "1"
     assert reg.tags["2"]["saeflow.promotion.decision"] == "rejected"
+    assert result.rejected  # `saeflow promote` exits 3
 
 
 def test_dry_run_decides_but_writes_nothing():
@@ -123,6 +125,32 @@ def test_dry_run_decides_but_writes_nothing():
     result = promote(reg, "m", POLICY, dry_run=True)
     assert result.decision.promote and result.champion_after == "2"
     assert "champion" not in reg.aliases and reg.tags == {}
+
+
+def test_a_new_version_becomes_challenger():
+    reg = FakeRegistry({}, {})
+    first = nominate(reg, "m", "1")
+    assert first.moved and first.before is None and reg.aliases["challenger"] == "1"
+    second = nominate(reg, "m", "2")
+    assert second.moved and (second.before, second.after) == ("1", "2")
+
+
+def test_an_older_version_never_takes_challenger_back():
+    """The run of an older configuration (another state directory, an empty cache: it finds
+    version 1 registered) leaves challenger on the newer version 3."""
+    reg = FakeRegistry({}, {"challenger": "3", "champion": "2"})
+    result = nominate(reg, "m", "1")
+    assert not result.moved and result.after == "3" and reg.aliases["challenger"] == "3"
+    assert not nominate(reg, "m", "3").moved  # the newest itself: already there
+
+
+def test_the_newest_version_takes_challenger_back_from_an_older_one():
+    """A re-run of the newest configuration (all cached) moves the alias back when something
+    moved it to an older version; versions compare as numbers."""
+    reg = FakeRegistry({}, {"challenger": "9"})
+    result = nominate(reg, "m", "10")
+    assert result.moved and reg.aliases["challenger"] == "10"
+    assert reg.aliases.get("champion") is None  # only the named alias moves
 
 
 def test_missing_challenger_is_a_user_error():

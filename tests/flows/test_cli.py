@@ -97,15 +97,6 @@ def test_dask_runner_needs_a_prefect_api_and_a_scheduler_that_answers(unused_por
             task_runner(runner)
 
 
-@pytest.fixture
-def unused_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_importing_the_cli_loads_no_heavy_module():
     import subprocess
     import sys

@@ -110,12 +110,12 @@ def test_failed_stage_is_retried_then_fails_after_the_stages_before_it(first):
 def test_new_run_skips_completed_stages_and_resumes_training(first, store):
     _, _, recovered = first
     expected = {
-        "sample_tokens": "Cached",
-        "extract_activations": "Cached",
-        "validate": "Cached",
-        "train_sae": "Completed",
-        "evaluate_sae": "Completed",
-        "register_model": "Completed",
+        "sample_tokens": "cached",
+        "extract_activations": "cached",
+        "validate": "cached",
+        "train_sae": f"resumed from {CHECKPOINT_TOKENS} tokens",
+        "evaluate_sae": "computed",
+        "register_model": "computed",
     }
     assert {stage: recovered.stages[stage] for stage in expected} == expected
     assert sae_manifest(recovered.sae.path, store)["resumed_from_tokens"] == CHECKPOINT_TOKENS
@@ -156,17 +156,18 @@ def test_promote_cli_dry_run_then_gate_rejects_an_incomparable_challenger(champi
     import mlflow
 
     from flows.cli import app
+    from flows.cli.models import EXIT_REJECTED
 
     runner = CliRunner()
     dry = runner.invoke(app, ["promote", MODEL, "--dry-run"])
-    assert dry.exit_code == 0, dry.output
+    assert dry.exit_code == EXIT_REJECTED == 3, dry.output
     assert "kept champion" in dry.output and "dry run" in dry.output and "FAIL" in dry.output
     client = mlflow.MlflowClient()
     challenger = client.get_model_version_by_alias(MODEL, "challenger")
     assert "saeflow.promotion.decision" not in challenger.tags  # the dry run wrote nothing
 
     real = runner.invoke(app, ["promote", MODEL])
-    assert real.exit_code == 0, real.output
+    assert real.exit_code == EXIT_REJECTED, real.output
     challenger = client.get_model_version_by_alias(MODEL, "challenger")
     assert challenger.tags["saeflow.promotion.decision"] == "rejected"
     assert "l0" in challenger.tags["saeflow.promotion.reason"]  # k=4 against k=8

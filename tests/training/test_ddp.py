@@ -156,7 +156,7 @@ def test_the_pipeline_trains_on_two_ranks(prefect, tiny_llama_dir, tiny_corpus_d
 
     store = str(tmp_path / "store")
     result = run(tiny_config(tiny_llama_dir, tiny_corpus_dir, store, train={"world_size": 2}))
-    assert set(result.stages.values()) == {"Completed"}
+    assert set(result.stages.values()) == {"computed"}
     manifest = Store(store).manifest(result.sae.path)
     rows = Store(store).manifest(result.activations.path)["splits"]["train"]["rows"]
     assert manifest["tokens_seen"] == rows // 256 * 256 and manifest["resumed_from_tokens"] == 0

@@ -102,7 +102,7 @@ def _run(store, x, stop=None, every=1024, epochs=2, extras=False):
 
 
 @pytest.mark.parametrize("extras", [False, True], ids=["topk", "batchtopk_ema"])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, extras):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, extras, capsys):
     x, _ = sparse_dictionary_data(2048)
     full = _run(None, x, extras=extras)
     store = Store(str(tmp_path / "store"))
@@ -110,8 +110,11 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, extras):
     first = _run(store, x, stop=21, extras=extras)
     assert first.state.step == 21
     torch.manual_seed(12345)  # the restart must not depend on the process's RNG state
+    capsys.readouterr()
     resumed = _run(store, x, extras=extras)
     assert resumed.resumed_from_tokens == 2048
+    # Said when it happens (the flow's log_prints sends it to the run's log).
+    assert "training resumes from ckpt/last.safetensors at 2048 tokens" in capsys.readouterr().out
     assert resumed.state.step == full.state.step == 32
     for name, t in full.final_sae().state_dict().items():
         assert torch.equal(t, resumed.final_sae().state_dict()[name]), name
