@@ -13,7 +13,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import yaml
+from sae_core.config import read_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -22,7 +22,7 @@ DEFAULT_API = "http://127.0.0.1:4200/api"
 
 def work_pools() -> list[str]:
     """The work pool names prefect.yaml's deployments use."""
-    spec = yaml.safe_load(PREFECT_FILE.read_text())
+    spec = read_yaml(PREFECT_FILE.read_text(), str(PREFECT_FILE))
     return sorted({d["work_pool"]["name"] for d in spec["deployments"]})
 
 

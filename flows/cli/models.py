@@ -47,11 +47,31 @@ def promote(
 
     with one_line_errors():
         policy = _promotion_policy(primary, min_improvement, l0_tolerance, guard)
+        _check_promotable(name)
         from flows.promote import promote as promote_flow
         from tasks.promote import decision_markdown
 
         result = promote_flow(name, policy, dry_run)
     console.print(Markdown(decision_markdown(result)))
+
+
+def _check_promotable(name: str) -> None:
+    """A registered model name, with a challenger: refused in a second or two, before the
+    flow starts Prefect (whose retries of a registry error would take half a minute)."""
+    from pydantic import ValidationError
+
+    from sae_core.config import RegistryConfig
+    from sae_core.evaluation.promotion import challenger_version
+    from tasks.registry import MlflowRegistry
+
+    try:
+        RegistryConfig(model_name=name)
+    except ValidationError:
+        raise ConfigError(
+            f"model name {name!r}: not a registered model's name (letters, digits and _.-, "
+            "at most 100); give e.g. saeflow-demo"
+        ) from None
+    challenger_version(MlflowRegistry(), name)
 
 
 def _promotion_policy(

@@ -9,7 +9,7 @@ import typer
 
 from flows.cli.console import console
 from flows.cli.errors import one_line_errors
-from flows.cli.options import PresetOpt, ProgressOpt, SetOpt
+from flows.cli.options import PresetOpt, ProgressOpt, SetOpt, check_port
 
 app = typer.Typer()
 
@@ -38,6 +38,7 @@ def view(
     from sae_core.latents.viewer import make_server
 
     with one_line_errors():
+        check_port("--port", port, lowest=0)
         cfg = load_config(preset, set_ or [], None)
         from flows.view import prepare
 
