@@ -63,6 +63,7 @@ def _check_promotable(name: str) -> None:
     from sae_core.config import RegistryConfig
     from sae_core.evaluation.promotion import challenger_version
     from tasks.registry import MlflowRegistry
+    from tasks.tracking import tracking_uri
 
     try:
         RegistryConfig(model_name=name)
@@ -71,6 +72,12 @@ def _check_promotable(name: str) -> None:
             f"model name {name!r}: not a registered model's name (letters, digits and _.-, "
             "at most 100); give e.g. saeflow-demo"
         ) from None
+    database = tracking_uri().removeprefix("sqlite:///")
+    if database != tracking_uri() and not Path(database).exists():  # checked, not created
+        raise ConfigError(
+            f"model '{name}': nothing is registered yet ({database} does not exist); register "
+            "one first (saeflow run) or set MLFLOW_TRACKING_URI to your registry"
+        )
     challenger_version(MlflowRegistry(), name)
 
 

@@ -150,12 +150,13 @@ def check_text_column(corpus: Any, data_cfg: DataConfig) -> None:
             f"data.text_column '{column}': the corpus has columns "
             f"{', '.join(corpus.column_names)}; set data.text_column to the text column"
         )
-    dtype = getattr(corpus.features[column], "dtype", None)
+    # A column of one type has a dtype (int64, ...); JSON lines mixing types load as Json.
+    dtype = getattr(corpus.features[column], "dtype", None) or "mixed types"
     if dtype not in ("string", "large_string"):
         raise ConfigError(
-            f"data.corpus '{data_cfg.corpus}': column '{column}' holds {dtype or 'nested values'}, "
-            "not text; make data.text_column a column of strings or set data.text_column to "
-            "the text column"
+            f"data.corpus '{data_cfg.corpus}': column '{column}' holds {dtype}, not only text; "
+            "make every data.text_column value a string (quote numbers) or set "
+            "data.text_column to the text column"
         )
 
 
