@@ -43,6 +43,7 @@ class DuplicateKeyLoader(yaml.SafeLoader):
                 )
         return super().construct_mapping(node, deep=deep)
 
+
 # What PyYAML raises on malformed input besides YAMLError (`!!int abc` is a ValueError, ...),
 # and RecursionError for a value nested thousands deep.
 _YAML_FAILURES = (yaml.YAMLError, ValueError, LookupError, AttributeError, RecursionError)
@@ -56,9 +57,7 @@ def read_yaml(text: str, source: str) -> Any:
     except yaml.constructor.ConstructorError as err:
         if err.problem and err.problem.startswith("duplicate key"):
             line = err.problem_mark.line + 1 if err.problem_mark else "?"
-            raise ConfigError(
-                f"{source}: {err.problem} (line {line}); keep one of them"
-            ) from None
+            raise ConfigError(f"{source}: {err.problem} (line {line}); keep one of them") from None
         raise ConfigError(f"{source}: not valid YAML ({err.__class__.__name__})") from None
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply to read; flatten it") from None

@@ -118,7 +118,9 @@ def _local_kind(field: str, text: str, fix: str) -> str | None:
         return None
     except (OSError, ValueError) as err:
         reason = getattr(err, "strerror", None) or str(err)
-        raise ConfigError(f"{field} '{_shown(text)}': not a usable path ({reason}); {fix}") from None
+        raise ConfigError(
+            f"{field} '{_shown(text)}': not a usable path ({reason}); {fix}"
+        ) from None
     return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "other"
 
 

