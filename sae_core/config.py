@@ -53,7 +53,7 @@ def read_yaml(text: str, source: str) -> Any:
     """YAML text that saeflow reads (a preset, prefect.yaml) as Python values; ConfigError
     naming `source` for a duplicate key, a value nested too deeply or text that is not YAML."""
     try:
-        return yaml.load(text, Loader=DuplicateKeyLoader)  # noqa: S506 - a SafeLoader
+        return _load_yaml(text)
     except yaml.constructor.ConstructorError as err:
         if err.problem and err.problem.startswith("duplicate key"):
             line = err.problem_mark.line + 1 if err.problem_mark else "?"
@@ -63,6 +63,15 @@ def read_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: nested too deeply to read; flatten it") from None
     except _YAML_FAILURES as err:
         raise ConfigError(f"{source}: not valid YAML ({err.__class__.__name__})") from None
+
+
+def _load_yaml(text: str) -> Any:
+    """What yaml.load does, with DuplicateKeyLoader (a SafeLoader)."""
+    loader = DuplicateKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 class _Strict(BaseModel):
@@ -460,7 +469,13 @@ def load_config(
             f"unknown preset '{preset}': choose one of {', '.join(available_presets())} "
             "or give a path to a YAML file"
         )
-    data = read_yaml(path.read_text(), f"preset {path}") or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"preset {path}: not UTF-8 text (at byte {err.start}); give a YAML file"
+        ) from None
+    data = read_yaml(text, f"preset {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path}: expected a mapping of sections at the top level")
     overrides = list(overrides)

@@ -21,8 +21,6 @@ MAX_SHARDS = 100_000  # more files than a store lists or a loader opens in reaso
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 _READ_BYTES = 1 << 20
-_DECOMPRESS = {"gzip": "gunzip -k FILE", "bzip2": "bunzip2 -k FILE", "xz": "unxz -k FILE",
-               "zstd": "unzstd FILE", "zip": "unzip FILE"}  # fmt: skip
 
 
 def _safetensors_problem(file: Path) -> str | None:
@@ -105,7 +103,6 @@ def check_sizes(config: PipelineConfig, facts: ModelFacts) -> None:
             f"activations data.train_tokens={data.train_tokens} gives; lower train.batch_size "
             "or raise data.train_tokens"
         )
-    check_shard_count(config, facts.width)
     from sae_core.device import pick_device, state_copies
 
     world = config.train.world_size
@@ -119,24 +116,6 @@ def check_sizes(config: PipelineConfig, facts: ModelFacts) -> None:
             f"~{need / 2**30:,.0f} GiB at width {facts.width}{ranks}, more than this machine's "
             f"{memory / 2**30:,.0f} GiB; lower sae.n_latents{' or train.world_size' if ranks else ''}"
         )
-
-
-# What a compressed file starts with: a .txt that is really one gets "decompress it", not iconv.
-_COMPRESSION_MAGIC = {
-    b"\x1f\x8b": "gzip",
-    b"BZh": "bzip2",
-    b"\xfd7zXZ\x00": "xz",
-    b"\x28\xb5\x2f\xfd": "zstd",
-    b"PK\x03\x04": "zip",
-}
-_JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
-
-
-class TextScan(NamedTuple):
-    """One streamed pass over a text file."""
-
-    utf8_error: str | None  # where it stops being UTF-8, or None
-    has_text: bool  # a character other than whitespace
 
 
 def check_shard_count(config: PipelineConfig, width: int) -> None:
@@ -161,6 +140,26 @@ def check_shard_count(config: PipelineConfig, width: int) -> None:
             f"{field} makes {shards:,} activation shards of {per_shard} context(s) each, more "
             f"than {MAX_SHARDS:,}; raise {field.split('=')[0]}"
         )
+
+
+# What a compressed file starts with: a .txt that is really one gets "decompress it", not iconv.
+_COMPRESSION_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"PK\x03\x04": "zip",
+}
+_DECOMPRESS = {"gzip": "gunzip -k FILE", "bzip2": "bunzip2 -k FILE", "xz": "unxz -k FILE",
+               "zstd": "unzstd FILE", "zip": "unzip FILE"}  # fmt: skip
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+
+
+class TextScan(NamedTuple):
+    """One streamed pass over a text file."""
+
+    utf8_error: str | None  # where it stops being UTF-8, or None
+    has_text: bool  # a character other than whitespace
 
 
 def _compression(file: Path) -> str | None:
@@ -316,8 +315,9 @@ def check_corpus(data: DataConfig) -> None:
 
 
 def preflight(config: PipelineConfig) -> ModelFacts:
-    """Store reachable and writable, model and hook valid, model files whole, corpus present
-    and readable, devices present (a GPU per rank), sizes possible, an expander SAE's
+    """Store reachable, writable and not a system directory, model and hook valid, model
+    files whole, a tokenizer the model's embedding covers, corpus present and readable as text,
+    devices present (a GPU per rank), sizes possible (shards countable), an expander SAE's
     sae.degree possible at the model's width."""
     from sae_core.device import pick_device
 
@@ -336,5 +336,6 @@ def preflight(config: PipelineConfig) -> ModelFacts:
     check_world_size(config.train)
     check_sizes(config, facts)
     check_corpus(config.data)
+    check_shard_count(config, facts.width)  # after the corpus: more tokens than it has come first
     Store(config.store or default_store_uri()).check()
     return facts

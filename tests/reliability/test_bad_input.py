@@ -110,10 +110,10 @@ CASES = {
     "store-under-usr": Case(["--store", "/usr/share/saeflow-store"], "store /usr/share/saeflow-store", "system directory"),
     "store-is-a-file": Case(["--store", "{files}/corpus.csv"], "corpus.csv", "not a directory"),
     "tiny-shards": Case(
-        sets("data.shard_rows=null", "data.shard_mb=1e-9", "data.context_len=2", "data.train_tokens=300000"),
+        sets("data.corpus={files}/big.txt", "data.shard_rows=null", "data.shard_mb=1e-9", "data.context_len=2", "data.train_tokens=300000"),
         "data.shard_mb=1e-09", "raise data.shard_mb",
     ),
-    "few-rows-per-shard": Case(sets("data.shard_rows=1", "data.context_len=2", "data.train_tokens=300000"), "data.shard_rows=1", "raise data.shard_rows"),
+    "few-rows-per-shard": Case(sets("data.corpus={files}/big.txt", "data.shard_rows=1", "data.context_len=2", "data.train_tokens=300000"), "data.shard_rows=1", "raise data.shard_rows"),
     "whitespace-corpus": Case(sets("data.corpus={files}/blank.txt"), "blank.txt", "hold only whitespace"),
     "number-as-text": Case(sets("data.corpus={files}/numbers.jsonl"), "numbers.jsonl line 1: 'text' is a number", "make data.text_column"),
     "folder-with-one-broken-file": Case(sets("data.corpus={files}/one-broken"), "b.jsonl line 1 is not JSON", "fix the file"),
@@ -159,6 +159,7 @@ def bad_files(tmp_path_factory, tiny_llama_dir: Path) -> Path:
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "duplicate.yaml").write_text("sae:\n  k: 8\nsae:\n  k: 4\n")
     (root / "deep.yaml").write_text("sae: " + "[" * 50_000)
+    (root / "big.txt").write_text("the old dog saw a man . " * 100_000)
     (root / "blank.txt").write_text(" \n\t\n" * 50_000)
     (root / "numbers.jsonl").write_text('{"text": 5}\n' * 10_000)
     (root / "one-broken").mkdir()
