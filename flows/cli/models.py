@@ -56,13 +56,11 @@ def promote(
 
 
 def _check_promotable(name: str) -> None:
-    """A registered model name, with a challenger: refused in a second or two, before the
-    flow starts Prefect (whose retries of a registry error would take half a minute)."""
+    """A registered model name, with a challenger: refused before the flow starts Prefect
+    (whose retries of a registry error took half a minute), the cheap checks first."""
     from pydantic import ValidationError
 
     from sae_core.config import RegistryConfig
-    from sae_core.evaluation.promotion import challenger_version
-    from tasks.registry import MlflowRegistry
     from tasks.tracking import tracking_uri
 
     try:
@@ -78,6 +76,9 @@ def _check_promotable(name: str) -> None:
             f"model '{name}': nothing is registered yet ({database} does not exist); register "
             "one first (saeflow run) or set MLFLOW_TRACKING_URI to your registry"
         )
+    from sae_core.evaluation.promotion import challenger_version
+    from tasks.registry import MlflowRegistry
+
     challenger_version(MlflowRegistry(), name)
 
 
