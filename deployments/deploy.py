@@ -15,7 +15,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import yaml
+from sae_core.config import read_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -25,7 +25,7 @@ CONCURRENCY_ENV = "SAEFLOW_POOL_CONCURRENCY"
 
 def work_pools() -> list[str]:
     """The work pool names prefect.yaml's deployments use."""
-    spec = yaml.safe_load(PREFECT_FILE.read_text())
+    spec = read_yaml(PREFECT_FILE.read_text(), str(PREFECT_FILE))
     return sorted({d["work_pool"]["name"] for d in spec["deployments"]})
 
 

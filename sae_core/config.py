@@ -5,15 +5,73 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sae_core.errors import ConfigError
 
 # Package data: a preset is found by name wherever saeflow is installed.
 PRESET_DIR = Path(str(resources.files("sae_core") / "presets"))
+
+
+# A seed fits 32 bits: the trainer and loader mix it as seed * 1_000_003 + step into torch's
+# 64-bit generator seed, which a larger one would overflow (an OverflowError deep in training).
+SEED_MAX = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+
+
+class DuplicateKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping repeating a key is an error: by default the
+    last one silently wins (a second `sae:` section replaces the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`, then keys override it
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: construct_mapping below names it
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+# What PyYAML raises on malformed input besides YAMLError (`!!int abc` is a ValueError, ...),
+# and RecursionError for a value nested thousands deep.
+_YAML_FAILURES = (yaml.YAMLError, ValueError, LookupError, AttributeError, RecursionError)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """YAML text that saeflow reads (a preset, prefect.yaml) as Python values; ConfigError
+    naming `source` for a duplicate key, a value nested too deeply or text that is not YAML."""
+    try:
+        return _load_yaml(text)
+    except yaml.constructor.ConstructorError as err:
+        if err.problem and err.problem.startswith("duplicate key"):
+            line = err.problem_mark.line + 1 if err.problem_mark else "?"
+            raise ConfigError(f"{source}: {err.problem} (line {line}); keep one of them") from None
+        raise ConfigError(f"{source}: not valid YAML ({err.__class__.__name__})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to read; flatten it") from None
+    except _YAML_FAILURES as err:
+        raise ConfigError(f"{source}: not valid YAML ({err.__class__.__name__})") from None
+
+
+def _load_yaml(text: str) -> Any:
+    """What yaml.load does, with DuplicateKeyLoader (a SafeLoader)."""
+    loader = DuplicateKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 class _Strict(BaseModel):
@@ -40,7 +98,7 @@ class DataConfig(_Strict):
     context_len: int = Field(64, ge=2, le=8192)
     train_tokens: int = Field(2**17, ge=1)
     eval_tokens: int = Field(2**13, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     split: Literal["document", "context"] = Field(
         "document",
         description="document: eval contexts come from documents training never sees (held out "
@@ -106,7 +164,7 @@ class SAEConfig(_Strict):
         description="Expander: untied = a dense encoder (Gao's recipe); tied = the masked "
         "decoder transposed at every step (the paper's choice).",
     )
-    mask_seed: int = Field(0, ge=0, description="Expander: seed of the decoder's random graph.")
+    mask_seed: Seed = Field(0, description="Expander: seed of the decoder's random graph.")
     resample_dead: bool = Field(
         False,
         description="Expander: at every sae.dead_window_tokens boundary, re-initialise the dead "
@@ -118,6 +176,11 @@ class SAEConfig(_Strict):
         if self.k > self.n_latents:
             raise ValueError(
                 f"sae.k={self.k} exceeds sae.n_latents={self.n_latents}; choose k <= n_latents"
+            )
+        if self.k_aux is not None and self.k_aux > self.n_latents:
+            raise ValueError(
+                f"sae.k_aux={self.k_aux} exceeds sae.n_latents={self.n_latents} (AuxK picks "
+                "among the dead latents); choose sae.k_aux <= sae.n_latents"
             )
         if self.multi_topk and 4 * self.k > self.n_latents:
             raise ValueError("sae.multi_topk needs 4*k <= n_latents; lower sae.k or disable it")
@@ -185,7 +248,7 @@ class TrainConfig(_Strict):
     lr_decay: Literal["none", "linear"] | None = Field(
         None, description="none or linear (to zero at the last step); None: the recipe's."
     )
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     checkpoint_every_tokens: int = Field(2**16, ge=1)
     grad_clip_norm: float | None = Field(None, gt=0, description="Gradient-norm clip; None: off")
     adam_eps: float = Field(
@@ -255,7 +318,7 @@ class EvalConfig(_Strict):
         512, ge=0, description="Probe contexts (one per document first); 0 turns probes off."
     )
     probe_tokens: int = Field(8192, ge=1, description="Labelled tokens sampled for token tasks.")
-    seed: int = Field(0, ge=0, description="Seed of the ablation and probe samples.")
+    seed: Seed = Field(0, description="Seed of the ablation and probe samples.")
 
 
 def _check_distinct(field: str, values: list[int], low: int) -> None:
@@ -269,7 +332,7 @@ class SweepConfig(_Strict):
 
     n_latents: list[int] = Field([1152, 2304, 4608], min_length=1)
     k: list[int] = Field([16, 32, 64], min_length=1)
-    seeds: list[int] = Field([0], min_length=1, description="Training seeds (train.seed).")
+    seeds: list[Seed] = Field([0], min_length=1, description="Training seeds (train.seed).")
     tokens_exponent: float | None = Field(
         None,
         ge=0,
@@ -304,7 +367,7 @@ class FrontierConfig(_Strict):
     )
     resample_dead: bool = Field(False, description="Resample dead expander latents in-support.")
     matched: bool = Field(True, description="Train the parameter-matched dense SAEs too.")
-    seeds: list[int] = Field([0], min_length=1, description="Training and mask seeds.")
+    seeds: list[Seed] = Field([0], min_length=1, description="Training and mask seeds.")
     full_eval: bool = Field(
         False,
         description="Also run probes and ablation sparsity (the frontier needs CE recovered only).",
@@ -340,7 +403,7 @@ class LatentsConfig(_Strict):
     sketch_width: int = Field(
         2**20, ge=2**10, le=2**26, description="Count-min sketch width for n-gram counts."
     )
-    seed: int = Field(0, ge=0, description="Seed of the reservoir samples.")
+    seed: Seed = Field(0, description="Seed of the reservoir samples.")
 
     @model_validator(mode="after")
     def _power_of_two_bins(self) -> LatentsConfig:
@@ -378,6 +441,15 @@ class PipelineConfig(_Strict):
     frontier: FrontierConfig = FrontierConfig()
     latents: LatentsConfig = LatentsConfig()
 
+    @field_validator("store")
+    @classmethod
+    def _store_not_blank(cls, store: str | None) -> str | None:
+        if store is not None and not store.strip():
+            raise ValueError(
+                "empty; give a directory or s3://bucket/prefix, or leave it out for the default"
+            )
+        return store
+
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -401,7 +473,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set '{text}': expected key.path=value, e.g. --set sae.k=64")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except (yaml.YAMLError, ValueError, LookupError, AttributeError):  # e.g. `!!int abc`
+    except RecursionError:
+        raise ConfigError(
+            f"--set {key.strip()}: the value is nested too deeply to read; give a flat value"
+        ) from None
+    except _YAML_FAILURES:  # e.g. `!!int abc`: the text itself
         value = raw
     return key.strip(), value
 
@@ -443,12 +519,20 @@ def load_config(
             "or give a path to a YAML file"
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, ValueError, LookupError, AttributeError) as err:  # `!!int abc`
-        raise ConfigError(f"preset {path}: not valid YAML ({err.__class__.__name__})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"preset {path}: not UTF-8 text (at byte {err.start}); give a YAML file"
+        ) from None
+    data = read_yaml(text, f"preset {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path}: expected a mapping of sections at the top level")
     overrides = list(overrides)
+    if store is not None and not store.strip():
+        raise ConfigError(
+            f"--store {store!r}: empty; give a directory or s3://bucket/prefix, or leave "
+            "--store out for the default store"
+        )
     if store is not None:
         overrides.append(f"store={store}")
     return build_config(data, overrides)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 import typer
+from rich.markup import escape
 
 from deployments.access import refused
 from flows.cli.console import console
@@ -14,7 +15,9 @@ from sae_core.errors import USER_ERRORS, storage_errors, storage_failure
 
 
 def _fail(err: BaseException) -> NoReturn:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    # One line, whatever the message holds: several failed fields, or a newline the user typed.
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -58,6 +58,7 @@ def promote(
     with one_line_errors():
         policy = _promotion_policy(primary, min_improvement, l0_tolerance, guard)
         check_access()
+        _check_promotable(name)
         from flows.promote import promote as promote_flow
         from tasks.promote import decision_markdown
 
@@ -65,6 +66,33 @@ def promote(
     console.print(Markdown(decision_markdown(result)))
     if result.rejected:
         raise typer.Exit(EXIT_REJECTED)
+
+
+def _check_promotable(name: str) -> None:
+    """A registered model name, with a challenger: refused before the flow starts Prefect
+    (whose retries of a registry error took half a minute), the cheap checks first."""
+    from pydantic import ValidationError
+
+    from sae_core.config import RegistryConfig
+    from tasks.tracking import tracking_uri
+
+    try:
+        RegistryConfig(model_name=name)
+    except ValidationError:
+        raise ConfigError(
+            f"model name {name!r}: not a registered model's name (letters, digits and _.-, "
+            "at most 100); give e.g. saeflow-demo"
+        ) from None
+    database = tracking_uri().removeprefix("sqlite:///")
+    if database != tracking_uri() and not Path(database).exists():  # checked, not created
+        raise ConfigError(
+            f"model '{name}': nothing is registered yet ({database} does not exist); register "
+            "one first (saeflow run) or set MLFLOW_TRACKING_URI to your registry"
+        )
+    from sae_core.evaluation.promotion import challenger_version
+    from tasks.registry import MlflowRegistry
+
+    challenger_version(MlflowRegistry(), name)
 
 
 def _promotion_policy(

@@ -71,6 +71,13 @@ def register(
     app.command(name)(command)
 
 
+def check_port(flag: str, port: int, lowest: int = 1, highest: int = 65535) -> None:
+    """ConfigError naming `flag` unless `port` is in lowest..highest (TCP ports end at 65535)."""
+    if not lowest <= port <= highest:
+        free = " (0: any free port)" if lowest == 0 else ""
+        raise ConfigError(f"{flag} {port}: choose a port in {lowest}-{highest}{free}")
+
+
 def flag_error(err: ValidationError) -> ConfigError:
     """A typed options class's validation error, naming the flags: `--name: why`."""
     from sae_core.config import format_validation_error

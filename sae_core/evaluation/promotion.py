@@ -219,6 +219,17 @@ def nominate(
     return Nomination(model=name, alias=alias, version=version, before=before, after=after)
 
 
+def challenger_version(registry: Registry, name: str) -> str:
+    """The version `challenger` points at; ConfigError if the model has none (or is unknown)."""
+    challenger = registry.version_for_alias(name, CHALLENGER)
+    if challenger is None:
+        raise ConfigError(
+            f"model '{name}' has no version with alias '{CHALLENGER}': "
+            "register one first (saeflow run) or check the model name"
+        )
+    return challenger
+
+
 def promote(
     registry: Registry,
     name: str,
@@ -233,12 +244,7 @@ def promote(
     reads and decides but writes nothing.
     """
     with nullcontext() if dry_run else lock():
-        challenger = registry.version_for_alias(name, CHALLENGER)
-        if challenger is None:
-            raise ConfigError(
-                f"model '{name}' has no version with alias '{CHALLENGER}': "
-                "register one first (saeflow run) or check the model name"
-            )
+        challenger = challenger_version(registry, name)
         champion = registry.version_for_alias(name, CHAMPION)
         if champion == challenger:
             decision = Decision(promote=False, reason=f"version {challenger} is already champion")

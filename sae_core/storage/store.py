@@ -54,6 +54,25 @@ def _redacted(uri: str) -> str:
     return f"{scheme}{sep}***@{rest.split('@', 1)[1]}" if "@" in rest.split("/", 1)[0] else uri
 
 
+# The operating system's own trees: a store is never made anywhere inside them (as root, a store
+# at file:///etc would write its stage folders into /etc).
+_SYSTEM_TREES = ("/etc", "/usr", "/bin", "/sbin", "/boot", "/dev", "/proc", "/sys")
+# Shared roots: refused as the store itself, but a folder of one's own inside them is fine
+# (/var/tmp/store, /var/lib/saeflow, /home/me/store, /opt/saeflow).
+_SYSTEM_ROOTS = ("/", "/run", "/var", "/var/lib", "/var/log", "/var/cache", "/var/spool", "/var/mail",
+                 "/home", "/root", "/opt", "/srv", "/mnt", "/media", "/tmp", "/var/tmp")  # fmt: skip
+
+
+def system_directory(path: Path) -> bool:
+    """Whether a local store at `path` (resolved) would write into the system: inside one of
+    its own trees (/etc, /usr, /lib, /lib64, ...) or straight into a shared root (/, /var, /home, ...)."""
+    text = str(path)
+    inside = any(text == tree or text.startswith(f"{tree}/") for tree in _SYSTEM_TREES) or re.match(
+        r"^/lib(32|64|x32)?(/|$)", text
+    )
+    return bool(inside) or text in _SYSTEM_ROOTS
+
+
 def _probe_endpoint(endpoint: str, timeout: float = 3.0) -> None:
     """A TCP connect to the S3 endpoint: seconds to fail, where the client's retries take minutes."""
     url = urlsplit(endpoint)
@@ -108,9 +127,12 @@ class Store:
         return f"Store({self.uri!r})"
 
     def check(self) -> None:
-        """Fail fast with a clear message when the store cannot be reached or written."""
+        """Fail fast with a clear message when the store cannot be reached or written: a
+        local store must be a directory (or not exist yet) outside the system's directories."""
         if self.protocol == "s3" and self.endpoint:
             _probe_endpoint(self.endpoint)
+        if self.protocol == "file":
+            self._check_local_root(Path(self.root).resolve())
         try:
             if self.protocol == "s3":
                 # A fresh client: fsspec's cached one may hold other credentials.
@@ -137,6 +159,15 @@ class Store:
             raise StoreError(
                 f"store {self.uri} is not usable ({type(err).__name__}): {hint}"
             ) from None
+
+    def _check_local_root(self, root: Path) -> None:
+        if system_directory(root):
+            raise StoreError(
+                f"store {root} is a system directory; give a folder of your own, e.g. "
+                "~/saeflow-store or /var/tmp/saeflow-store"
+            )
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"store {root} is not a directory (a file is there); give a folder")
 
     # Paths -------------------------------------------------------------------------------
     def path(self, rel: str) -> str:

@@ -7,6 +7,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 from sae_core.config import DataConfig, PipelineConfig, check_expander_graph
 from sae_core.data.assets import resolve_corpus, resolve_model_path
@@ -16,6 +17,7 @@ from sae_core.errors import ConfigError
 from sae_core.storage.store import Store, default_store_uri
 from sae_core.training.resources import check_world_size, training_bytes
 
+MAX_SHARDS = 100_000  # more files than a store lists or a loader opens in reasonable time
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 _READ_BYTES = 1 << 20
@@ -44,9 +46,10 @@ def _safetensors_problem(file: Path) -> str | None:
     return None
 
 
-def check_model_files(path: str) -> None:
+def check_model_files(path: str, vocab_size: int | None = None) -> None:
     """A local model folder: whole safetensors weights (pickle weights are refused: loading them
-    can run code) and a tokenizer that loads. Hub ids and GGUF files are checked when loaded."""
+    can run code) and a tokenizer that loads, whose ids fit the model's embedding of
+    `vocab_size` rows. Hub ids and GGUF files are checked when loaded."""
     hub_offline()
     from transformers import AutoTokenizer
 
@@ -68,13 +71,19 @@ def check_model_files(path: str) -> None:
                 "restore the model files (re-download, or `make setup` for a demo model)"
             )
     try:
-        AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as err:  # noqa: BLE001 - any tokenizer failure is a bad model.path
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise ConfigError(
             f"model.path '{path}': its tokenizer does not load ({reason}); "
             "restore the tokenizer files (tokenizer.json, tokenizer_config.json)"
         ) from None
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ConfigError(
+            f"model.path '{path}': its tokenizer's vocabulary of {len(tokenizer)} tokens exceeds "
+            f"the model's embedding of {vocab_size} rows (ids beyond it cannot be embedded); "
+            "put the model's own tokenizer in the folder"
+        )
 
 
 def check_sizes(config: PipelineConfig, facts: ModelFacts) -> None:
@@ -109,26 +118,82 @@ def check_sizes(config: PipelineConfig, facts: ModelFacts) -> None:
         )
 
 
-def _utf8_error(file: Path) -> str | None:
-    """Where a text file stops being UTF-8, or None; streamed, so any size costs one read."""
+def check_shard_count(config: PipelineConfig, width: int) -> None:
+    """Activation shards a run would write: at most MAX_SHARDS (a shard holds whole contexts,
+    at least one, so a tiny data.shard_mb or data.shard_rows means a file per context)."""
+    from sae_core.data.activations import contexts_per_shard, storage_dtype
+
+    data = config.data
+    dtype = storage_dtype(config.model.dtype, data)
+    per_shard = contexts_per_shard(data, width, dtype, data.context_len)
+    shards = sum(
+        math.ceil(math.ceil(tokens / data.context_len) / per_shard)
+        for tokens in (data.train_tokens, data.eval_tokens)
+    )
+    if shards > MAX_SHARDS:
+        field = (
+            f"data.shard_rows={data.shard_rows}"
+            if data.shard_rows is not None
+            else f"data.shard_mb={data.shard_mb:g}"
+        )
+        raise ConfigError(
+            f"{field} makes {shards:,} activation shards of {per_shard} context(s) each, more "
+            f"than {MAX_SHARDS:,}; raise {field.split('=')[0]}"
+        )
+
+
+# What a compressed file starts with: a .txt that is really one gets "decompress it", not iconv.
+_COMPRESSION_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"PK\x03\x04": "zip",
+}
+_DECOMPRESS = {"gzip": "gunzip -k FILE", "bzip2": "bunzip2 -k FILE", "xz": "unxz -k FILE",
+               "zstd": "unzstd FILE", "zip": "unzip FILE"}  # fmt: skip
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+
+
+class TextScan(NamedTuple):
+    """One streamed pass over a text file."""
+
+    utf8_error: str | None  # where it stops being UTF-8, or None
+    has_text: bool  # a character other than whitespace
+
+
+def _compression(file: Path) -> str | None:
+    """The compression format `file` starts with (by its magic bytes), or None."""
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+    return next(
+        (kind for magic, kind in _COMPRESSION_MAGIC.items() if head.startswith(magic)), None
+    )
+
+
+def _scan_text(file: Path) -> TextScan:
+    """Where a text file stops being UTF-8, and whether it holds more than whitespace;
+    streamed, so any size costs one read."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
+    offset, has_text = 0, False
     with open(file, "rb") as fh:
         while chunk := fh.read(_READ_BYTES):
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
-                return f"byte {offset + err.start}"
+                return TextScan(f"byte {offset + err.start}", has_text)
+            has_text = has_text or bool(chunk.strip())
             offset += len(chunk)
     try:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
-        return "its last character is cut"
-    return None
+        return TextScan("its last character is cut", has_text)
+    return TextScan(None, has_text)
 
 
-def _first_record(file: Path) -> dict | None:
-    """The first JSON record of a .jsonl file (None if it has none); ConfigError if not JSON."""
+def _first_record(file: Path) -> tuple[int, dict] | None:
+    """The first JSON record of a .jsonl file and its line number (None if it has none);
+    ConfigError if that line is not a JSON object."""
     with open(file, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
             if line.strip():
@@ -144,49 +209,105 @@ def _first_record(file: Path) -> dict | None:
                         f"data.corpus: {file} line {number} is not a JSON object; "
                         "fix the file: one JSON object per line"
                     )
-                return record
+                return number, record
     return None
 
 
-def check_corpus(data: DataConfig) -> None:
-    """Local corpus files: not empty, UTF-8, records holding data.text_column, and enough text
-    for the tokens asked (a token takes at least a byte, a document's EOS aside)."""
+def _check_text_value(file: Path, number: int, record: dict, column: str) -> None:
+    """The text column of a jsonl record holds a string (a number there is no text)."""
+    value = record.get(column)
+    if value is not None and not isinstance(value, str):
+        kind = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise ConfigError(
+            f"data.corpus: {file} line {number}: '{column}' is a {kind} ({str(value)[:40]}), "
+            f"not text; make data.text_column a column of strings (quote the values) or set "
+            "data.text_column to the text column"
+        )
+
+
+def _columns(file: Path, column: str) -> list[str] | None:
+    """The columns a corpus file holds (None: known only when loaded), its first record's
+    text value checked to be a string."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if file.suffix == ".txt":
+        return ["text"]
+    if file.suffix == ".jsonl":
+        first = _first_record(file)
+        if first is None:
+            return None
+        _check_text_value(file, *first, column)
+        return list(first[1])
+    if file.suffix == ".parquet":
+        try:
+            schema = pq.read_schema(file)
+        except (OSError, pa.ArrowException) as err:
+            raise ConfigError(
+                f"data.corpus: {file} is not a readable Parquet file ({str(err)[:120]}); "
+                "fix or remove that file"
+            ) from None
+        if (
+            column in schema.names
+            and not pa.types.is_string(schema.field(column).type)
+            and not pa.types.is_large_string(schema.field(column).type)
+        ):
+            raise ConfigError(
+                f"data.corpus: {file}: column '{column}' holds {schema.field(column).type}, "
+                "not text; make data.text_column a column of strings or set data.text_column "
+                "to the text column"
+            )
+        return schema.names
+    return None  # .json: an array or lines, told apart when loaded
+
+
+def check_corpus(data: DataConfig) -> None:
+    """Local corpus files: plain (not compressed) UTF-8 text that holds more than whitespace,
+    every file's records holding data.text_column as text, and enough text for the tokens asked
+    (a token takes at least a byte, a document's EOS aside). A folder's files are each checked,
+    so the message names the broken one."""
     files = [Path(f) for f in resolve_corpus(data.corpus) if Path(f).is_file()]
     if not files:
         return  # a hub dataset: checked when it is loaded
+    has_text = False
     for file in files:
-        if file.suffix in _TEXT_SUFFIXES and (where := _utf8_error(file)) is not None:
+        if (packed := _compression(file)) is not None:
             raise ConfigError(
-                f"data.corpus: {file} is not UTF-8 text (at {where}); convert it, "
+                f"data.corpus: {file} is {packed}-compressed (its first bytes are {packed}'s "
+                f"magic number); decompress it first (e.g. {_DECOMPRESS.get(packed, 'unpack it')})"
+            )
+        if file.suffix not in _TEXT_SUFFIXES:
+            continue
+        scan = _scan_text(file)
+        if scan.utf8_error is not None:
+            raise ConfigError(
+                f"data.corpus: {file} is not UTF-8 text (at {scan.utf8_error}); convert it, "
                 f"e.g. iconv -f LATIN1 -t UTF-8"
             )
+        has_text = has_text or scan.has_text
     text_bytes = sum(f.stat().st_size for f in files if f.suffix in _TEXT_SUFFIXES)
-    if text_bytes == 0 and all(f.suffix in _TEXT_SUFFIXES for f in files):
+    only_text = all(f.suffix in _TEXT_SUFFIXES for f in files)
+    if text_bytes == 0 and only_text:
         raise ConfigError(
             f"data.corpus '{data.corpus}': its files are empty; give a corpus with text"
         )
-    first = files[0]
-    if first.suffix == ".txt":
-        columns: list[str] | None = ["text"]
-    elif first.suffix == ".jsonl":
-        record = _first_record(first)
-        columns = None if record is None else list(record)
-    elif first.suffix == ".parquet":
-        columns = pq.read_schema(first).names
-    else:
-        columns = None  # .json: an array or lines, told apart when loaded
-    if columns is not None and data.text_column not in columns:
+    if not has_text and only_text:
         raise ConfigError(
-            f"data.text_column '{data.text_column}': the corpus has columns "
-            f"{', '.join(columns)}; set data.text_column to the text column"
+            f"data.corpus '{data.corpus}': its files hold only whitespace; give a corpus with text"
         )
+    for file in files:
+        columns = _columns(file, data.text_column)
+        if columns is not None and data.text_column not in columns:
+            where = f" ({file})" if len(files) > 1 else ""
+            raise ConfigError(
+                f"data.text_column '{data.text_column}': the corpus{where} has columns "
+                f"{', '.join(columns)}; set data.text_column to the text column"
+            )
     needed = (
         math.ceil(data.train_tokens / data.context_len)
         + math.ceil(data.eval_tokens / data.context_len)
     ) * data.context_len
-    if first.suffix in _TEXT_SUFFIXES and needed > 2 * text_bytes:
+    if files[0].suffix in _TEXT_SUFFIXES and needed > 2 * text_bytes:
         raise ConfigError(
             f"data.train_tokens + data.eval_tokens need {needed} tokens, more than the corpus's "
             f"{text_bytes} bytes of text can give; lower data.train_tokens or use a larger corpus"
@@ -194,15 +315,16 @@ def check_corpus(data: DataConfig) -> None:
 
 
 def preflight(config: PipelineConfig) -> ModelFacts:
-    """Store reachable and writable, model and hook valid, model files whole, corpus present
-    and readable, devices present (a GPU per rank), sizes possible, an expander SAE's
+    """Store reachable, writable and not a system directory, model and hook valid, model
+    files whole, a tokenizer the model's embedding covers, corpus present and readable as text,
+    devices present (a GPU per rank), sizes possible (shards countable), an expander SAE's
     sae.degree possible at the model's width."""
     from sae_core.device import pick_device
 
     facts = inspect_model(config.model.path, config.model.hook)
     if config.sae.kind == "expander":
         check_expander_graph(config.sae.n_latents, facts.width, config.sae.degree)
-    check_model_files(config.model.path)
+    check_model_files(config.model.path, facts.vocab_size)
     for field, device in (
         ("model.device", config.model.device),
         ("train.device", config.train.device),
@@ -214,5 +336,6 @@ def preflight(config: PipelineConfig) -> ModelFacts:
     check_world_size(config.train)
     check_sizes(config, facts)
     check_corpus(config.data)
+    check_shard_count(config, facts.width)  # after the corpus: more tokens than it has come first
     Store(config.store or default_store_uri()).check()
     return facts

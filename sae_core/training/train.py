@@ -109,11 +109,6 @@ def train_group(
             f"train.batch_size={train_cfg.batch_size} exceeds the {rows} training activations; "
             "lower train.batch_size or raise data.train_tokens"
         )
-    for sae_cfg, _, _ in members:
-        if sae_cfg.k_aux is not None and sae_cfg.k_aux > sae_cfg.n_latents:
-            raise ConfigError(
-                f"sae.k_aux={sae_cfg.k_aux} exceeds sae.n_latents={sae_cfg.n_latents}"
-            )
 
     take = ranks.rows(train_cfg.batch_size)
     device = device or pick_device(train_cfg.device)

@@ -6,6 +6,8 @@ model weights load, so the whole table runs in seconds."""
 
 from __future__ import annotations
 
+import gzip
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from typing import NamedTuple
 
 import pytest
 
+from tests.helpers.tiny_models import build_tiny_llama, build_tokenizer
 from tests.reliability.conftest import Workspace, error_line
 
 
@@ -96,6 +99,29 @@ CASES = {
         {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
     ),
     "credentials-in-store-uri": Case(["--store", "s3://AKIAEXAMPLE:hunter2@bucket/p"], "credentials in the URI", "set AWS_ACCESS_KEY_ID"),
+    # issue 28: accepted silently, a traceback, or a message naming the wrong thing
+    "duplicate-section": Case(["--preset", "{files}/duplicate.yaml"], "duplicate.yaml: duplicate key 'sae'", "keep one"),
+    "preset-nested-deep": Case(["--preset", "{files}/deep.yaml"], "deep.yaml", "nested too deeply"),
+    "override-nested-deep": Case(sets("sae.k=" + "[" * 50_000), "--set sae.k", "nested too deeply"),
+    "seed-beyond-64-bits": Case(sets("train.seed=36893488147419103232"), "train.seed", "less than or equal to 4294967295"),
+    "k-aux-over-n": Case(sets("sae.k_aux=300"), "sae.k_aux=300", "choose sae.k_aux <= sae.n_latents"),
+    "empty-store": Case(["--store", ""], "--store ''", "leave --store out"),
+    "store-in-etc": Case(["--store", "file:///etc"], "store /etc", "system directory"),
+    "store-under-usr": Case(["--store", "/usr/share/saeflow-store"], "store /usr/share/saeflow-store", "system directory"),
+    "store-is-a-file": Case(["--store", "{files}/corpus.csv"], "corpus.csv", "not a directory"),
+    "tiny-shards": Case(
+        sets("data.corpus={files}/big.txt", "data.shard_rows=null", "data.shard_mb=1e-9", "data.context_len=2", "data.train_tokens=300000"),
+        "data.shard_mb=1e-09", "raise data.shard_mb",
+    ),
+    "few-rows-per-shard": Case(sets("data.corpus={files}/big.txt", "data.shard_rows=1", "data.context_len=2", "data.train_tokens=300000"), "data.shard_rows=1", "raise data.shard_rows"),
+    "whitespace-corpus": Case(sets("data.corpus={files}/blank.txt"), "blank.txt", "hold only whitespace"),
+    "number-as-text": Case(sets("data.corpus={files}/numbers.jsonl"), "numbers.jsonl line 1: 'text' is a number", "make data.text_column"),
+    "folder-with-one-broken-file": Case(sets("data.corpus={files}/one-broken"), "b.jsonl line 1 is not JSON", "fix the file"),
+    "long-model-path": Case(sets("model.path=/" + "m" * 5000), "model.path", "give an HF model folder"),
+    "fifo-corpus": Case(sets("data.corpus={files}/pipe.txt"), "pipe.txt", "not a regular file"),
+    "device-corpus": Case(sets("data.corpus=/dev/zero"), "data.corpus '/dev/zero'", "not a regular file"),
+    "gzip-named-txt": Case(sets("data.corpus={files}/packed.txt"), "packed.txt is gzip-compressed", "decompress it"),
+    "vocabulary-beyond-embedding": Case(sets("model.path={files}/small-embedding-model"), "model.path", "vocabulary of 211 tokens exceeds"),
 }  # fmt: skip
 
 
@@ -131,6 +157,19 @@ def bad_files(tmp_path_factory, tiny_llama_dir: Path) -> Path:
     (root / "broken.jsonl").write_text('{oops\n{"text": "fine"}\n')
     (root / "corpus.csv").write_text("text\nhello\n")
     (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "duplicate.yaml").write_text("sae:\n  k: 8\nsae:\n  k: 4\n")
+    (root / "deep.yaml").write_text("sae: " + "[" * 50_000)
+    (root / "big.txt").write_text("the old dog saw a man . " * 100_000)
+    (root / "blank.txt").write_text(" \n\t\n" * 50_000)
+    (root / "numbers.jsonl").write_text('{"text": 5}\n' * 10_000)
+    (root / "one-broken").mkdir()
+    (root / "one-broken" / "a.jsonl").write_text('{"text": "fine words here"}\n' * 10_000)
+    (root / "one-broken" / "b.jsonl").write_text('{oops\n{"text": "fine"}\n')
+    os.mkfifo(root / "pipe.txt")
+    (root / "packed.txt").write_bytes(gzip.compress(b"plain words " * 100_000))
+    small = root / "small-embedding-model"
+    build_tiny_llama(vocab_size=64).save_pretrained(small)
+    build_tokenizer().save_pretrained(small)
     return root
 
 
