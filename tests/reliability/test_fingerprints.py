@@ -56,7 +56,7 @@ def big_llama_dir(tmp_path_factory):
 def first_run(prefect, big_llama_dir, tiny_corpus_dir, tmp_path_factory):
     config = tiny_config(big_llama_dir, tiny_corpus_dir, str(tmp_path_factory.mktemp("store")))
     result = run(config)
-    assert set(result.stages.values()) == {"Completed"}
+    assert set(result.stages.values()) == {"computed"}
     return config, result
 
 
@@ -78,7 +78,7 @@ def test_replaced_weights_recompute_extraction_and_everything_after(first_run, b
     _replace_weights_in_place(big_llama_dir)
     again = run(config)
     assert {s: again.stages[s] for s in ALL_STAGES[1:]} == dict.fromkeys(
-        ALL_STAGES[1:], "Completed"
+        ALL_STAGES[1:], "computed"
     )
     assert again.activations.path != result.activations.path
     assert again.sae.path != result.sae.path
@@ -92,11 +92,11 @@ def test_refresh_recomputes_the_stage_and_what_reads_it(first_run):
     sae_bytes = store.read_bytes(f"{before.sae.path}/sae.safetensors")
     refreshed = run(config, refresh=["train_sae"])
     recomputed = ["train_sae", "evaluate_sae", "register_model", "latent_stats", "report_run"]
-    assert refreshed.stages == {s: "Completed" if s in recomputed else "Cached" for s in ALL_STAGES}
+    assert refreshed.stages == {s: "computed" if s in recomputed else "cached" for s in ALL_STAGES}
     assert refreshed.sae == before.sae  # the same address, holding the same bytes
     assert store.read_bytes(f"{before.sae.path}/sae.safetensors") == sae_bytes
     assert int(refreshed.registry.version) == int(before.registry.version) + 1
-    assert set(run(config).stages.values()) == {"Cached"}  # the refreshed outputs are cached
+    assert set(run(config).stages.values()) == {"cached"}  # the refreshed outputs are cached
 
 
 def test_an_sae_file_is_the_same_bytes_in_every_process(tmp_path):
