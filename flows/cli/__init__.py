@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from flows.cli import bench, housekeeping, models, pipeline, services, view
+from flows.cli import bench, housekeeping, models, pipeline, services, study, view
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Train and evaluate sparse autoencoders."
@@ -21,6 +21,7 @@ for commands in (pipeline.app, models.app, view.app, housekeeping.app):
     app.add_typer(commands)
 app.add_typer(bench.app, name="bench")
 app.add_typer(services.app, name="services")
+app.add_typer(study.app, name="study")
 
 
 def main() -> None:

@@ -3,17 +3,13 @@ the same tokens (e.g. model.dtype=bfloat16 against float32), compared row by row
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import NamedTuple
 
 import torch
 
-from sae_core.config import PipelineConfig, load_config
 from sae_core.storage.loader import iter_batches
 from sae_core.storage.manifests import ActivationsManifest
 from sae_core.storage.refs import DatasetRef
-from sae_core.storage.store import default_store_uri
 
 
 class ActivationError(NamedTuple):
@@ -45,24 +41,3 @@ def activation_error(
         median_token_error=float(token.median()),
         p99_token_error=float(torch.quantile(token, 0.99)),
     )
-
-
-def dtype_error(config: PipelineConfig, dtype: str = "bfloat16") -> ActivationError:
-    """The error of `config`'s activations extracted with model.dtype=`dtype` against float32,
-    on the eval split; both extracted through the pipeline's stages on its store when missing."""
-    from sae_core.stages.extract import extract_activations
-    from sae_core.stages.sample import sample_tokens
-
-    store = config.store or default_store_uri()
-    refs = []
-    for model_dtype in ("float32", dtype):
-        model = config.model.model_copy(update={"dtype": model_dtype})
-        refs.append(
-            extract_activations(sample_tokens(store, model, config.data), model, config.data)
-        )
-    return activation_error(*refs)
-
-
-if __name__ == "__main__":
-    # python -m sae_core.studies.precision PRESET [key=value ...]
-    print(json.dumps(dtype_error(load_config(sys.argv[1], sys.argv[2:]))._asdict()))

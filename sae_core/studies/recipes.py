@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from sae_core.config import PipelineConfig, SAEConfig, TrainConfig, load_config
+from sae_core.config import SAEConfig, TrainConfig
 from sae_core.evaluation.baseline import Baseline, compute_baseline, with_tail
 from sae_core.evaluation.evaluate import load_eval_contexts
 from sae_core.evaluation.metrics import VarianceStats, ce_loss_recovered, next_token_ce
@@ -39,7 +38,6 @@ from sae_core.evaluation.splice import SplitModel
 from sae_core.storage.loader import iter_batches
 from sae_core.storage.manifests import ActivationsManifest
 from sae_core.storage.refs import DatasetRef, committed_dataset
-from sae_core.storage.store import default_store_uri
 from sae_core.training.group import run_training
 
 Reconstruct = Callable[[Tensor], Tensor]  # [N, d] raw -> [N, d] raw
@@ -239,26 +237,20 @@ def run_sparsify(
 
 
 def recipe_study(
-    config: PipelineConfig,
+    acts: DatasetRef,
+    model: torch.nn.Module,
+    sae_cfg: SAEConfig,
+    train_cfg: TrainConfig,
     budgets: list[int],
     recipes: list[str],
     out: Path,
     sparsify_python: str | None = None,
     ce_contexts: int = 128,
 ) -> list[RecipePoint]:
-    """The study on `config`'s activations (sampled and extracted through the pipeline's stages
-    on its store, so `saeflow run` shares them): config.sae trained with config.train under each
-    recipe at each budget, then sparsify when `sparsify_python` is given. Each point is appended
-    to `out` (JSON) as it finishes, and a point already there is not trained again."""
-    from sae_core.data.assets import resolve_model_path
-    from sae_core.data.models import load_model
-    from sae_core.stages.extract import extract_activations
-    from sae_core.stages.sample import sample_tokens
-
-    store = config.store or default_store_uri()
-    tokens = sample_tokens(store, config.model, config.data)
-    acts = extract_activations(tokens, config.model, config.data)
-    model = load_model(resolve_model_path(config.model.path), "float32", "cpu").model
+    """The study on `acts` (`model`: the float32 LM it came from, for CE loss recovered):
+    sae_cfg trained with train_cfg under each recipe at each budget, then sparsify when
+    `sparsify_python` is given. Each point is written to `out` (JSON) as it finishes, and a
+    point already there is not trained again."""
     scorer = Scorer(acts, model, ce_contexts)
     points = [RecipePoint(**p) for p in json.loads(out.read_text())] if out.exists() else []
 
@@ -270,30 +262,20 @@ def recipe_study(
         for recipe in recipes:
             if (recipe, budget) in done:
                 continue
-            cfg = config.train.model_copy(update={"recipe": recipe, "tokens": budget})
-            points.append(train_recipe(acts, config.sae, cfg, scorer))
-            print(json.dumps(points[-1]._asdict()), flush=True)
+            cfg = train_cfg.model_copy(update={"recipe": recipe, "tokens": budget})
+            points.append(train_recipe(acts, sae_cfg, cfg, scorer))
             save()
     todo = [b for b in budgets if ("sparsify", b) not in done]
     if sparsify_python and todo:
-        sae, B = config.sae, config.train.batch_size
         points += run_sparsify(
-            sparsify_python, acts, sae.n_latents, sae.k, B, todo, config.train.seed, scorer
+            sparsify_python,
+            acts,
+            sae_cfg.n_latents,
+            sae_cfg.k,
+            train_cfg.batch_size,
+            todo,
+            train_cfg.seed,
+            scorer,
         )
         save()
     return points
-
-
-def main(argv: list[str]) -> None:
-    """python -m sae_core.studies.recipes PRESET OUT.json BUDGETS [RECIPES] [SPARSIFY_PYTHON]
-    [--set key=value ...]: BUDGETS and RECIPES comma-separated (recipes: paper,budget)."""
-    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    args = [a for i, a in enumerate(argv) if a != "--set" and (i == 0 or argv[i - 1] != "--set")]
-    config = load_config(args[0], sets)
-    budgets = [int(b) for b in args[2].split(",")]
-    recipes = args[3].split(",") if len(args) > 3 else ["paper", "budget"]
-    recipe_study(config, budgets, recipes, Path(args[1]), args[4] if len(args) > 4 else None)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -95,9 +95,13 @@ def test_text_corpus(tmp_path, tokenizer):
     import random
 
     rng = random.Random(0)
-    txt = tmp_path / "a.txt"
-    txt.write_text("\n".join(generated_text(rng, 10) for _ in range(20)))
-    _, manifest, _ = _sample(tmp_path, tokenizer, [str(txt)], train_tokens=500, eval_tokens=50)
+    files = []
+    for i in range(20):  # a .txt file is one document
+        files.append(tmp_path / f"{i}.txt")
+        files[-1].write_text("\n".join(generated_text(rng, 10) for _ in range(3)))
+    _, manifest, _ = _sample(
+        tmp_path, tokenizer, [str(f) for f in files], train_tokens=500, eval_tokens=50
+    )
     assert manifest["splits"]["train"]["contexts"] == 32
 
 

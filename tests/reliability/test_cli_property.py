@@ -150,6 +150,7 @@ def bounded(monkeypatch, tmp_path: Path) -> dict[str, str]:
     import flows.pipeline
     import flows.sweep
     from deployments.services import SERVICES
+    from flows.cli import study
     from sae_core.bench import extract, group, load, startup, train_step
 
     for module, name in ((flows.pipeline, "pipeline"), (flows.sweep, "sweep"),
@@ -157,7 +158,7 @@ def bounded(monkeypatch, tmp_path: Path) -> dict[str, str]:
         monkeypatch.setattr(module, name, _Flow())
     for module, name in ((train_step, "bench_train"), (extract, "bench_extract"),
                          (load, "bench_load"), (group, "bench_group"), (startup, "bench_cli"),
-                         (deployments.seaweedfs, "start")):  # fmt: skip
+                         (deployments.seaweedfs, "start"), (study, "activations_of")):  # fmt: skip
         monkeypatch.setattr(module, name, _reach)
     for service in SERVICES.values():
         monkeypatch.setattr(service, "up", _reach)

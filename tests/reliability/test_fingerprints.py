@@ -77,9 +77,7 @@ def test_replaced_weights_recompute_extraction_and_everything_after(first_run, b
     config, result = first_run
     _replace_weights_in_place(big_llama_dir)
     again = run(config)
-    assert {s: again.stages[s] for s in ALL_STAGES[1:]} == dict.fromkeys(
-        ALL_STAGES[1:], "computed"
-    )
+    assert {s: again.stages[s] for s in ALL_STAGES[1:]} == dict.fromkeys(ALL_STAGES[1:], "computed")
     assert again.activations.path != result.activations.path
     assert again.sae.path != result.sae.path
     assert int(again.registry.version) == int(result.registry.version) + 1

@@ -1,6 +1,6 @@
 """The recipe study: each recipe trained at each budget on the pipeline's own activations,
-scored on the held-out split, saved as it goes and resumed without retraining; sparsify's
-forward as the study scores it."""
+scored on the held-out split, saved as it goes and resumed without retraining (through
+`saeflow study recipes`); sparsify's forward as the study scores it."""
 
 from __future__ import annotations
 
@@ -8,37 +8,56 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from sae_core.studies import recipes
-from sae_core.studies.recipes import recipe_study, sparsify_reconstruct
+from sae_core.studies.recipes import sparsify_reconstruct
+from tests.helpers.cli import assert_one_line_error, invoke
 from tests.helpers.pipeline import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_each_recipe_at_each_budget_is_scored_and_kept(
-    tiny_llama_dir, tiny_corpus_dir, tmp_path, monkeypatch
-):
+@pytest.fixture
+def preset(tiny_llama_dir, tiny_corpus_dir, tmp_path):
     config = tiny_config(tiny_llama_dir, tiny_corpus_dir, str(tmp_path / "store"))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return str(path)
+
+
+def test_each_recipe_at_each_budget_is_scored_and_kept(preset, tmp_path, monkeypatch):
     out = tmp_path / "points.json"
-    points = recipe_study(config, [1024, 2048], ["paper", "budget"], out, ce_contexts=4)
-    assert [(p.trainer, p.budget, p.steps) for p in points] == [
+    args = ["study", "recipes", "--preset", preset, "--out", str(out), "--budgets", "1024,2048"]
+    result = invoke(*args, "--ce-contexts", "4")
+    assert result.exit_code == 0, result.output
+    points = json.loads(out.read_text())
+    assert [(p["trainer"], p["budget"], p["steps"]) for p in points] == [
         ("paper", 1024, 4),
         ("budget", 1024, 4),
         ("paper", 2048, 8),
         ("budget", 2048, 8),
     ]
     for p in points:
-        assert 0 < p.fvu < 1.5 and 0 < p.nmse < 1.5 and p.tokens == p.budget
-    paper, budget = points[2], points[3]
-    assert budget.peak_lr > paper.peak_lr  # short runs step larger under the budget recipe
-    assert [p["trainer"] for p in json.loads(out.read_text())] == [p.trainer for p in points]
+        assert 0 < p["fvu"] < 1.5 and 0 < p["nmse"] < 1.5 and p["tokens"] == p["budget"]
+    assert points[3]["peak_lr"] > points[2]["peak_lr"]  # short runs step larger under budget
+    assert "budget      2048 tokens" in result.output
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished point was trained again")
 
     monkeypatch.setattr(recipes, "train_recipe", no_training)
-    assert recipe_study(config, [1024, 2048], ["paper", "budget"], out, ce_contexts=4) == points
+    assert invoke(*args, "--ce-contexts", "4").exit_code == 0
+    assert json.loads(out.read_text()) == points
+
+
+def test_bad_study_arguments_are_one_line(preset, tmp_path):
+    out = str(tmp_path / "p.json")
+    base = ["study", "recipes", "--preset", preset, "--out", out]
+    assert_one_line_error(invoke(*base, "--recipes", "adam"), "--recipes", "paper, budget")
+    assert_one_line_error(invoke(*base, "--budgets", "1,x"), "--budgets")
+    assert_one_line_error(invoke(*base, "--sparsify-python", "/nope"), "--sparsify-python")
+    assert_one_line_error(invoke("study", "precision", "--dtype", "float16"), "--dtype")
 
 
 def test_sparsify_reconstruct_keeps_the_top_k_of_relu_preactivations():

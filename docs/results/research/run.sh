@@ -9,7 +9,6 @@ cd "$(dirname "$0")/../../.."
 HERE=docs/results/research
 export HF_HUB_OFFLINE=1 SAEFLOW_HOME=${SAEFLOW_HOME:-$PWD/.saeflow}
 SAEFLOW=.venv/bin/saeflow
-PY=.venv/bin/python
 SPARSIFY_PYTHON=${SPARSIFY_PYTHON:-}
 mkdir -p "$HERE/bench" "$HERE/logs"
 step() { echo "== $(date -u +%FT%TZ) $*"; }
@@ -27,7 +26,7 @@ done
 # 2. What bfloat16 changes: the activations' error, and the demo SAE over 3 seeds in each dtype.
 [ -s "$HERE/precision-demo.json" ] || {
   step "activations: bfloat16 against float32 (demo)"
-  $PY -m sae_core.studies.precision demo > "$HERE/precision-demo.json"
+  $SAEFLOW study precision --preset demo > "$HERE/precision-demo.json"
 }
 for dtype in float32 bfloat16; do
   step "demo SAE, model.dtype=$dtype, seeds 0-2"
@@ -37,14 +36,15 @@ done
 
 # 3. Quality per token at the issue's point: Brown, 262,144 tokens, one pass, B = 4096.
 step "recipes and sparsify, Brown 2^18"
-$PY -m sae_core.studies.recipes demo "$HERE/recipes-brown-2p18.json" 262144 paper,budget \
-  $SPARSIFY_PYTHON --set data.train_tokens=266368 --set data.eval_tokens=32768 \
+SPARSIFY=${SPARSIFY_PYTHON:+--sparsify-python $SPARSIFY_PYTHON}
+$SAEFLOW study recipes --preset demo --out "$HERE/recipes-brown-2p18.json" --budgets 262144 \
+  $SPARSIFY --set data.train_tokens=266368 --set data.eval_tokens=32768 \
   --set train.batch_size=4096 > "$HERE/logs/recipes-brown.log" 2>&1
 
 # 4. The frontier: budgets 2^17 ... 2^22 on the research preset's data.
 step "recipes and sparsify, english 2^17 ... 2^22"
-$PY -m sae_core.studies.recipes research "$HERE/recipes-english.json" \
-  131072,262144,524288,1048576,2097152,4194304 paper,budget $SPARSIFY_PYTHON \
+$SAEFLOW study recipes --preset research --out "$HERE/recipes-english.json" \
+  --budgets 131072,262144,524288,1048576,2097152,4194304 $SPARSIFY \
   > "$HERE/logs/recipes-english.log" 2>&1
 
 # 5. The scaling law at convergence: n in 1152 ... 9216, k in 16, 32, 64.

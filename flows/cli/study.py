@@ -1,0 +1,121 @@
+"""`saeflow study ...`: measurements on a preset's activations, outside the pipeline's flows.
+
+The activations come through the pipeline's stages on the preset's store (sampled and
+extracted when missing, shared with `saeflow run`); the studies themselves live in
+sae_core/studies/ (`recipes`, `precision`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from flows.cli.console import console
+from flows.cli.errors import one_line_errors
+from flows.cli.options import PresetOpt, SetOpt, StoreOpt
+from sae_core.errors import ConfigError
+
+app = typer.Typer(no_args_is_help=True, help="Studies: measurements that write their figures.")
+
+
+def activations_of(config: Any, model: Any = None) -> Any:
+    """The preset's activations (with `model` in place of config.model), through the stages."""
+    from sae_core.stages.extract import extract_activations
+    from sae_core.stages.sample import sample_tokens
+    from sae_core.storage.store import default_store_uri
+
+    model = model or config.model
+    store = config.store or default_store_uri()
+    return extract_activations(sample_tokens(store, model, config.data), model, config.data)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: give comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} {text!r}: give positive integers")
+    return values
+
+
+@app.command()
+def recipes(
+    out: Annotated[Path, typer.Option("--out", help="The points (JSON), kept across re-runs.")],
+    budgets: Annotated[
+        str, typer.Option("--budgets", help="Training tokens, comma-separated.")
+    ] = "131072,262144",
+    recipes: Annotated[
+        str, typer.Option("--recipes", help="Recipes, comma-separated: paper, budget.")
+    ] = "paper,budget",
+    sparsify_python: Annotated[
+        str | None,
+        typer.Option("--sparsify-python", help="A Python with eai-sparsify: train it too."),
+    ] = None,
+    ce_contexts: Annotated[
+        int, typer.Option("--ce-contexts", help="Eval contexts scored for CE loss recovered.")
+    ] = 128,
+    preset: PresetOpt = "demo",
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Quality per token: the preset's SAE trained under each recipe at each budget (and by
+    EleutherAI sparsify), scored on the held-out split (sae_core/studies/recipes.py)."""
+    with one_line_errors():
+        from sae_core.config import load_config
+
+        config = load_config(preset, set_ or [], store)
+        chosen = recipes.split(",")
+        if not set(chosen) <= {"paper", "budget"}:
+            raise ConfigError(f"--recipes {recipes!r}: choose from paper, budget")
+        if sparsify_python and not Path(sparsify_python).is_file():
+            raise ConfigError(f"--sparsify-python {sparsify_python}: no such file")
+        todo = _ints(budgets, "--budgets")
+        if not out.parent.is_dir():
+            raise ConfigError(f"--out {out}: its folder does not exist")
+        if out.exists() and not out.is_file():
+            raise ConfigError(f"--out {out}: not a regular file; give a .json file's path")
+        from sae_core.data.assets import resolve_model_path
+        from sae_core.data.models import load_model
+        from sae_core.studies.recipes import recipe_study
+
+        acts = activations_of(config)
+        model = load_model(resolve_model_path(config.model.path), "float32", "cpu").model
+        points = recipe_study(
+            acts, model, config.sae, config.train, todo, chosen, out, sparsify_python, ce_contexts
+        )
+    for p in points:
+        console.print(
+            f"{p.trainer:>8} {p.budget:>9} tokens  {p.steps:>5} steps  fvu {p.fvu:.4f}  "
+            f"nmse {p.nmse:.4f}  CE recovered {p.ce_loss_recovered:.4f}",
+            highlight=False,
+        )
+
+
+@app.command()
+def precision(
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="The model dtype compared with float32.")
+    ] = "bfloat16",
+    preset: PresetOpt = "demo",
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """The preset's activations extracted in `--dtype` against float32: their relative error
+    on the eval split (sae_core/studies/precision.py). Prints one JSON object."""
+    with one_line_errors():
+        from sae_core.config import load_config
+        from sae_core.studies.precision import activation_error
+
+        if dtype != "bfloat16":
+            raise ConfigError(f"--dtype {dtype!r}: the model dtypes are float32 and bfloat16")
+        config = load_config(preset, set_ or [], store)
+        refs = [
+            activations_of(config, config.model.model_copy(update={"dtype": d}))
+            for d in ("float32", dtype)
+        ]
+        error = activation_error(*refs)
+    typer.echo(json.dumps(error._asdict()))
