@@ -48,6 +48,7 @@ def test_train_sae_writes_weights_history_and_manifest(tmp_path):
     assert manifest["kind"] == "sae" and manifest["tokens_seen"] == 2 * 4096
     assert (manifest["d"], manifest["n"], manifest["k"]) == (32, 96, 3)
     assert manifest["normalization"]["mode"] == "per_token"
+    assert (manifest["device"], manifest["gemm_dtype"]) == ("cpu", "float32")
     assert 0 <= manifest["dead_fraction"] <= 1 and manifest["final_nmse"] < 0.8
     history = store.read_json("sae/test/history.json")
     assert len(history) == 32 and {"loss", "nmse", "dead_fraction", "l0", "aux_loss"} <= set(
