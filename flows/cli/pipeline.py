@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from flows.cli.console import bars_above_logs
 from flows.cli.errors import one_line_errors
 from flows.cli.options import (
     PresetOpt,
@@ -92,7 +93,8 @@ def flow_command(
                 started = time.perf_counter()
                 from flows.runners import task_runner
 
-                result = launch(cfg, task_runner(runner), progress)
+                with bars_above_logs():
+                    result = launch(cfg, task_runner(runner), progress)
             summary(result, time.perf_counter() - started)
 
         flags = [*CONFIG_FLAGS, *flags_of(overrides), *RUN_FLAGS]
