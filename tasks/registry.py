@@ -158,9 +158,7 @@ def _log_and_register(
                 Path(tmp, name).write_bytes(store.read_bytes(f"{sae.path}/{name}"))
             for name in RUN_ARTIFACTS:
                 mlflow.log_artifact(str(Path(tmp, name)), "sae")
-            origin = Origin(
-                model=lineage.model, hook=lineage.hook, context_size=lineage.context_len
-            )
+            origin = Origin.of(lineage)
             Path(tmp, ORIGIN_FILE).write_text(origin.model_dump_json())
             model = _log_pyfunc(Path(tmp), sae.manifest(SaeManifest))
     version = mlflow.register_model(

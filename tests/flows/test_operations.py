@@ -244,7 +244,10 @@ def test_export_of_the_champion_carries_its_origin(champion, tmp_path):
     assert result.exit_code == 0, result.output
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["saeflow"]["origin"]["hook"] == "resid_post.2" and cfg["k"] == 8
+    assert cfg["saeflow"]["origin"]["skip_first_position"] is True
     assert "note: sparsify has no input normalisation" in result.output
+    # The tiny model is a local folder with no hub id: nothing names its path as the model.
+    assert cfg["saeflow"]["origin"]["model"] is None and "--model HUB_ID" in result.output
 
 
 @pytest.fixture(scope="module")
