@@ -23,18 +23,14 @@ from tests.sae.test_export import ORIGIN, activations, dense, make_sae
 PEERS = Path(os.environ.get("SAEFLOW_PEERS_PYTHON", "/work/scratch/peers-venv/bin/python"))
 
 
-def _peers_missing() -> str | None:
-    if not PEERS.is_file():
-        return f"no peers venv at {PEERS} (set SAEFLOW_PEERS_PYTHON; see this module's docstring)"
-    probe = subprocess.run(
-        [str(PEERS), "-c", "import sae_lens, sparsify"], capture_output=True, text=True, timeout=300
-    )
-    if probe.returncode:
-        return f"{PEERS} lacks sae-lens or eai-sparsify: {probe.stderr.strip().splitlines()[-1]}"
-    return None
-
-
-pytestmark = pytest.mark.skipif(bool(reason := _peers_missing()), reason=reason or "")
+# Slow: one process importing SAELens and sparsify (~1-3 min on a busy 2-core machine).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not PEERS.is_file(),
+        reason=f"no peers venv at {PEERS} (set SAEFLOW_PEERS_PYTHON; see this module's docstring)",
+    ),
+]
 
 
 MODES = ("per_token", "global", "none")
@@ -43,6 +39,11 @@ MODES = ("per_token", "global", "none")
 @pytest.fixture(scope="module")
 def peer_runs(tmp_path_factory) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
     """Every format x normalisation exported, then run by the libraries in one process."""
+    probe = subprocess.run(
+        [str(PEERS), "-c", "import sae_lens, sparsify"], capture_output=True, text=True, timeout=300
+    )
+    if probe.returncode:
+        pytest.skip(f"{PEERS} lacks sae-lens or eai-sparsify: {probe.stderr.strip()[-300:]}")
     tmp = tmp_path_factory.mktemp("peers")
     x = activations(256)
     save_file({"x": x.contiguous()}, str(tmp / "x.safetensors"))
