@@ -141,6 +141,25 @@ def test_run_records_lineage_and_provenance(first):
         assert run.data.tags["mlflow.source.git.commit"] == revision.stdout.strip()
 
 
+def test_right_after_a_run_only_challenger_exists_as_the_readme_says(first, tmp_path):
+    """README's export example (defect 8): after a run, before any promotion, `@challenger`
+    exports and `@champion` is a one-line error."""
+    from flows.cli import app
+
+    runner = CliRunner()
+    exported = runner.invoke(
+        app,
+        ["export", f"models:/{MODEL}@challenger", "--format", "saelens", "--out", str(tmp_path)],
+    )
+    assert exported.exit_code == 0, exported.output
+    out = str(tmp_path / "champion")
+    missing = runner.invoke(
+        app, ["export", f"models:/{MODEL}@champion", "--format", "saelens", "--out", out]
+    )
+    assert missing.exit_code == 2 and missing.output.startswith("error:"), missing.output
+    assert "champion" in missing.output
+
+
 def test_first_promotion_crowns_the_first_model(first, champion):
     import mlflow
 
