@@ -23,11 +23,16 @@ class SAELatents(PythonModel):
     def load_context(self, context) -> None:
         from pathlib import Path
 
-        # Stock torch ops (the same codes to rounding): compiling the C++ kernels for the
-        # model's copy of their sources takes minutes and a compiler on first predict. A user
-        # who sets SAEFLOW_NATIVE_KERNELS=1 gets them.
-        os.environ.setdefault("SAEFLOW_NATIVE_KERNELS", "0")
+        import sae_core
         from sae_core.sae import load_sae_bytes
+
+        # Running the model's own copy of sae_core (its code/ folder, beside MLmodel): stock
+        # torch ops (the same codes to rounding), since building the C++ kernels for that copy
+        # of their sources takes a minute or more and a compiler on first predict. A user who
+        # sets SAEFLOW_NATIVE_KERNELS=1 gets them. A process with saeflow installed (the run
+        # registering the model validates it in process) keeps its own kernels.
+        if (Path(sae_core.__file__).parents[1].parent / "MLmodel").is_file():
+            os.environ.setdefault("SAEFLOW_NATIVE_KERNELS", "0")
 
         self.sae = load_sae_bytes(Path(context.artifacts[WEIGHTS_ARTIFACT]).read_bytes()).eval()
 

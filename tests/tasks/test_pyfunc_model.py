@@ -59,6 +59,7 @@ def registered(tmp_path_factory):
     shard = tmp / "shard-00000.parquet"
     pq.write_table(pa.Table.from_batches([storage_batch(columns, STORAGE_SCHEMA(D))]), str(shard))
     previous = os.environ.get("MLFLOW_TRACKING_URI")
+    kernels_switch = os.environ.get("SAEFLOW_NATIVE_KERNELS")
     mlflow.set_tracking_uri(uri)
     try:
         experiment = mlflow.create_experiment("pyfunc", (tmp / "artifacts").as_uri())
@@ -73,6 +74,9 @@ def registered(tmp_path_factory):
         mlflow.set_tracking_uri(previous or "")
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+    # MLflow validates the input example by loading the model here: this process (saeflow's
+    # own sae_core) keeps its native kernels.
+    assert os.environ.get("SAEFLOW_NATIVE_KERNELS") == kernels_switch
     return uri, f"models:/pyfunc-test/{version}", sae, acts, shard, caught
 
 
