@@ -31,6 +31,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def device_name(device: torch.device) -> str:
+    """What a run records of the device it used: `cpu` or `cuda:N` (the GPU a bare `cuda` is)."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def state_copies(device: torch.device, world_size: int) -> int:
     """How many copies of the training state `device`'s memory holds: one per data-parallel
     rank on the CPU (the ranks share this machine), one on a GPU (each rank has its own)."""

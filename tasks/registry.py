@@ -8,8 +8,8 @@ that loads the safetensors weights. `MlflowRegistry` gives the promotion gate it
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -27,11 +27,12 @@ from sae_core.sae.export import ORIGIN_FILE, Origin
 from sae_core.stages.location import Location
 from sae_core.storage.fingerprint import fingerprint
 from sae_core.storage.lineage import sae_lineage
-from sae_core.storage.manifests import SaeManifest
+from sae_core.storage.manifests import ActivationsManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
 from tasks.caching import CommittedOutput
 from tasks.common import TASK_DEFAULTS
 from tasks.evaluate import EvalRef
+from tasks.model_code import PACKAGE, copy_inference_code
 from tasks.tracking import experiment_id, mlflow_client, tracking_uri
 
 FINGERPRINT_TAG = "saeflow.fingerprint"
@@ -152,6 +153,7 @@ def _log_and_register(
         experiment_id=experiment_id(registry.experiment), run_name=run_name
     ) as run:
         mlflow.log_params(_flatten(config.model_dump(mode="json")))
+        mlflow.log_params(_resolved_params(sae, lineage.activations))
         mlflow.log_metrics(evaluation.metrics)
         mlflow.log_dict(config.model_dump(mode="json"), "config.json")
         mlflow.set_tags(
@@ -178,9 +180,7 @@ def _log_and_register(
                 Path(tmp, name).write_bytes(store.read_bytes(f"{sae.path}/{name}"))
             for name in RUN_ARTIFACTS:
                 mlflow.log_artifact(str(Path(tmp, name)), "sae")
-            origin = Origin(
-                model=lineage.model, hook=lineage.hook, context_size=lineage.context_len
-            )
+            origin = Origin.of(lineage)
             Path(tmp, ORIGIN_FILE).write_text(origin.model_dump_json())
             model = _log_pyfunc(Path(tmp), sae.manifest(SaeManifest))
     version = mlflow.register_model(
@@ -188,6 +188,22 @@ def _log_and_register(
     )
     _link_run(run.info.run_id, registry.model_name, str(version.version))
     return version
+
+
+def _resolved_params(sae: DatasetRef, activations: DatasetRef) -> dict[str, str]:
+    """What `auto` and the dtypes became: the devices and dtypes the stages recorded in their
+    manifests (`*_resolved` beside the configured `model.device`, `train.device`, ...). Datasets
+    made before they were recorded give none."""
+    trained = sae.manifest(SaeManifest)
+    extracted = activations.manifest(ActivationsManifest)
+    resolved = {
+        "train.device_resolved": trained.device,
+        "train.dtype_resolved": trained.gemm_dtype,
+        "model.device_resolved": ",".join(extracted.model_devices or []) or None,
+        "model.dtype_resolved": extracted.model_dtype,
+        "data.storage_dtype_resolved": extracted.dtype,
+    }
+    return {key: value for key, value in resolved.items() if value is not None}
 
 
 def _dataset_input(kind: str, ref: DatasetRef) -> Any:
@@ -221,8 +237,9 @@ def _git_tags() -> dict[str, str]:
 
 
 def _log_pyfunc(folder: Path, manifest: SaeManifest) -> Any:
-    """Log the SAE as a pickle-free pyfunc model: the code file, the safetensors weights, a
-    copy of sae_core (so loading needs no saeflow install) and a tensor signature."""
+    """Log the SAE as a pickle-free pyfunc model: the code file, the safetensors weights, the
+    sae_core modules inference imports (so loading needs no saeflow install: tasks/model_code.py)
+    and a tensor signature."""
     import mlflow
     import numpy as np
     import torch
@@ -234,27 +251,38 @@ def _log_pyfunc(folder: Path, manifest: SaeManifest) -> Any:
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n))]),
     )
-    code = folder / "code" / "sae_core"
-    shutil.copytree(
-        Path(sae_core.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__")
-    )
+    code = folder / "code"
+    copy_inference_code(code)
     return mlflow.pyfunc.log_model(
         name=MODEL_NAME_IN_RUN,
         python_model=str(PYFUNC_FILE),
         # "sae" is the key pyfunc_model.py loads; origin.json is for `saeflow export`.
         artifacts={"sae": str(folder / WEIGHTS_FILE), "origin": str(folder / ORIGIN_FILE)},
-        code_paths=[str(code)],
+        code_paths=[str(code / PACKAGE)],
         signature=signature,
         input_example=np.zeros((1, d), dtype=np.float32),
-        # Stated rather than inferred: inference would import and probe the model.
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            "safetensors",
-            "pydantic>=2",
-            "pyyaml",
-            "numpy",
-            f"mlflow=={mlflow.__version__}",
-        ],
+        # Stated rather than inferred: inference would import and probe the model. A conda
+        # environment of our own: MLflow's default asks pip for its version (absent from a uv
+        # venv) and warns.
+        conda_env={
+            "name": "saeflow-sae",
+            "channels": ["conda-forge"],
+            "dependencies": [
+                f"python={sys.version_info.major}.{sys.version_info.minor}",
+                "pip",
+                {
+                    "pip": [
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        "safetensors",
+                        "pydantic>=2",
+                        "pyyaml",
+                        "numpy",
+                        "pyarrow",
+                        f"mlflow=={mlflow.__version__}",
+                    ]
+                },
+            ],
+        },
     )
 
 

@@ -139,10 +139,13 @@ def export(
     hook: Annotated[
         str | None, typer.Option(help="Hook the SAE reads, e.g. resid_post.15.")
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model name to record.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model id to record (default: the hub id of the one it ran).")
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Write an SAE in SAELens or EleutherAI sparsify format, normalisation included."""
+    from sae_core.data.assets import hub_model_id
     from sae_core.sae.export import check_format, export_sae, load_source
 
     with one_line_errors():
@@ -154,17 +157,21 @@ def export(
             sae, origin = registered_sae(source)
         else:
             sae, origin = load_source(source)
+        # Other tools name a model by its hub id, never by a folder on this machine.
         origin = origin.model_copy(
-            update={k: v for k, v in {"hook": hook, "model": model}.items() if v}
+            update={"hook": hook or origin.hook, "model": model or hub_model_id(origin.model)}
         )
     with one_line_errors(OSError):  # a full disk, a folder it may not write
         files = export_sae(sae, folder, format_, origin)  # type: ignore[arg-type]
     for file in files:
         console.print(f"wrote {file}")
+    if origin.model is None:
+        console.print("note: no hub id known for the model; pass --model HUB_ID to record one")
     if format_ == "sparsify" and sae.norm.mode == "per_token":
         console.print(
             "note: sparsify has no input normalisation; centre each token and scale it to unit "
-            "norm before encode, undo after decode (cfg.json: saeflow.normalization)"
+            "norm before encode, undo after decode (cfg.json: saeflow.caller_transform; README: "
+            "Export)"
         )
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from flows.cli.console import bars_above_logs
 from flows.cli.errors import one_line_errors
 from flows.cli.options import (
     PresetOpt,
@@ -106,7 +107,8 @@ def flow_command(
                 started = time.perf_counter()
                 from flows.runners import task_runner
 
-                result = launch(cfg, task_runner(runner), progress, **launching)
+                with bars_above_logs():
+                    result = launch(cfg, task_runner(runner), progress, **launching)
             summary(result, time.perf_counter() - started)
 
         flags = [*CONFIG_FLAGS, *flags_of(overrides), *launch_flags, *RUN_FLAGS]

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from sae_core.config import DataConfig
 from sae_core.data.models import HookPoint, check_hook, model_width, run_to_hooks
+from sae_core.device import device_name
 from sae_core.errors import ConfigError
 from sae_core.storage.layout import STORAGE_SCHEMA, storage_batch
 from sae_core.storage.manifests import (
@@ -234,12 +235,13 @@ def extract_shard(
         raise ValueError(f"extract_shard: {len(hooks)} hooks for {len(writers)} writers")
     points = [check_hook(model.config, hook) for hook in hooks]
     context_len = tokens.manifest(TokensManifest).context_len
+    device = next(model.parameters()).device
     source = {"model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-              "model_dtype": model_dtype(model), "width": model_width(model.config)}  # fmt: skip
+              "model_dtype": model_dtype(model), "width": model_width(model.config),
+              "device": device_name(device)}  # fmt: skip
     dtype = storage_dtype(source["model_dtype"], data_cfg)
     ids, context_ids = _read_contexts(tokens, shard, context_len)
     per_batch = max(1, data_cfg.batch_tokens // context_len)
-    device = next(model.parameters()).device
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in hooks]
     dropped = [0] * len(hooks)
     for b in range(0, len(ids), per_batch):
@@ -282,6 +284,10 @@ def activation_manifest(
             "run the extraction again"
         )
     source = marks[shards[0].split][f"{shards[0].index:05d}"]["source"]
+    # Shards may be made on several machines (a Dask cluster); an older attempt's marks name no
+    # device.
+    done_sources = [marks[s.split][f"{s.index:05d}"]["source"] for s in shards]
+    devices = {mark["device"] for mark in done_sources if "device" in mark}
     dtype = storage_dtype(source["model_dtype"], data_cfg)
     splits = {}
     for split in SPLITS:
@@ -306,6 +312,7 @@ def activation_manifest(
         fingerprint=writer.fingerprint,
         model=source["model"],
         model_dtype=source["model_dtype"],
+        model_devices=sorted(devices) or None,
         hook=str(HookPoint.parse(hook)),
         dtype=dtype,
         width=source["width"],

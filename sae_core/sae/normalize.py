@@ -19,7 +19,7 @@ from sae_core.errors import ConfigError
 from sae_core.sae import kernels
 
 NormMode = Literal["per_token", "global", "none"]
-_EPS = 1e-8  # a zero token stays zero instead of becoming NaN
+EPS = 1e-8  # s = max(||x - mean||, EPS): a zero token stays zero instead of becoming NaN
 
 
 class NormStats(NamedTuple):
@@ -62,7 +62,7 @@ class InputNorm:
         per-token mode subtracts it in the same pass). The stats still invert x_norm itself.
         """
         if self.mode == "per_token":
-            x_norm, shift, scale = kernels.normalize_tokens(x, _EPS, offset)
+            x_norm, shift, scale = kernels.normalize_tokens(x, EPS, offset)
             return x_norm, NormStats(shift, scale)
         zero = x.new_zeros(())
         x_norm, stats = x, NormStats(zero, x.new_ones(()))

@@ -13,6 +13,7 @@ Readers see one Arrow schema (`ACTIVATION_SCHEMA`): `activation: fixed_size_list
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -116,3 +117,15 @@ def activation_matrix(batch: pa.RecordBatch | pa.Table) -> np.ndarray:
     """The `activation` column as a read-only `[rows, d]` numpy view (no copy), storage dtype."""
     flat, width = flat_values(batch)
     return flat.to_numpy(zero_copy_only=True).reshape(-1, width)
+
+
+def read_activations(source: Any) -> np.ndarray:
+    """A stored activation shard (a path or an open binary file: `.../shard-*.parquet` of an
+    activations dataset) as float32 `[rows, d]`: the input a registered model's `predict` takes.
+    Either layout; float16 shards are widened."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(source, columns=["activation"])
+    if table.column("activation").null_count:
+        raise ValueError("activation column has null rows: not a shard saeflow wrote")
+    return activation_matrix(table).astype(np.float32)

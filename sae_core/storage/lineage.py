@@ -16,6 +16,7 @@ class Lineage(NamedTuple):
     model: str  # the language model's path or name as extraction recorded it
     hook: str  # e.g. resid_post.15
     context_len: int | None
+    skip_first_position: bool | None  # position 0 of every context left out
 
 
 def sae_lineage(sae: DatasetRef) -> Lineage:
@@ -40,4 +41,5 @@ def sae_lineage(sae: DatasetRef) -> Lineage:
         model=manifest.model,
         hook=manifest.hook,
         context_len=manifest.context_len,
+        skip_first_position=manifest.skip_first_position,
     )

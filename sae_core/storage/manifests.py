@@ -253,6 +253,9 @@ class ActivationsManifest(SyntheticCapable):
     """The language model's path or name."""
     model_dtype: str | None = None
     """The dtype the model ran in."""
+    model_devices: list[str] | None = None
+    """The devices the model ran on, resolved from model.device (cpu, cuda:0), one per distinct
+    device the shards were made on."""
     hook: str | None = None
     """The hook point read, e.g. resid_post.15."""
     context_len: int | None = None
@@ -313,6 +316,11 @@ class SaeManifest(Manifest):
     """The decoder's and the file's cost against a dense TopK SAE."""
     resumed_from_tokens: int
     """Tokens of the checkpoint training resumed from (0 for a fresh run)."""
+    device: str | None = None
+    """The device training ran on, resolved from train.device (cpu, cuda:0; rank 0's with
+    train.world_size > 1). Absent from SAEs trained before it was recorded."""
+    gemm_dtype: str | None = None
+    """The encoder GEMM's dtype (train.dtype); the weights and the rest of the step are float32."""
     batch_topk_threshold: float | None = None
     """The inference threshold of a BatchTopK SAE (present only for those)."""
 

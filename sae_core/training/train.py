@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from sae_core.config import SAEConfig, TrainConfig
-from sae_core.device import pick_device
+from sae_core.device import device_name, pick_device
 from sae_core.errors import ConfigError
 from sae_core.sae import WEIGHTS_FILE, SparseAutoencoder, storage_report
 from sae_core.sae.ranks import SINGLE, Ranks
@@ -78,6 +78,8 @@ def sae_manifest(trainer: Trainer, fingerprint: str, acts: DatasetRef) -> SaeMan
         weights="ema" if trainer.ema is not None else "last",
         storage=storage_report(sae),
         resumed_from_tokens=trainer.resumed_from_tokens,
+        device=device_name(trainer.device),
+        gemm_dtype=str(trainer.gemm_dtype).removeprefix("torch."),
         # Set only for BatchTopK SAEs: the others' manifests do not have the field.
         **({"batch_topk_threshold": float(sae.threshold)} if sae.cfg.batch_topk else {}),
     )

@@ -11,7 +11,12 @@ from sae_core.data.activations import extract_activations, extract_hooks, shard_
 from sae_core.data.models import load_model, run_to_hook
 from sae_core.data.tokens import sample_tokens
 from sae_core.errors import ConfigError
-from sae_core.storage.layout import STORAGE_SCHEMA, activation_layout, activation_matrix
+from sae_core.storage.layout import (
+    STORAGE_SCHEMA,
+    activation_layout,
+    activation_matrix,
+    read_activations,
+)
 from sae_core.storage.loader import iter_batches, load_split_tensor, read_split
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
@@ -74,6 +79,8 @@ def test_manifest_and_shards(store, acts):
     assert manifest["kind"] == "activations" and manifest["width"] == 64
     assert manifest["hook"] == "resid_post.1" and manifest["dtype"] == "float32"
     assert manifest["skip_first_position"] is True and manifest["max_norm"] is None
+    # What model.device=auto and the model's dtype became, as the shards recorded them.
+    assert manifest["model_devices"] == ["cpu"] and manifest["model_dtype"] == "float32"
     train = manifest["splits"]["train"]
     # 640 / 16 = 40 contexts, position 0 skipped: 40 * 15 rows; at most 100 rows a shard: 6
     # whole contexts (90 rows) a shard.
@@ -90,6 +97,14 @@ def test_manifest_and_shards(store, acts):
             assert activation_layout(table.schema) == (64, "float32", "")
             assert table.num_rows == shard["rows"]
     assert store.manifest(ref.path)["splits"] == manifest["splits"]
+
+
+def test_a_stored_shard_reads_as_the_float32_rows_a_model_takes(store, acts):
+    manifest, ref = acts
+    shard = manifest["splits"]["train"]["shards"][0]["name"]
+    rows = read_activations(store.open(f"{ref.path}/{shard}"))
+    assert rows.shape == (90, 64) and rows.dtype == np.float32 and rows.flags.writeable
+    np.testing.assert_array_equal(rows, load_split_tensor(ref, "train")[:90].numpy())
 
 
 def test_rows_match_the_model(store, loaded, acts, tokens_ref):
@@ -216,6 +231,7 @@ def test_bfloat16_model_is_stored_as_float32(store, tiny_llama_dir, tokens_ref):
             progress=False,
         ).to_json()  # fmt: skip
     assert manifest["dtype"] == "float32" and manifest["model_dtype"] == "bfloat16"
+    assert manifest["model_devices"] == ["cpu"]
     shard = manifest["splits"]["train"]["shards"][0]["name"]
     table = pq.read_table(store.open(f"activations/bf16/{shard}"))
     assert activation_layout(table.schema) == (64, "float32", "")

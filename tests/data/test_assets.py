@@ -197,3 +197,13 @@ def test_resolve_corpus(asset_cache_dir, tmp_path):
     with pytest.raises(ConfigError, match="no such local file"):
         resolve_corpus(str(tmp_path / "gone.jsonl"))
     assert resolve_corpus("wikitext") == ["wikitext"]
+
+
+def test_hub_model_id_names_a_model_as_other_tools_do(tmp_path):
+    from sae_core.data.assets import hub_model_id, model_dir
+
+    smollm = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_model_id("smollm2-135m") == smollm
+    assert hub_model_id(str(model_dir("smollm2-135m"))) == smollm  # what extraction records
+    assert hub_model_id("EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
+    assert hub_model_id(str(tmp_path)) is None and hub_model_id(None) is None  # a local folder

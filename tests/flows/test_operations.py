@@ -141,6 +141,25 @@ def test_run_records_lineage_and_provenance(first):
         assert run.data.tags["mlflow.source.git.commit"] == revision.stdout.strip()
 
 
+def test_right_after_a_run_only_challenger_exists_as_the_readme_says(first, tmp_path):
+    """README's export example (defect 8): after a run, before any promotion, `@challenger`
+    exports and `@champion` is a one-line error."""
+    from flows.cli import app
+
+    runner = CliRunner()
+    exported = runner.invoke(
+        app,
+        ["export", f"models:/{MODEL}@challenger", "--format", "saelens", "--out", str(tmp_path)],
+    )
+    assert exported.exit_code == 0, exported.output
+    out = str(tmp_path / "champion")
+    missing = runner.invoke(
+        app, ["export", f"models:/{MODEL}@champion", "--format", "saelens", "--out", out]
+    )
+    assert missing.exit_code == 2 and missing.output.startswith("error:"), missing.output
+    assert "champion" in missing.output
+
+
 def test_first_promotion_crowns_the_first_model(first, champion):
     import mlflow
 
@@ -245,7 +264,10 @@ def test_export_of_the_champion_carries_its_origin(champion, tmp_path):
     assert result.exit_code == 0, result.output
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["saeflow"]["origin"]["hook"] == "resid_post.2" and cfg["k"] == 8
+    assert cfg["saeflow"]["origin"]["skip_first_position"] is True
     assert "note: sparsify has no input normalisation" in result.output
+    # The tiny model is a local folder with no hub id: nothing names its path as the model.
+    assert cfg["saeflow"]["origin"]["model"] is None and "--model HUB_ID" in result.output
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from sae_core.storage.store import Store
 from tests.helpers.pipeline import ALL_STAGES, run, tiny_config
@@ -71,6 +72,13 @@ def test_registry_holds_the_version_with_its_alias(first_run):
     run = client.get_run(reg.run_id)
     assert run.data.metrics["nmse"] == pytest.approx(result.evaluation.metrics["nmse"])
     assert run.data.params["sae.k"] == "8"
+    # What `auto` became, beside the configured value.
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert run.data.params["train.device"] == run.data.params["model.device"] == "auto"
+    assert run.data.params["train.device_resolved"] == device
+    assert run.data.params["model.device_resolved"] == device
+    assert run.data.params["train.dtype_resolved"] == run.data.params["model.dtype_resolved"]
+    assert run.data.params["model.dtype_resolved"] == "float32"
     assert {a.path for a in client.list_artifacts(reg.run_id, "sae")} >= {"sae/history.json"}
     # The weights travel in the pickle-free pyfunc model (tests/flows/test_operations.py loads it).
     model = mlflow.artifacts.download_artifacts(f"models:/tiny-sae/{reg.version}")

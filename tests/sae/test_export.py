@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -16,10 +17,10 @@ from sae_core.config import SAEConfig
 from sae_core.errors import ConfigError
 from sae_core.sae import TopKSAE
 from sae_core.sae.export import Origin, export_sae, import_sae, saeflow_hook, transformer_lens_hook
-from sae_core.sae.normalize import InputNorm
+from sae_core.sae.normalize import EPS, InputNorm
 
 D, N, K = 32, 128, 8
-ORIGIN = Origin(model="tiny-llama", hook="resid_post.3", context_size=64)
+ORIGIN = Origin(model="tiny-llama", hook="resid_post.3", context_size=64, skip_first_position=True)
 
 
 def make_sae(mode: str) -> TopKSAE:
@@ -65,15 +66,16 @@ def run_saelens(folder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run_sparsify(folder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """sparsify's SparseCoder encode/decode (sparsify/sparse_coder.py), plus the per-token
-    transform cfg.json's saeflow entry names when it could not be folded into the weights."""
+    transform cfg.json's saeflow entry states when it could not be folded into the weights."""
     cfg = json.loads((folder / "cfg.json").read_text())
     w = load_file(str(folder / "sae.safetensors"))
     assert w["encoder.weight"].shape == (cfg["num_latents"], cfg["d_in"])
     per_token = cfg["saeflow"]["caller_applies_normalization"]
     assert per_token == (cfg["saeflow"]["normalization"]["mode"] == "per_token")
     if per_token:
+        eps = cfg["saeflow"]["caller_transform"]["eps"]
         mu = x.mean(dim=-1, keepdim=True)
-        scale = (x - mu).norm(dim=-1, keepdim=True)
+        scale = (x - mu).norm(dim=-1, keepdim=True).clamp_min(eps)
         x = (x - mu) / scale
     pre = torch.relu((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"])
     top = pre.topk(cfg["k"], dim=-1)
@@ -118,6 +120,42 @@ def test_saelens_files_follow_its_layout(tmp_path):
         k: tuple(v.shape) for k, v in load_file(str(tmp_path / "sae_weights.safetensors")).items()
     }
     assert shapes == {"W_enc": (D, N), "W_dec": (N, D), "b_enc": (N,), "b_dec": (D,)}
+
+
+@pytest.mark.parametrize("mode", ["per_token", "global"])
+def test_sparsify_cfg_states_the_transform_a_caller_applies(tmp_path, mode):
+    export_sae(make_sae(mode), tmp_path, "sparsify", ORIGIN)
+    transform = json.loads((tmp_path / "cfg.json").read_text())["saeflow"]["caller_transform"]
+    if mode == "global":  # folded into the weights: nothing to do
+        assert transform.startswith("none")
+        return
+    assert transform["eps"] == EPS
+    assert (
+        "m = mean(x)" in transform["before_encode"]
+        and "max(||x - m||_2, eps)" in (transform["before_encode"])
+    )
+    assert transform["after_decode"].startswith("x_hat = decode(codes) * s + m")
+
+
+def test_saelens_metadata_names_the_positions_trained_on(tmp_path):
+    export_sae(make_sae("per_token"), tmp_path / "a", "saelens", ORIGIN)
+    meta = json.loads((tmp_path / "a" / "cfg.json").read_text())["metadata"]
+    assert meta["seqpos_slice"] == [1, None]  # position 0 left out: slice(1, None)
+    all_positions = ORIGIN.model_copy(update={"skip_first_position": False})
+    export_sae(make_sae("per_token"), tmp_path / "b", "saelens", all_positions)
+    assert json.loads((tmp_path / "b" / "cfg.json").read_text())["metadata"]["seqpos_slice"] == [
+        None
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_exported_files_are_readable_as_the_umask_allows(tmp_path, fmt):
+    previous = os.umask(0o022)
+    try:
+        files = export_sae(make_sae("per_token"), tmp_path, fmt, ORIGIN)
+    finally:
+        os.umask(previous)
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o644 for f in files}
 
 
 def test_foreign_saelens_layer_norm_sae_imports_as_per_token(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from sae_core.errors import ConfigError, DatasetDamaged
 from sae_core.storage import loader
-from sae_core.storage.layout import ACTIVATION_SCHEMA
+from sae_core.storage.layout import ACTIVATION_SCHEMA, read_activations
 from sae_core.storage.loader import iter_batches, load_split_tensor
 from sae_core.storage.manifests import ActivationsManifest, ActivationsSplit
 from sae_core.storage.refs import DatasetRef
@@ -136,6 +136,8 @@ def test_float16_storage_comes_out_float32(tmp_path):
     assert batches[0].dtype == torch.float32
     assert sorted(row_ids(batches)) == list(range(200))
     assert load_split_tensor(ref, "train")[:, 0].tolist() == list(range(200))
+    rows = read_activations(tmp_path / "acts" / "train" / "shard-00001.parquet")
+    assert rows.dtype == np.float32 and rows[:, 0].tolist() == list(range(100, 200))
 
 
 def test_reading_is_bounded_by_the_buffer(tmp_path, monkeypatch):

@@ -220,7 +220,9 @@ def test_a_trained_sae_writes_the_manifest_it_wrote_before(tmp_path, one_thread,
     [trainer] = train_group(acts, [GroupMember(sae_cfg, train_cfg, "checkpoints/fp")], store)
     with store.writing("sae/fp") as writer:
         write_trained(writer, acts, trainer)
-    expected = old_sae_manifest(trainer, acts, "fp") | {"uri": store.url("sae/fp")}
+    # Recorded since: the device and GEMM dtype training used.
+    recorded = {"device": "cpu", "gemm_dtype": "float32"}
+    expected = old_sae_manifest(trainer, acts, "fp") | recorded | {"uri": store.url("sae/fp")}
     assert as_text(store.manifest("sae/fp")) == as_text(expected)
     assert ("batch_topk_threshold" in expected) is batch_topk
 
@@ -283,6 +285,7 @@ def test_an_extraction_writes_the_manifest_it_wrote_before(
         extract_stage.release_shard_model()
     writer = DatasetWriter(store, plan.locations[0].path)
     expected = old_activation_manifest(writer, tokens, data, model.hook, plan.shards)
+    expected |= {"model_devices": ["cpu"]}  # recorded since: where the model ran
     assert expected["splits"]["train"]["dropped_max_norm"] > 0  # the filter ran
     built = activation_manifest(writer, tokens, data, model.hook, plan.shards)
     assert as_text(built.to_json()) == as_text(expected)

@@ -53,6 +53,7 @@ def test_train_sae_writes_weights_history_and_manifest(tmp_path):
     assert (manifest["recipe"], manifest["lr"]) == ("budget", 3e-3)
     assert (manifest["lr_warmup_steps"], manifest["lr_decay"]) == (2, "linear")
     assert json.loads(store.read_bytes("sae/test/config.json"))["train"]["recipe"] == "budget"
+    assert (manifest["device"], manifest["gemm_dtype"]) == ("cpu", "float32")
     assert 0 <= manifest["dead_fraction"] <= 1 and manifest["final_nmse"] < 0.8
     history = store.read_json("sae/test/history.json")
     assert len(history) == 32 and {"loss", "nmse", "dead_fraction", "l0", "aux_loss"} <= set(
