@@ -58,6 +58,14 @@ def recipes(
     ce_contexts: Annotated[
         int, typer.Option("--ce-contexts", help="Eval contexts scored for CE loss recovered.")
     ] = 128,
+    activations: Annotated[
+        str | None,
+        typer.Option(
+            "--activations",
+            help="A committed activations dataset (STORE/activations/FP) to study instead of "
+            "the preset's (its model scores CE); the preset still gives the SAE and training.",
+        ),
+    ] = None,
     preset: PresetOpt = "demo",
     set_: SetOpt = None,
     store: StoreOpt = None,
@@ -80,10 +88,20 @@ def recipes(
             raise ConfigError(f"--out {out}: not a regular file; give a .json file's path")
         from sae_core.data.assets import resolve_model_path
         from sae_core.data.models import load_model
+        from sae_core.storage.manifests import ActivationsManifest
+        from sae_core.storage.refs import committed_dataset
         from sae_core.studies.recipes import recipe_study
 
-        acts = activations_of(config)
-        model = load_model(resolve_model_path(config.model.path), "float32", "cpu").model
+        if activations is None:
+            acts, model_path = activations_of(config), config.model.path
+        else:
+            acts = committed_dataset(activations, "activations")
+            if acts is None:
+                raise ConfigError(
+                    f"--activations {activations}: not a committed activations dataset"
+                )
+            model_path = acts.manifest(ActivationsManifest).model or config.model.path
+        model = load_model(resolve_model_path(model_path), "float32", "cpu").model
         points = recipe_study(
             acts, model, config.sae, config.train, todo, chosen, out, sparsify_python, ce_contexts
         )

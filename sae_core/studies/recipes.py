@@ -94,9 +94,8 @@ class Scorer:
                 ids = self.contexts[start : start + self.batch]
                 act = self.baseline.act[start : start + self.batch]
                 logits = self.split.logits(ids, edit(act))
-                n = ids.shape[0] * (ids.shape[1] - 1 - self.first)
-                total += float(next_token_ce(logits, ids, self.first)) * n
-                terms += n
+                total += float(next_token_ce(logits, ids, self.first))  # a sum over the batch
+                terms += ids.shape[0] * (ids.shape[1] - 1 - self.first)
         return total / terms
 
     def fvu(self, reconstruct: Reconstruct) -> float:
@@ -107,14 +106,19 @@ class Scorer:
                 stats.update(x, reconstruct(x))
         return stats.result()
 
-    def ce_loss_recovered(self, reconstruct: Reconstruct) -> float:
+    def spliced_ce(self, reconstruct: Reconstruct) -> float:
+        """Mean next-token CE with x_hat spliced in at the hook (positions >= first)."""
+
         def spliced(act: Tensor) -> Tensor:
             tail = act[:, self.first :]
             x_hat = reconstruct(tail.reshape(-1, tail.shape[-1]).float())
             return with_tail(act, self.first, x_hat.reshape(tail.shape).to(act.dtype))
 
+        return self._ce(spliced)
+
+    def ce_loss_recovered(self, reconstruct: Reconstruct) -> float:
         zero = self.baseline.ce_sums["zero"] / self.baseline.terms
-        return ce_loss_recovered(self.ce_clean, self._ce(spliced), zero)
+        return ce_loss_recovered(self.ce_clean, self.spliced_ce(reconstruct), zero)
 
 
 def train_recipe(

@@ -75,3 +75,25 @@ def test_sparsify_reconstruct_keeps_the_top_k_of_relu_preactivations():
     z = torch.where(pre >= kth, pre, 0.0)
     expected = z @ weights["W_dec"] + weights["b_dec"]
     torch.testing.assert_close(sparsify_reconstruct(weights, k)(x), expected)
+
+
+def test_the_scorer_measures_ce_as_the_model_does(tiny_llama_dir, tiny_corpus_dir, tmp_path):
+    from sae_core.data.models import load_model
+    from sae_core.evaluation.metrics import next_token_ce
+    from sae_core.stages.extract import extract_activations
+    from sae_core.stages.sample import sample_tokens
+    from sae_core.studies.recipes import Scorer
+
+    config = tiny_config(tiny_llama_dir, tiny_corpus_dir, str(tmp_path / "store"))
+    tokens = sample_tokens(config.store, config.model, config.data, progress=False)
+    acts = extract_activations(tokens, config.model, config.data, progress=False)
+    model = load_model(str(tiny_llama_dir), "float32", "cpu").model
+    scorer = Scorer(acts, model, ce_contexts=6, batch=4)
+    ids = scorer.contexts
+    with torch.inference_mode():
+        direct = float(next_token_ce(model(input_ids=ids).logits, ids, 1))
+    assert scorer.ce_clean == pytest.approx(direct / (ids.shape[0] * (ids.shape[1] - 2)), rel=1e-5)
+    # An exact reconstruction scores the clean CE, the zero vector the zero ablation's.
+    zero = scorer.baseline.ce_sums["zero"] / scorer.baseline.terms
+    assert scorer.spliced_ce(lambda x: x) == pytest.approx(scorer.ce_clean, rel=1e-6)
+    assert scorer.spliced_ce(torch.zeros_like) == pytest.approx(zero, rel=1e-5)
