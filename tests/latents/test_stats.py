@@ -322,7 +322,7 @@ def test_stage_writes_the_viewer_dataset_once(
     window = fired["top"][0]
     assert len(window["tokens"]) == len(window["acts"]) and window["acts"][
         window["peak"]
-    ] == pytest.approx(window["value"], rel=1e-3, abs=5e-4)  # acts are stored to 3 decimals
+    ] == pytest.approx(window["value"], rel=1e-3, abs=1e-3)  # both are rounded for the page
     assert sum(fired["histogram"]["counts"]) == fired["fires"]
     assert len(fired["logits"]["promoted"]) == cfg.latents.logit_tokens
     json.dumps(summary, allow_nan=False)  # the browser's JSON.parse takes no NaN
