@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.runners import local_runner
+from flows.stopping import cancelled_on_stop
 from sae_core.config import PipelineConfig
 from sae_core.data.models import ModelFacts
 from sae_core.storage.manifests import ValidationManifest
@@ -58,6 +59,7 @@ class _Stages:
 
 
 @flow(name="saeflow-pipeline", log_prints=True, task_runner=local_runner())
+@cancelled_on_stop
 def pipeline(config: PipelineConfig, progress: bool = True) -> PipelineResult:
     run = _Stages()
     facts = check_inputs(config)

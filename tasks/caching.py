@@ -17,6 +17,7 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.utilities.hashing import hash_objects
 
+from sae_core import stopping
 from sae_core.env import saeflow_home
 from sae_core.stages.location import Location
 from sae_core.storage.locks import file_lock
@@ -88,7 +89,9 @@ def run_stage(task: Task, **inputs: Any) -> State:
 
     Runs sharing the state directory compute one output at a time: a second run of the same
     stage waits for the first (a kernel lock, released even if its holder is killed), then
-    finds the output committed and reuses it instead of clearing and rewriting it."""
+    finds the output committed and reuses it instead of clearing and rewriting it. A stop
+    requested meanwhile (sae_core.stopping) ends the flow here, before the next stage starts."""
+    stopping.check()
     policy = task.cache_policy
     if not isinstance(policy, CommittedOutput):
         return task(**inputs, return_state=True)

@@ -1,7 +1,9 @@
-"""The one way a command fails on bad input: one line `error: ...`, exit code 2, no traceback."""
+"""The one way a command fails on bad input: one line `error: ...`, exit code 2, no traceback;
+and the one way a run stopped by Ctrl-C or SIGTERM ends: one line, exit code 128 + the signal."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
@@ -9,6 +11,7 @@ from typing import NoReturn
 import typer
 
 from flows.cli.console import console
+from sae_core import stopping
 from sae_core.errors import USER_ERRORS, storage_errors, storage_failure
 
 
@@ -30,3 +33,22 @@ def one_line_errors(*extra: type[Exception]) -> Iterator[None]:
     # Evaluated only when an exception gets here, so botocore loads only then.
     except storage_errors() as err:
         _fail(storage_failure(err))
+    except BaseException:
+        if (signum := stopping.requested()) is None:
+            raise
+        _stopped(signum)
+
+
+def _stopped(signum: int) -> NoReturn:
+    """A run stopped by a signal (sae_core.stopping): whatever it raised on its way out (the
+    stop itself, a cancelled flow run, a second Ctrl-C) ends as one line on stderr and the
+    exit code a shell expects (128 + the signal: 130 for Ctrl-C)."""
+    name = stopping.signal_name(signum)
+    typer.echo(
+        f"stopped by {name}: what was committed is kept; run the same command again to resume",
+        err=True,
+    )
+    # The interpreter's last garbage collection over torch, Prefect and pydantic takes seconds
+    # on a busy machine: the process is ending and its memory goes back whole.
+    gc.freeze()
+    raise typer.Exit(128 + signum)

@@ -74,7 +74,12 @@ def flow_command(
 ) -> Callable[[Callable[..., list[str]]], Callable[..., list[str]]]:
     """Registers `overrides(**own_flags) -> ["key.path=value", ...]` as a command of its name:
     the configuration (--preset, --set, then those overrides, --store), the task runner
-    (--runner), then `launch` (its checks, then the flow) and `summary(result, seconds)`."""
+    (--runner), then `launch` (its checks, then the flow) and `summary(result, seconds)`.
+
+    Ctrl-C or SIGTERM stops the flow at its next check and marks it Cancelled (flows/stopping.py;
+    the console goes quiet and the command ends with one line); without PREFECT_API_URL the
+    flow reports to a temporary Prefect API that the signal does not reach and that goes with
+    the command (deployments/temporary_api.py)."""
 
     def register_flow(overrides: Callable[..., list[str]]) -> Callable[..., list[str]]:
         def command(
@@ -85,14 +90,22 @@ def flow_command(
             progress: bool,
             **own: Any,
         ) -> None:
+            from flows.stopping import stop_on_signals
+            from sae_core import stopping
             from sae_core.config import load_config
 
-            with one_line_errors():
+            stopping.reset()
+            with one_line_errors(), stop_on_signals():
                 cfg = load_config(preset, [*(set_ or []), *overrides(**own)], store)
                 started = time.perf_counter()
+                from deployments.temporary_api import start_temporary_api
                 from flows.runners import task_runner
+                from flows.stopping import quiet_console_after_stop
 
-                result = launch(cfg, task_runner(runner), progress)
+                shards_on = task_runner(runner)
+                quiet_console_after_stop()
+                start_temporary_api()
+                result = launch(cfg, shards_on, progress)
             summary(result, time.perf_counter() - started)
 
         flags = [*CONFIG_FLAGS, *flags_of(overrides), *RUN_FLAGS]
