@@ -3,7 +3,6 @@ and the one way a run stopped by Ctrl-C or SIGTERM ends: one line, exit code 128
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
@@ -48,7 +47,4 @@ def _stopped(signum: int) -> NoReturn:
         f"stopped by {name}: what was committed is kept; run the same command again to resume",
         err=True,
     )
-    # The interpreter's last garbage collection over torch, Prefect and pydantic takes seconds
-    # on a busy machine: the process is ending and its memory goes back whole.
-    gc.freeze()
     raise typer.Exit(128 + signum)
