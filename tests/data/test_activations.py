@@ -267,26 +267,28 @@ def test_interrupted_extraction_only_makes_the_shards_it_had_not_finished(
 
 
 @pytest.mark.usefixtures("stop_request")
-def test_a_stop_request_ends_extraction_between_forward_batches_and_it_resumes(
+def test_a_stop_request_ends_extraction_at_the_next_decoder_block_and_it_resumes(
     store, loaded, tokens_ref
 ):
     two_forwards = {"batch_tokens": 3 * T}  # 6 contexts a shard, 3 a forward
     reference, _ = _extract(store, loaded, tokens_ref, "stop-ref", **two_forwards)
     path = "activations/stopped"
-    calls, handle = _layer_calls(loaded.model, 0)
+    first, first_handle = _layer_calls(loaded.model, 0)
+    second, second_handle = _layer_calls(loaded.model, 1)
 
     def ctrl_c_in_third_forward(*_):
-        if calls["n"] == 2:  # the first forward of shard 1
+        if first["n"] == 3:  # the first forward of shard 1, block 0 just done
             stopping.request(signal.SIGINT)
 
-    stopper = loaded.model.model.layers[0].register_forward_pre_hook(ctrl_c_in_third_forward)
+    stopper = loaded.model.model.layers[0].register_forward_hook(ctrl_c_in_third_forward)
     data = DataConfig(**{**BASE, **two_forwards})
     try:
         with pytest.raises(stopping.StopRequested), store.resuming(path) as w:
             extract_activations(loaded.model, tokens_ref, data, "resid_post.1", w, False)
     finally:
         stopper.remove()
-    assert calls["n"] == 3  # the forward under way finished; the next one never started
+        second_handle.remove()
+    assert (first["n"], second["n"]) == (3, 2)  # block 0 finished; block 1 never started
     assert not store.is_committed(path)
     assert store.listdir(f"{path}/_progress/train") == ["00000.json"]  # shard 1 is to redo
     stopping.reset()
@@ -296,7 +298,7 @@ def test_a_stop_request_ends_extraction_between_forward_batches_and_it_resumes(
                 loaded.model, tokens_ref, data, "resid_post.1", w, False
             ).to_json()
     finally:
-        handle.remove()
+        first_handle.remove()
     assert manifest["splits"] == reference["splits"]
     for shard in manifest["splits"]["train"]["shards"]:
         name = shard["name"]
