@@ -3,9 +3,11 @@
 By default Ctrl-C raises KeyboardInterrupt wherever the main thread happens to be (inside a
 store write, or waiting on an extraction thread that carries on) and Prefect turns SIGTERM into
 an exception of its own. Here the first SIGINT or SIGTERM only requests a stop: the running
-loop ends at its next check (between forward batches, training steps, stages), what was
-committed stays, and the flow reports itself Cancelled. A second signal raises KeyboardInterrupt
-at once, for a loop that never checks.
+loop ends at its next check (between a forward pass's decoder blocks, training steps, evaluation
+batches, stages), what was committed stays, and the flow reports itself Cancelled. Before a
+flow's body runs (the configuration, Prefect's server starting) nothing would check, and a
+second signal means "now": both raise KeyboardInterrupt at once. The CLI turns either ending
+into one line (flows/cli/errors.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A stop asked for from outside (Ctrl-C, SIGTERM), honoured between units of work.
 
-The entry points' signal handlers `request` a stop; the long loops (extraction's forward
-batches, training's steps, evaluation's batches) and the pipeline between stages call `check`,
+The entry points' signal handlers `request` a stop; the long loops (a forward pass's decoder
+blocks, extraction's forward batches and shards, training's steps, evaluation's batches,
+tokenization's chunks) and the pipeline between stages call `check`,
 which raises `StopRequested` once one was requested. So a stop never lands inside a store write
 or a checkpoint: what was committed stays committed, and a re-run resumes from it. A leaf: it
 imports nothing of saeflow, and nothing here touches signals itself.

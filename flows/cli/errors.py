@@ -23,8 +23,9 @@ def _fail(err: BaseException) -> NoReturn:
 def one_line_errors(*extra: type[Exception]) -> Iterator[None]:
     """Ends the command with one line and exit code 2 on a user error (USER_ERRORS, or one of
     `extra`: what the command's own calls raise on bad input) or on a storage error that
-    outlasted the retries (shown as `storage_failure`). Anything else is a bug: it keeps its
-    traceback."""
+    outlasted the retries (shown as `storage_failure`); after a stop request (Ctrl-C, SIGTERM:
+    sae_core.stopping) whatever the run raised on its way out ends as the one stop line. Anything
+    else is a bug: it keeps its traceback."""
     try:
         yield
     except (*USER_ERRORS, *extra) as err:
