@@ -78,8 +78,8 @@ def flow_command(
 
     Ctrl-C or SIGTERM stops the flow at its next check and marks it Cancelled (flows/stopping.py;
     the console goes quiet and the command ends with one line); without PREFECT_API_URL the
-    flow reports to a temporary Prefect API that the signal does not reach and that goes with
-    the command (deployments/temporary_api.py)."""
+    flow reports to a temporary Prefect API, started once the checks pass (`_run_flow`), that
+    the signal does not reach and that goes with the command (deployments/temporary_api.py)."""
 
     def register_flow(overrides: Callable[..., list[str]]) -> Callable[..., list[str]]:
         def command(
@@ -98,13 +98,11 @@ def flow_command(
             with one_line_errors(), stop_on_signals():
                 cfg = load_config(preset, [*(set_ or []), *overrides(**own)], store)
                 started = time.perf_counter()
-                from deployments.temporary_api import start_temporary_api
                 from flows.runners import task_runner
                 from flows.stopping import quiet_console_after_stop
 
                 shards_on = task_runner(runner)
                 quiet_console_after_stop()
-                start_temporary_api()
                 result = launch(cfg, shards_on, progress)
             summary(result, time.perf_counter() - started)
 
@@ -115,13 +113,22 @@ def flow_command(
     return register_flow
 
 
+def _run_flow(flow: Any, cfg: PipelineConfig, shards_on: TaskRunner, progress: bool) -> Any:
+    """Run a flow, once its launch's checks have passed: on its temporary Prefect API when no
+    PREFECT_API_URL names one (started here, so that bad input never waits for it)."""
+    from deployments.temporary_api import start_temporary_api
+
+    start_temporary_api()
+    return flow.with_options(task_runner=shards_on)(cfg, progress=progress)
+
+
 def _launch_pipeline(cfg: PipelineConfig, shards_on: TaskRunner, progress: bool) -> Any:
     from sae_core.training.preflight import preflight
 
     preflight(cfg)  # seconds, before Prefect and the model start
     from flows.pipeline import pipeline
 
-    return pipeline.with_options(task_runner=shards_on)(cfg, progress=progress)
+    return _run_flow(pipeline, cfg, shards_on, progress)
 
 
 @flow_command(_launch_pipeline, print_summary)
@@ -138,7 +145,7 @@ def _launch_sweep(cfg: PipelineConfig, shards_on: TaskRunner, progress: bool) ->
     preflight(cfg)
     from flows.sweep import sweep as sweep_flow
 
-    return sweep_flow.with_options(task_runner=shards_on)(cfg, progress=progress)
+    return _run_flow(sweep_flow, cfg, shards_on, progress)
 
 
 @flow_command(_launch_sweep, print_sweep_summary)
@@ -156,7 +163,7 @@ def _launch_frontier(cfg: PipelineConfig, shards_on: TaskRunner, progress: bool)
     frontier_plan(cfg, preflight(cfg).width)  # a bad degree fails in seconds
     from flows.frontier import frontier as frontier_flow
 
-    return frontier_flow.with_options(task_runner=shards_on)(cfg, progress=progress)
+    return _run_flow(frontier_flow, cfg, shards_on, progress)
 
 
 @flow_command(_launch_frontier, print_frontier_summary)
