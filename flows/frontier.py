@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from flows.grid import activation_set, train_and_evaluate_all
 from flows.pipeline import check_inputs
 from flows.runners import local_runner
+from flows.stopping import cancelled_on_stop
 from sae_core.config import PipelineConfig
 from sae_core.storage.refs import DatasetRef
 from sae_core.studies.frontier import FrontierPoint, frontier_plan
@@ -27,6 +28,7 @@ class FrontierResult(BaseModel):
 
 
 @flow(name="saeflow-frontier", log_prints=True, task_runner=local_runner())
+@cancelled_on_stop
 def frontier(config: PipelineConfig, progress: bool = True) -> FrontierResult:
     facts = check_inputs(config)
     plan = frontier_plan(config, facts.width)  # a bad degree fails here, before any work

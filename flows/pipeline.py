@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.runners import local_runner
+from flows.stopping import cancelled_on_stop
 from sae_core.config import PipelineConfig
 from sae_core.data.models import ModelFacts
 from sae_core.evaluation.promotion import Nomination
@@ -90,6 +91,7 @@ class _Stages:
 
 
 @flow(name="saeflow-pipeline", log_prints=True, task_runner=local_runner())
+@cancelled_on_stop
 def pipeline(
     config: PipelineConfig, progress: bool = True, refresh: list[str] | None = None
 ) -> PipelineResult:

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from flows.grid import activation_set, train_and_evaluate_all
 from flows.pipeline import check_inputs
 from flows.runners import local_runner
+from flows.stopping import cancelled_on_stop
 from sae_core.config import PipelineConfig
 from sae_core.storage.refs import DatasetRef
 from sae_core.studies.scaling import ScalingFit
@@ -29,6 +30,7 @@ class SweepResult(BaseModel):
 
 
 @flow(name="saeflow-sweep", log_prints=True, task_runner=local_runner())
+@cancelled_on_stop
 def sweep(config: PipelineConfig, progress: bool = True) -> SweepResult:
     points_to_run = grid(config)  # a bad grid fails here, before any work
     data = activation_set(config, check_inputs(config), progress)

@@ -17,6 +17,7 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 from prefect.utilities.hashing import hash_objects
 
+from sae_core import stopping
 from sae_core.env import saeflow_home
 from sae_core.stages.location import Location
 from sae_core.storage.locks import file_lock
@@ -116,7 +117,9 @@ def run_stage(task: Task, refresh: bool = False, **inputs: Any) -> StageRun:
 
     Runs sharing the state directory compute one output at a time: a second run of the same
     stage waits for the first (a kernel lock, released even if its holder is killed), then
-    finds the output committed and reuses it instead of clearing and rewriting it."""
+    finds the output committed and reuses it instead of clearing and rewriting it. A stop
+    requested meanwhile (sae_core.stopping) ends the flow here, before the next stage starts."""
+    stopping.check()
     policy = task.cache_policy
     if not isinstance(policy, CommittedOutput):
         state = (task.with_options(refresh_cache=True) if refresh else task)(

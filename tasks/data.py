@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
+from sae_core import stopping
 from sae_core.config import DataConfig, ModelConfig
 from sae_core.data.activations import ShardRange
 from sae_core.stages import extract as extract_stage
@@ -56,6 +57,7 @@ def extract_activations(
             with tqdm(total=contexts, unit="ctx", desc="extract", disable=not progress) as bar:
                 # Every shard ends before a failure is raised: none is left running behind.
                 for future in as_completed(futures):
+                    stopping.check()  # shards on Dask workers do not see this process's stop
                     try:
                         shard = future.result()
                     except Exception as err:  # noqa: BLE001 - raised once all have ended

@@ -67,3 +67,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def stop_request():
+    """A stop request (sae_core.stopping) a test makes ends with the test."""
+    from sae_core import stopping
+
+    stopping.reset()
+    yield
+    stopping.reset()

@@ -7,11 +7,13 @@ command fails on bad input the same way (flows/cli/errors.py).
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import typer
 
 from flows.cli import bench, housekeeping, models, pipeline, services, study, view
+from sae_core import stopping
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Train and evaluate sparse autoencoders."
@@ -30,3 +32,9 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        if stopping.requested() is not None:
+            # Stopped: exit now. The interpreter's last garbage collection, over torch's,
+            # Prefect's and pydantic's objects, takes seconds on a busy machine; the memory
+            # goes back whole anyway.
+            gc.freeze()

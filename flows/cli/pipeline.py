@@ -86,7 +86,12 @@ def flow_command(
     """Registers `overrides(**own_flags) -> ["key.path=value", ...]` as a command of its name:
     the configuration (--preset, --set, then those overrides, --store), the task runner
     (--runner), then `launch` (its checks, then the flow; `launch_flags` are passed to it by
-    name) and `summary(result, seconds)`."""
+    name) and `summary(result, seconds)`.
+
+    Ctrl-C or SIGTERM stops the flow at its next check and marks it Cancelled (flows/stopping.py;
+    the console goes quiet and the command ends with one line); without PREFECT_API_URL the
+    flow reports to a temporary Prefect API, started once the checks pass (`_run_flow`), that
+    the signal does not reach and that goes with the command (deployments/temporary_api.py)."""
 
     def register_flow(overrides: Callable[..., list[str]]) -> Callable[..., list[str]]:
         def command(
@@ -98,17 +103,23 @@ def flow_command(
             **own: Any,
         ) -> None:
             from deployments.access import check_access
+            from flows.stopping import stop_on_signals
+            from sae_core import stopping
             from sae_core.config import load_config
 
             launching = {p.name: own.pop(p.name) for p in launch_flags}
-            with one_line_errors():
+            stopping.reset()
+            with one_line_errors(), stop_on_signals():
                 cfg = load_config(preset, [*(set_ or []), *overrides(**own)], store)
                 check_access()  # a refused credential in seconds, not after the flow ran
                 started = time.perf_counter()
                 from flows.runners import task_runner
+                from flows.stopping import quiet_console_after_stop
 
+                shards_on = task_runner(runner)
+                quiet_console_after_stop()
                 with bars_above_logs():
-                    result = launch(cfg, task_runner(runner), progress, **launching)
+                    result = launch(cfg, shards_on, progress, **launching)
             summary(result, time.perf_counter() - started)
 
         flags = [*CONFIG_FLAGS, *flags_of(overrides), *launch_flags, *RUN_FLAGS]
@@ -116,6 +127,17 @@ def flow_command(
         return overrides
 
     return register_flow
+
+
+def _run_flow(
+    flow: Any, cfg: PipelineConfig, shards_on: TaskRunner, progress: bool, **kw: Any
+) -> Any:
+    """Run a flow, once its launch's checks have passed: on its temporary Prefect API when no
+    PREFECT_API_URL names one (started here, so that bad input never waits for it)."""
+    from deployments.temporary_api import start_temporary_api
+
+    start_temporary_api()
+    return flow.with_options(task_runner=shards_on)(cfg, progress=progress, **kw)
 
 
 def _launch_pipeline(
@@ -128,7 +150,7 @@ def _launch_pipeline(
     from tasks.refresh import checked_stages
 
     checked_stages(refresh or [], STAGES)  # before the flow (and Prefect's server) starts
-    return pipeline.with_options(task_runner=shards_on)(cfg, progress=progress, refresh=refresh)
+    return _run_flow(pipeline, cfg, shards_on, progress, refresh=refresh)
 
 
 @flow_command(_launch_pipeline, print_summary, flag("refresh", RefreshOpt, None))
@@ -145,7 +167,7 @@ def _launch_sweep(cfg: PipelineConfig, shards_on: TaskRunner, progress: bool) ->
     preflight(cfg)
     from flows.sweep import sweep as sweep_flow
 
-    return sweep_flow.with_options(task_runner=shards_on)(cfg, progress=progress)
+    return _run_flow(sweep_flow, cfg, shards_on, progress)
 
 
 @flow_command(_launch_sweep, print_sweep_summary)
@@ -163,7 +185,7 @@ def _launch_frontier(cfg: PipelineConfig, shards_on: TaskRunner, progress: bool)
     frontier_plan(cfg, preflight(cfg).width)  # a bad degree fails in seconds
     from flows.frontier import frontier as frontier_flow
 
-    return frontier_flow.with_options(task_runner=shards_on)(cfg, progress=progress)
+    return _run_flow(frontier_flow, cfg, shards_on, progress)
 
 
 @flow_command(_launch_frontier, print_frontier_summary)

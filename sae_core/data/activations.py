@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sae_core import stopping
 from sae_core.config import DataConfig
 from sae_core.data.models import HookPoint, check_hook, model_width, run_to_hooks
 from sae_core.device import device_name
@@ -245,6 +246,7 @@ def extract_shard(
     parts: list[list[dict[str, np.ndarray]]] = [[] for _ in hooks]
     dropped = [0] * len(hooks)
     for b in range(0, len(ids), per_batch):
+        stopping.check()  # between forward batches: a stop leaves this shard unmarked, to redo
         batch = ids[b : b + per_batch]
         with torch.inference_mode():
             outputs = run_to_hooks(model, batch.to(device), points)

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from sae_core import stopping
 from sae_core.data.assets import resolve_model_path
 from sae_core.data.hub import transformers_bars_off
 from sae_core.device import pick_device
@@ -187,6 +188,10 @@ def run_to_hook(model: nn.Module, input_ids: Tensor, hook: str | HookPoint) -> T
     return run_to_hooks(model, input_ids, [hook])[0]
 
 
+def _check_stop(_module: nn.Module, _args: tuple) -> None:
+    stopping.check()
+
+
 def run_to_hooks(
     model: nn.Module, input_ids: Tensor, hooks: Sequence[str | HookPoint]
 ) -> list[Tensor]:
@@ -195,7 +200,8 @@ def run_to_hooks(
 
     Runs the blocks up to the deepest hook and stops there: the later blocks, the final norm
     and the unembedding (most of the cost at early hooks) never run. Grad mode is the caller's:
-    wrap in `torch.inference_mode()` for extraction.
+    wrap in `torch.inference_mode()` for extraction. A stop request (sae_core.stopping) ends
+    the pass before the next block: one pass takes seconds on a busy CPU.
     """
     points = [HookPoint.parse(h) for h in hooks]
     unique = list(dict.fromkeys(points))
@@ -213,6 +219,8 @@ def run_to_hooks(
     with ExitStack() as stack:
         for point in unique:
             stack.enter_context(hooked(model, point, capture(point)))
+        for block in decoder_layers(model)[: max(p.layer for p in unique) + 1]:
+            stack.callback(block.register_forward_pre_hook(_check_stop).remove)
         try:
             model(input_ids=input_ids, use_cache=False)
         except _StopForward:

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from sae_core import stopping
 from sae_core.config import DataConfig
 from sae_core.env import hub_offline
 from sae_core.errors import ConfigError
@@ -222,6 +223,7 @@ def _documents(
     separator = np.array([] if eos is None else [eos], dtype=np.int64)
     doc_order = np.random.default_rng(seed).permutation(len(corpus))
     for start in range(0, len(corpus), _DOC_CHUNK):
+        stopping.check()
         rows = doc_order[start : start + _DOC_CHUNK]
         values, lengths, keys = _tokenize_chunk(corpus, rows, tokenizer, text_column)
         for doc, key in zip(np.split(values, np.cumsum(lengths)[:-1]), keys, strict=True):

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from sae_core import stopping
 from sae_core.config import EvalConfig
 from sae_core.evaluation.ablation import sample_ablation_sparsity
 from sae_core.evaluation.baseline import Baseline, with_tail
@@ -93,6 +94,7 @@ def evaluate_sae(
     batches = range(0, contexts.shape[0], cfg.batch_contexts)
     with torch.inference_mode():
         for start in tqdm(batches, desc="evaluate", unit="batch", disable=not progress):
+            stopping.check()
             stop = start + cfg.batch_contexts
             ids = contexts[start:stop].to(device)
             act = baseline.act[start:stop].to(device)

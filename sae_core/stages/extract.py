@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
+from sae_core import stopping
 from sae_core.config import DataConfig, ModelConfig
 from sae_core.data import activations, models
 from sae_core.data.activations import (
@@ -119,6 +120,7 @@ def release_shard_model() -> None:
 def extract_activation_shard(plan: ActivationPlan, shard: ShardRange) -> ShardRange:
     """Make `shard` of every `todo` dataset that lacks it. The model is loaded once per process
     and kept for the next shard (`release_shard_model` frees it). Returns the shard."""
+    stopping.check()  # a stopped run's queued shards end here, before loading the model
     store = Store(plan.tokens.store)
     writers = [DatasetWriter(store, plan.locations[i].path) for i in plan.todo]
     lacking = [

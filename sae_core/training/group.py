@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from sae_core import stopping
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.errors import ConfigError
 from sae_core.sae import kernels
@@ -208,6 +209,7 @@ def run_group(
             start = min(due, default=end)
             batches = source(epoch, start) if start < end else iter(())
             for batch_in_epoch, x in zip(range(start, end), batches, strict=False):
+                stopping.check()  # between steps: the last checkpoint is where a re-run resumes
                 for i, (trainer, st) in enumerate(zip(trainers, states, strict=True)):
                     if (st.epoch, st.batch_in_epoch) != (epoch, batch_in_epoch):
                         continue  # resumed past this batch

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from sae_core import stopping
 from sae_core.config import DataConfig
 from sae_core.data.activations import extract_activations, extract_hooks, shard_rows
 from sae_core.data.models import load_model, run_to_hook
@@ -277,6 +280,47 @@ def test_interrupted_extraction_only_makes_the_shards_it_had_not_finished(
     for shard in manifest["splits"]["train"]["shards"]:
         name = shard["name"]
         assert store.read_bytes(f"{path}/{name}") == store.read_bytes(f"{acts[1].path}/{name}")
+
+
+@pytest.mark.usefixtures("stop_request")
+def test_a_stop_request_ends_extraction_at_the_next_decoder_block_and_it_resumes(
+    store, loaded, tokens_ref
+):
+    two_forwards = {"batch_tokens": 3 * T}  # 6 contexts a shard, 3 a forward
+    reference, _ = _extract(store, loaded, tokens_ref, "stop-ref", **two_forwards)
+    path = "activations/stopped"
+    first, first_handle = _layer_calls(loaded.model, 0)
+    second, second_handle = _layer_calls(loaded.model, 1)
+
+    def ctrl_c_in_third_forward(*_):
+        if first["n"] == 3:  # the first forward of shard 1, block 0 just done
+            stopping.request(signal.SIGINT)
+
+    stopper = loaded.model.model.layers[0].register_forward_hook(ctrl_c_in_third_forward)
+    data = DataConfig(**{**BASE, **two_forwards})
+    try:
+        with pytest.raises(stopping.StopRequested), store.resuming(path) as w:
+            extract_activations(loaded.model, tokens_ref, data, "resid_post.1", w, False)
+    finally:
+        stopper.remove()
+        second_handle.remove()
+    assert (first["n"], second["n"]) == (3, 2)  # block 0 finished; block 1 never started
+    assert not store.is_committed(path)
+    assert store.listdir(f"{path}/_progress/train") == ["00000.json"]  # shard 1 is to redo
+    stopping.reset()
+    try:
+        with store.resuming(path) as w:
+            manifest = extract_activations(
+                loaded.model, tokens_ref, data, "resid_post.1", w, False
+            ).to_json()
+    finally:
+        first_handle.remove()
+    assert manifest["splits"] == reference["splits"]
+    for shard in manifest["splits"]["train"]["shards"]:
+        name = shard["name"]
+        assert store.read_bytes(f"{path}/{name}") == store.read_bytes(
+            f"activations/stop-ref/{name}"
+        )
 
 
 def test_a_shard_is_the_same_bytes_whatever_the_order_and_threads(store, loaded, tokens_ref, acts):

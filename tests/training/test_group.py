@@ -3,10 +3,13 @@ committed SAEs are skipped, an interrupted group resumes, and the data is read o
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 from safetensors.torch import load as load_tensors
 
+from sae_core import stopping
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.errors import ConfigError
 from sae_core.sae.base import safetensors_metadata
@@ -123,6 +126,31 @@ def test_an_interrupted_group_resumes_each_sae_from_its_own_checkpoint(tmp_path)
     )
     assert [t.resumed_from_tokens for t in resumed] == [2048, 1024, 1024]
     assert served == [(0, 8), (1, 0)]  # from the earliest cursor, each epoch read once
+    for member, trained in zip(_members(), resumed, strict=True):
+        assert_same_training(_alone(x, member), trained)
+
+
+@pytest.mark.usefixtures("stop_request")
+def test_a_stop_request_ends_a_group_between_steps_and_it_resumes_from_its_checkpoints(tmp_path):
+    x, _ = sparse_dictionary_data(2048)
+    store = Store(str(tmp_path / "store"))
+    inner = tensor_source(x, BATCH, 0)
+
+    def stop_at_step_10(epoch: int, start: int):
+        for batch, data in enumerate(inner(epoch, start), start):
+            if (epoch, batch) == (0, 10):
+                stopping.request(signal.SIGINT)  # as the CLI's handler does on Ctrl-C
+            yield data
+
+    with pytest.raises(stopping.StopRequested):
+        run_group(
+            D, _members(), stop_at_step_10, len(x) // BATCH, lambda: x[:1024], store=store,
+            progress=False,
+        )  # fmt: skip
+    stopping.reset()
+    # Steps 0-9 ran; each SAE's checkpoint (every 8 steps) is whole and is where it resumes.
+    resumed = _group(x, store)
+    assert [t.resumed_from_tokens for t in resumed] == [1024, 1024, 1024]
     for member, trained in zip(_members(), resumed, strict=True):
         assert_same_training(_alone(x, member), trained)
 
