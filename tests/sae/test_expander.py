@@ -270,7 +270,8 @@ def test_storage_report_against_the_dense_equivalent():
 # Training ----------------------------------------------------------------------------------------
 def _train(x: torch.Tensor, epochs: int = 4, **sae) -> Trainer:
     cfg = SAEConfig(**({"n_latents": 64, "k": 3, "normalize": "none"} | sae))
-    train_cfg = TrainConfig(batch_size=128, epochs=epochs, lr=1e-2)
+    # A constant rate (the paper's schedule): these tests compare trajectories, not recipes.
+    train_cfg = TrainConfig(batch_size=128, epochs=epochs, lr=1e-2, recipe="paper")
     source = tensor_source(x, 128, 0)
     return run_training(32, cfg, train_cfg, source, len(x) // 128, lambda: x[:1024], progress=False)
 
