@@ -91,6 +91,8 @@ class Store:
 
     def __init__(self, uri: str | None = None):
         uri = uri or default_store_uri()
+        if "\x00" in uri:  # no path or URI holds one; the OS would refuse it mid-command
+            raise StoreError(f"store {uri!r}: holds a NUL character; give a directory or s3:// URI")
         if "@" in urlsplit(uri).netloc:
             # The URI is recorded in manifests, MLflow params and logs: a secret in it would leak.
             raise StoreError(

