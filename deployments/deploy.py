@@ -15,7 +15,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from sae_core.config import read_yaml
+from sae_core.yaml_files import read_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"

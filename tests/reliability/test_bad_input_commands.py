@@ -63,7 +63,7 @@ def test_duplicate_keys_are_refused_in_every_yaml_saeflow_reads(
     tmp_path: Path, monkeypatch
 ) -> None:
     from deployments import deploy
-    from sae_core.config import read_yaml
+    from sae_core.yaml_files import read_yaml
 
     with pytest.raises(ConfigError, match=r"^x\.yaml: duplicate key 'k' \(line 3\); keep one"):
         read_yaml("sae:\n  k: 8\n  k: 4\n", "x.yaml")
