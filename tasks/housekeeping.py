@@ -4,7 +4,6 @@ and its removal, under the stage locks of this state directory."""
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +22,7 @@ from sae_core.storage.housekeeping import (
     users,
 )
 from sae_core.storage.locks import file_lock, is_held, remove_if_free
-from sae_core.storage.store import Store
+from sae_core.storage.store import Store, connect_failure
 from tasks.caching import stage_lock_path
 from tasks.tracking import mlflow_client, tracking_uri
 
@@ -71,19 +70,15 @@ def registered_datasets(store: Store) -> dict[str, set[str]]:
     return named
 
 
-def _reachable(uri: str, timeout: float = 3.0) -> None:
-    """A TCP connect to a tracking server: seconds to fail, where MLflow's retries take minutes."""
-    url = urlsplit(uri)
-    if url.scheme not in ("http", "https"):
+def _reachable(uri: str) -> None:
+    """ConfigError naming the fix when an http(s) tracking server does not answer."""
+    if urlsplit(uri).scheme not in ("http", "https"):
         return
-    try:
-        port = url.port or (443 if url.scheme == "https" else 80)
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError as err:
+    if (why := connect_failure(uri)) is not None:
         raise ConfigError(
-            f"registry {uri} is unreachable ({err.strerror or type(err).__name__}): start it "
+            f"registry {uri} is unreachable ({why}): start it "
             '(saeflow services up; eval "$(saeflow services env)") or set MLFLOW_TRACKING_URI'
-        ) from None
+        )
 
 
 def _first_line(err: Exception) -> str:

@@ -73,17 +73,25 @@ def system_directory(path: Path) -> bool:
     return bool(inside) or text in _SYSTEM_ROOTS
 
 
-def _probe_endpoint(endpoint: str, timeout: float = 3.0) -> None:
-    """A TCP connect to the S3 endpoint: seconds to fail, where the client's retries take minutes."""
-    url = urlsplit(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
+def connect_failure(url: str, timeout: float = 3.0) -> str | None:
+    """Why a TCP connect to an http(s) URL's host and port fails, None when it connects:
+    seconds to find out, where the clients' retries take minutes."""
+    parts = urlsplit(url)
     try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError as err:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        return getattr(err, "strerror", None) or type(err).__name__
+    return None
+
+
+def _probe_endpoint(endpoint: str) -> None:
+    """StoreError naming the fix when the S3 endpoint does not answer."""
+    if (why := connect_failure(endpoint)) is not None:
         raise StoreError(
-            f"S3 endpoint {endpoint} is unreachable ({err.strerror or type(err).__name__}): "
+            f"S3 endpoint {endpoint} is unreachable ({why}): "
             "start the server (saeflow services up) or fix AWS_ENDPOINT_URL"
-        ) from None
+        )
 
 
 class Store:
