@@ -27,6 +27,7 @@ from sae_core.bench.measure import load_average, timed
 from sae_core.bench.options import ExtractBench
 from sae_core.config import DataConfig
 from sae_core.data.activations import extract_hooks
+from sae_core.data.compiled import CompiledForward
 from sae_core.data.models import HookPoint, load_model, truncated
 from sae_core.data.tokens import TOKENS_SCHEMA
 from sae_core.storage.manifests import ActivationsManifest, TokensManifest, TokensSplit
@@ -112,7 +113,14 @@ def bench_extract(
         storage_dtype=options.storage_dtype,
     )
 
+    compiled = CompiledForward(model, hooks, per_batch) if options.compile else None
+
     def bare() -> None:
+        if compiled is not None:
+            with torch.inference_mode():
+                for ids in batches:
+                    compiled(ids.to(dev))
+            return
         with torch.inference_mode(), truncated(model, depth) as base:
             for ids in batches:
                 base(input_ids=ids.to(dev), use_cache=False)
@@ -132,9 +140,11 @@ def bench_extract(
                     stack.enter_context(target.writing(f"bench-extract/acts-{run}-{i}"))
                     for i in range(len(hooks))
                 ]
-                extract_hooks(model, tokens_ref, data_cfg, hooks, writers, progress=False)
+                extract_hooks(
+                    model, tokens_ref, data_cfg, hooks, writers, progress=False, forward=compiled
+                )
 
-        bare()  # warm-up: allocator, kernels, page cache of the weights
+        warm_up = timed(bare)  # allocator, kernels, page cache of the weights; the compilation
         times: dict[str, list[float]] = {"bare": [], "extract": [], "full": []}
         for run in range(repeats):
             # Alternate which of the pair goes first, so a trend in the load favours neither.
@@ -163,6 +173,8 @@ def bench_extract(
         "tokens_per_pass": n_tokens,
         "batch_tokens": options.batch_tokens,
         "dtype": options.dtype,
+        "compile": options.compile,
+        "warm_up_seconds": round(warm_up, 1),
         "storage_dtype": options.storage_dtype,
         "shard_mb": options.shard_mb,
         "train_shards_written": shards,

@@ -51,6 +51,9 @@ class ExtractBench(BenchOptions):
     dtype: str = Field(
         "float32", description="The model's weights (model.dtype): float32 or bfloat16."
     )
+    compile: bool = Field(
+        False, description="Extract and run the bare forward through torch.compile (model.compile)."
+    )
     repeats: int = Field(3, description="Timed passes of each kind.")
     device: DeviceName = "auto"
 

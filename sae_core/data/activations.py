@@ -20,7 +20,7 @@ Reading lives in sae_core.storage.loader.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -45,6 +45,9 @@ from sae_core.storage.manifests import (
 )
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import DatasetWriter
+
+# A batch [B, T] of token ids -> one [B, T, d] activation per hook, in the hooks' order.
+HookForward = Callable[[Tensor], list[Tensor]]
 
 SCHEMA_VERSION = 2  # the storage layout (sae_core.storage.layout)
 SPLITS = ("train", "eval")
@@ -224,12 +227,14 @@ def extract_shard(
     data_cfg: DataConfig,
     hooks: Sequence[str],
     writers: Sequence[DatasetWriter],
+    forward: HookForward | None = None,
 ) -> None:
     """Make one shard of every hook's dataset: its file, then its completion mark.
 
     The shard's C contexts go through `model` in forward batches of about `batch_tokens` tokens
     ([B, T] -> one [B, T, d] activation per hook), counted from the shard's first context: the
-    same batches whichever process runs the shard. Cost: the blocks up to the deepest hook for
+    same batches whichever process runs the shard. `forward` runs a batch to the hooks in place
+    of `run_to_hooks` (sae_core.data.compiled). Cost: the blocks up to the deepest hook for
     C * T tokens; memory: the shard's rows per hook.
     """
     if len(hooks) != len(writers) or not hooks:
@@ -249,7 +254,10 @@ def extract_shard(
         stopping.check()  # between forward batches: a stop leaves this shard unmarked, to redo
         batch = ids[b : b + per_batch]
         with torch.inference_mode():
-            outputs = run_to_hooks(model, batch.to(device), points)
+            ids_on_device = batch.to(device)
+            outputs = (
+                forward(ids_on_device) if forward else run_to_hooks(model, ids_on_device, points)
+            )
             rows = _batch_rows(
                 outputs, batch, context_ids[b : b + per_batch], first_position(data_cfg),
                 data_cfg.max_norm, dtype,
@@ -337,12 +345,14 @@ def extract_hooks(
     hooks: Sequence[str],
     writers: Sequence[DatasetWriter],
     progress: bool = True,
+    forward: HookForward | None = None,
 ) -> list[ActivationsManifest]:
     """Run `model` over every context of the tokens dataset once, writing one dataset per hook.
 
     Per forward: about `batch_tokens` tokens as [B, T] contexts -> one [B, T, d] activation per
     hook; position 0 is dropped if `skip_first_position`, rows with norm > `max_norm` if it is set.
-    Cost: the blocks up to the deepest hook, for every token of both splits. Shards already
+    `forward`: as in extract_shard. Cost: the blocks up to the deepest hook, for every token of
+    both splits. Shards already
     marked done in every writer (writers opened with `Store.resuming`) are skipped. Returns (and
     sets) each manifest.
     """
@@ -367,7 +377,7 @@ def extract_hooks(
             lacking = [i for i, d in enumerate(done) if shard.part not in d]
             extract_shard(
                 model, tokens, shard, data_cfg,
-                [hooks[i] for i in lacking], [writers[i] for i in lacking],
+                [hooks[i] for i in lacking], [writers[i] for i in lacking], forward,
             )  # fmt: skip
             bar.update(shard.stop - shard.start)
     manifests = [

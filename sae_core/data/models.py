@@ -105,10 +105,10 @@ def check_hook(config: Any, hook: str | HookPoint) -> HookPoint:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's decoder blocks, in order."""
-    return _layers_holder(model)[2]
+    return layers_holder(model)[2]
 
 
-def _layers_holder(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+def layers_holder(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """(the module holding the decoder blocks, its attribute name, the blocks)."""
     for path in _LAYER_PATHS:
         *parents, attr = path.split(".")
@@ -236,7 +236,7 @@ def truncated(model: nn.Module, n_layers: int) -> Iterator[nn.Module]:
     """The model's base (embeddings, blocks, final norm; no unembedding) with only its first
     `n_layers` decoder blocks, for as long as the block lasts: a bare forward of the depth an
     extraction to layer `n_layers - 1` runs."""
-    holder, attr, layers = _layers_holder(model)
+    holder, attr, layers = layers_holder(model)
     setattr(holder, attr, nn.ModuleList(list(layers)[:n_layers]))
     try:
         yield model.base_model

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from sae_core import stopping
 from sae_core.config import DataConfig, ModelConfig
-from sae_core.data import activations, models
+from sae_core.data import activations, compiled, models
 from sae_core.data.activations import (
     ShardRange,
     activation_manifest,
@@ -27,13 +27,14 @@ from sae_core.data.activations import (
     storage_dtype,
 )
 from sae_core.data.assets import resolve_model_path
+from sae_core.data.compiled import CompiledForward
 from sae_core.data.models import inspect_model, load_model
 from sae_core.stages.location import Location, hook_identity, located
-from sae_core.storage.manifests import ActivationsManifest
+from sae_core.storage.manifests import ActivationsManifest, TokensManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import PROGRESS, DatasetWriter, Store
 
-CODE = (activations, models)
+CODE = (activations, models, compiled)
 _ACTIVATION_FIELDS = {
     "skip_first_position",
     "max_norm",
@@ -50,6 +51,7 @@ def locate_activations(tokens: DatasetRef, model: ModelConfig, data: DataConfig)
         tokens.store,
         tokens.fingerprint,
         *hook_identity(model),
+        *(["compiled"] if model.compile else []),  # inductor's fused kernels round differently
         data.model_dump(include=_ACTIVATION_FIELDS),
         code=CODE,
     )
@@ -112,8 +114,17 @@ def _shard_model(path: str, dtype: str, device: str) -> Any:
     return load_model(resolve_model_path(path), dtype, device).model
 
 
+@functools.lru_cache(maxsize=1)
+def _shard_forward(
+    path: str, dtype: str, device: str, hooks: tuple[str, ...], batch_rows: int
+) -> CompiledForward:
+    return CompiledForward(_shard_model(path, dtype, device), hooks, batch_rows)
+
+
 def release_shard_model() -> None:
-    """Free the model `extract_activation_shard` keeps loaded for the next shard."""
+    """Free the model (and its compiled forward) `extract_activation_shard` keeps for the next
+    shard."""
+    _shard_forward.cache_clear()
     _shard_model.cache_clear()
 
 
@@ -130,14 +141,17 @@ def extract_activation_shard(plan: ActivationPlan, shard: ShardRange) -> ShardRa
     ]
     if lacking:
         with _SHARD_LOCK:
-            model = _shard_model(plan.model.path, plan.model.dtype, plan.model.device)
+            m = plan.model
+            model = _shard_model(m.path, m.dtype, m.device)
+            hooks = tuple(h for h, _ in lacking)
+            forward = None
+            if m.compile:
+                rows = max(
+                    1, plan.data.batch_tokens // plan.tokens.manifest(TokensManifest).context_len
+                )
+                forward = _shard_forward(m.path, m.dtype, m.device, hooks, rows)
             extract_shard(
-                model,
-                plan.tokens,
-                shard,
-                plan.data,
-                [h for h, _ in lacking],
-                [w for _, w in lacking],
+                model, plan.tokens, shard, plan.data, hooks, [w for _, w in lacking], forward
             )
     return shard
 
