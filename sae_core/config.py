@@ -245,6 +245,11 @@ class TrainConfig(_Strict):
                 f"train.tokens={self.tokens} is less than one batch (train.batch_size="
                 f"{self.batch_size}); raise train.tokens or lower train.batch_size"
             )
+        if self.ema_decay is not None and self.recipe == "budget":
+            raise ValueError(
+                "train.ema_decay: the budget recipe ships schedule-free Adam's average of the "
+                "weights already; drop train.ema_decay or set train.recipe=paper"
+            )
         return self
 
     @model_validator(mode="after")

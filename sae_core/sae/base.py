@@ -208,6 +208,13 @@ class SparseAutoencoder(nn.Module, ABC):
     def normalize_decoder(self) -> None:
         """Rescale every decoder direction to unit norm (after the step)."""
 
+    def unit_decoder_keeping_codes_(self) -> None:
+        """Bring every decoder direction back to unit norm where averaging weights (schedule-free
+        training) shortened them. Kinds that can move each direction's norm into its code (the
+        encoder's row and bias) keep their reconstructions; this default rescales the directions
+        only."""
+        self.normalize_decoder()
+
     def unit_row_decoder(self) -> nn.Parameter | None:
         """The decoder when it is one dense [n, d] parameter of unit-norm rows, else None. Its
         projection, optimiser step and renormalisation can then run as one pass

@@ -95,5 +95,15 @@ class TopKSAE(SparseAutoencoder):
         """Rescale every decoder row to unit norm (after the step)."""
         kernels.normalize_rows_(self.W_dec)
 
+    @torch.no_grad()
+    def unit_decoder_keeping_codes_(self) -> None:
+        """Each latent's decoder norm moves into its encoder row and bias: its activation grows
+        by the norm the direction loses, so a token coded by the same latents reconstructs the
+        same (the selection can change where the norms differ)."""
+        norms = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.W_dec.div_(norms[:, None])
+        self.W_enc.mul_(norms[:, None])
+        self.b_enc.mul_(norms)
+
     def unit_row_decoder(self) -> nn.Parameter:
         return self.W_dec

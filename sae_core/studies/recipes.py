@@ -7,6 +7,9 @@ held-out `eval` split:
 - fvu: sum ||x - x_hat||^2 / sum ||x - mean||^2 on the raw activations, the one reconstruction
   figure every SAE library computes alike (sparsify trains on it);
 - nmse: the same in the SAE's normalised space (the pipeline's `nmse`; sparsify: = fvu);
+- nmse_per_token: the same with every token centred over d and scaled to unit norm (x's shift
+  and scale applied to x and x_hat alike), so each token counts alike as in the paper's
+  normalisation; the same definition for every trainer, whatever its own normalisation;
 - ce_loss_recovered: the eval contexts' next-token CE with x_hat spliced in at the hook,
   against the clean model and zero ablation, on the first `ce_contexts` eval contexts.
 
@@ -35,6 +38,7 @@ from sae_core.evaluation.baseline import Baseline, compute_baseline, with_tail
 from sae_core.evaluation.evaluate import load_eval_contexts
 from sae_core.evaluation.metrics import VarianceStats, ce_loss_recovered, next_token_ce
 from sae_core.evaluation.splice import SplitModel
+from sae_core.sae.normalize import InputNorm
 from sae_core.storage.loader import iter_batches
 from sae_core.storage.manifests import ActivationsManifest
 from sae_core.storage.refs import DatasetRef, committed_dataset
@@ -68,6 +72,9 @@ class RecipePoint(NamedTuple):
     """Latents that never fired in training."""
     train_seconds: float
     """Wall time of the training."""
+    nmse_per_token: float | None = None
+    """Held-out unexplained variance in the per-token normalised space (None: a point saved
+    before it was measured)."""
 
 
 class Scorer:
@@ -104,6 +111,17 @@ class Scorer:
             for start in range(0, self.x_eval.shape[0], 4096):
                 x = self.x_eval[start : start + 4096]
                 stats.update(x, reconstruct(x))
+        return stats.result()
+
+    def nmse_per_token(self, reconstruct: Reconstruct) -> float:
+        """fvu in the per-token normalised space: x's shift and scale applied to x and x_hat."""
+        per_token = InputNorm("per_token")
+        stats = VarianceStats()
+        with torch.inference_mode():
+            for start in range(0, self.x_eval.shape[0], 4096):
+                x = self.x_eval[start : start + 4096]
+                x_norm, (shift, scale) = per_token.apply(x)
+                stats.update(x_norm, (reconstruct(x) - shift) / scale)
         return stats.result()
 
     def spliced_ce(self, reconstruct: Reconstruct) -> float:
@@ -168,6 +186,7 @@ def train_recipe(
         ce_loss_recovered=scorer.ce_loss_recovered(sae.reconstruct),
         dead_fraction=trainer.dead.fraction(max(st.tokens_seen, 1)),
         train_seconds=seconds,
+        nmse_per_token=scorer.nmse_per_token(sae.reconstruct),
     )
 
 
@@ -235,6 +254,7 @@ def run_sparsify(
                     ce_loss_recovered=scorer.ce_loss_recovered(reconstruct),
                     dead_fraction=entry["dead_fraction"],
                     train_seconds=entry["seconds"],
+                    nmse_per_token=scorer.nmse_per_token(reconstruct),
                 )
             )
     return points

@@ -21,7 +21,7 @@ from sae_core.errors import ConfigError
 from sae_core.sae import kernels
 from sae_core.sae.ranks import SINGLE, Ranks
 from sae_core.storage.store import Store
-from sae_core.training.recipe import run_steps
+from sae_core.training.recipe import run_steps, schedule
 from sae_core.training.resources import training_bytes
 from sae_core.training.trainer import Trainer, init_sae
 
@@ -114,7 +114,8 @@ def _start(
             print(f"training resumes from {ckpt} at {trainer.resumed_from_tokens} tokens")
         return trainer
     torch.manual_seed(member.train.seed)
-    sae = init_sae(d, member.sae, init_sample(), member.train.seed)
+    scale = schedule(member.train, member.sae.n_latents, total_steps).encoder_init_scale
+    sae = init_sae(d, member.sae, init_sample(), member.train.seed, scale)
     return Trainer(sae, member.train, device, ranks, total_steps)
 
 

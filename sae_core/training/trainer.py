@@ -34,6 +34,7 @@ from sae_core.sae.base import FIRE_THRESHOLD, safetensors_bytes, safetensors_met
 from sae_core.sae.normalize import InputNorm, geometric_median
 from sae_core.sae.ranks import SINGLE, Ranks
 from sae_core.training.recipe import schedule
+from sae_core.training.schedule_free import ScheduleFreeAdam
 
 CHECKPOINT_FORMAT = "saeflow.checkpoint"
 ADAM_BETAS = (0.9, 0.999)
@@ -75,15 +76,21 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def init_sae(d: int, sae_cfg: SAEConfig, sample: torch.Tensor, seed: int) -> SparseAutoencoder:
+def init_sae(
+    d: int, sae_cfg: SAEConfig, sample: torch.Tensor, seed: int, encoder_scale: float = 1.0
+) -> SparseAutoencoder:
     """A fresh SAE of kind sae_cfg.kind: normalisation fitted on `sample` [N, d] raw, b_pre at
-    its (normalised) geometric median or mean, tied encoder/decoder drawn from `seed`."""
+    its (normalised) geometric median or mean, tied encoder/decoder drawn from `seed`, the
+    encoder (where it is a parameter of its own) scaled by `encoder_scale` (the recipe's)."""
     norm = InputNorm.fit(sae_cfg.normalize, sample)
     sae = build_sae(d, sae_cfg, norm, generator=torch.Generator().manual_seed(seed))
     x, _ = norm.apply(sample.float())
     centre = geometric_median(x) if sae_cfg.b_pre_init == "geometric_median" else x.mean(dim=0)
     with torch.no_grad():
         sae.b_pre.copy_(centre)
+        encoder = getattr(sae, "W_enc", None)
+        if isinstance(encoder, torch.nn.Parameter):
+            encoder.mul_(encoder_scale)
     return sae
 
 
@@ -109,9 +116,19 @@ class Trainer:
         self.cfg = train_cfg
         self.schedule = schedule(train_cfg, sae.n_latents, total_steps)
         self.lr = self.schedule.peak_lr
-        self.opt = torch.optim.Adam(
-            self.sae.parameters(), lr=self.lr, betas=ADAM_BETAS, eps=train_cfg.adam_eps, fused=True
-        )
+        self.opt: torch.optim.Optimizer
+        if self.schedule.optimizer == "schedule_free_adam":
+            self.opt = ScheduleFreeAdam(
+                self.sae.parameters(), lr=self.lr, beta2=ADAM_BETAS[1], eps=train_cfg.adam_eps
+            )
+        else:
+            self.opt = torch.optim.Adam(
+                self.sae.parameters(),
+                lr=self.lr,
+                betas=ADAM_BETAS,
+                eps=train_cfg.adam_eps,
+                fused=True,
+            )
         self.dead = DeadLatents(sae.n_latents, sae.cfg.dead_window_tokens, self.device)
         self.ema: dict[str, torch.Tensor] | None = None
         if train_cfg.ema_decay is not None:
@@ -121,11 +138,20 @@ class Trainer:
         self.resumed_from_tokens = 0
 
     def final_sae(self) -> SparseAutoencoder:
-        """The SAE to ship: the moving average of the weights when enabled, else the weights."""
-        if self.ema is None:
+        """The SAE to ship: schedule-free Adam's average (its decoder rows brought back to unit
+        norm, the codes keeping their contributions), or the moving average of the weights when
+        enabled, else the weights."""
+        if isinstance(self.opt, ScheduleFreeAdam):
+            averaged = self.opt.averaged()
+            weights = {n: averaged.get(p, p.detach()) for n, p in self.sae.named_parameters()}
+        elif self.ema is not None:
+            weights = self.ema
+        else:
             return self.sae
         sae = build_sae(self.sae.d, self.sae.cfg, self.sae.norm).to(self.device)
-        sae.load_state_dict(self.sae.state_dict() | self.ema)
+        sae.load_state_dict(self.sae.state_dict() | weights)
+        if isinstance(self.opt, ScheduleFreeAdam):
+            sae.unit_decoder_keeping_codes_()
         return sae
 
     def step(
@@ -210,10 +236,13 @@ class Trainer:
             and W.is_contiguous()
             and G.is_contiguous()
         )
-        if not one_pass:
+        if isinstance(self.opt, ScheduleFreeAdam) or not one_pass:
             sae.project_decoder_grad()
             if self.cfg.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), self.cfg.grad_clip_norm)
+            if isinstance(self.opt, ScheduleFreeAdam):
+                self.opt.step(constrain=sae.normalize_decoder)  # on z, the stepped sequence
+                return
             self.opt.step()
             sae.normalize_decoder()
             return
@@ -270,6 +299,8 @@ class Trainer:
         params = dict(self.sae.named_parameters())
         for name in self.sae.resample_(dead, g):
             p = params[name]
+            if isinstance(self.opt, ScheduleFreeAdam):
+                self.opt.reset_rows_(p, dead)
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in self.opt.state.get(p, {}):
                     self.opt.state[p][key][dead] = 0.0
@@ -335,15 +366,12 @@ class Trainer:
         trainer = cls(sae, train_cfg, device, ranks, total_steps)
         names = [name for name, _ in sae.named_parameters()]
         opt_state = trainer.opt.state_dict()
-        opt_state["state"] = {
-            i: {
-                key: tensors[f"optim.{name}.{key}"]
-                for key in ("step", "exp_avg", "exp_avg_sq")
-                if f"optim.{name}.{key}" in tensors
-            }
-            for i, name in enumerate(names)
-            if f"optim.{name}.exp_avg" in tensors
-        }
+        opt_state["state"] = {}
+        for i, name in enumerate(names):
+            prefix = f"optim.{name}."
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if state:
+                opt_state["state"][i] = state
         trainer.opt.load_state_dict(opt_state)
         if trainer.ema is not None:
             for name, t in trainer.ema.items():

@@ -334,7 +334,12 @@ def _run(store, x, encoder, stop=None):
         resample_dead=True,
     )
     train_cfg = TrainConfig(
-        batch_size=128, epochs=2, lr=3e-3, checkpoint_every_tokens=1024, ema_decay=0.9
+        batch_size=128,
+        epochs=2,
+        lr=3e-3,
+        checkpoint_every_tokens=1024,
+        ema_decay=0.9,
+        recipe="paper",
     )
     return run_training(
         32,

@@ -116,7 +116,7 @@ EXPANDER_EPS = 1e-6
     ids=["batch_topk", "multi_topk", "expander"],
 )
 def test_two_ranks_match_one_rank_for_every_selection_and_kind(tmp_path, sae, adam_eps):
-    train = {"ema_decay": 0.9} | ({"adam_eps": adam_eps} if adam_eps else {})
+    train = {"ema_decay": 0.9, "recipe": "paper"} | ({"adam_eps": adam_eps} if adam_eps else {})
     one = _train(tmp_path, "one", sae, 1, **train)
     _assert_same_run(one, _train(tmp_path, "two", sae, 2, **train))
 

@@ -43,7 +43,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _train_cfg(sae: SAEConfig, every: int = 1024) -> TrainConfig:
     ema = 0.9 if sae.batch_topk else None
     return TrainConfig(
-        batch_size=BATCH, epochs=2, lr=3e-3, checkpoint_every_tokens=every, ema_decay=ema
+        batch_size=BATCH,
+        epochs=2,
+        lr=3e-3,
+        checkpoint_every_tokens=every,
+        ema_decay=ema,
+        recipe="paper" if ema else "budget",
     )
 
 

@@ -1,5 +1,6 @@
-"""Training recipes: the paper's constant rate, the budget recipe's warm-up, decay and rate
-rule, overrides, a run's length from train.tokens, and the trainer following its schedule."""
+"""Training recipes: the paper's constant rate, the budget recipe's optimiser, warm-up, rate rule
+and encoder scale, overrides, a run's length from train.tokens, and the trainer following its
+schedule."""
 
 from __future__ import annotations
 
@@ -19,16 +20,23 @@ def test_paper_recipe_is_the_papers_constant_rate():
     s = schedule(TrainConfig(recipe="paper"), 4608, total_steps=64)
     assert s.peak_lr == pytest.approx(2e-4 / math.sqrt(4608 / 2**14))
     assert s.warmup_steps == 0 and s.decay == "none"
+    assert (s.optimizer, s.encoder_init_scale) == ("adam", 1.0)
     assert {s.lr(step) for step in range(64)} == {s.peak_lr}
 
 
-def test_budget_recipe_warms_up_then_decays_linearly_to_zero():
+def test_budget_recipe_is_schedule_free_adam_warmed_up_then_held():
     s = schedule(TrainConfig(), 4608, total_steps=200)
-    assert s.recipe == "budget" and s.warmup_steps == 10 and s.decay == "linear"
+    assert s.recipe == "budget" and s.warmup_steps == 10 and s.decay == "none"
+    assert (s.optimizer, s.encoder_init_scale) == ("schedule_free_adam", 0.5)
     rates = [s.lr(step) for step in range(200)]
     assert rates[:10] == pytest.approx([s.peak_lr * (i + 1) / 10 for i in range(10)])
-    assert rates[9] == pytest.approx(s.peak_lr)
-    assert all(a > b for a, b in zip(rates[10:], rates[11:], strict=False))  # falls every step
+    assert rates[9:] == pytest.approx([s.peak_lr] * 191)
+
+
+def test_a_linear_decay_falls_every_step_to_zero():
+    s = schedule(TrainConfig(lr_decay="linear"), 4608, total_steps=200)
+    rates = [s.lr(step) for step in range(200)]
+    assert all(a > b for a, b in zip(rates[10:], rates[11:], strict=False))
     assert rates[-1] == pytest.approx(s.peak_lr / 190)  # one step from zero
     assert s.lr(200) == 0.0
 
@@ -49,9 +57,16 @@ def test_each_choice_can_be_overridden():
     assert (s.recipe, s.peak_lr, s.warmup_steps, s.decay) == ("paper", 1e-3, 10, "linear")
 
 
-def test_unknown_length_steps_at_a_constant_rate():
+def test_unknown_length_steps_with_adam_at_a_constant_rate():
     s = schedule(TrainConfig(), 4608, total_steps=None)
     assert s.decay == "none" and s.warmup_steps == 0 and s.lr(10**6) == paper_lr(4608)
+    assert (s.optimizer, s.encoder_init_scale) == ("adam", 1.0)
+
+
+def test_a_moving_average_is_refused_under_the_budget_recipe():
+    with pytest.raises(ValidationError, match="train.ema_decay.*recipe=paper"):
+        TrainConfig(ema_decay=0.9)
+    assert TrainConfig(ema_decay=0.9, recipe="paper").ema_decay == 0.9
 
 
 def test_run_length_from_tokens_or_epochs():

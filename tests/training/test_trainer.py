@@ -87,6 +87,7 @@ def _run(store, x, stop=None, every=1024, epochs=2, extras=False):
         lr=3e-3,
         checkpoint_every_tokens=every,
         ema_decay=0.9 if extras else None,
+        recipe="paper" if extras else "budget",
     )
     return run_training(
         32,
@@ -263,7 +264,9 @@ def test_ema_weights_are_what_gets_saved(tmp_path):
     store = Store(str(tmp_path / "store"))
     x, _ = sparse_dictionary_data(2048)
     acts = write_activations(store, "activations/ema", x, x[:256])
-    train_cfg = TrainConfig(batch_size=256, epochs=2, lr=3e-3, device="cpu", ema_decay=0.8)
+    train_cfg = TrainConfig(
+        batch_size=256, epochs=2, lr=3e-3, device="cpu", ema_decay=0.8, recipe="paper"
+    )
     with store.writing("sae/ema") as writer:
         train_sae(
             acts, SAEConfig(n_latents=48, k=3), train_cfg, writer, "checkpoints/ema", progress=False
