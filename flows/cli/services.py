@@ -45,6 +45,15 @@ def _say(status: ServiceStatus) -> None:
 @app.command("up")
 def services_up(
     names: ServiceNames = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            help="What MLflow and Prefect keep their data in: sqlite or postgres (a PostgreSQL "
+            "on loopback, for teams). Remembered for later `up`s; default: the last one, "
+            "else sqlite.",
+            show_default=False,
+        ),
+    ] = None,
     s3_port: Annotated[int, typer.Option(help="SeaweedFS S3 port.")] = 8333,
     port_base: Annotated[
         int, typer.Option(help="Shift SeaweedFS's internal ports (0: its defaults).")
@@ -52,13 +61,20 @@ def services_up(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each service.")] = 60.0,
 ) -> None:
     """Start the services (idempotent), wait until each serves, print the environment to use."""
-    from deployments.services import export_lines
+    from deployments.servers import choose_database, chosen_database
+    from deployments.services import SERVICES, export_lines
 
+    if db is not None:
+        with one_line_errors(ValueError):
+            choose_database(db)
+    if not names:  # PostgreSQL only where the servers use it
+        names = [n for n in SERVICES if n != "postgres" or chosen_database() == "postgres"]
     for service in _services(names, s3_port, port_base):
         # A missing binary, a server that exits or never answers.
         with one_line_errors(FileNotFoundError, RuntimeError, TimeoutError):
             _say(service.up(timeout))
-        typer.echo("\n".join(export_lines(service.env(reveal=False), reveal=False)))
+        if lines := export_lines(service.env(reveal=False), reveal=False):
+            typer.echo("\n".join(lines))
     typer.echo('# or: eval "$(saeflow services env)"')
 
 
@@ -104,7 +120,8 @@ def services_env(names: ServiceNames = None) -> None:
     from deployments.services import export_lines
 
     for service in _services(names):
-        typer.echo("\n".join(export_lines(service.env(reveal=True), reveal=True)))
+        if lines := export_lines(service.env(reveal=True), reveal=True):
+            typer.echo("\n".join(lines))
 
 
 @app.command("bucket")
