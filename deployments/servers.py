@@ -53,10 +53,15 @@ def chosen_database(home: Path | None = None) -> str:
     return path.read_text().strip() if path.exists() else "sqlite"
 
 
-def choose_database(database: str, home: Path | None = None) -> None:
-    """Remember `database` for this and later `services up`s."""
+def check_database(database: str) -> str:
     if database not in DATABASES:
         raise ValueError(f"--db {database}: choose one of {', '.join(DATABASES)}")
+    return database
+
+
+def choose_database(database: str, home: Path | None = None) -> None:
+    """Remember `database` for later `services up`s."""
+    check_database(database)
     private_dir(_database_file(home).parent)
     _database_file(home).write_text(database)
 
