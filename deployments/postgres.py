@@ -109,10 +109,6 @@ class Postgres(ServiceFolder):
 
     name = "postgres"
 
-    def __init__(self, home: Path | None = None, port: int | None = None):
-        super().__init__(home)
-        self.requested_port = port
-
     # State -----------------------------------------------------------------------------------
     @property
     def cluster(self) -> Path:
@@ -140,9 +136,8 @@ class Postgres(ServiceFolder):
 
     @property
     def port(self) -> int | None:
-        """The port the cluster listens on (kept from its first start), or None before that."""
-        if self.requested_port:
-            return self.requested_port
+        """The port the cluster listens on (drawn at its first start and kept while it stays
+        free), or None before that."""
         return int(self._port_file.read_text()) if self._port_file.exists() else None
 
     def password(self) -> str:

@@ -109,9 +109,12 @@ def _rows(postgres: Postgres, database: str, query: str) -> list[tuple]:
 def test_pipeline_concurrent_runs_and_a_promotion_on_postgres(
     tmp_path, tiny_llama_dir, tiny_corpus_dir
 ):
-    """Prefect's and MLflow's data in one PostgreSQL: a run, then two runs at once (sharing
-    their data stages, each registering a version), then a promotion; every flow run and every
-    version is in PostgreSQL, no SQLite was used, and the cluster listens on loopback only."""
+    """Prefect's and MLflow's data in one PostgreSQL: two pipeline runs at once (sharing their
+    data stages, each registering a version), then a promotion; every flow run and every version
+    is in PostgreSQL, no SQLite was used, and the cluster listens on loopback only.
+
+    Slow: MLflow's basic auth checks a scrypt password hash on every request, and registration
+    makes many: on 2 loaded cores that, not the database, takes most of the time."""
     from deployments.seaweedfs import SeaweedFS
 
     try:
@@ -141,14 +144,20 @@ def test_pipeline_concurrent_runs_and_a_promotion_on_postgres(
             env |= service.env(reveal=True)
         preset = tmp_path / "postgres.yaml"
         preset.write_text(yaml.safe_dump(tiny_preset_data(tiny_llama_dir, tiny_corpus_dir)))
-        # PYTHONPATH: the runs import this checkout, as the servers do (`python -m` from here).
+        # Two runs at once of two SAEs on one data configuration (one computes the data stages
+        # while the other waits for it), each registering a version, on a local store: the
+        # servers' databases are what is under test. PYTHONPATH: the runs import this checkout.
         (tmp_path / "ws").mkdir()
-        ws = Workspace(tmp_path / "ws", preset, env["SAEFLOW_STORE"], env_extra=env, code=REPO)
-
-        code, output = ws.run()
-        assert code == 0, output[-3000:]
-        runs = [ws.spawn("sae.k=16"), ws.spawn("sae.k=4")]  # at once
-        outputs = [run.communicate(timeout=900)[0] for run in runs]
+        store = str(tmp_path / "store")
+        ws = Workspace(tmp_path / "ws", preset, store, env_extra=env, code=REPO)
+        runs = [ws.spawn(), ws.spawn("sae.k=16")]
+        try:
+            outputs = [run.communicate(timeout=1800)[0] for run in runs]
+        finally:
+            for run in runs:
+                if run.poll() is None:
+                    run.kill()
+                    run.wait()
         assert [run.returncode for run in runs] == [0, 0], [out[-3000:] for out in outputs]
         promoted = subprocess.run(
             [Path(sys.executable).with_name("saeflow"), "promote", MODEL_NAME],
@@ -162,7 +171,7 @@ def test_pipeline_concurrent_runs_and_a_promotion_on_postgres(
         versions = _rows(
             postgres, "mlflow", f"SELECT version FROM model_versions WHERE name = '{MODEL_NAME}'"
         )
-        assert sorted(v for (v,) in versions) == [1, 2, 3]
+        assert sorted(v for (v,) in versions) == [1, 2]
         aliases = dict(
             _rows(postgres, "mlflow", "SELECT alias, version FROM registered_model_aliases")
         )
@@ -174,7 +183,7 @@ def test_pipeline_concurrent_runs_and_a_promotion_on_postgres(
             "ON flow.id = flow_run.flow_id",
         )
         pipelines = [state for name, state in flow_runs if name == "saeflow-pipeline"]
-        assert pipelines == ["COMPLETED"] * 3, flow_runs
+        assert pipelines == ["COMPLETED"] * 2, flow_runs
         assert ("saeflow-promote", "COMPLETED") in flow_runs, flow_runs
         # No SQLite but MLflow's accounts (basic auth), neither the servers' nor embedded.
         assert {p.name for p in tmp_path.rglob("*.db")} == {"basic_auth.db"}
