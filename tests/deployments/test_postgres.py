@@ -164,7 +164,7 @@ def test_pipeline_concurrent_runs_and_a_promotion_on_postgres(
             env=ws.env(),
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=1800,  # its imports alone took over 5 min at load 24 on 2 cores
         )
         assert promoted.returncode == 0, promoted.stdout[-3000:] + promoted.stderr[-3000:]
 
