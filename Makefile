@@ -58,12 +58,13 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q tests/test_architecture.py
 
-# The state directory, $SAEFLOW_HOME or ./.saeflow; its services are stopped first (a running
-# server would keep writing into the folder being removed).
+# The state directory, $SAEFLOW_HOME or ./.saeflow; its services are stopped and purged first (a
+# running server would keep writing into the folder being removed; root's PostgreSQL cluster
+# lives outside it, in /var/lib/saeflow-postgres).
 clean: STATE := $(or $(SAEFLOW_HOME),.saeflow)
 clean:
 	@case "$$(realpath -m '$(STATE)')" in /|"$$(realpath -m ~)") \
 		echo "refusing to remove $(STATE): set SAEFLOW_HOME to saeflow's own folder"; exit 2;; esac
 	@if [ -x $(VENV)/bin/saeflow ] && [ -d '$(STATE)/services' ]; then \
-		SAEFLOW_HOME='$(STATE)' $(VENV)/bin/saeflow services down; fi
+		SAEFLOW_HOME='$(STATE)' $(VENV)/bin/saeflow services down --purge; fi
 	rm -rf '$(STATE)'

@@ -12,6 +12,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+
+class Account(NamedTuple):
+    """An unprivileged user a server runs as when saeflow runs as root."""
+
+    name: str
+    uid: int
+    gid: int
+
+    def popen_options(self) -> dict[str, object]:
+        """subprocess's user, group and (none) supplementary groups of this account."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
 
 def spawn(
@@ -20,13 +33,15 @@ def spawn(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     rotate_log: bool = False,
+    account: Account | None = None,
 ) -> subprocess.Popen:
     """Start `args` in a new session, stdout and stderr appended to `log`; what it creates is
     owner-only (umask 077: its data, sockets and logs are nobody else's to read).
 
     rotate_log: the server runs under deployments/rotating_log.py, which caps the log's size
     (keeping a few old files); the recorded process is that copier, whose command line holds
-    the server's."""
+    the server's.
+    account: run as this user, without supplementary groups (a server that refuses root)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     if rotate_log:
         args = [sys.executable, "-m", "deployments.rotating_log", str(log), "--", *args]
@@ -41,6 +56,7 @@ def spawn(
             env=env,
             cwd=cwd,
             umask=0o077,
+            **(account.popen_options() if account else {}),
         )
 
 
@@ -74,10 +90,21 @@ def _gone(pid: int, process: subprocess.Popen | None) -> bool:
     return status.exists() and "\nState:\tZ" in status.read_text()
 
 
-def terminate(pid: int, timeout: float = 15.0, process: subprocess.Popen | None = None) -> None:
-    """SIGTERM the process group led by `pid`; SIGKILL it if it is still there after `timeout`."""
+def terminate(
+    pid: int,
+    timeout: float = 15.0,
+    process: subprocess.Popen | None = None,
+    leader_signal: signal.Signals | None = None,
+) -> None:
+    """SIGTERM the process group led by `pid`; SIGKILL it if it is still there after `timeout`.
+
+    leader_signal: send this to `pid` alone instead (a server that stops its own workers, as
+    PostgreSQL does on SIGINT, its fast shutdown)."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        if leader_signal is None:
+            os.killpg(pid, signal.SIGTERM)
+        else:
+            os.kill(pid, leader_signal)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout

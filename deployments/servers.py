@@ -7,6 +7,9 @@ credentials, and the pipeline uses whatever those name. State lives under
 - mlflow: SQLite backend (`mlflow.db`); artifacts on the SeaweedFS store (s3://BUCKET/mlartifacts),
   served through the tracking server, so clients need no S3 credentials;
 - prefect: its PREFECT_HOME (database, settings).
+With `services up --db postgres` (remembered in `$SAEFLOW_HOME/services/database` for the next
+`up`) both keep their data in the PostgreSQL service instead (deployments/postgres.py), its URL
+in the server's environment, never on its command line.
 Both are HTTP servers on loopback checked by a health URL (the one path open without
 credentials); the shared lifecycle is `_HttpServer`. Every other request needs HTTP basic auth
 (MLflow's basic-auth app, Prefect's API auth string) with a password generated once and kept
@@ -24,12 +27,43 @@ import time
 import urllib.request
 from pathlib import Path
 
+from deployments.postgres import Postgres
 from deployments.process import is_running, spawn, terminate
 from deployments.seaweedfs import SeaweedFS
-from deployments.state import ServiceFolder, ServiceStatus, private_dir, write_private
+from deployments.state import (
+    ServiceFolder,
+    ServiceStatus,
+    private_dir,
+    services_home,
+    write_private,
+)
 from sae_core.env import SERVICE_DEFAULTS
 
 USER = "saeflow"  # the one account of each server
+DATABASES = ("sqlite", "postgres")  # what the servers keep their data in; SQLite by default
+
+
+def _database_file(home: Path | None) -> Path:
+    return (home or services_home()) / "database"
+
+
+def chosen_database(home: Path | None = None) -> str:
+    """The database the servers use: the last `services up --db`'s, else SQLite."""
+    path = _database_file(home)
+    return path.read_text().strip() if path.exists() else "sqlite"
+
+
+def check_database(database: str) -> str:
+    if database not in DATABASES:
+        raise ValueError(f"--db {database}: choose one of {', '.join(DATABASES)}")
+    return database
+
+
+def choose_database(database: str, home: Path | None = None) -> None:
+    """Remember `database` for later `services up`s."""
+    check_database(database)
+    private_dir(_database_file(home).parent)
+    _database_file(home).write_text(database)
 
 
 def _answers(url: str) -> bool:
@@ -47,9 +81,13 @@ class _HttpServer(ServiceFolder):
     program: tuple[str, ...] = ()  # `python -m` this, e.g. ("prefect", "server", "start")
     default_port = 0
 
-    def __init__(self, home: Path | None = None, port: int | None = None):
+    def __init__(
+        self, home: Path | None = None, port: int | None = None, database: str | None = None
+    ):
         super().__init__(home)
         self.port = port or self.default_port
+        self.database = database or chosen_database(home)
+        self.postgres = Postgres(home) if self.database == "postgres" else None
 
     def command(self) -> list[str]:
         host = ["--host", "127.0.0.1", "--port", str(self.port)]
@@ -105,16 +143,31 @@ class _HttpServer(ServiceFolder):
             pid=pid,
             endpoint=self.endpoint,
             state_dir=str(self.dir),
-            detail=f"log {self._log}",
+            detail=f"data in {self._running_on() if pid else self.database}; log {self._log}",
         )
+
+    def _running_on(self) -> str:
+        """The database the recorded server was started with (records before --db: SQLite)."""
+        return (self.record() or {}).get("database", "sqlite")
 
     def up(self, timeout: float = 60.0) -> ServiceStatus:
         process = None
+        if self._pid() is not None and self._running_on() != self.database:
+            raise RuntimeError(
+                f"{self.name} runs on {self._running_on()}, not {self.database}: stop it first "
+                f"(saeflow services down {self.name})"
+            )
+        if self.postgres is not None and not self.postgres.status().serving:
+            raise RuntimeError(
+                f"{self.name} keeps its data in PostgreSQL: start it first "
+                "(saeflow services up --db postgres)"
+            )
         if self._pid() is None:
             private_dir(self.dir)
             env = {**os.environ, **SERVICE_DEFAULTS, **self.server_env()}
             process = spawn(self.command(), self._log, env, rotate_log=True)
-            self.keep_record({"pid": process.pid, "endpoint": self.endpoint})
+            record = {"pid": process.pid, "endpoint": self.endpoint, "database": self.database}
+            self.keep_record(record)
         deadline = time.monotonic() + timeout
         while not _answers(self.health_url):
             # The child we just started is watched directly: until it has exec'd, its command
@@ -144,12 +197,18 @@ class MlflowServer(_HttpServer):
     default_port = 5000
 
     def __init__(
-        self, home: Path | None = None, port: int | None = None, s3: SeaweedFS | None = None
+        self,
+        home: Path | None = None,
+        port: int | None = None,
+        s3: SeaweedFS | None = None,
+        database: str | None = None,
     ):
-        super().__init__(home, port)
+        super().__init__(home, port, database)
         self.s3 = s3 or SeaweedFS(home)
 
     def options(self) -> list[str]:
+        # PostgreSQL's URL holds its password: it goes in the environment (server_env).
+        sqlite = ["--backend-store-uri", f"sqlite:///{self.dir / 'mlflow.db'}"]
         return [
             "--workers",
             "1",
@@ -158,8 +217,7 @@ class MlflowServer(_HttpServer):
             "--no-access-log",
             "--app-name",
             "basic-auth",
-            "--backend-store-uri",
-            f"sqlite:///{self.dir / 'mlflow.db'}",
+            *(sqlite if self.postgres is None else []),
             "--artifacts-destination",
             f"s3://{self.s3.bucket}/mlartifacts",
         ]
@@ -182,6 +240,7 @@ class MlflowServer(_HttpServer):
             "MLFLOW_AUTH_CONFIG_PATH": str(self._auth_config),
             "MLFLOW_AUTH_ADMIN_PASSWORD": self.secret("password"),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret("flask_secret_key"),
+            **({"MLFLOW_BACKEND_STORE_URI": self.postgres.url("mlflow")} if self.postgres else {}),
         }
 
     def up(self, timeout: float = 60.0) -> ServiceStatus:
@@ -217,10 +276,14 @@ class PrefectServer(_HttpServer):
     default_port = 4200
 
     def server_env(self) -> dict[str, str]:
-        return {
+        env = {
             "PREFECT_HOME": str(self.dir / "home"),
             "PREFECT_SERVER_API_AUTH_STRING": f"{USER}:{self.secret('password')}",
         }
+        if self.postgres is not None:
+            url = self.postgres.url("prefect", driver="postgresql+asyncpg")
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url
+        return env
 
     @property
     def marker(self) -> str:

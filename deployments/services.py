@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shlex
 
+from deployments.postgres import Postgres
 from deployments.seaweedfs import SeaweedFS
 from deployments.servers import MlflowServer, PrefectServer
 from deployments.state import Service
@@ -31,9 +32,11 @@ def export_lines(env: dict[str, str], reveal: bool) -> list[str]:
     return lines
 
 
-# In start order: MLflow keeps its artifacts on SeaweedFS (remote mode: deployments/servers.py).
+# In start order: MLflow keeps its artifacts on SeaweedFS (remote mode: deployments/servers.py),
+# and with `--db postgres` MLflow and Prefect keep their data in PostgreSQL.
 SERVICES: dict[str, type[Service]] = {
     SeaweedFS.name: SeaweedFS,
+    Postgres.name: Postgres,
     MlflowServer.name: MlflowServer,
     PrefectServer.name: PrefectServer,
 }

@@ -23,17 +23,23 @@ ServiceNames = Annotated[
 
 
 def _services(
-    names: list[str] | None, s3_port: int | None = None, port_base: int | None = None
+    names: list[str] | None,
+    s3_port: int | None = None,
+    port_base: int | None = None,
+    database: str | None = None,
 ) -> list[Service]:
+    """database: what MLflow and Prefect keep their data in (None: the remembered choice)."""
     from deployments.services import select
 
     ports = {"s3_port": s3_port, "port_base": port_base}
+    servers = {"database": database} if database else {}
     with one_line_errors(ValueError):  # an unknown service name
         if s3_port is not None:
             check_port("--s3-port", s3_port)
         if port_base:  # SeaweedFS serves port_base+1..+4 and gRPC 10000 above each
             check_port("--port-base", port_base, highest=65535 - 10_004)
-        return select(names, {"seaweedfs": {k: v for k, v in ports.items() if v is not None}})
+        options = {"seaweedfs": {k: v for k, v in ports.items() if v is not None}}
+        return select(names, options | {"mlflow": servers, "prefect": servers})
 
 
 def _say(status: ServiceStatus) -> None:
@@ -45,6 +51,15 @@ def _say(status: ServiceStatus) -> None:
 @app.command("up")
 def services_up(
     names: ServiceNames = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            help="What MLflow and Prefect keep their data in: sqlite or postgres (a PostgreSQL "
+            "on loopback, for teams). Remembered for later `up`s; default: the last one, "
+            "else sqlite.",
+            show_default=False,
+        ),
+    ] = None,
     s3_port: Annotated[int, typer.Option(help="SeaweedFS S3 port.")] = 8333,
     port_base: Annotated[
         int, typer.Option(help="Shift SeaweedFS's internal ports (0: its defaults).")
@@ -52,13 +67,20 @@ def services_up(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each service.")] = 60.0,
 ) -> None:
     """Start the services (idempotent), wait until each serves, print the environment to use."""
-    from deployments.services import export_lines
+    from deployments.servers import check_database, choose_database, chosen_database
+    from deployments.services import SERVICES, export_lines
 
-    for service in _services(names, s3_port, port_base):
+    with one_line_errors(ValueError):
+        database = check_database(db or chosen_database())
+    if not names:  # PostgreSQL only where the servers use it
+        names = [n for n in SERVICES if n != "postgres" or database == "postgres"]
+    for service in _services(names, s3_port, port_base, database):
         # A missing binary, a server that exits or never answers.
         with one_line_errors(FileNotFoundError, RuntimeError, TimeoutError):
             _say(service.up(timeout))
-        typer.echo("\n".join(export_lines(service.env(reveal=False), reveal=False)))
+        if lines := export_lines(service.env(reveal=False), reveal=False):
+            typer.echo("\n".join(lines))
+    choose_database(database)  # once it serves: the next `up` keeps it
     typer.echo('# or: eval "$(saeflow services env)"')
 
 
@@ -104,7 +126,8 @@ def services_env(names: ServiceNames = None) -> None:
     from deployments.services import export_lines
 
     for service in _services(names):
-        typer.echo("\n".join(export_lines(service.env(reveal=True), reveal=True)))
+        if lines := export_lines(service.env(reveal=True), reveal=True):
+            typer.echo("\n".join(lines))
 
 
 @app.command("bucket")

@@ -24,6 +24,7 @@ from fsspec.core import url_to_fs
 
 from sae_core.env import saeflow_home
 from sae_core.errors import StoreError
+from sae_core.storage import s3_sessions
 from sae_core.storage.manifests import Manifest
 
 MANIFEST = "_MANIFEST.json"
@@ -131,6 +132,7 @@ class Store:
             }
         self._options = options
         self.fs, self.root = url_to_fs(self.uri, **options)
+        s3_sessions.use_for(self.fs)
         self.root = self.root.rstrip("/")
 
     def __repr__(self) -> str:
@@ -146,7 +148,8 @@ class Store:
         try:
             if self.protocol == "s3":
                 # A fresh client: fsspec's cached one may hold other credentials.
-                self.fs, _ = url_to_fs(self.uri, skip_instance_cache=True, **self._options)
+                fresh, _ = url_to_fs(self.uri, skip_instance_cache=True, **self._options)
+                self.fs = s3_sessions.use_for(fresh)
             else:
                 self.fs.makedirs(self.root, exist_ok=True)
             probe = f"_probe-{uuid.uuid4().hex}"

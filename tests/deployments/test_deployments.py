@@ -4,7 +4,6 @@ deploy`'s script registers them with a real `prefect server` and a worker runs a
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from deployments.deploy import CONCURRENCY_ENV, PREFECT_FILE, REPO, pool_concurrency, work_pools
+from tests.helpers.services import free_port
 
 SPEC = yaml.safe_load(PREFECT_FILE.read_text())
 
@@ -32,12 +32,6 @@ def test_deployment_entrypoint_parameters_and_schedules_are_valid(deployment):
     for schedule in deployment["schedules"]:
         CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
     assert deployment["work_pool"]["name"] in work_pools() == ["saeflow"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -68,7 +62,7 @@ def test_the_work_pool_runs_one_flow_run_at_a_time_unless_told(monkeypatch):
 def prefect_server(tmp_path):
     """A real `prefect server start` on loopback, its own home and database; its scheduler
     service polls every second so cron schedules materialise as flow runs quickly."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect-home"),

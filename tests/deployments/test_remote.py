@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers.services import free_port
 
 
 @pytest.mark.slow
@@ -28,8 +23,8 @@ def test_services_up_then_run_uses_the_servers(tmp_path, tiny_llama_dir, tiny_co
     from deployments.servers import MlflowServer, PrefectServer
 
     home = tmp_path / "services"
-    s3 = SeaweedFS(home, s3_port=_free_port(), port_base=random.randrange(20000, 40000, 100))
-    services = [s3, MlflowServer(home, port=_free_port(), s3=s3), PrefectServer(home, _free_port())]
+    s3 = SeaweedFS(home, s3_port=free_port(), port_base=random.randrange(20000, 40000, 100))
+    services = [s3, MlflowServer(home, port=free_port(), s3=s3), PrefectServer(home, free_port())]
     try:
         try:
             s3.up()

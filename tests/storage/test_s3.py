@@ -94,6 +94,34 @@ def _client_args(server) -> dict[str, str]:
     }
 
 
+def test_a_store_collected_inside_an_event_loop_closes_its_client_without_a_stray_error(
+    s3_server,
+):
+    """`prefect flow-run retry` runs the flow inside an event loop; a Store collected there
+    had s3fs close its client on that loop instead of fsspec's, and asyncio printed "Task
+    exception was never retrieved" (aiohttp: "attached to a different loop")."""
+    import asyncio
+    import gc
+
+    stray: list[dict] = []
+
+    def used_and_dropped() -> None:
+        store = Store("s3://saeflow-test/collected")
+        store.check()  # replaces its filesystem by a fresh one: two clients to close
+        store.write_bytes("x.bin", b"x")
+        assert store.read_bytes("x.bin") == b"x"
+
+    async def inside_a_loop() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: stray.append(context))
+        used_and_dropped()
+        gc.collect()  # the filesystems' finalizers run here, on this loop's thread
+        await asyncio.sleep(0.5)  # where a misplaced close would run and fail
+
+    asyncio.run(inside_a_loop())
+    gc.collect()  # an unretrieved task reports itself when it is collected
+    assert [context["message"] for context in stray] == []
+
+
 def test_resumable_writes_on_s3(s3_server):
     store = Store("s3://saeflow-test/resume")
     store.check()
