@@ -30,11 +30,14 @@ The first call compiles (~20 s on 2 cores here); build ahead of time with
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import platform
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -84,6 +87,18 @@ def _build_directory(name: str) -> Path:
     return folder
 
 
+@contextmanager
+def _builder_lock(folder: Path) -> Iterator[None]:
+    """One builder per build folder at a time, by an flock the kernel releases when its holder
+    dies. torch's own lock (a `lock` file that waiters poll) outlives a builder killed mid-build
+    and would make every later process wait forever; under this flock no live builder holds
+    one, so any found is a dead builder's and is removed."""
+    with open(folder / "saeflow-builder.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        yield
+
+
 @cache
 def load() -> ModuleType | None:
     """The compiled kernels (built once per source version and CPU into torch's extension cache)."""
@@ -96,14 +111,16 @@ def load() -> ModuleType | None:
         # files or another venv (a concurrent test run, another checkout) build elsewhere
         # instead of overwriting this build.
         name = f"saeflow_sparse_kernels_{_cpu_tag()}_{_source_tag()}_{_env_tag()}"
-        return build(
-            name=name,
-            sources=[str(p) for p in SOURCES if p.suffix == ".cpp"],
-            build_directory=str(_build_directory(name)),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        folder = _build_directory(name)
+        with _builder_lock(folder):
+            return build(
+                name=name,
+                sources=[str(p) for p in SOURCES if p.suffix == ".cpp"],
+                build_directory=str(folder),
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except Exception as err:  # noqa: BLE001 - no compiler/headers: fall back to stock ops
         warnings.warn(
             f"native SAE kernels unavailable ({type(err).__name__}); using stock torch ops",

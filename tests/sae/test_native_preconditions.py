@@ -166,3 +166,30 @@ def test_code_fingerprint_follows_the_csrc_bytes(tmp_path, monkeypatch):
     edited = tmp_path / "decode.cpp"
     edited.write_bytes(edited.read_bytes() + b"// one more comment\n")
     assert fingerprint(native) != real
+
+
+def test_a_dead_builders_lock_does_not_stall_the_next_build(tmp_path, monkeypatch):
+    """torch's build lock, left by a builder killed mid-build, is cleared under the builder flock
+    (the next process used to wait on it forever)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("SAEFLOW_NATIVE_KERNELS", raising=False)
+    built = []
+
+    def fake_build(name: str, build_directory: str, **_kwargs):
+        assert not (Path(build_directory) / "lock").exists()  # torch would wait on it
+        built.append(name)
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_build)
+    name_prefix = "saeflow_sparse_kernels_"
+    native.load.cache_clear()
+    try:
+        assert native.load() == "module"
+        (tmp_path / built[0] / "lock").touch()  # a builder killed while holding it
+        native.load.cache_clear()
+        assert native.load() == "module"
+    finally:
+        native.load.cache_clear()
+    assert len(built) == 2 and built[0].startswith(name_prefix)
