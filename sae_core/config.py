@@ -178,7 +178,7 @@ def check_expander_graph(n_latents: int, width: int, degree: int) -> None:
 
 # How a run executes, not what it computes: left out of the SAE's address and of the check that
 # a checkpoint belongs to the run resuming it (a run may resume on another device or rank count).
-TRAIN_EXECUTION_FIELDS = frozenset({"device", "world_size"})
+TRAIN_EXECUTION_FIELDS = frozenset({"device", "world_size", "nnodes", "node_rank", "rendezvous"})
 
 
 class TrainConfig(_Strict):
@@ -228,9 +228,35 @@ class TrainConfig(_Strict):
         1,
         ge=1,
         le=1024,
-        description="Data-parallel processes (torch.distributed, launched with torchrun on this "
-        "node): each takes batch_size / world_size rows of every batch. 1: one process, no launcher. "
+        description="Data-parallel processes on this node (torch.distributed, launched with "
+        "torchrun): each of the world_size x nnodes ranks takes an equal slice of every batch. "
+        "1 on one node: one process, no launcher. "
         "Not part of the SAE's address (like device: same computation, up to float rounding).",
+    )
+    nnodes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Nodes of a data-parallel run, each running world_size processes against a "
+        "store every node reaches; world_size x nnodes ranks in all, rank 0 (on node 0) commits. "
+        "Not part of the SAE's address.",
+    )
+    node_rank: int = Field(
+        0, ge=0, description="This node's place, 0 .. train.nnodes - 1 (node 0 commits the SAE)."
+    )
+    rendezvous: str | None = Field(
+        None,
+        description="HOST:PORT where node 0 meets the others (torchrun's master address and "
+        "port; every node gives the same); needed when train.nnodes > 1.",
+    )
+    data_lanes: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description="Independent streams every batch is drawn from, each reading its own "
+        "1/data_lanes of the split (sae_core.storage.loader): a data-parallel rank reads only "
+        "its lanes, so world_size x nnodes must divide it. Part of the batch order, hence of "
+        "the SAE's address.",
     )
 
     @model_validator(mode="after")
@@ -252,13 +278,49 @@ class TrainConfig(_Strict):
             )
         return self
 
+    @property
+    def ranks(self) -> int:
+        """Data-parallel processes in all: world_size on each of nnodes nodes."""
+        return self.world_size * self.nnodes
+
     @model_validator(mode="after")
     def _batch_splits_over_ranks(self) -> TrainConfig:
-        if self.batch_size % self.world_size:
+        ranks = (
+            f"train.world_size={self.world_size}"
+            if self.nnodes == 1
+            else f"train.world_size={self.world_size} x train.nnodes={self.nnodes} = {self.ranks}"
+        )
+        if self.batch_size % self.ranks:
             raise ValueError(
-                f"train.world_size={self.world_size} does not divide train.batch_size="
-                f"{self.batch_size}; choose a train.batch_size that is a multiple of it "
-                "(each rank takes an equal slice)"
+                f"{ranks} does not divide train.batch_size={self.batch_size}; choose a "
+                "train.batch_size that is a multiple of it (each rank takes an equal slice)"
+            )
+        if self.data_lanes % self.ranks:
+            raise ValueError(
+                f"{ranks} does not divide train.data_lanes={self.data_lanes}; set "
+                "train.data_lanes to a multiple of it (each rank reads whole lanes; the SAE "
+                "then gets a new address, as the batch order changes)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _nodes(self) -> TrainConfig:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(
+                f"train.node_rank={self.node_rank} is not below train.nnodes={self.nnodes}; "
+                f"number the nodes 0 .. {self.nnodes - 1}"
+            )
+        if self.rendezvous is not None:
+            host, _, port = self.rendezvous.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(
+                    f"train.rendezvous={self.rendezvous!r} is not HOST:PORT; give node 0's "
+                    "address and a free port every node reaches, e.g. 10.0.0.1:29500"
+                )
+        elif self.nnodes > 1:
+            raise ValueError(
+                f"train.nnodes={self.nnodes} needs train.rendezvous=HOST:PORT: node 0's "
+                "address and a free port, the same on every node"
             )
         return self
 

@@ -3,6 +3,7 @@ sharing one read of the data, each committed at the address a lone run would hav
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 
@@ -28,6 +29,8 @@ from sae_core.storage.store import Store
 from sae_core.training import ddp, group, trainer
 from sae_core.training import train as training
 from sae_core.training.group import GroupMember, split_by_memory
+
+COMMIT_WAIT_S = 120.0  # how long a node other than 0 waits for node 0's commit after training
 
 # One SAE or a group: the same loop, the same result. The loader fixes the batch order, ranks
 # the reductions over the global batch.
@@ -110,11 +113,15 @@ def _train_and_commit(
     acts: DatasetRef, store: Store, locs: list[Location], members: list[GroupMember], progress: bool
 ) -> dict[Location, SaeManifest]:
     """Train `members` as one group and commit each at its location; their manifests. The
-    trainers are dropped on return, before another chunk starts. With train.world_size > 1
-    torchrun workers train the group and rank 0 fills the folders."""
+    trainers are dropped on return, before another chunk starts. With several ranks
+    torchrun workers train the group and rank 0 fills the folders; on several nodes node 0
+    commits and the others wait for its commit."""
+    if members[0].train.node_rank > 0:
+        ddp.train_data_parallel(acts, members, [loc.path for loc in locs], progress)
+        return _committed_by_node_0(locs)
     with ExitStack() as stack:  # every folder committed on a normal exit, none on an error
         writers = [stack.enter_context(store.writing(loc.path)) for loc in locs]
-        if members[0].train.world_size > 1:
+        if members[0].train.ranks > 1:
             made = ddp.train_data_parallel(acts, members, [w.dataset for w in writers], progress)
             for writer, manifest in zip(writers, made, strict=True):
                 writer.manifest = manifest  # rank 0 reported it
@@ -130,3 +137,22 @@ def _train_and_commit(
     for loc in locs:
         store.rm(checkpoint_dir(loc))
     return dict(zip(locs, made, strict=True))
+
+
+def _committed_by_node_0(
+    locs: list[Location], wait_s: float = COMMIT_WAIT_S
+) -> dict[Location, SaeManifest]:
+    """The manifests node 0 commits once every rank has ended (its parent commits right after
+    its workers end; this node's ended with them)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        done = {loc: m for loc in locs if (m := loc.committed(SaeManifest)) is not None}
+        if len(done) == len(locs):
+            return done
+        if time.monotonic() > deadline:
+            missing = ", ".join(loc.path for loc in locs if loc not in done)
+            raise ddp.DataParallelFailed(
+                f"training ended but node 0 committed no SAE at {missing} within {wait_s:.0f} s; "
+                "see node 0's log, fix the cause and run every node again"
+            )
+        time.sleep(0.5)

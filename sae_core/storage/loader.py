@@ -1,29 +1,39 @@
 """Reading activation datasets: whole splits for small work, a streaming shuffled reader for training.
 
 `iter_batches` streams a split of any size from the store (local or S3) in `[B, d]` float32
-batches, shuffled at two levels:
-- shard order: a permutation of the split's shards, drawn per epoch;
-- tokens: a shuffle buffer of `buffer_tokens` rows. Once the buffer is full, each round draws a
-  random half of its slots, emits their rows as batches, and refills exactly those slots with the
-  next rows of the stream; at the end of the stream the rest of the buffer is emitted in a random
-  order. Every row of the split is emitted exactly once per epoch, except the last
-  `rows % batch_size`, which are dropped (so an epoch is `rows // batch_size` batches).
+batches, shuffled at two levels, in a way that lets each data-parallel rank read only its share:
+- blocks: the split is cut into blocks of `BLOCK_ROWS` rows (extraction's row group; a shard's
+  last block is shorter), and the blocks are permuted per epoch (`epoch_lanes`);
+- lanes: the permuted blocks, end to end, are cut into `lanes` contiguous segments; lane l gives
+  rows `lane_slice(B, lanes, l)` of every batch (B / lanes rows, give or take one) and reads
+  only its own segment, `steps * its rows` long (steps = rows // B, the epoch's batches);
+- tokens: each lane's rows pass through its own shuffle buffer (`buffer_tokens` shared out in
+  proportion to its rows). Once the buffer is full, each round draws a random half of its slots,
+  emits their rows, and refills exactly those slots with the next rows of the lane's segment;
+  at the end of the segment the rest of the buffer is emitted in a random order.
+Every row of the first `steps * B` of the permuted stream is emitted exactly once per epoch; the
+last `rows % B` are not read. A batch depends only on (seed, epoch, lanes, buffer_tokens,
+batch_size) and the dataset, never on who reads it: a rank whose `take` covers whole lanes
+reads only those lanes' segments (about 1/W of the split's bytes), and W ranks' slices, in rank
+order, are the very batches one process gets.
 
-Two background threads keep the trainer from waiting: one reads shards (a local file natively;
-an S3 object whole, with concurrent ranged GETs) and decodes them a few row groups ahead; the
-other refills the buffer and cuts batches, `prefetch` batches ahead. Memory is bounded by the
-buffer (in the storage dtype), the queued batches and row groups, and one shard in flight from S3,
+Background threads keep the trainer from waiting: one per lane reads its pieces (a local file
+natively; on S3 ranged reads of the row groups it needs, the activation column only) a few row
+groups ahead; another runs the lanes' buffers and cuts batches, `prefetch` batches ahead.
+Memory is bounded by the buffers (in the storage dtype), the queued batches and row groups,
 whatever the dataset's size. Arrow -> NumPy -> torch is zero-copy: the one copy of a row is into
-the buffer, the next out of it into a batch.
+a buffer, the next out of it into a batch.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import queue
 import threading
 import warnings
 from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -34,14 +44,15 @@ from torch import Tensor
 
 from sae_core.errors import ConfigError, DatasetDamaged
 from sae_core.storage.layout import activation_matrix
-from sae_core.storage.manifests import ActivationsManifest, ActivationsShard, ActivationsSplit
+from sae_core.storage.manifests import ActivationsManifest, ActivationsSplit
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 
 DEFAULT_BUFFER_TOKENS = 2**17  # 288 MiB of float32 rows at d=576
 DEFAULT_PREFETCH = 4  # ready batches queued ahead of the trainer
 _RANGE_BYTES = 8 * 2**20  # one ranged GET of a shard fetched from S3
-_READ_AHEAD = 4  # row groups (8192 rows each as extraction writes them) read ahead of the buffer
+_READ_AHEAD = 4  # row groups (8192 rows each as extraction writes them) read ahead, over all lanes
+BLOCK_ROWS = 8192  # rows per block of the shuffle: extraction's row group, fetched whole
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -131,28 +142,135 @@ def _as_tensor(rows: np.ndarray) -> Tensor:
         return torch.from_numpy(rows)
 
 
-def _shard_rows(
-    ref: DatasetRef, shards: list[ActivationsShard], width: int
+class Piece(NamedTuple):
+    """Consecutive rows of one shard of a split."""
+
+    shard: int
+    """The shard's index in the split's manifest."""
+    start: int
+    """Its first row, counted in the shard."""
+    stop: int
+    """One past its last row."""
+
+
+class ReadTally:
+    """What a reader fetched from storage (thread-safe counters, for `iter_batches(reads=)`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.bytes = 0
+        """Compressed bytes of the activation column chunks read (the row groups fetched)."""
+        self.rows = 0
+        """Rows those row groups hold."""
+
+    def add(self, nbytes: int, rows: int) -> None:
+        with self._lock:
+            self.bytes += nbytes
+            self.rows += rows
+
+
+def blocks(info: ActivationsSplit, block_rows: int = BLOCK_ROWS) -> list[Piece]:
+    """The split cut into blocks of block_rows rows, shard by shard (a shard's last one shorter)."""
+    return [
+        Piece(i, start, min(start + block_rows, shard.rows))
+        for i, shard in enumerate(info.shards)
+        for start in range(0, shard.rows, block_rows)
+    ]
+
+
+def lane_slice(batch_size: int, lanes: int, lane: int) -> slice:
+    """The rows lane `lane` gives each batch: lanes differ by at most one row, and when W divides
+    both lanes and batch_size, rank r's `Ranks.rows` are exactly lanes [r L / W, (r + 1) L / W)."""
+    return slice(lane * batch_size // lanes, (lane + 1) * batch_size // lanes)
+
+
+def segment(order: list[Piece], start: int, stop: int) -> list[Piece]:
+    """Rows [start, stop) of the pieces of `order` laid end to end, as pieces."""
+    ends = np.cumsum([p.stop - p.start for p in order]).tolist()
+    out = []
+    i = bisect.bisect_right(ends, start)
+    while start < stop and i < len(order):
+        first = ends[i] - (order[i].stop - order[i].start)  # where piece i begins in the stream
+        piece = order[i]
+        lo, hi = piece.start + start - first, piece.start + min(stop, ends[i]) - first
+        out.append(Piece(piece.shard, lo, hi))
+        start = ends[i]
+        i += 1
+    return out
+
+
+def epoch_lanes(
+    info: ActivationsSplit, batch_size: int, lanes: int, generator: torch.Generator
+) -> list[list[Piece]]:
+    """Each lane's segment of an epoch: the blocks in the order `generator` draws, end to end,
+    cut into `lanes` runs of `steps * rows per batch` rows (steps = rows // batch_size)."""
+    cut = blocks(info)
+    order = [cut[i] for i in torch.randperm(len(cut), generator=generator).tolist()]
+    steps = info.rows // batch_size
+    shares = [lane_slice(batch_size, lanes, lane) for lane in range(lanes)]
+    return [segment(order, steps * rows.start, steps * rows.stop) for rows in shares]
+
+
+@contextmanager
+def _ranged(store: Store, rel: str) -> Iterator[pq.ParquetFile]:
+    """A shard opened for reading some of its row groups: a local file natively, an object on S3
+    through ranged reads (the footer, then the column chunks asked for), never fetched whole."""
+    path = store.path(rel)
+    try:
+        if store.protocol == "file":
+            with pq.ParquetFile(path) as parquet:
+                yield parquet
+        else:
+            with (
+                store.fs.open(path, "rb", cache_type="none") as raw,
+                pq.ParquetFile(raw) as parquet,
+            ):
+                yield parquet
+    except (pa.ArrowException, OSError) as err:
+        raise _damaged(store, rel, err) from None
+
+
+def _piece_rows(
+    ref: DatasetRef, info: ActivationsSplit, pieces: list[Piece], width: int, reads: ReadTally
 ) -> Generator[Tensor, None, None]:
-    """The rows of `shards`, in that order, as `[r, d]` tensors (one per row group), each shard's
-    row count and width checked against the manifest."""
+    """The rows of `pieces`, in order, as `[r, d]` tensors (a row group's share of a piece
+    each): only the row groups a piece overlaps are fetched, their activation column only; each
+    shard's row count and width checked against the manifest."""
     store = ref.open_store()
-    for shard in shards:
-        seen = 0
-        for batch in read_shard(store, f"{ref.path}/{shard.name}"):
-            seen += batch.num_rows
-            rows = activation_matrix(batch)
-            if rows.shape[1] != width:
+    for piece in pieces:
+        shard = info.shards[piece.shard]
+        rel = f"{ref.path}/{shard.name}"
+        with _ranged(store, rel) as parquet:
+            meta = parquet.metadata
+            if meta.num_rows != shard.rows:
                 raise DatasetDamaged(
-                    f"dataset {ref.uri}: {shard.name} holds rows of width {rows.shape[1]}, "
-                    f"the manifest says {width}; delete the dataset folder and run again"
+                    f"dataset {ref.uri}: {shard.name} has {meta.num_rows} rows, the manifest "
+                    f"says {shard.rows}; delete the dataset folder and run again"
                 )
-            yield _as_tensor(rows)
-        if seen != shard.rows:
-            raise DatasetDamaged(
-                f"dataset {ref.uri}: {shard.name} has {seen} rows, the manifest says "
-                f"{shard.rows}; delete the dataset folder and run again"
-            )
+            columns = [
+                c
+                for c in range(meta.num_columns)
+                if meta.schema.column(c).path.split(".")[0] == "activation"
+            ]
+            first = 0
+            for group in range(meta.num_row_groups):
+                stats = meta.row_group(group)
+                lo, hi = max(piece.start, first), min(piece.stop, first + stats.num_rows)
+                if lo < hi:
+                    table = parquet.read_row_group(group, columns=["activation"])
+                    reads.add(
+                        sum(stats.column(c).total_compressed_size for c in columns),
+                        stats.num_rows,
+                    )
+                    rows = activation_matrix(table)
+                    if rows.shape[1] != width:
+                        raise DatasetDamaged(
+                            f"dataset {ref.uri}: {shard.name} holds rows of width "
+                            f"{rows.shape[1]}, the manifest says {width}; delete the dataset "
+                            "folder and run again"
+                        )
+                    yield _as_tensor(rows[lo - first : hi - first])
+                first += stats.num_rows
 
 
 class _Rows:
@@ -175,37 +293,84 @@ class _Rows:
 
 
 class _Plan(NamedTuple):
-    """How a split's rows become batches: iter_batches' arguments, resolved."""
+    """How one lane's rows become its share of every batch."""
 
     width: int
     """d: values per row."""
     dtype: str
     """The stored dtype, which the shuffle buffer holds."""
     batch_size: int
-    """Rows per batch."""
+    """Rows the lane gives each batch."""
     generator: torch.Generator
-    """Seeded by (seed, epoch): draws the shard order and every round of the buffer."""
+    """The lane's own, seeded from (seed, epoch): draws every round of its buffer."""
     buffer_tokens: int
-    """The shuffle buffer's size (see iter_batches)."""
+    """The lane's shuffle buffer's size (see iter_batches)."""
     start_batch: int
     """Batches of the epoch skipped: read, not copied out."""
     take: slice
-    """The rows of each batch copied out."""
+    """The rows of the lane's share copied out."""
+
+
+def _lane(
+    ref: DatasetRef,
+    info: ActivationsSplit,
+    pieces: list[Piece],
+    plan: _Plan,
+    read_ahead: int,
+    reads: ReadTally,
+) -> Generator[Tensor, None, None]:
+    """One lane's shares of the batches from `plan.start_batch` on: its pieces, read in their own
+    thread a few row groups ahead (S3 transfers and decoding overlap the shuffling), through its
+    shuffle buffer."""
+    rows = _prefetched(_piece_rows(ref, info, pieces, plan.width, reads), read_ahead)
+    try:
+        yield from _shuffle_buffer(_Rows(rows), plan)
+    finally:
+        rows.close()
 
 
 def _shuffled(
-    ref: DatasetRef, info: ActivationsSplit, plan: _Plan
+    ref: DatasetRef,
+    manifest: ActivationsManifest,
+    info: ActivationsSplit,
+    batch_size: int,
+    lanes: int,
+    generator: torch.Generator,
+    buffer_tokens: int,
+    start_batch: int,
+    take: slice,
+    reads: ReadTally,
 ) -> Generator[Tensor, None, None]:
-    """The split's batches from `plan.start_batch` on: shards in a shuffled order, read in their
-    own thread a few row groups ahead (S3 transfers and decoding overlap the shuffling), through
-    the shuffle buffer."""
-    order = torch.randperm(len(info.shards), generator=plan.generator).tolist()
-    shards = [info.shards[i] for i in order]
-    pieces = _prefetched(_shard_rows(ref, shards, plan.width), _READ_AHEAD)
+    """The batches from `start_batch` on, only their rows `take`: the lanes `take` overlaps
+    run side by side and each batch is their shares, in lane order (the others are not read)."""
+    segments = epoch_lanes(info, batch_size, lanes, generator)
+    # Every lane's seed is drawn, whichever lanes run here: a lane's rows never depend on W.
+    seeds = torch.randint(2**62, (lanes,), generator=generator).tolist()
+    first, stop, _ = take.indices(batch_size)
+    streams = []
+    for lane in range(lanes):
+        rows = lane_slice(batch_size, lanes, lane)
+        if max(first, rows.start) >= min(stop, rows.stop):
+            continue  # none of this lane's rows are wanted here
+        share = slice(max(first - rows.start, 0), min(stop, rows.stop) - rows.start)
+        plan = _Plan(
+            manifest.width,
+            manifest.dtype,
+            rows.stop - rows.start,
+            torch.Generator().manual_seed(seeds[lane]),
+            buffer_tokens * (rows.stop - rows.start) // batch_size,
+            start_batch,
+            share,
+        )
+        streams.append((segments[lane], plan))
+    read_ahead = max(1, _READ_AHEAD // max(1, len(streams)))
+    lanes_here = [_lane(ref, info, pieces, plan, read_ahead, reads) for pieces, plan in streams]
     try:
-        yield from _shuffle_buffer(_Rows(pieces), plan)
+        for shares in zip(*lanes_here, strict=True):
+            yield shares[0] if len(shares) == 1 else torch.cat(shares)
     finally:
-        pieces.close()
+        for stream in lanes_here:
+            stream.close()
 
 
 def _shuffle_buffer(rows: _Rows, plan: _Plan) -> Generator[Tensor, None, None]:
@@ -302,23 +467,31 @@ def iter_batches(
     buffer_tokens: int = DEFAULT_BUFFER_TOKENS,
     prefetch: int = DEFAULT_PREFETCH,
     take: slice | None = None,
+    lanes: int = 1,
     pin_memory: bool = False,
+    reads: ReadTally | None = None,
 ) -> Iterator[Tensor]:
     """Shuffled `[batch_size, d]` float32 batches of a split, streamed (see the module docstring).
 
-    The order depends only on (seed, epoch, buffer_tokens, batch_size) and the dataset: the same
-    arguments give the same batches, and `start_batch` skips the first batches of an epoch (to
-    resume training mid-epoch) without changing the rest. Skipping reads the skipped rows (the
-    buffer's state depends on them) but does not copy them into batches. The buffer holds
-    `max(buffer_tokens, 2 * batch_size)` rows, rounded down to a multiple of 2 * batch_size.
+    The order depends only on (seed, epoch, lanes, buffer_tokens, batch_size) and the dataset:
+    the same arguments give the same batches, and `start_batch` skips the first batches of an
+    epoch (to resume training mid-epoch) without changing the rest. Skipping reads the skipped
+    rows (a buffer's state depends on them) but does not copy them into batches. Lane l's
+    buffer holds `max(buffer_tokens * b_l / batch_size, 2 * b_l)` rows, rounded down to a
+    multiple of 2 * b_l (b_l: the rows it gives each batch).
 
     take: yield only these rows of every batch (a data-parallel rank's slice, so W ranks with
-    the same arguments split the very batches one process would get). Each rank still reads
-    and buffers the whole split (the buffer's state depends on every row); only the copy
-    into batches shrinks.
+    the same arguments split the very batches one process would get). Only the lanes `take`
+    overlaps are read and buffered: with W dividing `lanes`, a rank's `Ranks.rows` are whole
+    lanes, and it reads about 1/W of the split.
+
+    lanes: the independent streams each batch is drawn from (module docstring); part of the
+    order, so a run and its resumption must agree on it.
 
     pin_memory: page-lock each batch in the loader thread (for a CUDA trainer: its copy to the
     GPU, `non_blocking`, then overlaps the previous step instead of waiting on a staging copy).
+
+    reads: counts what this stream fetches from storage (bytes and rows of the row groups).
     """
     manifest, info = split_manifest(ref, split)
     if batch_size > info.rows:
@@ -326,17 +499,21 @@ def iter_batches(
             f"train.batch_size={batch_size} exceeds the {info.rows} rows of split '{split}' "
             f"of {ref.uri}; lower it or raise data.train_tokens"
         )
+    if lanes < 1:
+        raise ValueError(f"lanes={lanes}: give at least 1")
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    plan = _Plan(
-        manifest.width,
-        manifest.dtype,
+    batches = _shuffled(
+        ref,
+        manifest,
+        info,
         batch_size,
+        lanes,
         generator,
         buffer_tokens,
         start_batch,
         take or slice(None),
+        reads or ReadTally(),
     )
-    batches = _shuffled(ref, info, plan)
     if pin_memory:
         batches = (batch.pin_memory() for batch in batches)
     return _prefetched(batches, prefetch)

@@ -1,17 +1,23 @@
-"""Data-parallel training on one node: the train stage runs `train.world_size` torchrun workers.
+"""Data-parallel training: the train stage runs `train.world_size` torchrun workers on each of
+`train.nnodes` nodes.
 
-Parent (`train_data_parallel`, called inside the stage's `Store.writing` block): writes the
-inputs as a small JSON file, runs `python -m torch.distributed.run --standalone
---nproc_per_node=W -m sae_core.training.ddp SPEC` (a rendezvous on a free localhost port), streams the
-workers' output, waits, and returns the manifests rank 0 reports; the stage commits them.
+Parent (`train_data_parallel`, called by the stage on every node): writes the inputs as a small
+JSON file, runs `python -m torch.distributed.run` with W workers of this module on that SPEC
+(`torchrun_command`: on one node a rendezvous on a free localhost port; on several, a static
+rendezvous at `train.rendezvous`, node 0 hosting it, ranks numbered node by node), streams the
+workers' output, waits, and on node 0 returns the manifests rank 0 reports (the stage commits
+them: data first, manifest last); on the other nodes it returns None and the stage waits for
+node 0's commit on the shared store.
 Workers (`main`): join the group (gloo on CPU, NCCL with one GPU per rank on CUDA) and run
 `sae_core.training.train.train_group` with their `Ranks` (one SAE or several sharing one read of the
-data); rank 0 writes the outputs and checkpoints.
+data; each rank reads only its lanes of the split); rank 0 writes the outputs and checkpoints.
+Each rank prints the bytes it read.
 
 A failing rank writes its error (type, message, time) next to the spec; the parent re-raises
-the earliest one: configuration and storage errors as themselves (final), anything else as
-`DataParallelFailed` (a task may retry it; training resumes from the last checkpoint). Workers
-stop by themselves when the launching process is gone (a killed `saeflow run`).
+the earliest one its node saw: configuration and storage errors as themselves (final), anything
+else as `DataParallelFailed` (a task may retry it; training resumes from the last checkpoint).
+A node that dies takes the run down on every node (its peers' collectives fail). Workers stop
+by themselves when the launching process is gone (a killed `saeflow run`).
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from pathlib import Path
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.errors import ConfigError, DatasetDamaged, StoreError
 from sae_core.sae.ranks import Ranks
-from sae_core.storage import faults
-from sae_core.storage.manifests import SaeManifest
+from sae_core.storage import faults, loader
+from sae_core.storage.manifests import ActivationsManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import DatasetWriter
 from sae_core.training import train as training
@@ -49,15 +55,25 @@ class DataParallelFailed(RuntimeError):
     """A torchrun worker failed (or the launcher did) for a reason that may pass on a re-run."""
 
 
-def torchrun_command(world_size: int, spec: Path) -> list[str]:
-    """The launcher's command line: W workers of this module on this node (torchrun's own
-    files in the spec's folder, removed with it)."""
+def torchrun_command(train: TrainConfig, spec: Path) -> list[str]:
+    """The launcher's command line: train.world_size workers of this module on this node, one
+    node of train.nnodes (torchrun's own files in the spec's folder, removed with it)."""
+    if train.nnodes == 1:
+        rendezvous = ["--standalone"]
+    else:
+        host, _, port = (train.rendezvous or "").rpartition(":")
+        rendezvous = [
+            f"--nnodes={train.nnodes}",
+            f"--node_rank={train.node_rank}",
+            f"--master_addr={host}",
+            f"--master_port={port}",
+        ]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={world_size}",
+        *rendezvous,
+        f"--nproc_per_node={train.world_size}",
         f"--log-dir={spec.parent / 'torchrun'}",
         "-m",
         "sae_core.training.ddp",
@@ -70,10 +86,11 @@ def train_data_parallel(
     members: Sequence[GroupMember],
     datasets: Sequence[str],
     progress: bool = True,
-) -> list[SaeManifest]:
+) -> list[SaeManifest] | None:
     """Train the members (sharing `sae_core.training.group.data_order`) with train.world_size torchrun
-    workers; rank 0 fills each member's dataset folder on acts' store (without its manifest,
-    which it reports: the caller commits it). Blocks until every worker has ended."""
+    workers on this node; rank 0 fills each member's dataset folder on acts' store (without its
+    manifest, which it reports: the caller on node 0 commits it; None on the other nodes).
+    Blocks until every worker of this node has ended."""
     train = members[0].train
     check_world_size(train)
     with tempfile.TemporaryDirectory(prefix="saeflow-ddp-") as tmp:
@@ -102,10 +119,12 @@ def train_data_parallel(
         # The workers import the very sae_core this process runs (not another installed copy).
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_CODE_ROOT, env.get("PYTHONPATH")]))
         try:
-            code = subprocess.run(torchrun_command(train.world_size, spec), env=env).returncode
+            code = subprocess.run(torchrun_command(train, spec), env=env).returncode
         except OSError as err:
             raise DataParallelFailed(f"could not start torchrun: {err}") from None
         result = Path(tmp) / RESULT_FILE
+        if code == 0 and train.node_rank > 0:
+            return None  # rank 0, on node 0, reported to node 0's parent
         if code == 0 and result.exists():
             return [SaeManifest.model_validate(m) for m in json.loads(result.read_text())]
         raise rank_error(Path(tmp), code)
@@ -167,7 +186,17 @@ def main(spec_path: str) -> None:
         ranks, device = Ranks.from_env(members[0].train.device)
         acts = DatasetRef.model_validate(spec["acts"])
         store = faults.open_store(acts.store)
-        trainers = training.train_group(acts, members, store, spec["progress"], ranks, device)
+        reads = loader.ReadTally()
+        trainers = training.train_group(
+            acts, members, store, spec["progress"], ranks, device, reads
+        )
+        split = acts.manifest(ActivationsManifest).splits["train"]
+        print(
+            f"sae_core.training.ddp: rank {ranks.rank} of {ranks.world_size} read "
+            f"{reads.bytes} bytes for its batches; the train split holds "
+            f"{sum(shard.bytes for shard in split.shards)}",
+            flush=True,
+        )
         if ranks.leader:
             done = [
                 training.write_trained(

@@ -39,7 +39,7 @@ class GroupMember(NamedTuple):
     checkpoint_dir: str | None = None
 
 
-DataOrder = tuple[int, int, int, int | None, str, int]
+DataOrder = tuple[int, int, int, int | None, int, str, int, int, int, str | None]
 
 
 def data_order(train_cfg: TrainConfig) -> DataOrder:
@@ -50,8 +50,12 @@ def data_order(train_cfg: TrainConfig) -> DataOrder:
         train_cfg.seed,
         train_cfg.epochs,
         train_cfg.tokens,
+        train_cfg.data_lanes,
         train_cfg.device,
         train_cfg.world_size,
+        train_cfg.nnodes,
+        train_cfg.node_rank,
+        train_cfg.rendezvous,
     )
 
 
@@ -172,7 +176,8 @@ def run_group(
     """
     if len({data_order(m.train) for m in members}) != 1:
         raise ConfigError(
-            "train: a group's SAEs must share train.batch_size, seed, epochs, tokens, device and world_size; "
+            "train: a group's SAEs must share train.batch_size, seed, epochs, tokens, data_lanes, "
+            "device, world_size and the nodes; "
             "group them with group_by_data_order"
         )
     sample: list[torch.Tensor] = []

@@ -26,7 +26,7 @@ from sae_core.device import device_name, pick_device
 from sae_core.errors import ConfigError
 from sae_core.sae import WEIGHTS_FILE, SparseAutoencoder, storage_report
 from sae_core.sae.ranks import SINGLE, Ranks
-from sae_core.storage.loader import iter_batches
+from sae_core.storage.loader import ReadTally, iter_batches
 from sae_core.storage.manifests import ActivationsManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import DatasetWriter, Store
@@ -92,6 +92,7 @@ def train_group(
     progress: bool = True,
     ranks: Ranks = SINGLE,
     device: torch.device | None = None,
+    reads: ReadTally | None = None,
 ) -> list[Trainer]:
     """Train the members (sharing `data_order`) on the `train` split of a committed activations
     dataset, reading it once per epoch for all of them; checkpoints go to `store`.
@@ -99,7 +100,9 @@ def train_group(
     Each member's checkpoint_dir is a store-relative folder outside the dataset folder (it
     survives the clearing of unfinished attempts), e.g. `checkpoints/<fingerprint>`. Data
     parallel (a torchrun worker, `sae_core.training.ddp`): `ranks` and this rank's `device`; every rank
-    reads its rows of each batch, rank 0 alone writes checkpoints. device None: train.device.
+    reads its rows of each batch (its train.data_lanes only: `loader.iter_batches`), rank 0
+    alone writes checkpoints. device None: train.device. reads: counts what the batches (not
+    the init sample) fetch from storage.
     """
     manifest = acts.manifest(ActivationsManifest)
     d = manifest.width
@@ -124,12 +127,22 @@ def train_group(
             epoch,
             start_batch,
             take=take,
+            lanes=train_cfg.data_lanes,
             pin_memory=device.type == "cuda",
+            reads=reads,
         )
 
     def init_sample() -> torch.Tensor:
+        """[size, d]: read by rank 0 alone and sent to the others (every rank's SAE starts alike)."""
         size = min(INIT_SAMPLE_TOKENS, rows)
-        return next(iter_batches(acts, "train", size, train_cfg.seed + 1, 0, 0))
+        if not ranks.distributed:
+            return next(iter_batches(acts, "train", size, train_cfg.seed + 1, 0, 0))
+        if ranks.leader:
+            shared = next(iter_batches(acts, "train", size, train_cfg.seed + 1, 0, 0)).to(device)
+        else:
+            shared = torch.empty(size, d, device=device)  # NCCL sends device tensors only
+        ranks.broadcast_([shared])
+        return shared.cpu()
 
     return run_group(
         d,

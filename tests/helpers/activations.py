@@ -47,9 +47,10 @@ def write_shard_table(
 
 
 def write_activations(
-    store: Store, path: str, train: torch.Tensor, eval_: torch.Tensor
+    store: Store, path: str, train: torch.Tensor, eval_: torch.Tensor, **parquet
 ) -> DatasetRef:
-    """A committed activations dataset in the contract's layout, one shard per split."""
+    """A committed activations dataset in the contract's layout, one shard per split (parquet:
+    pyarrow's write_table options, e.g. row_group_size)."""
     d = train.shape[1]
     splits = {}
     with store.writing(path) as w:
@@ -67,7 +68,7 @@ def write_activations(
                 schema=ACTIVATION_SCHEMA(d),
             )
             name = f"{split}/shard-00000.parquet"
-            shard = write_shard_table(w, name, name, table, x.numpy())
+            shard = write_shard_table(w, name, name, table, x.numpy(), **parquet)
             splits[split] = ActivationsSplit(rows=n, shards=[shard])
         w.manifest = ActivationsManifest(
             schema_version=1, fingerprint="test", width=d, dtype="float32", splits=splits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -10,10 +11,11 @@ import pytest
 import torch
 
 from sae_core.errors import ConfigError, DatasetDamaged
+from sae_core.sae.ranks import Ranks
 from sae_core.storage import loader
 from sae_core.storage.layout import ACTIVATION_SCHEMA, read_activations
 from sae_core.storage.loader import iter_batches, load_split_tensor
-from sae_core.storage.manifests import ActivationsManifest, ActivationsSplit
+from sae_core.storage.manifests import ActivationsManifest, ActivationsShard, ActivationsSplit
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 from tests.helpers.activations import write_shard_table
@@ -60,9 +62,12 @@ def row_ids(batches: list[torch.Tensor]) -> list[int]:
 
 @pytest.mark.parametrize("buffer_tokens", [64, 200, 10**6])
 @pytest.mark.parametrize("batch_size", [16, 50])
-def test_each_row_once_per_epoch(tmp_path, buffer_tokens, batch_size):
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_each_row_once_per_epoch(tmp_path, buffer_tokens, batch_size, lanes):
     ref = write_indexed(tmp_path, [300, 250, 7, 443])
-    batches = list(iter_batches(ref, "train", batch_size, seed=1, buffer_tokens=buffer_tokens))
+    batches = list(
+        iter_batches(ref, "train", batch_size, seed=1, buffer_tokens=buffer_tokens, lanes=lanes)
+    )
     assert len(batches) == 1000 // batch_size
     assert all(b.shape == (batch_size, D) and b.dtype == torch.float32 for b in batches)
     ids = row_ids(batches)
@@ -82,40 +87,80 @@ def test_deterministic_resumable_and_new_order_each_epoch(tmp_path):
 
 
 @pytest.mark.parametrize("start_batch", [0, 7])
-def test_ranks_slices_partition_the_very_batches_one_reader_gets(tmp_path, start_batch):
+@pytest.mark.parametrize("world_size", [2, 3, 6])
+def test_ranks_slices_are_the_very_batches_one_reader_gets(tmp_path, start_batch, world_size):
     """Data parallel: rank r's `take` of every batch; the W slices, in rank order, are the
-    batches of one reader (the end of the epoch, after the buffer drains, included)."""
+    batches of one reader (the end of the epoch, after the buffers drain, included)."""
     ref = write_indexed(tmp_path, [300, 250, 7, 443])
-    whole = list(iter_batches(ref, "train", 48, seed=2, start_batch=start_batch, buffer_tokens=200))
+    common = {"seed": 2, "start_batch": start_batch, "buffer_tokens": 200, "lanes": 6}
+    whole = list(iter_batches(ref, "train", 48, **common))
+    per_rank = 48 // world_size
     parts = [
-        list(
-            iter_batches(
-                ref, "train", 48, seed=2, start_batch=start_batch, buffer_tokens=200, take=rows
-            )
-        )
-        for rows in (slice(0, 16), slice(16, 32), slice(32, 48))
+        list(iter_batches(ref, "train", 48, take=slice(r * per_rank, (r + 1) * per_rank), **common))
+        for r in range(world_size)
     ]
     assert len(whole) == 1000 // 48 - start_batch
     for b, batch in enumerate(whole):
         assert torch.equal(torch.cat([part[b] for part in parts]), batch)
 
 
-def test_pin_memory_page_locks_every_batch_in_the_loader_thread(tmp_path, monkeypatch):
-    """For a CUDA trainer; pinning needs a GPU, so the test records the calls instead."""
-    ref = write_indexed(tmp_path, [300, 200])
-    pinned: list[str] = []
+def _rows_read(ref: DatasetRef, **args) -> tuple[int, int]:
+    """(rows, bytes) an epoch of iter_batches(ref, "train", 64, seed=5, **args) fetches."""
+    reads = loader.ReadTally()
+    list(iter_batches(ref, "train", 64, seed=5, reads=reads, **args))
+    return reads.rows, reads.bytes
 
-    def pin(self: torch.Tensor) -> torch.Tensor:
-        pinned.append(threading.current_thread().name)
-        return self.clone()
 
-    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
-    plain = list(iter_batches(ref, "train", 32, seed=1, buffer_tokens=64))
-    assert pinned == []
-    batches = list(iter_batches(ref, "train", 32, seed=1, buffer_tokens=64, pin_memory=True))
-    assert len(pinned) == len(batches) == 500 // 32
-    assert set(pinned) == {"activation-loader"}  # off the trainer's thread
-    assert all(torch.equal(a, b) for a, b in zip(plain, batches, strict=True))
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_each_rank_reads_only_its_lanes(tmp_path, world_size):
+    """Rows and bytes fetched per rank fall from the whole split (what every rank read before
+    lanes) to about 1/W of it: a piece's ends cut row groups, and the row groups they cut are
+    fetched whole (at most 2 per piece; here a lane's segment spans at most 4 pieces)."""
+    ref = write_indexed(tmp_path, [2000, 1500, 7, 2493], row_group=32)
+    whole_rows, whole_bytes = _rows_read(ref)
+    assert 6000 - 64 <= whole_rows <= 6000  # one reader: the split (but the unused last rows)
+    per_rank = 64 // world_size
+    for r in range(world_size):
+        mine = slice(r * per_rank, (r + 1) * per_rank)
+        rows, nbytes = _rows_read(ref, lanes=4, take=mine)
+        print(
+            f"rank {r} of {world_size}: {nbytes} of {whole_bytes} bytes ({nbytes / whole_bytes:.3f})"
+        )
+        lanes_here = 4 // world_size
+        assert (
+            6000 // 64 * 64 / world_size
+            <= rows
+            <= whole_rows / world_size + lanes_here * 4 * 2 * 32
+        )
+        assert nbytes <= whole_bytes / world_size * 1.2
+
+
+def test_lanes_cut_the_permuted_blocks_into_contiguous_disjoint_segments():
+    info = ActivationsSplit(
+        rows=sum(sizes := [20_000, 5, 9000]),
+        shards=[
+            ActivationsShard(name=f"s{i}", rows=n, bytes=1, norm_sum=0.0, norm_max=0.0)
+            for i, n in enumerate(sizes)
+        ],
+    )
+    assert [p.stop - p.start for p in loader.blocks(info)] == [8192, 8192, 3616, 5, 8192, 808]
+    lanes, batch = 5, 1001
+    segments = loader.epoch_lanes(info, batch, lanes, torch.Generator().manual_seed(0))
+    steps = info.rows // batch
+    seen: set[tuple[int, int]] = set()
+    for lane, pieces in enumerate(segments):
+        share = loader.lane_slice(batch, lanes, lane)
+        assert sum(p.stop - p.start for p in pieces) == steps * (share.stop - share.start)
+        rows = {(p.shard, i) for p in pieces for i in range(p.start, p.stop)}
+        assert not rows & seen
+        seen |= rows
+    assert len(seen) == steps * batch
+    # Whole lanes make each rank's equal slice of a batch, whatever W divides the lanes.
+    for world in (1, 2, 4):
+        for rank in range(world):
+            first, last = rank * 8 // world, (rank + 1) * 8 // world - 1
+            mine = (loader.lane_slice(64, 8, first).start, loader.lane_slice(64, 8, last).stop)
+            assert mine == (Ranks(rank, world).rows(64).start, Ranks(rank, world).rows(64).stop)
 
 
 def test_small_buffer_still_mixes_shards(tmp_path):
@@ -140,22 +185,15 @@ def test_float16_storage_comes_out_float32(tmp_path):
     assert rows.dtype == np.float32 and rows[:, 0].tolist() == list(range(100, 200))
 
 
-def test_reading_is_bounded_by_the_buffer(tmp_path, monkeypatch):
+def test_reading_is_bounded_by_the_buffer(tmp_path):
     ref = write_indexed(tmp_path, [512] * 8, row_group=32)
-    read = {"rows": 0}
-    real = loader.read_shard
-
-    def counted(store, path):
-        for batch in real(store, path):
-            read["rows"] += batch.num_rows
-            yield batch
-
-    monkeypatch.setattr(loader, "read_shard", counted)
-    stream = iter_batches(ref, "train", 16, seed=0, buffer_tokens=128, prefetch=2)
+    reads = loader.ReadTally()
+    stream = iter_batches(ref, "train", 16, seed=0, buffer_tokens=128, prefetch=2, reads=reads)
     next(stream)
+    time.sleep(0.2)  # the loader threads read ahead as far as they may
     # Buffer (128) + the refills behind the queued batches (prefetch 2 + 1 in hand) + the row
     # groups read ahead (4 queued, 1 in hand, 1 being split).
-    assert read["rows"] <= 128 + 3 * 16 + 6 * 32
+    assert 128 <= reads.rows <= 128 + 3 * 16 + 6 * 32
     stream.close()
 
 
