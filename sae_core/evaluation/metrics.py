@@ -339,27 +339,29 @@ def fit_logistic(
     {0, 1}. balanced: each task's positives and negatives weigh half the loss each (sklearn's
     class_weight="balanced", as SAEBench's probes use), so a rare class is not ignored.
     """
-    x, y = x.double(), y.double()
-    if balanced:
-        pos = y.sum(0).clamp_min(1)
-        neg = (1 - y).sum(0).clamp_min(1)
-        weight = y * (x.shape[0] / (2 * pos)) + (1 - y) * (x.shape[0] / (2 * neg))
-    else:
-        weight = torch.ones_like(y)
-    w = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w, b], max_iter=iters, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
-    )
+    # Autograd runs here whatever the caller's mode (inference_mode included): the inputs are
+    # copied into ordinary tensors first.
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y = x.double().clone(), y.double().clone()
+        if balanced:
+            pos = y.sum(0).clamp_min(1)
+            neg = (1 - y).sum(0).clamp_min(1)
+            weight = y * (x.shape[0] / (2 * pos)) + (1 - y) * (x.shape[0] / (2 * neg))
+        else:
+            weight = torch.ones_like(y)
+        w = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS(
+            [w, b], max_iter=iters, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
+        )
 
-    def closure() -> Tensor:
-        opt.zero_grad()
-        z = x @ w + b
-        loss = (weight * (F.softplus(z) - y * z)).mean(0).sum() + 0.5 * l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
+        def closure() -> Tensor:
+            opt.zero_grad()
+            z = x @ w + b
+            loss = (weight * (F.softplus(z) - y * z)).mean(0).sum() + 0.5 * l2 * w.pow(2).sum()
+            loss.backward()
+            return loss
 
-    with torch.enable_grad():
         opt.step(closure)
     return LogisticFit(w.detach(), b.detach())
 

@@ -81,3 +81,11 @@ def test_balanced_accuracy_and_f1_by_hand():
     assert balanced_accuracy(predicted, y) == pytest.approx((0.5 + 0.75) / 2)
     assert f1_score(predicted, y) == pytest.approx(2 * 1 / (2 + 2))
     assert f1_score(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)) == 0.0
+
+
+def test_logistic_fit_works_under_inference_mode():
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    y = torch.tensor([[0.0], [0.0], [1.0], [1.0]])
+    with torch.inference_mode():
+        fit = fit_logistic(x, y)
+    assert (fit.logits(x)[:, 0] > 0).tolist() == [False, False, True, True]
