@@ -141,6 +141,16 @@ def build_letter_set(
     chosen = [vocab[i] for i in rng.permutation(len(vocab))[:n_words]]
     train = np.arange(len(chosen)) < round(TRAIN_FRACTION * len(chosen))
     prompts = _prompts(tokenizer, chosen, train, icl_examples, seed)
+    config = split.model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", 0
+    )
+    longest = max(len(ids) for ids in prompts)
+    if positions and longest > positions:
+        raise ConfigError(
+            f"saebench.icl_examples={icl_examples}: a first-letter prompt has {longest} tokens, "
+            f"more than the model's {positions} positions; lower saebench.icl_examples"
+        )
     from_end = 1 + len(_ids(tokenizer, SUFFIX))
     acts = _word_activations(split, prompts, from_end, batch_prompts, progress)
     letter = torch.tensor([LETTERS.index(text.strip()[0].lower()) for _, text in chosen])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from sae_core.errors import ConfigError
 from sae_core.evaluation.first_letter import (
     LETTERS,
     SUFFIX,
@@ -46,6 +48,13 @@ def test_letter_set_reads_each_word_at_its_own_token():
     assert not torch.allclose(one.acts, bare.acts)  # the examples reach the word
     again = letter_set_from(letter_set_bytes(many), many.words)
     assert torch.equal(again.acts, many.acts) and torch.equal(again.probe_w, many.probe_w)
+
+
+def test_prompts_longer_than_the_model_are_one_line():
+    tok, model = build_tokenizer(), build_tiny_llama(vocab_size=512)
+    model.config.max_position_embeddings = 16
+    with pytest.raises(ConfigError, match="lower saebench.icl_examples"):
+        build_letter_set(SplitModel(model, "resid_post.1"), tok, 30, 10, 8, progress=False)
 
 
 def test_letter_probes_find_separable_letters():
