@@ -1,6 +1,7 @@
 """What the sweep and frontier flows share: one cached activation set, then the SAEs trained from
-one read of the data per group of points sharing a data order, and each evaluated, through the
-pipeline's own cached tasks."""
+one read of the data per group of points sharing a data order, and each evaluated (and, unless
+saebench.enabled is false, given SAEBench's offline evaluations), through the pipeline's own
+cached tasks."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sae_core.training.group import group_by_data_order
 from tasks.caching import run_stage
 from tasks.data import extract_activations, sample_tokens
 from tasks.evaluate import EvalRef, evaluate_sae
+from tasks.saebench import SaeBenchRef, saebench_sae
 from tasks.train import train_group_stage, train_sae
 from tasks.validate import validate_activations
 
@@ -27,17 +29,19 @@ class ActivationSet(NamedTuple):
 class TrainedPoint(NamedTuple):
     sae: DatasetRef
     evaluation: EvalRef
-    states: str  # "train state / evaluate state" (Completed, Cached)
+    saebench: SaeBenchRef | None  # None when saebench.enabled is false
+    states: str  # "train state / evaluate state[ / saebench state]" (Completed, Cached)
 
     def study_fields(self, sae: SAEConfig, seed: int) -> dict[str, Any]:
-        """What a study records of this point (sae_core.studies.points.EvaluatedSAE's fields)."""
+        """What a study records of this point (sae_core.studies.points.EvaluatedSAE's fields):
+        the evaluation's figures and SAEBench's in one table."""
         return {
             "n": sae.n_latents,
             "k": sae.k,
             "seed": seed,
             "sae": self.sae,
             "evaluation": self.evaluation.dataset,
-            "metrics": self.evaluation.metrics,
+            "metrics": self.evaluation.metrics | (self.saebench.metrics if self.saebench else {}),
         }
 
 
@@ -63,7 +67,8 @@ def train_and_evaluate(
     evaluation: EvalConfig,
     progress: bool,
 ) -> TrainedPoint:
-    """One SAE trained on `data` and evaluated on its eval split, each stage cached."""
+    """One SAE trained on `data`, evaluated on its eval split and (config.saebench.enabled)
+    by SAEBench's offline evaluations, each stage cached."""
     trained = run_stage(train_sae, acts=data.activations, sae=sae, train=train, progress=progress)
     evaluated = run_stage(
         evaluate_sae,
@@ -75,7 +80,20 @@ def train_and_evaluate(
         progress=progress,
     )
     states = f"{trained.state.name} / {evaluated.state.name}"
-    return TrainedPoint(trained.result(), evaluated.result(), states)
+    bench = None
+    if config.saebench.enabled:
+        benched = run_stage(
+            saebench_sae,
+            sae=trained.result(),
+            tokens=data.tokens,
+            model=config.model,
+            data=config.data,
+            eval=evaluation,
+            saebench=config.saebench,
+            progress=progress,
+        )
+        bench, states = benched.result(), f"{states} / {benched.state.name}"
+    return TrainedPoint(trained.result(), evaluated.result(), bench, states)
 
 
 def train_and_evaluate_all(

@@ -1,4 +1,5 @@
-"""The main flow: tokens -> activations -> validation -> training -> evaluation -> registry ->
+"""The main flow: tokens -> activations -> validation -> training -> evaluation -> SAEBench's
+offline evaluations (unless saebench.enabled is false) -> registry ->
 latent statistics (the viewer's data, explainability logged to the registered run) -> report.
 
 The registration is a cached stage; moving the `challenger` alias is not: `nominate_version`
@@ -30,6 +31,7 @@ from tasks.promote import nominate_version
 from tasks.refresh import Refresh, checked_stages
 from tasks.registry import RegistryRef, register_model
 from tasks.report import ReportRef, report_run
+from tasks.saebench import SaeBenchRef, saebench_sae
 from tasks.train import train_sae
 from tasks.validate import validate_activations
 
@@ -43,6 +45,7 @@ class PipelineResult(BaseModel):
     validation: ValidationManifest  # the validation's outcome: its committed manifest
     sae: DatasetRef
     evaluation: EvalRef
+    saebench: SaeBenchRef | None  # None when saebench.enabled is false
     registry: RegistryRef
     nomination: Nomination  # what this run did to the `challenger` alias
     latents: LatentsRef
@@ -58,7 +61,7 @@ def check_inputs(config: PipelineConfig) -> ModelFacts:
 STAGES = tuple(
     t.name
     for t in (sample_tokens, extract_activations, validate_activations, train_sae, evaluate_sae,
-              register_model, latent_stats, report_run)
+              saebench_sae, register_model, latent_stats, report_run)
 )  # fmt: skip
 
 
@@ -117,8 +120,25 @@ def pipeline(
         eval=config.eval,
         progress=progress,
     )
+    bench = None
+    if config.saebench.enabled:
+        bench = run(
+            saebench_sae,
+            sae=sae,
+            tokens=tokens,
+            model=config.model,
+            data=config.data,
+            eval=config.eval,
+            saebench=config.saebench,
+            progress=progress,
+        )
     registry = run(
-        register_model, sae=sae, evaluation=evaluation, config=config, registry=config.registry
+        register_model,
+        sae=sae,
+        evaluation=evaluation,
+        config=config,
+        registry=config.registry,
+        saebench=bench,
     )
     nomination = nominate_version(registry, config.registry.alias)
     latents = run(
@@ -135,6 +155,7 @@ def pipeline(
         validation=validation,
         sae=sae,
         evaluation=evaluation,
+        saebench=bench,
         registry=registry,
         nomination=nomination,
         latents=latents,

@@ -342,6 +342,44 @@ class EvalConfig(_Strict):
     seed: Seed = Field(0, description="Seed of the ablation and probe samples.")
 
 
+class SaeBenchConfig(_Strict):
+    """SAEBench's offline evaluations (sae_core.evaluation: saebench_core, sparse_probing,
+    absorption), a stage after the evaluation; the probe tasks come from the eval section."""
+
+    enabled: bool = Field(True, description="Run the stage; false skips it.")
+    decoder_sample: int = Field(
+        4096, ge=1, description="Latents whose max decoder cosine is measured (each vs all n)."
+    )
+    sparse_probe_ks: list[int] = Field(
+        [1, 2, 5, 10, 20], description="k of the k-sparse probes; [] turns them off."
+    )
+    absorption_words: int = Field(
+        1024, ge=0, description="Single-token words sampled for absorption; 0 turns it off."
+    )
+    icl_examples: int = Field(
+        10, ge=0, description="In-context examples per first-letter prompt (SAEBench: 10)."
+    )
+    batch_prompts: int = Field(32, ge=1, description="First-letter prompts per forward pass.")
+    max_k: int = Field(10, ge=1, description="Largest k of absorption's main latents.")
+    f1_jump: float = Field(0.03, ge=0, description="F1 gain that makes a k+1th main latent.")
+    min_probe_f1: float = Field(
+        0.6, ge=0, le=1, description="Ground-truth probe F1 a letter needs to be scored."
+    )
+    min_letters: int = Field(
+        20, ge=1, le=26, description="Scored letters needed for an absorption score."
+    )
+    seed: Seed = Field(
+        0, description="Seed of the word sample, the prompts and the decoder sample."
+    )
+
+    @field_validator("sparse_probe_ks")
+    @classmethod
+    def _distinct_ks(cls, ks: list[int]) -> list[int]:
+        if ks:
+            _check_distinct("saebench.sparse_probe_ks", ks, 1)
+        return ks
+
+
 def _check_distinct(field: str, values: list[int], low: int) -> None:
     """A grid's values: distinct, none below `low` (ValueError naming the field)."""
     if len(set(values)) != len(values) or min(values) < low:
@@ -461,6 +499,7 @@ class PipelineConfig(_Strict):
     sweep: SweepConfig = SweepConfig()
     frontier: FrontierConfig = FrontierConfig()
     latents: LatentsConfig = LatentsConfig()
+    saebench: SaeBenchConfig = SaeBenchConfig()
 
     @field_validator("store")
     @classmethod

@@ -33,6 +33,7 @@ from tasks.caching import CommittedOutput
 from tasks.common import TASK_DEFAULTS
 from tasks.evaluate import EvalRef
 from tasks.model_code import PACKAGE, copy_inference_code
+from tasks.saebench import SaeBenchRef
 from tasks.tracking import experiment_id, mlflow_client, tracking_uri
 
 FINGERPRINT_TAG = "saeflow.fingerprint"
@@ -54,13 +55,18 @@ class RegistryRef(BaseModel):
 
 
 def locate_registration(
-    sae: DatasetRef, evaluation: EvalRef, config: PipelineConfig, registry: RegistryConfig
+    sae: DatasetRef,
+    evaluation: EvalRef,
+    config: PipelineConfig,
+    registry: RegistryConfig,
+    saebench: SaeBenchRef | None = None,
 ) -> Location:
     # The store is part of the key: the registered run points at this store's copy of the SAE,
     # and the same SAE trained on another store is another registration.
-    fp = fingerprint(
-        "register", sae.store, sae.fingerprint, evaluation.dataset.fingerprint, registry
-    )
+    evaluated = [evaluation.dataset.fingerprint]
+    if saebench is not None:  # without it, the key registrations made before the stage had
+        evaluated.append(saebench.dataset.fingerprint)
+    fp = fingerprint("register", sae.store, sae.fingerprint, *evaluated, registry)
     return Location(store=sae.store, path=sae.path, fingerprint=fp)
 
 
@@ -85,11 +91,15 @@ def _is_registered(loc: Location, args: dict[str, Any]) -> bool:
 
 
 def _unregister(
-    sae: DatasetRef, evaluation: EvalRef, config: PipelineConfig, registry: RegistryConfig
+    sae: DatasetRef,
+    evaluation: EvalRef,
+    config: PipelineConfig,
+    registry: RegistryConfig,
+    saebench: SaeBenchRef | None = None,
 ) -> None:
     """Untag the version registered for these inputs: the next registration logs a new run
     and version (the old version stays, as history)."""
-    fp = locate_registration(sae, evaluation, config, registry).fingerprint
+    fp = locate_registration(sae, evaluation, config, registry, saebench).fingerprint
     for version in _versions_with(registry.model_name, fp):
         mlflow_client().delete_model_version_tag(
             registry.model_name, version.version, FINGERPRINT_TAG
@@ -117,15 +127,24 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     **TASK_DEFAULTS,
 )
 def register_model(
-    sae: DatasetRef, evaluation: EvalRef, config: PipelineConfig, registry: RegistryConfig
+    sae: DatasetRef,
+    evaluation: EvalRef,
+    config: PipelineConfig,
+    registry: RegistryConfig,
+    saebench: SaeBenchRef | None = None,
 ) -> RegistryRef:
+    """saebench: SAEBench's figures, logged beside the evaluation's (the promotion gate reads
+    both from the run)."""
     import mlflow
 
-    loc = locate_registration(sae, evaluation, config, registry)
+    loc = locate_registration(sae, evaluation, config, registry, saebench)
     client = mlflow_client()
     existing = find_version(registry.model_name, loc.fingerprint)
     if existing is None:
-        existing = _log_and_register(client, sae, evaluation, config, registry, loc.fingerprint)
+        metrics = evaluation.metrics | (saebench.metrics if saebench else {})
+        existing = _log_and_register(
+            client, sae, evaluation, metrics, config, registry, loc.fingerprint
+        )
     return RegistryRef(
         name=registry.model_name,
         version=str(existing.version),
@@ -138,6 +157,7 @@ def _log_and_register(
     client: Any,
     sae: DatasetRef,
     evaluation: EvalRef,
+    metrics: dict[str, float],
     config: PipelineConfig,
     registry: RegistryConfig,
     fp: str,
@@ -154,7 +174,7 @@ def _log_and_register(
     ) as run:
         mlflow.log_params(_flatten(config.model_dump(mode="json")))
         mlflow.log_params(_resolved_params(sae, lineage.activations))
-        mlflow.log_metrics(evaluation.metrics)
+        mlflow.log_metrics(metrics)
         mlflow.log_dict(config.model_dump(mode="json"), "config.json")
         mlflow.set_tags(
             {

@@ -24,7 +24,9 @@ def print_summary(result: PipelineResult, seconds: float) -> None:
     metrics = Table(title="evaluation (eval split)")
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")
-    for name, value in sorted({**result.evaluation.metrics, **result.latents.metrics}.items()):
+    bench = result.saebench.metrics if result.saebench else {}
+    figures = {**result.evaluation.metrics, **bench, **result.latents.metrics}
+    for name, value in sorted(figures.items()):
         metrics.add_row(name, f"{value:.4g}")
     where = Table(title="outputs")
     where.add_column("what")
@@ -33,6 +35,8 @@ def print_summary(result: PipelineResult, seconds: float) -> None:
     where.add_row("activations", result.activations.uri)
     where.add_row("sae", result.sae.uri)
     where.add_row("evaluation", result.evaluation.dataset.uri)
+    if result.saebench:
+        where.add_row("saebench", result.saebench.dataset.uri)
     where.add_row("latents (saeflow view)", result.latents.dataset.uri)
     reg = result.registry
     where.add_row("model", f"{reg.name} version {reg.version} (this run's)")
@@ -65,7 +69,7 @@ def print_sweep_summary(result: SweepResult, seconds: float) -> None:
     short = {"dead_fraction": "dead", "ce_loss_recovered": "CE rec", "kl_spliced": "KL",
              "ablation_sparsity": "abl sp", "probe_loss": "probe"}  # fmt: skip
     points = Table(title="sweep (eval split)")
-    for name in ("n", "k", "seed", *(short.get(c, c) for c in SWEEP_COLUMNS), "train/eval"):
+    for name in ("n", "k", "seed", *(short.get(c, c) for c in SWEEP_COLUMNS), "stages"):
         points.add_column(name, justify="right")
     for p in result.points:
         label = f"n={p.n} k={p.k} seed={p.seed}"

@@ -317,3 +317,67 @@ def best_single_latent_probe(
     rate = train_y.mean().clamp(1e-6, 1 - 1e-6)
     base = binary_ce(torch.log(rate / (1 - rate)).expand(test_y.shape[0], 1), test_y)
     return ProbeFit(latent, float(test_loss), float(train_loss[best]), float(base))
+
+
+class LogisticFit(NamedTuple):
+    """Logistic regressions sharing their inputs: p(y_c = 1) = sigmoid(x w_c + b_c)."""
+
+    w: Tensor  # [m, c] float64
+    b: Tensor  # [c] float64
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x: [N, m] -> [N, c]."""
+        return x.double() @ self.w + self.b
+
+
+def fit_logistic(
+    x: Tensor, y: Tensor, l2: float = 1e-3, balanced: bool = True, iters: int = 200
+) -> LogisticFit:
+    """c independent logistic regressions on the same m features, fitted jointly by L-BFGS.
+
+    x: [N, m] (scale the columns comparably: the ridge l2 on w is one number); y: [N, c] in
+    {0, 1}. balanced: each task's positives and negatives weigh half the loss each (sklearn's
+    class_weight="balanced", as SAEBench's probes use), so a rare class is not ignored.
+    """
+    # Autograd runs here whatever the caller's mode (inference_mode included): the inputs are
+    # copied into ordinary tensors first.
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y = x.double().clone(), y.double().clone()
+        if balanced:
+            pos = y.sum(0).clamp_min(1)
+            neg = (1 - y).sum(0).clamp_min(1)
+            weight = y * (x.shape[0] / (2 * pos)) + (1 - y) * (x.shape[0] / (2 * neg))
+        else:
+            weight = torch.ones_like(y)
+        w = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS(
+            [w, b], max_iter=iters, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
+        )
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            z = x @ w + b
+            loss = (weight * (F.softplus(z) - y * z)).mean(0).sum() + 0.5 * l2 * w.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return LogisticFit(w.detach(), b.detach())
+
+
+def balanced_accuracy(predicted: Tensor, y: Tensor) -> float:
+    """Mean of the true-positive and true-negative rates (a class that is absent counts 0.5):
+    the accuracy on a class-balanced test set. predicted, y: [N] bool."""
+    rates = [
+        float((predicted[y == cls] == cls).double().mean()) if bool((y == cls).any()) else 0.5
+        for cls in (True, False)
+    ]
+    return sum(rates) / 2
+
+
+def f1_score(predicted: Tensor, y: Tensor) -> float:
+    """F1 of binary predictions against labels, both [N] bool; 0 when there is no positive."""
+    tp = int((predicted & y).sum())
+    denominator = int(predicted.sum()) + int(y.sum())
+    return 2 * tp / denominator if denominator else 0.0

@@ -50,8 +50,8 @@ def _mean_pooled(sae: SparseAutoencoder, acts: Tensor, contexts_per_chunk: int =
     return out
 
 
-def _enough(y: Tensor, train: Tensor) -> bool:
-    """Each half has MIN_POSITIVES positives and as many negatives."""
+def enough_examples(y: Tensor, train: Tensor) -> bool:
+    """Each half has MIN_POSITIVES positives and as many negatives. y, train: [N]."""
     for half in (train, ~train):
         pos = int(y[half].sum())
         if pos < MIN_POSITIVES or int(half.sum()) - pos < MIN_POSITIVES:
@@ -59,11 +59,34 @@ def _enough(y: Tensor, train: Tensor) -> bool:
     return True
 
 
+class TaskLevel(NamedTuple):
+    """The binary tasks of one level, sharing their examples and split."""
+
+    level: str  # "sequence" (a context, its genre) or "token" (a token, its word's class)
+    tasks: dict[str, Tensor]  # name -> [N] float64 labels in {0, 1}
+    train: Tensor  # [N] bool: the example is in the fitting half
+    tokens: Tensor | None  # [N, 2] (context, position) of each token example; None: contexts
+
+
+def task_levels(ps: ProbeSet) -> list[TaskLevel]:
+    """Every task the probe set supports, by level (none when its corpus carries no labels)."""
+    levels = []
+    if ps.genres:
+        tasks = {f"genre={g}": (ps.genre == i).double() for i, g in enumerate(ps.genres)}
+        levels.append(TaskLevel("sequence", tasks, ps.train, None))
+    if ps.token_sample.shape[0]:
+        c, p = ps.token_sample[:, 0], ps.token_sample[:, 1]
+        labels = ps.pos[c, p]
+        tasks = {f"pos={name}": (labels == i).double() for i, name in enumerate(POS_CLASSES)}
+        levels.append(TaskLevel("token", tasks, ps.train[c], ps.token_sample))
+    return levels
+
+
 def _fit_level(
     level: str, tasks: dict[str, Tensor], x: Tensor, train: Tensor, candidates: int
 ) -> list[ProbeResult]:
     """The tasks of one level share features x [N, n] and the split train [N]."""
-    kept = {name: y for name, y in tasks.items() if _enough(y, train)}
+    kept = {name: y for name, y in tasks.items() if enough_examples(y, train)}
     if not kept:
         return []
     fit_x, test_x = standardize(x[train], x[~train])
@@ -85,15 +108,12 @@ def evaluate_probes(
     latents per task.
     """
     results: list[ProbeResult] = []
-    if ps.genres:
-        tasks = {f"genre={g}": (ps.genre == i).double() for i, g in enumerate(ps.genres)}
-        results += _fit_level("sequence", tasks, _mean_pooled(sae, ps.acts), ps.train, candidates)
-    if ps.token_sample.shape[0]:
-        c, p = ps.token_sample[:, 0], ps.token_sample[:, 1]
-        labels = ps.pos[c, p]
-        tasks = {f"pos={name}": (labels == i).double() for i, name in enumerate(POS_CLASSES)}
-        feats = preactivations(sae, ps.acts[c, p])
-        results += _fit_level("token", tasks, feats, ps.train[c], candidates)
+    for level in task_levels(ps):
+        if level.tokens is None:
+            feats = _mean_pooled(sae, ps.acts)
+        else:
+            feats = preactivations(sae, ps.acts[level.tokens[:, 0], level.tokens[:, 1]])
+        results += _fit_level(level.level, level.tasks, feats, level.train, candidates)
     return results
 
 

@@ -32,6 +32,18 @@ DIRECTIONS: dict[str, Literal["higher", "lower"]] = {
     "ce_spliced": "lower",
     "nmse": "lower",
     "dead_fraction": "lower",
+    # SAEBench's offline evaluations (sae_core.stages.saebench), logged with the evaluation's.
+    "explained_variance": "higher",
+    "cossim": "higher",
+    "l2_ratio": "higher",  # shrinkage: below 1 is the usual failure
+    "alive_fraction": "higher",
+    "latents_over_1pct": "lower",
+    "latents_over_10pct": "lower",
+    "mean_max_decoder_cosine": "lower",
+    "max_decoder_cosine": "lower",
+    "absorption_full": "lower",
+    "absorption_fraction": "lower",
+    **{f"sparse_probe_acc_k{k}": "higher" for k in (1, 2, 5, 10, 20)},
 }
 
 

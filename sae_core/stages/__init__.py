@@ -11,6 +11,7 @@ there, and otherwise computes it inside `Store.writing` (data first, manifest la
 | extract | activations/ | a hook's activations, shard by shard |
 | train | sae/ | trained SAEs, alone or in a group reading the data once |
 | evaluate | baseline/, probes/, eval/ | an SAE's evaluation and the inputs it shares |
+| saebench | letters/, saebench/ | SAEBench's offline evaluations; the first-letter set they need |
 | latents | latents/ | the viewer's dataset and explainability |
 | report | run_report/, sweep_report/, frontier_report/ | reports with figures |
 

@@ -80,8 +80,8 @@ def prepare_baseline(
     return loc.ref(contexts.shape[0]), result
 
 
-_PROBE_DATA_FIELDS = {"corpus", "text_column", "context_len", "skip_first_position"}
-_PROBE_EVAL_FIELDS = {"probe_contexts", "probe_tokens", "seed"}
+PROBE_DATA_FIELDS = {"corpus", "text_column", "context_len", "skip_first_position"}
+PROBE_EVAL_FIELDS = {"probe_contexts", "probe_tokens", "seed"}
 
 
 def locate_probe_set(
@@ -91,8 +91,8 @@ def locate_probe_set(
         "probes",
         store,
         corpus_identity(data.corpus),
-        data.model_dump(include=_PROBE_DATA_FIELDS),
-        eval.model_dump(include=_PROBE_EVAL_FIELDS),
+        data.model_dump(include=PROBE_DATA_FIELDS),
+        eval.model_dump(include=PROBE_EVAL_FIELDS),
         *hook_identity(model),
         code=PROBE_CODE,
     )
@@ -159,7 +159,7 @@ def locate_evaluation(
         sae.fingerprint,
         tokens.fingerprint,
         *hook_identity(model),
-        data.model_dump(include=_PROBE_DATA_FIELDS),
+        data.model_dump(include=PROBE_DATA_FIELDS),
         eval,
         code=EVAL_CODE,
     )

@@ -383,6 +383,38 @@ class EvaluationManifest(Manifest):
     """Where the evaluation's time went, by step."""
 
 
+class LetterSetManifest(Manifest):
+    """`letters/`: the first-letter task's words, their activations at the hook and the
+    ground-truth letter probes (sae_core.evaluation.first_letter)."""
+
+    kind: Literal["letter_set"] = "letter_set"
+    hook: str
+    """The hook point."""
+    words: list[str]
+    """The sampled single-token words, in row order."""
+    vocabulary: int
+    """Single-token words the tokenizer has (the sample's population)."""
+
+
+class SaeBenchManifest(Manifest):
+    """`saebench/`: SAEBench's offline evaluations of an SAE (sae_core.evaluation:
+    saebench_core, sparse_probing, absorption)."""
+
+    kind: Literal["saebench"] = "saebench"
+    sae: str
+    """The URI of the evaluated sae dataset."""
+    baseline: str
+    """The URI of the baseline dataset whose eval activations the core metrics read."""
+    probe_set: str | None
+    """The URI of the probe set the sparse probes used (None: no sparse probing)."""
+    letter_set: str | None
+    """The URI of the first-letter set absorption used (None: no absorption)."""
+    metrics: dict[str, float]
+    """The figures by name (explained_variance, absorption_full, sparse_probe_acc_k1, ...)."""
+    seconds: dict[str, float]
+    """Where the stage's time went, by step."""
+
+
 class LatentStatsManifest(Manifest):
     """`latents/`: the latent viewer's dataset and explainability figures (sae_core.latents)."""
 

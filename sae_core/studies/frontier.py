@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple
 
 from sae_core.config import PipelineConfig, SAEConfig, TrainConfig
 from sae_core.errors import ConfigError
-from sae_core.studies.points import EvaluatedSAE
+from sae_core.studies.points import EvaluatedSAE, saebench_columns
 
 Family = Literal["dense", "expander", "matched"]
 FAMILIES: tuple[Family, ...] = ("dense", "expander", "matched")
@@ -127,11 +127,13 @@ TABLE_COLUMNS = ("family", "degree", "n", "k", "seed", "decoder_values", "compre
 def frontier_table(rows: list[FrontierRow]) -> list[dict[str, Any]]:
     """The paper's table: per SAE, compression = dense decoder values / its decoder values (m/d
     for an expander), bytes_ratio = dense artifact bytes / its artifact bytes, and retained =
-    CE recovered / the dense reference's CE recovered (same seed). Rows in `rows` order."""
+    CE recovered / the dense reference's CE recovered (same seed); then SAEBench's figures
+    (studies.points.SAEBENCH_COLUMNS) when the SAEs have them. Rows in `rows` order."""
     reference = {r.seed: r for r in rows if r.family == "dense"}
     missing = sorted({r.seed for r in rows} - set(reference))
     if missing:
         raise ValueError(f"frontier rows lack the dense reference for seeds {missing}")
+    bench = saebench_columns(r.metrics for r in rows)
     table = []
     for r in rows:
         ref = reference[r.seed]
@@ -152,13 +154,15 @@ def frontier_table(rows: list[FrontierRow]) -> list[dict[str, Any]]:
                 "dead_fraction": r.metrics.get("dead_fraction", float("nan")),
                 "nmse": r.metrics.get("nmse", float("nan")),
             }
+            | {c: r.metrics.get(c, float("nan")) for c in bench}
         )
     return table
 
 
 def frontier_summary(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The table averaged over seeds per (family, degree): mean compression, mean and standard
-    deviation (over seeds; 0 for one seed) of retained, mean CE recovered and dead fraction.
+    deviation (over seeds; 0 for one seed) of retained, mean CE recovered and dead fraction, and
+    the mean of each SAEBench figure the table has.
     Ordered dense, expanders by degree, matched by degree."""
     import statistics
 
@@ -183,5 +187,6 @@ def frontier_summary(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "retained_std": statistics.stdev(retained) if len(rows) > 1 else 0.0,
                 "dead_fraction": statistics.fmean(r["dead_fraction"] for r in rows),
             }
+            | {c: statistics.fmean(r[c] for r in rows) for c in saebench_columns(rows)}
         )
     return summary

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from pydantic import BaseModel, ConfigDict
 
 from sae_core.storage.refs import DatasetRef
@@ -23,4 +25,19 @@ class EvaluatedSAE(BaseModel):
     evaluation: DatasetRef
     """Its committed evaluation."""
     metrics: dict[str, float]
-    """The evaluation's figures."""
+    """The evaluation's figures, with SAEBench's (sae_core.stages.saebench) when it ran."""
+
+
+# SAEBench's figures a study's tables show (sae_core.stages.saebench), in table order.
+SAEBENCH_COLUMNS = (
+    "explained_variance", "cossim", "l2_ratio", "alive_fraction", "latents_over_1pct",
+    "latents_over_10pct", "mean_max_decoder_cosine", "absorption_full", "absorption_fraction",
+    "sparse_probe_acc_k1", "sparse_probe_acc_k2", "sparse_probe_acc_k5", "sparse_probe_acc_k10",
+    "sparse_probe_acc_k20",
+)  # fmt: skip
+
+
+def saebench_columns(metrics: Iterable[Mapping[str, float]]) -> list[str]:
+    """The SAEBENCH_COLUMNS some SAE of a study has a figure for (none: the stage was off)."""
+    seen = {name for m in metrics for name in m}
+    return [c for c in SAEBENCH_COLUMNS if c in seen]

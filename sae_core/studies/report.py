@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from sae_core.evaluation.metrics import DensityHistogram
 from sae_core.studies import plots
+from sae_core.studies.points import saebench_columns
 from sae_core.studies.scaling import NAMES, PAPER, ScalingFit
 from sae_core.studies.sweep import SweepRow
 
@@ -39,6 +40,12 @@ METRICS = {
     "probe_loss_token": "probe loss, POS tasks",
     "eval_tokens": "eval tokens scored",
 }
+SAEBENCH_NOTE = (
+    "SAEBench's offline evaluations (sae_core.stages.saebench): explained_variance to "
+    "mean_max_decoder_cosine are its core metrics; absorption_full and absorption_fraction its "
+    "first-letter absorption (lower is better); sparse_probe_acc_k*: balanced accuracy of k-sparse "
+    "probes, mean over the genre and part-of-speech tasks.\n"
+)
 SWEEP_COLUMNS = ("nmse", "fvu", "l0", "dead_fraction", "ce_loss_recovered", "kl_spliced",
                  "ablation_sparsity", "probe_loss")  # fmt: skip
 
@@ -129,9 +136,10 @@ def sweep_report(
 ) -> Report:
     """A grid of SAEs (rows and their training histories, in the same order): metric table,
     scaling-law fit and the sweep figures."""
+    bench = saebench_columns(r.metrics for r in rows)
     table = [
         {"n": r.n, "k": r.k, "seed": r.seed}
-        | {c: r.metrics.get(c, float("nan")) for c in SWEEP_COLUMNS}
+        | {c: r.metrics.get(c, float("nan")) for c in (*SWEEP_COLUMNS, *bench)}
         | {"dead_fraction_train": r.train_dead_fraction}
         for r in sorted(rows, key=lambda r: (r.n, r.k, r.seed))
     ]
@@ -150,6 +158,8 @@ def sweep_report(
         "training_curves.png": "Training curves",
     }
     parts = [f"# {title}\n", f"{len(rows)} SAEs.\n", "## Metrics (eval split)\n", _md_table(table)]
+    if bench:
+        parts.append(SAEBENCH_NOTE)
     if fit is not None:
         loo = "n/a (< 8 points)" if fit.loo_rel_err is None else f"{fit.loo_rel_err:.3%}"
         parts += [
@@ -178,6 +188,7 @@ def frontier_report(
         "dense decoder values / decoder values (m / d for an expander); bytes_ratio = dense "
         "artifact bytes / artifact bytes; retained = CE loss recovered / the dense reference's "
         "(same seed).\n",
+        *([SAEBENCH_NOTE] if saebench_columns(table) else []),
         "## Averaged over seeds\n",
         _md_table(list(summary)),
         "## Every SAE\n",

@@ -87,6 +87,19 @@ def test_lower_is_better_primary_and_nan_challenger():
     assert not decide(with_(nmse=float("nan")), BASE, policy).promote
 
 
+def test_saebench_figures_guard_the_gate_in_their_own_direction():
+    policy = PromotionPolicy(guards={"absorption_full": 0.02, "sparse_probe_acc_k1": 0.01})
+    champion = with_(absorption_full=0.10, sparse_probe_acc_k1=0.80)
+    better = with_(ce_loss_recovered=0.95, absorption_full=0.11, sparse_probe_acc_k1=0.795)
+    assert decide(better, champion, policy).promote
+    absorbs = with_(ce_loss_recovered=0.95, absorption_full=0.15, sparse_probe_acc_k1=0.80)
+    assert decide(absorbs, champion, policy).reason == "gate failed on absorption_full"
+    probes_worse = with_(ce_loss_recovered=0.95, absorption_full=0.10, sparse_probe_acc_k1=0.7)
+    assert decide(probes_worse, champion, policy).reason == "gate failed on sparse_probe_acc_k1"
+    # A challenger without the figure (the stage was off) fails the guard.
+    assert not decide(with_(ce_loss_recovered=0.95), champion, policy).promote
+
+
 def test_policy_rejects_unknown_metrics():
     with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
         PromotionPolicy(primary="accuracy")

@@ -115,6 +115,7 @@ def test_new_run_skips_completed_stages_and_resumes_training(first, store):
         "validate": "cached",
         "train_sae": f"resumed from {CHECKPOINT_TOKENS} tokens",
         "evaluate_sae": "computed",
+        "saebench_sae": "computed",
         "register_model": "computed",
     }
     assert {stage: recovered.stages[stage] for stage in expected} == expected

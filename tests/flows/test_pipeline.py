@@ -103,6 +103,7 @@ def test_changing_the_sae_reruns_only_train_evaluate_register(
     assert [s for s, state in changed.stages.items() if state != "cached"] == [
         "train_sae",
         "evaluate_sae",
+        "saebench_sae",
         "register_model",
         "latent_stats",
         "report_run",

@@ -11,6 +11,7 @@ ALL_STAGES = [
     "validate",
     "train_sae",
     "evaluate_sae",
+    "saebench_sae",
     "register_model",
     "latent_stats",
     "report_run",

@@ -89,7 +89,10 @@ def test_refresh_recomputes_the_stage_and_what_reads_it(first_run):
     store = Store(before.sae.store)
     sae_bytes = store.read_bytes(f"{before.sae.path}/sae.safetensors")
     refreshed = run(config, refresh=["train_sae"])
-    recomputed = ["train_sae", "evaluate_sae", "register_model", "latent_stats", "report_run"]
+    recomputed = [
+        "train_sae", "evaluate_sae", "saebench_sae", "register_model", "latent_stats",
+        "report_run",
+    ]  # fmt: skip
     assert refreshed.stages == {s: "computed" if s in recomputed else "cached" for s in ALL_STAGES}
     assert refreshed.sae == before.sae  # the same address, holding the same bytes
     assert store.read_bytes(f"{before.sae.path}/sae.safetensors") == sae_bytes

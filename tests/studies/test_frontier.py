@@ -96,6 +96,20 @@ def test_the_table_divides_by_the_dense_reference_of_the_same_seed():
     assert summary[2]["retained_std"] == 0.0
 
 
+def test_saebench_figures_become_columns_when_the_saes_have_them():
+    plain = [_row("dense", 64, 256, 0, 0.9, 256 * 64, 140_000)]
+    assert "absorption_full" not in frontier_table(plain)[0]
+    benched = [
+        FrontierRow("dense", 64, 256, 8, seed, {"ce_loss_recovered": 0.9, "absorption_full": a},
+                    256 * 64, 140_000)
+        for seed, a in ((0, 0.1), (1, 0.3))
+    ]  # fmt: skip
+    table = frontier_table(benched)
+    assert [r["absorption_full"] for r in table] == [0.1, 0.3]
+    assert "sparse_probe_acc_k1" not in table[0]  # only the figures some SAE has
+    assert frontier_summary(table)[0]["absorption_full"] == pytest.approx(0.2)
+
+
 def test_a_table_without_its_dense_reference_is_refused():
     with pytest.raises(ValueError, match=r"dense reference for seeds \[1\]"):
         frontier_table(
@@ -118,7 +132,7 @@ def test_every_frontier_sae_is_trained_evaluated_and_tabulated(traced):
         "dense n=256 seed=0", "expander d=2 seed=0", "expander d=8 seed=0",
         "expander d=64 seed=0", "matched d=2 n=8 seed=0", "matched d=8 n=32 seed=0",
     ]  # fmt: skip
-    assert set(result.states.values()) == {"Completed / Completed"}
+    assert set(result.states.values()) == {"Completed / Completed / Completed"}
     table = {(r["family"], r["degree"]): r for r in result.table}
     dense_ce = table[("dense", 64)]["ce_loss_recovered"]
     for row in result.table:  # NaN throughout when zero-ablating the random model does not hurt
@@ -163,5 +177,5 @@ def test_a_second_frontier_comes_from_the_cache(traced):
 
     config, result = traced
     again = frontier(config, progress=False)
-    assert set(again.states.values()) == {"Cached / Cached"}
+    assert set(again.states.values()) == {"Cached / Cached / Cached"}
     assert again.report.mlflow_run_id == result.report.mlflow_run_id

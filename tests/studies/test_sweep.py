@@ -40,10 +40,11 @@ def test_the_grid_trains_from_one_read_of_the_data(swept):
 def test_every_grid_point_is_trained_evaluated_and_fitted(swept):
     _, result, _ = swept
     assert [(p.n, p.k) for p in result.points] == [(64, 4), (64, 8), (128, 4), (128, 8)]
-    assert set(result.states.values()) == {"Completed / Completed"}
+    assert set(result.states.values()) == {"Completed / Completed / Completed"}
     for p in result.points:
         assert 0 < p.metrics["nmse"] < 2 and p.metrics["l0"] <= p.k
         assert "probe_loss" in p.metrics and "ablation_sparsity" in p.metrics
+        assert {"explained_variance", "sparse_probe_acc_k1", "absorption_letters"} <= set(p.metrics)
     assert result.fit is not None and result.fit.points == 4
     assert list(result.fit.params) == list(NAMES)
     assert all(math.isfinite(v) for v in result.fit.params.values())
@@ -66,6 +67,7 @@ def test_report_plots_and_artifacts_exist(swept):
         assert store.read_bytes(f"{ref.path}/{name}")[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = store.read_bytes(f"{ref.path}/report.md").decode()
     assert "## Scaling law" in markdown and markdown.count("\n| 128 |") == 2
+    assert "| explained_variance |" in markdown and "SAEBench" in markdown
     with get_client(sync_client=True) as client:
         for key in ("saeflow-sweep-report", "saeflow-sweep-report-table"):
             found = client.read_artifacts(
@@ -92,7 +94,7 @@ def test_a_second_sweep_comes_from_the_cache(swept):
     with pytest.MonkeyPatch.context() as patch:
         reads = count_train_reads(patch)
         again = sweep(config, progress=False)
-    assert set(again.states.values()) == {"Cached / Cached"}
+    assert set(again.states.values()) == {"Cached / Cached / Cached"}
     assert reads == []  # nothing trained, nothing read
     assert again.report.dataset == result.report.dataset
     assert again.report.mlflow_run_id == result.report.mlflow_run_id
