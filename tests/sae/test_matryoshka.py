@@ -1,19 +1,28 @@
 """Matryoshka SAEs: the prefix sizes and their validation, the nested decode and the summed
 prefix losses against a dense reference (values and gradients, BatchTopK and TopK, with AuxK),
-training and the file round trip."""
+training, the file round trip, and the SAELens export (JumpReLU layout) read back and run."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from sae_core.config import SAEConfig, TrainConfig, build_config
 from sae_core.errors import ConfigError
 from sae_core.sae import MatryoshkaSAE, build_sae, load_sae_bytes
+from sae_core.sae.export import export_sae, import_sae
 from sae_core.sae.matryoshka import dense_nested_decode, nested_decode, prefix_groups
 from sae_core.sae.normalize import InputNorm
 from sae_core.training.trainer import Trainer, init_sae
-from tests.sae.test_export import activations
+from tests.helpers import HELPERS
+from tests.sae.test_export import ORIGIN, activations, run_saelens
+from tests.sae.test_export_peers import PEERS
 
 D, N, K = 32, 128, 8
 PREFIXES = [8, 32, 128]
@@ -207,3 +216,90 @@ def test_the_file_round_trips_the_kind_prefixes_and_threshold():
     assert back.cfg == sae.cfg and float(back.threshold) == pytest.approx(0.3)
     x = activations()
     torch.testing.assert_close(back.reconstruct(x), sae.reconstruct(x))
+
+
+# Export ------------------------------------------------------------------------------------------
+def run_saelens_jumprelu(folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens' JumpReLUSAE forward (sae_lens/saes/jumprelu_sae.py), from the files alone: the
+    TopK runner's with ReLU(pre) kept where pre > threshold instead of the top k."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    assert cfg["architecture"] == "jumprelu" and "k" not in cfg
+    x_in, mu, std = x, 0.0, 1.0
+    if cfg["normalize_activations"] == "layer_norm":
+        mu = x.mean(dim=-1, keepdim=True)
+        std = (x - mu).std(dim=-1, keepdim=True)
+        x_in = (x - mu) / (std + 1e-5)
+    hidden = (x_in - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    acts = torch.relu(hidden) * (hidden > w["threshold"])
+    out = acts @ w["W_dec"] + w["b_dec"]
+    return acts, out * std + mu if cfg["normalize_activations"] == "layer_norm" else out
+
+
+def dense_codes(sae: MatryoshkaSAE, x: torch.Tensor) -> torch.Tensor:
+    codes = sae.encode(x)
+    return torch.zeros(x.shape[0], N).scatter_(1, codes.idx, codes.vals)
+
+
+@pytest.mark.parametrize("mode", ["per_token", "global", "none"])
+def test_saelens_export_is_its_jumprelu_layout_and_reconstructs_as_saeflow_does(tmp_path, mode):
+    sae, x = make_sae(mode), activations()
+    export_sae(sae, tmp_path, "saelens", ORIGIN)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["matryoshka_widths"] == PREFIXES and cfg["d_sae"] == N
+    threshold = load_file(str(tmp_path / "sae_weights.safetensors"))["threshold"]
+    assert threshold.shape == (N,) and torch.allclose(threshold, torch.full((N,), 0.3))
+    latents, recon = run_saelens_jumprelu(tmp_path, x)
+    assert (latents > 0).sum(dim=1).float().mean() > 1  # the threshold keeps some latents
+    torch.testing.assert_close(latents, dense_codes(sae, x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(recon, sae.reconstruct(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_topk", [True, False])
+def test_import_reads_the_export_back_to_the_same_matryoshka_sae(tmp_path, batch_topk):
+    sae, x = make_sae("per_token", batch_topk=batch_topk), activations()
+    export_sae(sae, tmp_path, "saelens", ORIGIN)
+    back, origin = import_sae(tmp_path)
+    assert isinstance(back, MatryoshkaSAE) and back.cfg == sae.cfg and origin == ORIGIN
+    if batch_topk:
+        assert float(back.threshold) == pytest.approx(0.3)
+    torch.testing.assert_close(back.reconstruct(x), sae.reconstruct(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense_codes(back, x), dense_codes(sae, x), rtol=1e-5, atol=1e-5)
+
+
+def test_per_token_topk_matryoshka_exports_as_topk(tmp_path):
+    sae, x = make_sae("none", batch_topk=False), activations()
+    export_sae(sae, tmp_path, "saelens", ORIGIN)
+    latents, recon = run_saelens(tmp_path, x)
+    torch.testing.assert_close(recon, sae.reconstruct(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_thresholded_sae_is_refused_by_sparsify_and_a_foreign_jumprelu_by_import(tmp_path):
+    with pytest.raises(ConfigError, match="sparsify has no inference threshold"):
+        export_sae(make_sae(), tmp_path / "s", "sparsify")
+    export_sae(make_sae(), tmp_path / "j", "saelens")
+    weights = tmp_path / "j" / "sae_weights.safetensors"
+    tensors = load_file(str(weights))
+    tensors["threshold"] = torch.linspace(0.1, 0.5, N)  # JumpReLU proper: one per latent
+    save_file(tensors, str(weights))
+    with pytest.raises(ConfigError, match="threshold: latents with thresholds of their own"):
+        import_sae(tmp_path / "j")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PEERS.is_file(), reason=f"no peers venv at {PEERS}")
+def test_saelens_loads_and_runs_the_export(tmp_path):
+    """SAELens' own `SAE.load_from_disk` on the export (its JumpReLUSAE), in the peers venv."""
+    sae, x = make_sae("per_token"), activations(256)
+    folder = tmp_path / "saelens-matryoshka"
+    export_sae(sae, folder, "saelens", ORIGIN)
+    save_file({"x": x.contiguous()}, str(tmp_path / "x.safetensors"))
+    proc = subprocess.run(
+        [str(PEERS), str(HELPERS / "peer_export_worker.py"), str(tmp_path / "x.safetensors"),
+         str(folder)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = load_file(str(folder.with_suffix(".out.safetensors")))
+    torch.testing.assert_close(out["latents"], dense_codes(sae, x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["recon"], sae.reconstruct(x), rtol=1e-4, atol=1e-4)
