@@ -286,6 +286,23 @@ def test_a_thresholded_sae_is_refused_by_sparsify_and_a_foreign_jumprelu_by_impo
         import_sae(tmp_path / "j")
 
 
+def test_cli_export_and_import_of_a_matryoshka_sae(tmp_path):
+    from tests.helpers.cli import assert_one_line_error, invoke
+
+    sae, x = make_sae("per_token"), activations()
+    source = tmp_path / "sae.safetensors"
+    sae.save_safetensors(source)
+    refused = invoke("export", str(source), "-f", "sparsify", "--out", str(tmp_path / "s"))
+    assert_one_line_error(refused, "sparsify has no inference threshold", "--format saelens")
+    assert not (tmp_path / "s" / "cfg.json").exists()
+    out, back = tmp_path / "saelens", tmp_path / "back.safetensors"
+    assert invoke("export", str(source), "-f", "saelens", "--out", str(out)).exit_code == 0
+    assert invoke("import", str(out), "--out", str(back)).exit_code == 0
+    imported = load_sae_bytes(back.read_bytes())
+    assert isinstance(imported, MatryoshkaSAE)
+    torch.testing.assert_close(imported.reconstruct(x), sae.reconstruct(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not PEERS.is_file(), reason=f"no peers venv at {PEERS}")
 def test_saelens_loads_and_runs_the_export(tmp_path):
