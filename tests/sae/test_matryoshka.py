@@ -89,6 +89,17 @@ def test_other_kinds_refuse_prefixes():
         build_config({}, ["sae.matryoshka_prefixes=[0.5,1]"])
 
 
+def test_a_sweep_over_n_resolves_fractions_per_point_and_names_a_point_counts_do_not_fit():
+    from sae_core.studies.sweep import grid
+
+    sets = ["sae.kind=matryoshka", "sweep.n_latents=[64,256]", "sweep.k=[8]"]
+    points = grid(build_config({}, sets))
+    assert [p.sae.prefix_sizes() for p in points] == [(4, 16, 64), (16, 64, 256)]
+    counts = build_config({}, [*sets, "sae.matryoshka_prefixes=[16,64]", "sae.n_latents=64"])
+    with pytest.raises(ConfigError, match="sweep point n=256, k=8: .*whole dictionary"):
+        grid(counts)
+
+
 # The nested decode and the loss against the dense reference ------------------------------------
 def test_prefix_groups_are_the_first_prefix_holding_each_latent():
     idx = torch.tensor([[0, 7, 8, 31, 32, 127]])
