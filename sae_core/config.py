@@ -87,10 +87,12 @@ class DataConfig(_Strict):
 
 
 class SAEConfig(_Strict):
-    kind: Literal["topk", "expander"] = Field(
+    kind: Literal["topk", "expander", "matryoshka"] = Field(
         "topk",
         description="topk: dense decoder (Gao et al.); expander: each decoder direction has "
-        "sae.degree non-zeros on a random expander graph (Mendoza-Smith, 2026).",
+        "sae.degree non-zeros on a random expander graph (Mendoza-Smith, 2026); matryoshka: "
+        "topk's weights trained so that every prefix in sae.matryoshka_prefixes reconstructs "
+        "alone (Bussmann et al., 2025), BatchTopK unless sae.batch_topk=false.",
     )
     n_latents: int = Field(4608, ge=1)
     k: int = Field(32, ge=1)
@@ -124,6 +126,22 @@ class SAEConfig(_Strict):
         description="Expander: at every sae.dead_window_tokens boundary, re-initialise the dead "
         "latents inside their mask support (the paper's choice).",
     )
+    matryoshka_prefixes: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="Matryoshka: the nested dictionaries whose reconstruction losses are summed, "
+        "as latent counts ending with sae.n_latents (e.g. [288, 1152, 4608]) or, when every "
+        "value is <= 1, as fractions of it ending with 1 (e.g. [0.0625, 0.25, 1]); None: "
+        "[1/16, 1/4, 1].",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _matryoshka_is_batch_topk(cls, data: Any) -> Any:
+        # Matryoshka BatchTopK is the kind's recipe; sae.batch_topk=false asks for per-token TopK.
+        if isinstance(data, dict) and data.get("kind") == "matryoshka":
+            return {"batch_topk": True, **data}
+        return data
 
     @model_validator(mode="after")
     def _k_within_n(self) -> SAEConfig:
@@ -149,15 +167,62 @@ class SAEConfig(_Strict):
                 "sae.kind=expander needs sae.degree (non-zeros per decoder direction, "
                 "1 <= degree <= model width); set e.g. sae.degree=8"
             )
-        if self.kind == "topk":
+        if self.kind != "expander":
             defaults = {"degree": None, "encoder": "untied", "mask_seed": 0, "resample_dead": False}
             stray = [name for name, value in defaults.items() if getattr(self, name) != value]
             if stray:
                 raise ValueError(
-                    f"sae.kind=topk does not use {', '.join(f'sae.{name}' for name in stray)}; "
+                    f"sae.kind={self.kind} does not use "
+                    f"{', '.join(f'sae.{name}' for name in stray)}; "
                     "remove it or set sae.kind=expander"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _matryoshka_fields(self) -> SAEConfig:
+        if self.kind != "matryoshka":
+            if self.matryoshka_prefixes is not None:
+                raise ValueError(
+                    f"sae.kind={self.kind} does not use sae.matryoshka_prefixes; "
+                    "remove it or set sae.kind=matryoshka"
+                )
+            return self
+        if self.multi_topk:
+            raise ValueError(
+                "sae.kind=matryoshka and sae.multi_topk cannot be combined; disable multi_topk"
+            )
+        self.prefix_sizes()  # raises on prefixes that do not nest
+        return self
+
+    def prefix_sizes(self) -> tuple[int, ...]:
+        """Matryoshka: the nested dictionaries' sizes in latents, increasing, the last n_latents
+        (sae.matryoshka_prefixes resolved; fractions round to the nearest count). ValueError
+        naming the field when they do not nest."""
+        given = self.matryoshka_prefixes or [1 / 16, 1 / 4, 1.0]
+        field = f"sae.matryoshka_prefixes={given}" + (
+            "" if self.matryoshka_prefixes else " (default)"
+        )
+        n = self.n_latents
+        if min(given) <= 0:
+            raise ValueError(f"{field}: give positive sizes (latent counts, or fractions of n)")
+        if max(given) <= 1:  # fractions of n
+            sizes = [round(f * n) for f in given]
+            fix = f"give increasing fractions ending with 1 that stay distinct at n_latents={n}"
+        else:
+            if any(v != int(v) for v in given):
+                raise ValueError(f"{field}: latent counts must be integers (or all values <= 1)")
+            sizes = [int(v) for v in given]
+            fix = f"give increasing latent counts ending with sae.n_latents={n}"
+        if sizes[0] < 1 or any(a >= b for a, b in zip(sizes, sizes[1:], strict=False)):
+            raise ValueError(
+                f"{field} resolves to {sizes} latents: each must be >= 1 and larger than the "
+                f"one before; {fix}"
+            )
+        if sizes[-1] != n:
+            raise ValueError(
+                f"{field}: the last prefix must be the whole dictionary ({n} latents); {fix}"
+            )
+        return tuple(sizes)
 
 
 def check_expander_graph(n_latents: int, width: int, degree: int) -> None:

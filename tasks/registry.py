@@ -222,6 +222,7 @@ def _resolved_params(sae: DatasetRef, activations: DatasetRef) -> dict[str, str]
         "model.device_resolved": ",".join(extracted.model_devices or []) or None,
         "model.dtype_resolved": extracted.model_dtype,
         "data.storage_dtype_resolved": extracted.dtype,
+        "sae.matryoshka_prefixes_resolved": trained.matryoshka_prefixes,
     }
     return {key: value for key, value in resolved.items() if value is not None}
 

@@ -30,7 +30,9 @@ class TrainBench(BenchOptions):
     batch: int = Field(4096, description="Tokens per training step.")
     steps: int = Field(10, description="Timed steps, after the warm-up.")
     device: DeviceName = "auto"
-    kind: str = Field("topk", description="SAE kind: topk or expander.")
+    kind: str = Field(
+        "topk", description="SAE kind: topk, expander or matryoshka (its default prefixes)."
+    )
     degree: int | None = Field(None, description="Expander: non-zeros per decoder direction.")
     encoder: str = Field("untied", description="Expander encoder: untied or tied.")
     dtype: str = Field(

@@ -159,7 +159,7 @@ def bench_train(
 
 
 def format_result(r: dict[str, Any]) -> str:
-    sae = r["kind"] if r["kind"] == "topk" else f"expander degree={r['degree']} {r['encoder']}"
+    sae = f"expander degree={r['degree']} {r['encoder']}" if r["kind"] == "expander" else r["kind"]
     head = (
         f"{sae} d={r['d']} n={r['n']} k={r['k']} B={r['batch']} {r['dtype']} on {r['device']} ({r['threads']} threads, "
         f"native kernels: {r['native_kernels']})"

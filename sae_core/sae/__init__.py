@@ -3,10 +3,12 @@ data-parallel batch (ranks), the sparse step's kernels (kernels, fused_loss and 
 Python face; native: the build of csrc/*.cpp), orthogonal matching pursuit (omp) and the
 SAELens / sparsify formats (export). May import: storage and the leaves. Public API:
 
-- `SparseAutoencoder`: what every kind provides (`sae_core.sae.base`); two kinds (cfg.kind):
+- `SparseAutoencoder`: what every kind provides (`sae_core.sae.base`); three kinds (cfg.kind):
   - `TopKSAE(d, cfg, norm=None, generator=None)`: the Gao et al. TopK SAE, dense W_enc, W_dec.
   - `ExpanderSAE(d, cfg, norm=None, generator=None)`: the decoder masked by a random expander
     graph, stored compactly (rows, values) with cfg.degree non-zeros per latent.
+  - `MatryoshkaSAE(d, cfg, norm=None, generator=None)`: TopK's weights, trained (BatchTopK by
+    default) on the summed losses of nested prefixes of the dictionary (`sizes`).
 - Every kind:
   - `forward(x_norm [B, d], dead_mask=None) -> ForwardOutput(latent_idx, latent_vals, recon,
     loss, nmse, aux_loss)`: training pass on *normalised* inputs (`sae.norm.apply(x_raw)[0]`).
@@ -36,6 +38,7 @@ from sae_core.config import SAEConfig
 from sae_core.errors import ConfigError
 from sae_core.sae.base import Codes, ForwardOutput, SparseAutoencoder, safetensors_metadata
 from sae_core.sae.expander import ExpanderSAE
+from sae_core.sae.matryoshka import MatryoshkaSAE
 from sae_core.sae.normalize import InputNorm
 from sae_core.sae.topk import TopKSAE
 
@@ -43,7 +46,11 @@ if TYPE_CHECKING:
     from sae_core.storage.refs import DatasetRef
 
 WEIGHTS_FILE = "sae.safetensors"
-KINDS: dict[str, type[SparseAutoencoder]] = {"topk": TopKSAE, "expander": ExpanderSAE}
+KINDS: dict[str, type[SparseAutoencoder]] = {
+    "topk": TopKSAE,
+    "expander": ExpanderSAE,
+    "matryoshka": MatryoshkaSAE,
+}
 
 
 def build_sae(
@@ -101,6 +108,7 @@ __all__ = [
     "ExpanderSAE",
     "ForwardOutput",
     "KINDS",
+    "MatryoshkaSAE",
     "SparseAutoencoder",
     "TopKSAE",
     "WEIGHTS_FILE",

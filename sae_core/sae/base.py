@@ -343,9 +343,7 @@ class SparseAutoencoder(nn.Module, ABC):
         if self.cfg.batch_topk:  # padding slots' pre-activations may be recomputed: zero them
             acts = acts * (all_pre > float("-inf"))
         vals = acts[:, :k]
-        recon = self.sparse_decode(sel.idx[:, :k], vals, self.b_pre, dense)
-        nmse = normalized_mse(x, recon, ranks)
-        loss = nmse
+        loss, nmse, recon = self.reconstruction_terms(x, sel.idx[:, :k], vals, ranks, dense)
         if k_main > k:  # multi-TopK: L(k) + L(4k) / 8
             recon_4k = self.sparse_decode(sel.idx, acts[:, :k_main], self.b_pre, dense)
             loss = loss + normalized_mse(x, recon_4k, ranks) / 8
@@ -357,6 +355,15 @@ class SparseAutoencoder(nn.Module, ABC):
             loss = loss + self.cfg.aux_alpha * aux_loss
         recon = recon if with_recon else None
         return ForwardOutput(sel.idx[:, :k], vals, recon, loss, nmse, aux_loss, sel.aux_idx)
+
+    def reconstruction_terms(
+        self, x: Tensor, idx: Tensor, vals: Tensor, ranks: Ranks, dense: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, nmse, recon) of the code idx, vals: [B, K] for normalised x: [B, d]: the
+        reconstruction's normalised MSE as the loss; a kind with other terms overrides it."""
+        recon = self.sparse_decode(idx, vals, self.b_pre, dense)
+        nmse = normalized_mse(x, recon, ranks)
+        return nmse, nmse, recon
 
     def forward(
         self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, dense: bool = False

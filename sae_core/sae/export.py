@@ -1,10 +1,19 @@
-"""SAELens and EleutherAI sparsify on-disk formats: export a saeflow TopK SAE, import either.
+"""SAELens and EleutherAI sparsify on-disk formats: export a saeflow TopK SAE (BatchTopK and
+Matryoshka included), import either.
 
 SAELens (>= 6): a folder with `cfg.json` (architecture "topk", d_in, d_sae, k,
 normalize_activations, apply_b_dec_to_input, metadata{model_name, hook_name, ...}) and
 `sae_weights.safetensors` (W_enc [d, n], W_dec [n, d], b_enc [n], b_dec [d]). Its encoder
 computes TopK then ReLU of (norm_in(x) - b_dec) W_enc + b_enc; the decoder z W_dec + b_dec,
 then norm_out.
+
+A BatchTopK SAE with its inference threshold (Matryoshka BatchTopK too) is written as SAELens
+saves its own BatchTopK and MatryoshkaBatchTopK SAEs for inference: architecture "jumprelu"
+(no k) and a `threshold` [n] tensor holding the one threshold for every latent; its encoder
+keeps ReLU(pre) where pre > threshold, as saeflow's does. A Matryoshka SAE's cfg.json also
+states its nesting as SAELens' training config names it, `matryoshka_widths` (the prefix
+sizes; SAELens' inference classes ignore the key). sparsify has no threshold: such an SAE is
+refused there rather than exported with other codes.
 
 sparsify: a folder (one per hookpoint) with `cfg.json` (activation "topk", num_latents, k,
 d_in, ...) and `sae.safetensors` (encoder.weight [n, d], encoder.bias [n], W_dec [n, d],
@@ -32,7 +41,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import torch
 from pydantic import BaseModel
@@ -41,7 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_core.config import SAEConfig
 from sae_core.errors import ConfigError
-from sae_core.sae import SparseAutoencoder, TopKSAE, load_sae_bytes
+from sae_core.sae import MatryoshkaSAE, SparseAutoencoder, TopKSAE, build_sae, load_sae_bytes
 from sae_core.sae.normalize import EPS, InputNorm
 
 if TYPE_CHECKING:
@@ -123,6 +132,14 @@ def _saeflow_entry(sae: TopKSAE, origin: Origin, transform_needed: bool) -> dict
     }
 
 
+def inference_threshold(sae: TopKSAE) -> float | None:
+    """The threshold `encode` keeps latents above (BatchTopK once trained), else None: the
+    top k per token."""
+    if not sae.cfg.batch_topk or torch.isnan(sae.threshold):
+        return None
+    return float(sae.threshold.clamp_min(0))
+
+
 def _weights(sae: TopKSAE, scale_in: float) -> dict[str, torch.Tensor]:
     """Latent-major weights with x -> scale_in * x folded in: W_enc*s, W_dec/s, b_pre/s."""
     with torch.no_grad():
@@ -150,6 +167,12 @@ def export_sae(
             f"export: SAELens and sparsify hold TopK SAEs only, this one is sae.kind="
             f"{sae.cfg.kind}; ship its saeflow .safetensors file (compact, no pickle) instead"
         )
+    threshold = inference_threshold(sae)
+    if threshold is not None and fmt == "sparsify":
+        raise ConfigError(
+            f"export: sparsify has no inference threshold for this BatchTopK SAE (sae.kind="
+            f"{sae.cfg.kind}); export --format saelens (its JumpReLU layout) instead"
+        )
     origin = origin or Origin()
     mode, d = sae.norm.mode, sae.d
     if mode == "global":
@@ -168,11 +191,17 @@ def export_sae(
             "b_enc": w["b_enc"],
             "b_dec": w["b_dec"],
         }
+        selection: dict[str, Any] = {"architecture": "topk", "k": sae.k}
+        if threshold is not None:
+            selection = {"architecture": "jumprelu"}
+            tensors["threshold"] = torch.full((sae.n_latents,), threshold)
+        if isinstance(sae, MatryoshkaSAE):
+            selection["matryoshka_widths"] = list(sae.sizes)
         cfg = {
-            "architecture": "topk",
+            "architecture": selection.pop("architecture"),
             "d_in": d,
             "d_sae": sae.n_latents,
-            "k": sae.k,
+            **selection,
             "dtype": "float32",
             "device": "cpu",
             "apply_b_dec_to_input": True,
@@ -244,6 +273,7 @@ class _Stored(NamedTuple):
     b_enc: torch.Tensor
     b_dec: torch.Tensor
     k: Any
+    threshold: float | None  # a JumpReLU file's one threshold (saeflow's BatchTopK export)
     norm: InputNorm
     scale_in: float
     origin: Origin
@@ -252,11 +282,16 @@ class _Stored(NamedTuple):
 def _read_saelens(folder: Path, cfg: dict[str, Any], t: dict[str, torch.Tensor]) -> _Stored:
     arch = cfg.get("architecture") or cfg.get("activation_fn", cfg.get("activation_fn_str"))
     _require(
-        arch == "topk",
+        arch in ("topk", "jumprelu"),
         folder,
         "architecture",
-        f"'{arch}' is not TopK; saeflow imports TopK SAEs only",
+        f"'{arch}' is not TopK; saeflow imports TopK SAEs and its own BatchTopK exports only",
     )
+    threshold, k = None, cfg.get("k")
+    if arch == "jumprelu":
+        threshold, k = _shared_threshold(folder, cfg, t)
+    elif k is None:
+        k = _section(folder, cfg, "activation_fn_kwargs").get("k")
     norm_mode = cfg.get("normalize_activations") or "none"
     _require(
         norm_mode in ("none", "layer_norm"),
@@ -280,7 +315,8 @@ def _read_saelens(folder: Path, cfg: dict[str, Any], t: dict[str, torch.Tensor])
         W_dec=t["W_dec"],
         b_enc=b_enc,
         b_dec=b_dec,
-        k=cfg["k"] if "k" in cfg else _section(folder, cfg, "activation_fn_kwargs").get("k"),
+        k=k,
+        threshold=threshold,
         norm=InputNorm("per_token" if per_token else "none"),
         scale_in=1.0 / math.sqrt(W_enc.shape[1] - 1) if per_token else 1.0,
         origin=Origin(
@@ -310,6 +346,7 @@ def _read_sparsify(folder: Path, cfg: dict[str, Any], t: dict[str, torch.Tensor]
         b_enc=t["encoder.bias"],
         b_dec=t["b_dec"],
         k=cfg.get("k"),
+        threshold=None,
         norm=InputNorm("none"),
         scale_in=1.0,
         origin=Origin(hook=saeflow_hook(folder.name)),  # sparsify names folders by hookpoint
@@ -326,6 +363,41 @@ _WIDTH_FIELDS = {
     "saelens": {"d": "d_in", "n": "d_sae"},
     "sparsify": {"d": "d_in", "n": "num_latents"},
 }
+
+
+def _shared_threshold(
+    folder: Path, cfg: dict[str, Any], t: dict[str, torch.Tensor]
+) -> tuple[float, Any]:
+    """(threshold, k) of a JumpReLU file that saeflow's BatchTopK export wrote: one threshold
+    for every latent, k from its saeflow entry (JumpReLU itself has none)."""
+    _require(
+        "threshold" in t,
+        folder,
+        "threshold",
+        "a JumpReLU SAE needs its threshold tensor in the weights file",
+    )
+    threshold = t["threshold"]
+    _require(
+        threshold.shape == t["b_enc"].shape,
+        folder,
+        "threshold",
+        f"has shape {list(threshold.shape)}, expected one value per latent {list(t['b_enc'].shape)}",
+    )
+    _require(
+        threshold.numel() > 0 and bool((threshold == threshold.reshape(-1)[0]).all()),
+        folder,
+        "threshold",
+        "latents with thresholds of their own are JumpReLU proper; saeflow imports only its "
+        "BatchTopK exports, one threshold for all latents",
+    )
+    config = _section(folder, cfg, "saeflow").get("config")
+    _require(
+        isinstance(config, dict) and bool(config.get("batch_topk")),
+        folder,
+        "saeflow.config",
+        "missing or not BatchTopK; saeflow imports a JumpReLU SAE only from its own export",
+    )
+    return float(threshold.reshape(-1)[0]), config.get("k")
 
 
 def _section(folder: Path, cfg: dict[str, Any], key: str) -> dict[str, Any]:
@@ -401,7 +473,8 @@ def _check_cfg(
 
 
 def import_sae(folder: Path) -> tuple[TopKSAE, Origin]:
-    """Read an SAELens or sparsify TopK SAE folder into a saeflow TopKSAE and its origin.
+    """Read an SAELens or sparsify TopK SAE folder into a saeflow TopKSAE and its origin (the
+    kind its saeflow entry names, e.g. a MatryoshkaSAE, with its BatchTopK threshold).
     Refused in one line: a cfg.json that is not an object, widths it declares that the
     weights do not have, an invalid k, missing tensors, NaN or infinite weights."""
     fmt = detect_format(folder)
@@ -431,16 +504,24 @@ def import_sae(folder: Path) -> tuple[TopKSAE, Origin]:
         )
         if norm.mode == "global":
             scale_in = norm.global_scale
-    sae = TopKSAE(d, sae_cfg, norm)
-    sae.load_state_dict(
-        {
-            "W_enc": stored.W_enc / scale_in,
-            "W_dec": stored.W_dec * scale_in,
-            "b_enc": stored.b_enc,
-            "b_pre": stored.b_dec * scale_in,
-        }
+    _require(
+        sae_cfg.kind != "expander",
+        folder,
+        "saeflow.config",
+        "sae.kind=expander has no SAELens or sparsify layout; remove the entry",
     )
-    return sae, origin
+    sae = build_sae(d, sae_cfg, norm)
+    state = {
+        "W_enc": stored.W_enc / scale_in,
+        "W_dec": stored.W_dec * scale_in,
+        "b_enc": stored.b_enc,
+        "b_pre": stored.b_dec * scale_in,
+    }
+    if sae_cfg.batch_topk:  # NaN: no threshold yet, the top k per token (as exported)
+        value = float("nan") if stored.threshold is None else stored.threshold
+        state["threshold"] = torch.tensor(value)
+    sae.load_state_dict(state)
+    return cast(TopKSAE, sae), origin
 
 
 def load_source(source: str) -> tuple[SparseAutoencoder, Origin]:

@@ -12,7 +12,7 @@ from sae_core.data.models import load_model
 from sae_core.errors import ConfigError
 from sae_core.latents import explain, logit_lens, pages, stats, streaming
 from sae_core.latents.logit_lens import Unembedding
-from sae_core.sae import base, load_sae
+from sae_core.sae import MatryoshkaSAE, base, load_sae
 from sae_core.stages.location import Location, located
 from sae_core.storage import loader
 from sae_core.storage.fingerprint import path_fingerprint
@@ -72,6 +72,8 @@ def compute_latent_stats(
             "hook": lineage.hook,
             "activations": lineage.activations.uri,
         }
+        if isinstance(autoencoder, MatryoshkaSAE):  # the viewer shows each latent's level
+            about["matryoshka_prefixes"] = list(autoencoder.sizes)
         with Store(sae.store).writing(loc.path) as writer:
             summary = pages.write_latent_dataset(
                 found,

@@ -281,7 +281,7 @@ class SaeManifest(Manifest):
     activations: str
     """The URI of the activations dataset it was trained on (on the same store)."""
     sae_kind: str
-    """sae.kind: topk or expander."""
+    """sae.kind: topk, expander or matryoshka."""
     d: int
     """Input width."""
     n: int
@@ -323,6 +323,8 @@ class SaeManifest(Manifest):
     """The encoder GEMM's dtype (train.dtype); the weights and the rest of the step are float32."""
     batch_topk_threshold: float | None = None
     """The inference threshold of a BatchTopK SAE (present only for those)."""
+    matryoshka_prefixes: list[int] | None = None
+    """A Matryoshka SAE's nested dictionary sizes in latents, the last n (present only for those)."""
 
 
 class BaselineManifest(Manifest):
@@ -422,7 +424,9 @@ class LatentStatsManifest(Manifest):
     sae: str
     """The URI of the sae dataset described."""
     sae_kind: str
-    """topk or expander."""
+    """topk, expander or matryoshka."""
+    matryoshka_prefixes: list[int] | None = None
+    """A Matryoshka SAE's nested dictionary sizes (present only for those)."""
     d: int
     """The SAE's input width."""
     k: int

@@ -24,7 +24,7 @@ import torch
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.device import device_name, pick_device
 from sae_core.errors import ConfigError
-from sae_core.sae import WEIGHTS_FILE, SparseAutoencoder, storage_report
+from sae_core.sae import WEIGHTS_FILE, MatryoshkaSAE, SparseAutoencoder, storage_report
 from sae_core.sae.ranks import SINGLE, Ranks
 from sae_core.storage.loader import ReadTally, iter_batches
 from sae_core.storage.manifests import ActivationsManifest, SaeManifest
@@ -80,8 +80,9 @@ def sae_manifest(trainer: Trainer, fingerprint: str, acts: DatasetRef) -> SaeMan
         resumed_from_tokens=trainer.resumed_from_tokens,
         device=device_name(trainer.device),
         gemm_dtype=str(trainer.gemm_dtype).removeprefix("torch."),
-        # Set only for BatchTopK SAEs: the others' manifests do not have the field.
+        # Set only for BatchTopK (and Matryoshka) SAEs: the others' manifests do not have the fields.
         **({"batch_topk_threshold": float(sae.threshold)} if sae.cfg.batch_topk else {}),
+        **({"matryoshka_prefixes": list(sae.sizes)} if isinstance(sae, MatryoshkaSAE) else {}),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sae_core.bench.options import GroupBench, TrainBench
-from sae_core.bench.train_step import PHASES, bench_train
+from sae_core.bench.train_step import PHASES, bench_train, format_result
 from sae_core.errors import ConfigError
 from sae_core.sae import kernels
 
@@ -27,6 +27,12 @@ def test_bench_train_times_an_expander_step_with_the_same_fields():
     r = bench_train(expander, warmup=1, verbose=False)
     assert set(r) == set(dense) and r["step_ms"] > 0
     assert (r["kind"], r["degree"], r["encoder"]) == ("expander", 4, "tied")
+
+
+def test_bench_train_times_a_matryoshka_step():
+    r = bench_train(TrainBench(**TINY, steps=1, kind="matryoshka"), warmup=1, verbose=False)
+    assert r["kind"] == "matryoshka" and r["step_ms"] > 0
+    assert format_result(r).startswith("matryoshka d=16 n=64")
 
 
 def test_bench_train_names_a_bad_sae_field():

@@ -183,8 +183,8 @@ def test_foreign_sparsify_folder_names_its_hookpoint(tmp_path):
 def test_unsupported_inputs_name_the_field(tmp_path):
     export_sae(make_sae("none"), tmp_path, "saelens")
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    with pytest.raises(ConfigError, match="architecture: 'jumprelu' is not TopK"):
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
+    with pytest.raises(ConfigError, match="architecture: 'gated' is not TopK"):
         import_sae(tmp_path)
     with pytest.raises(ConfigError, match="no SAELens .* or sparsify"):
         import_sae(tmp_path / "nowhere")

@@ -30,7 +30,8 @@ NOT_INFERENCE = ("bench", "data", "evaluation", "latents", "stages", "studies", 
 
 def test_the_shipped_modules_are_those_inference_imports():
     modules = set(inference_modules())
-    assert {"sae_core.sae.topk", "sae_core.sae.expander", "sae_core.sae.normalize"} <= modules
+    kinds = {"sae_core.sae.topk", "sae_core.sae.expander", "sae_core.sae.matryoshka"}
+    assert kinds | {"sae_core.sae.normalize"} <= modules
     assert "sae_core.storage.layout" in modules  # read_activations, for stored shards
     assert not [m for m in modules if m.split(".")[1:2] and m.split(".")[1] in NOT_INFERENCE]
     # sae_core.sae names storage.refs under TYPE_CHECKING only: never imported at run time.

@@ -33,6 +33,15 @@ function chips(tokens) {
   return el("span", { class: "chips" }, ...tokens.map((t) => el("span", { class: "chip", text: showToken(t) })));
 }
 
+// A Matryoshka SAE's nesting (summary.matryoshka_prefixes, increasing sizes ending with n):
+// the smallest prefix holding latent `id` as "level L of P (first S latents)", else null.
+function matryoshkaLevel(summary, id) {
+  const sizes = summary.matryoshka_prefixes;
+  if (!sizes) return null;
+  const level = sizes.findIndex((size) => id < size);
+  return `${level + 1} of ${sizes.length} (first ${sizes[level]} latents)`;
+}
+
 function card(label, value, id) {
   return el("div", { class: "card", id }, el("div", { class: "label", text: label }), el("div", { class: "value", text: value }));
 }

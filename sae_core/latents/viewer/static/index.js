@@ -116,6 +116,7 @@ function overview() {
   $("overview").append(
     card("eval tokens", `${summary.eval_tokens} (${summary.heldout_tokens} held out)`),
     card("dead latents", String(summary.dead_latents)),
+    ...(summary.matryoshka_prefixes ? [card("matryoshka prefixes", summary.matryoshka_prefixes.join(" ⊂ "), "prefixes")] : []),
     card("explained & scored", `${e.scored_latents} latents`),
     card("mean precision", fmt(e.precision.mean), "mean-precision"),
     card("mean recall", fmt(e.recall.mean), "mean-recall"),

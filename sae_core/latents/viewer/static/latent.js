@@ -37,6 +37,7 @@ async function main() {
     card("density", fmt(latent.density), "density"),
     card("firing tokens", String(latent.fires), "fires"),
     card("max activation", fmt(latent.max), "max"),
+    ...(summary.matryoshka_prefixes ? [card("matryoshka level", matryoshkaLevel(summary, id), "level")] : []),
     el("div", { class: "card wide", id: "explanation" },
       el("div", { class: "label", text: "explanation (n-gram ending at the firing token)" }),
       el("div", { class: "value" }, e ? chips(e.tokens) : el("span", { class: "muted", text: "none" }))),
