@@ -149,6 +149,9 @@ class ExpanderSAE(SparseAutoencoder):
         if dense:
             z = vals.new_zeros(idx.shape[0], self.n_latents).scatter_add(1, idx, vals)
             return z @ self.dense_decoder() + bias
+        ops = kernels.triton_for(vals, self.values)
+        if ops is not None:  # the compact decoder's Triton kernels (CUDA)
+            return ops.compact_sparse_decode(idx, vals, self.rows, self.values, bias)
         return expander_decode(idx, vals.to(self.values.dtype), self.rows, self.values, bias)
 
     # Unit-norm decoder within the support ----------------------------------------------------
