@@ -142,8 +142,9 @@ class ExpanderSAE(SparseAutoencoder):
     def sparse_decode(
         self, idx: Tensor, vals: Tensor, bias: Tensor | None = None, dense: bool = False
     ) -> Tensor:
-        """`expander_decode`: B K degree each way; dense=True multiplies the [B, n] code matrix
-        by the dense masked decoder (2 B n d flops)."""
+        """`expander_decode` (on CUDA the Triton compact decoder, `kernels.triton_for`): B K
+        degree each way; dense=True multiplies the [B, n] code matrix by the dense masked
+        decoder (2 B n d flops)."""
         if bias is None:
             bias = self.values.new_zeros(self.d)
         if dense:
