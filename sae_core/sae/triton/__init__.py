@@ -20,3 +20,9 @@ The modules import each other relatively and nothing else from saeflow (only tor
 triton), so `deployments/gpu_check.py` loads them on a GPU node without saeflow's
 dependencies. Nothing here imports triton until a module below is imported.
 """
+
+from pathlib import Path
+
+# The kernels' files, hashed into the training stage's code fingerprint (`code_fingerprint`
+# reads a module's SOURCES) without importing triton.
+SOURCES = tuple(sorted(p for p in Path(__file__).parent.glob("*.py") if p.name != "__init__.py"))

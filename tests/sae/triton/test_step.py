@@ -98,3 +98,25 @@ def test_the_training_benchmark_steps_on_the_path_it_reports(on_triton, monkeypa
     r = bench_train(tiny, warmup=0, verbose=False)
     assert r["sparse_kernels"] == "triton" and r["step_ms"] > 0
     assert set(launched) == {"gather_sum", "gather_dots", "latent_sums"}
+
+
+def test_the_kernels_are_part_of_the_training_code_fingerprint(tmp_path, monkeypatch):
+    """A CUDA run trains with these kernels: editing one changes what training's outputs are
+    stored under (read from the package's SOURCES, so no triton import is needed)."""
+    import shutil
+    from pathlib import Path
+
+    from sae_core.sae import triton as triton_kernels
+    from sae_core.stages import train
+    from sae_core.storage.fingerprint import code_fingerprint
+
+    assert triton_kernels in train.CODE
+    on_disk = {p.name for p in Path(triton_kernels.__file__).parent.glob("*.py")} - {"__init__.py"}
+    assert {p.name for p in triton_kernels.SOURCES} == on_disk
+    fingerprint = code_fingerprint.__wrapped__  # uncached
+    copies = tuple(Path(shutil.copy(p, tmp_path / p.name)) for p in triton_kernels.SOURCES)
+    real = fingerprint(*train.CODE)
+    monkeypatch.setattr(triton_kernels, "SOURCES", copies)
+    assert fingerprint(*train.CODE) == real
+    (tmp_path / "gather.py").write_text((tmp_path / "gather.py").read_text() + "# edited\n")
+    assert fingerprint(*train.CODE) != real
