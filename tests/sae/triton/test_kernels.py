@@ -106,6 +106,13 @@ def test_bfloat16_inputs_within_the_stated_tolerance(device):
     close(gather_sum(idx, bf(vals), bf(W)), z @ W)
     close(gather_dots(idx, bf(grad), bf(W)), (grad @ W.t()).gather(1, idx.cpu()))
     close(latent_sums(by_latent(idx, n), bf(vals), bf(grad)).rows, z.t() @ grad)
+    rows, values = expander_mask(n, d, 3, seed=11), torch.randn(n, 3, generator=g)
+    D = scatter_rows(rows, values, d)
+    close(compact_decode(idx, bf(vals), rows.to(device), bf(values), d), z @ D)
+    close(
+        compact_dots(idx, bf(grad), rows.to(device), bf(values)),
+        (grad @ D.t()).gather(1, idx.cpu()),
+    )
 
 
 def test_outputs_are_deterministic(device):
