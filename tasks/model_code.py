@@ -39,8 +39,20 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _imported_names(tree: ast.AST) -> list[str]:
-    """Every sae_core module or `module.name` an import statement names, outside TYPE_CHECKING."""
+def _absolute(module: str, node: ast.ImportFrom) -> str:
+    """The module a `from ... import` in sae_core module `module` names, relative ones resolved
+    (`from .gather import x` in sae_core.sae.triton.ops: sae_core.sae.triton.gather)."""
+    if node.level == 0:
+        return node.module or ""
+    parts = module.split(".")
+    is_package = module_file(module).name == "__init__.py"
+    base = parts[: len(parts) - node.level + is_package]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imported_names(tree: ast.AST, module: str) -> list[str]:
+    """Every sae_core module or `module.name` an import statement of `module` names, outside
+    TYPE_CHECKING."""
     names: list[str] = []
     pending = [tree]
     while pending:
@@ -50,9 +62,10 @@ def _imported_names(tree: ast.AST) -> list[str]:
             continue
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
             # `from sae_core.sae import kernels` may name a submodule: try both readings.
-            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            source = _absolute(module, node)
+            names += [source, *(f"{source}.{alias.name}" for alias in node.names)]
         pending.extend(ast.iter_child_nodes(node))
     return [n for n in names if n == PACKAGE or n.startswith(PACKAGE + ".")]
 
@@ -68,7 +81,7 @@ def inference_modules(entries: tuple[str, ...] = ENTRY_MODULES) -> list[str]:
         seen.add(name)
         parts = name.split(".")
         pending += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run too
-        pending += _imported_names(ast.parse(module_file(name).read_text()))
+        pending += _imported_names(ast.parse(module_file(name).read_text()), name)
     return sorted(seen)
 
 

@@ -30,6 +30,7 @@ from sae_core.data.activations import extract_hooks
 from sae_core.data.compiled import CompiledForward
 from sae_core.data.models import HookPoint, load_model, truncated
 from sae_core.data.tokens import TOKENS_SCHEMA
+from sae_core.sae import kernels
 from sae_core.storage.manifests import ActivationsManifest, TokensManifest, TokensSplit
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
@@ -180,6 +181,9 @@ def bench_extract(
         "train_shards_written": shards,
         "repeats": repeats,
         "device": str(dev),
+        # What an SAE step on this device takes (extraction itself runs none): "triton" on CUDA
+        # with triton installed, so a node's results say whether its kernels can run there.
+        "sparse_kernels": kernels.sparse_path(dev),
         "threads": torch.get_num_threads(),
         "extract_tokens_per_s": round(tps("extract"), 1),
         "bare_truncated_tokens_per_s": round(tps("bare"), 1),

@@ -131,6 +131,8 @@ def bench_train(
         "dtype": options.dtype,
         "threads": torch.get_num_threads(),
         "native_kernels": dev.type == "cpu" and native.load() is not None,
+        # The sparse ops' kernels: "triton" on CUDA with triton installed, "native" on CPU.
+        "sparse_kernels": kernels.sparse_path(dev),
         "step_ms": round(step, 2),
         "gemm_ms": round(gemm, 2),
         "ratio": round(ratio, 3),
@@ -162,7 +164,7 @@ def format_result(r: dict[str, Any]) -> str:
     sae = f"expander degree={r['degree']} {r['encoder']}" if r["kind"] == "expander" else r["kind"]
     head = (
         f"{sae} d={r['d']} n={r['n']} k={r['k']} B={r['batch']} {r['dtype']} on {r['device']} ({r['threads']} threads, "
-        f"native kernels: {r['native_kernels']})"
+        f"sparse kernels: {r['sparse_kernels']})"
     )
     lines = [
         head,

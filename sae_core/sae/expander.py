@@ -142,13 +142,17 @@ class ExpanderSAE(SparseAutoencoder):
     def sparse_decode(
         self, idx: Tensor, vals: Tensor, bias: Tensor | None = None, dense: bool = False
     ) -> Tensor:
-        """`expander_decode`: B K degree each way; dense=True multiplies the [B, n] code matrix
-        by the dense masked decoder (2 B n d flops)."""
+        """`expander_decode` (on CUDA the Triton compact decoder, `kernels.triton_for`): B K
+        degree each way; dense=True multiplies the [B, n] code matrix by the dense masked
+        decoder (2 B n d flops)."""
         if bias is None:
             bias = self.values.new_zeros(self.d)
         if dense:
             z = vals.new_zeros(idx.shape[0], self.n_latents).scatter_add(1, idx, vals)
             return z @ self.dense_decoder() + bias
+        ops = kernels.triton_for(vals, self.values)
+        if ops is not None:  # the compact decoder's Triton kernels (CUDA)
+            return ops.compact_sparse_decode(idx, vals, self.rows, self.values, bias)
         return expander_decode(idx, vals.to(self.values.dtype), self.rows, self.values, bias)
 
     # Unit-norm decoder within the support ----------------------------------------------------

@@ -135,8 +135,9 @@ class _FusedLoss(torch.autograd.Function):
 
 
 def fused_available(*tensors: torch.Tensor) -> bool:
-    """Whether `fused_losses` can run on these tensors (CPU float32 and a compiled extension)."""
-    return kernels.native_for(*tensors) is not None
+    """Whether `fused_losses` can run on these tensors (CPU float32 and a compiled extension),
+    and the Triton kernels are not asked to take them (`kernels.TRITON`)."""
+    return kernels.native_for(*tensors) is not None and kernels.triton_for(*tensors) is None
 
 
 def fused_losses(

@@ -16,15 +16,18 @@ unit-norm decoder's row ops; and the switches the native path reads (`USE_NATIVE
 in one token-major pass (decoder, residuals, and the dot products the backward needs) and one
 latent-major pass (both weight gradients at once), each a 16-column panel at a time so the rows
 they gather come from L2; and `unit_adam`, the unit-norm decoder's Adam step in one pass, which
-leaves W in panels for that decoder. Elsewhere stock torch ops compose the same step under
-autograd (topk, embedding_bag, a CSR x dense product). Both paths are tested against the dense
-reference.
+leaves W in panels for that decoder. On CUDA with triton importable the sparse ops run on
+the Triton kernels of `sae_core.sae.triton` (`triton_for`, switch `TRITON`). Elsewhere stock
+torch ops compose the same step under autograd (topk, embedding_bag, a CSR x dense product).
+Every path is tested against the dense reference.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import warnings
+from functools import cache
 from types import ModuleType
 
 import torch
@@ -36,6 +39,9 @@ USE_NATIVE = True  # tests switch this off to exercise the stock-op path
 # The native decoder's layout: "auto" picks by L2 size; tests force "panels" or "rows".
 DECODE_PATH = "auto"
 _DECODE_PATHS = {"auto": 0, "panels": 1, "rows": 2}
+# Where the sparse ops take the Triton kernels: "auto" on CUDA tensors when triton imports;
+# "always" wherever triton imports (the tests, on CPU under TRITON_INTERPRET=1); "never".
+TRITON = "auto"
 
 
 def native_for(*tensors: torch.Tensor) -> ModuleType | None:
@@ -45,6 +51,32 @@ def native_for(*tensors: torch.Tensor) -> ModuleType | None:
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
         return None
     return native.load()
+
+
+@cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_for(*tensors: torch.Tensor) -> ModuleType | None:
+    """`sae_core.sae.triton.ops` when the sparse ops run on the Triton kernels (per `TRITON`:
+    by default when every tensor is on CUDA and triton imports), else None."""
+    if TRITON == "never" or not _triton_importable():
+        return None
+    if TRITON == "auto" and any(t.device.type != "cuda" for t in tensors):
+        return None
+    from sae_core.sae.triton import ops
+
+    return ops
+
+
+def sparse_path(device: torch.device) -> str:
+    """The kernels a training step's sparse ops take on `device`: "triton", "native" (the CPU
+    float32 C++ kernels) or "torch" (stock ops)."""
+    probe = torch.empty(0, device=device)
+    if triton_for(probe) is not None:
+        return "triton"
+    return "native" if native_for(probe) is not None else "torch"
 
 
 def topk_native(x: torch.Tensor) -> ModuleType | None:
@@ -227,6 +259,9 @@ def selected_preacts(
     """
     if dense:
         return ((x - b_pre) @ W_enc.t() + b_enc).gather(1, idx)
+    ops = triton_for(x, W_enc)
+    if ops is not None:
+        return ops.selected_preacts(x, b_pre, W_enc, b_enc, values, idx)
     return _SelectedPreacts.apply(x, b_pre, W_enc, b_enc, values, idx)
 
 
@@ -240,8 +275,8 @@ def sparse_decode(
     """bias + sum_i vals[b, i] W_dec[idx[b, i]]. idx, vals: [B, K]; W_dec: [n, d]; bias: [d]
     -> [B, d].
 
-    Sparse: B K d flops forward and backward (embedding_bag; the native gather-sum without
-    autograd). dense=True builds the [B, n] latent matrix and multiplies (2 B n d flops each
+    Sparse: B K d flops forward and backward (Triton on CUDA; embedding_bag; the native
+    gather-sum without autograd). dense=True builds the [B, n] latent matrix and multiplies (2 B n d flops each
     way), for reference.
     """
     if bias is None:
@@ -249,6 +284,9 @@ def sparse_decode(
     if dense:
         z = vals.new_zeros(idx.shape[0], W_dec.shape[0]).scatter_add(1, idx, vals)
         return z @ W_dec + bias
+    ops = triton_for(vals, W_dec, bias)
+    if ops is not None:  # float32 out, whatever the inputs' float dtypes
+        return ops.sparse_decode(idx, vals, W_dec, bias)
     vals = vals.to(W_dec.dtype)
     ext = native_for(vals, W_dec, bias)
     if ext is not None and not torch.is_grad_enabled():  # inference: the native gather-sum

@@ -21,6 +21,7 @@ from sae_core.sae import (
     topk,
     unit_adam,
 )
+from sae_core.sae import triton as triton_kernels
 from sae_core.stages.location import Location, located
 from sae_core.storage import faults, loader
 from sae_core.storage.housekeeping import CHECKPOINTS
@@ -49,6 +50,7 @@ CODE = (
     fused_loss,
     unit_adam,
     native,
+    triton_kernels,  # the package; its SOURCES are the kernels (importing it needs no triton)
     normalize,
 )
 

@@ -19,6 +19,7 @@ def test_bench_train_reports_ratio_breakdown_and_memory():
     assert sum(r["breakdown_ms"].values()) <= r["step_ms"] * 1.5
     assert r["peak_rss_mb"] > 0
     assert r["bxn_buffer_mb"] == round(32 * (64 + kernels.PRE_ROW_PAD) * 4 / 2**20, 1)
+    assert r["sparse_kernels"] == ("native" if r["native_kernels"] else "torch")
 
 
 def test_bench_train_times_an_expander_step_with_the_same_fields():

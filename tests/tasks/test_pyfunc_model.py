@@ -36,6 +36,9 @@ def test_the_shipped_modules_are_those_inference_imports():
     assert not [m for m in modules if m.split(".")[1:2] and m.split(".")[1] in NOT_INFERENCE]
     # sae_core.sae names storage.refs under TYPE_CHECKING only: never imported at run time.
     assert "sae_core.storage.refs" not in modules
+    # The Triton kernels (CUDA inference), which import each other relatively.
+    assert {"sae_core.sae.triton.ops", "sae_core.sae.triton.gather"} <= modules
+    assert {"sae_core.sae.triton.compact", "sae_core.sae.triton.checks"} <= modules
 
 
 @pytest.fixture(scope="module")
