@@ -105,12 +105,16 @@ def recipes(
         points = recipe_study(
             acts, model, config.sae, config.train, todo, chosen, out, sparsify_python, ce_contexts
         )
+        from sae_core.studies.plots import recipe_frontier
+
+        out.with_suffix(".png").write_bytes(recipe_frontier(points))
     for p in points:
         console.print(
             f"{p.trainer:>8} {p.budget:>9} tokens  {p.steps:>5} steps  fvu {p.fvu:.4f}  "
             f"nmse {p.nmse:.4f}  CE recovered {p.ce_loss_recovered:.4f}",
             highlight=False,
         )
+    console.print(f"points: {out}; plot: {out.with_suffix('.png')}", highlight=False)
 
 
 @app.command()

@@ -220,3 +220,29 @@ def density_histogram(hist: DensityHistogram) -> bytes:
     ax.set_ylabel("latents")
     ax.set_title(f"Latent density ({hist.dead} dead latents not shown)")
     return _png(fig)
+
+
+def recipe_frontier(points: Sequence) -> bytes:
+    """Quality per token (sae_core.studies.recipes points): held-out per-token NMSE, fvu and CE
+    loss recovered against training tokens, one line per trainer."""
+    fig, axes = _figure(ncols=3, width=4.4)
+    trainers = sorted({p.trainer for p in points})
+    panels = (
+        ("nmse_per_token", "held-out NMSE (per token)", True),
+        ("fvu", "held-out fvu (raw activations)", True),
+        ("ce_loss_recovered", "CE loss recovered", False),
+    )
+    for ax, (field, label, logy) in zip(axes, panels, strict=True):
+        for trainer in trainers:
+            mine = sorted((p for p in points if p.trainer == trainer), key=lambda p: p.tokens)
+            mine = [p for p in mine if getattr(p, field) is not None]
+            ax.plot(
+                [p.tokens for p in mine], [getattr(p, field) for p in mine], "o-", label=trainer
+            )
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(label)
+    axes[0].legend()
+    return _png(fig)

@@ -40,8 +40,11 @@ def test_each_recipe_at_each_budget_is_scored_and_kept(preset, tmp_path, monkeyp
     ]
     for p in points:
         assert 0 < p["fvu"] < 1.5 and 0 < p["nmse"] < 1.5 and p["tokens"] == p["budget"]
+        # per_token is the preset's normalisation: the per-token NMSE is the SAE's own nmse
+        assert p["nmse_per_token"] == pytest.approx(p["nmse"], rel=1e-4)
     assert points[3]["peak_lr"] > points[2]["peak_lr"]  # short runs step larger under budget
     assert "budget      2048 tokens" in result.output
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the frontier plot
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished point was trained again")
