@@ -13,6 +13,10 @@ import pytest
 
 # Tests keep their state (store, MLflow, Prefect home) out of the working directory.
 os.environ.setdefault("SAEFLOW_HOME", tempfile.mkdtemp(prefix="saeflow-test-home-"))
+# Triton kernels are built interpreted or compiled when first defined, by whichever test module
+# imports them first: without a GPU, every one must find the interpreter on.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sae_core.env import apply_runtime_env  # noqa: E402
 from tests.helpers.tiny_models import build_tiny_llama, build_tokenizer, write_corpus  # noqa: E402
