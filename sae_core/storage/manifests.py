@@ -304,6 +304,9 @@ class SaeManifest(Manifest):
     """Steps of linear warm-up."""
     lr_decay: Literal["none", "linear"] | None = None
     """How the rate fell after warm-up."""
+    optimizer: str | None = None
+    """The recipe's optimiser: adam or schedule_free_adam, whose average is the SAE (absent:
+    written before it was recorded, adam)."""
     final_nmse: float
     """The normalised MSE, mean over the last 5% of steps."""
     dead_fraction: float

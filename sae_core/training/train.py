@@ -70,6 +70,7 @@ def sae_manifest(trainer: Trainer, fingerprint: str, acts: DatasetRef) -> SaeMan
         recipe=trainer.schedule.recipe,
         lr_warmup_steps=trainer.schedule.warmup_steps,
         lr_decay=trainer.schedule.decay,
+        optimizer=trainer.schedule.optimizer,
         final_nmse=sum(r["nmse"] for r in tail) / len(tail) if tail else float("nan"),
         # AuxK's criterion (silent for dead_window_tokens) and, for runs shorter than the
         # window, the share of latents silent over the whole run.

@@ -221,9 +221,9 @@ def test_a_trained_sae_writes_the_manifest_it_wrote_before(tmp_path, one_thread,
     with store.writing("sae/fp") as writer:
         write_trained(writer, acts, trainer)
     # Recorded since: the device and GEMM dtype training used, the recipe and its schedule
-    # (the budget recipe: 5% of 4 steps of warm-up rounds to none).
+    # (the budget recipe: 5% of 4 steps of warm-up rounds to none; the rate held) and optimiser.
     recorded = {"device": "cpu", "gemm_dtype": "float32", "recipe": "budget"}
-    recorded |= {"lr_warmup_steps": 0, "lr_decay": "linear"}
+    recorded |= {"lr_warmup_steps": 0, "lr_decay": "none", "optimizer": "schedule_free_adam"}
     expected = old_sae_manifest(trainer, acts, "fp") | recorded | {"uri": store.url("sae/fp")}
     assert as_text(store.manifest("sae/fp")) == as_text(expected)
     assert ("batch_topk_threshold" in expected) is batch_topk

@@ -49,9 +49,11 @@ def test_train_sae_writes_weights_history_and_manifest(tmp_path):
     assert manifest["kind"] == "sae" and manifest["tokens_seen"] == 2 * 4096
     assert (manifest["d"], manifest["n"], manifest["k"]) == (32, 96, 3)
     assert manifest["normalization"]["mode"] == "per_token"
-    # The recipe is recorded: the budget recipe's warm-up (5% of 32 steps) and linear decay.
+    # The recipe is recorded: the budget recipe's warm-up (5% of 32 steps), its rate held, and
+    # its optimiser.
     assert (manifest["recipe"], manifest["lr"]) == ("budget", 3e-3)
-    assert (manifest["lr_warmup_steps"], manifest["lr_decay"]) == (2, "linear")
+    assert (manifest["lr_warmup_steps"], manifest["lr_decay"]) == (2, "none")
+    assert manifest["optimizer"] == "schedule_free_adam"
     assert json.loads(store.read_bytes("sae/test/config.json"))["train"]["recipe"] == "budget"
     assert (manifest["device"], manifest["gemm_dtype"]) == ("cpu", "float32")
     assert 0 <= manifest["dead_fraction"] <= 1 and manifest["final_nmse"] < 0.8
@@ -182,7 +184,7 @@ def test_feature_recovery_on_a_known_sparse_dictionary():
         lambda: x[:4096],
         progress=False,
     )
-    max_cos = (features @ trainer.sae.W_dec.detach().T).max(dim=1).values
+    max_cos = (features @ trainer.final_sae().W_dec.detach().T).max(dim=1).values
     recovered = (max_cos > 0.9).float().mean().item()
     print(f"recovered {recovered:.3f} of 64 features; median max cosine {max_cos.median():.4f}")
     assert recovered >= 0.9
