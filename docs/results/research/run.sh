@@ -13,13 +13,15 @@ SPARSIFY_PYTHON=${SPARSIFY_PYTHON:-}
 mkdir -p "$HERE/bench" "$HERE/logs"
 step() { echo "== $(date -u +%FT%TZ) $*"; }
 
-# 1. Extraction speed: float32 against bfloat16 weights, 3 runs each, alternating.
+# 1. Extraction speed: float32 against bfloat16 weights through the compiled forward, 3 rounds.
 for i in 1 2 3; do
-  for dtype in float32 bfloat16; do
-    out=$HERE/bench/extract-$dtype-$i.json
+  for mode in float32 bfloat16-compiled; do
+    out=$HERE/bench/extract-$mode-shard64-$i.json
     [ -s "$out" ] && continue
-    step "bench extract $dtype ($i)"
-    $SAEFLOW bench extract --dtype "$dtype" --tokens 16384 --json > "$out.tmp" && mv "$out.tmp" "$out"
+    step "bench extract $mode ($i)"
+    flags="--dtype ${mode%-compiled}"
+    [ "$mode" = bfloat16-compiled ] && flags="$flags --compile"
+    $SAEFLOW bench extract $flags --tokens 16384 --shard-mb 64 --json > "$out.tmp" && mv "$out.tmp" "$out"
   done
 done
 
