@@ -27,7 +27,6 @@ a buffer, the next out of it into a batch.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import queue
 import threading
@@ -43,6 +42,15 @@ import torch
 from torch import Tensor
 
 from sae_core.errors import ConfigError, DatasetDamaged
+from sae_core.storage.lanes import (  # noqa: F401 (loader's names)
+    BLOCK_ROWS,
+    Piece,
+    ReadTally,
+    blocks,
+    epoch_lanes,
+    lane_slice,
+    segment,
+)
 from sae_core.storage.layout import activation_matrix
 from sae_core.storage.manifests import ActivationsManifest, ActivationsSplit
 from sae_core.storage.refs import DatasetRef
@@ -52,7 +60,6 @@ DEFAULT_BUFFER_TOKENS = 2**17  # 288 MiB of float32 rows at d=576
 DEFAULT_PREFETCH = 4  # ready batches queued ahead of the trainer
 _RANGE_BYTES = 8 * 2**20  # one ranged GET of a shard fetched from S3
 _READ_AHEAD = 4  # row groups (8192 rows each as extraction writes them) read ahead, over all lanes
-BLOCK_ROWS = 8192  # rows per block of the shuffle: extraction's row group, fetched whole
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -140,75 +147,6 @@ def _as_tensor(rows: np.ndarray) -> Tensor:
         # Arrow memory is read-only; the tensor is only ever read (copied into the buffer).
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(rows)
-
-
-class Piece(NamedTuple):
-    """Consecutive rows of one shard of a split."""
-
-    shard: int
-    """The shard's index in the split's manifest."""
-    start: int
-    """Its first row, counted in the shard."""
-    stop: int
-    """One past its last row."""
-
-
-class ReadTally:
-    """What a reader fetched from storage (thread-safe counters, for `iter_batches(reads=)`)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.bytes = 0
-        """Compressed bytes of the activation column chunks read (the row groups fetched)."""
-        self.rows = 0
-        """Rows those row groups hold."""
-
-    def add(self, nbytes: int, rows: int) -> None:
-        with self._lock:
-            self.bytes += nbytes
-            self.rows += rows
-
-
-def blocks(info: ActivationsSplit, block_rows: int = BLOCK_ROWS) -> list[Piece]:
-    """The split cut into blocks of block_rows rows, shard by shard (a shard's last one shorter)."""
-    return [
-        Piece(i, start, min(start + block_rows, shard.rows))
-        for i, shard in enumerate(info.shards)
-        for start in range(0, shard.rows, block_rows)
-    ]
-
-
-def lane_slice(batch_size: int, lanes: int, lane: int) -> slice:
-    """The rows lane `lane` gives each batch: lanes differ by at most one row, and when W divides
-    both lanes and batch_size, rank r's `Ranks.rows` are exactly lanes [r L / W, (r + 1) L / W)."""
-    return slice(lane * batch_size // lanes, (lane + 1) * batch_size // lanes)
-
-
-def segment(order: list[Piece], start: int, stop: int) -> list[Piece]:
-    """Rows [start, stop) of the pieces of `order` laid end to end, as pieces."""
-    ends = np.cumsum([p.stop - p.start for p in order]).tolist()
-    out = []
-    i = bisect.bisect_right(ends, start)
-    while start < stop and i < len(order):
-        first = ends[i] - (order[i].stop - order[i].start)  # where piece i begins in the stream
-        piece = order[i]
-        lo, hi = piece.start + start - first, piece.start + min(stop, ends[i]) - first
-        out.append(Piece(piece.shard, lo, hi))
-        start = ends[i]
-        i += 1
-    return out
-
-
-def epoch_lanes(
-    info: ActivationsSplit, batch_size: int, lanes: int, generator: torch.Generator
-) -> list[list[Piece]]:
-    """Each lane's segment of an epoch: the blocks in the order `generator` draws, end to end,
-    cut into `lanes` runs of `steps * rows per batch` rows (steps = rows // batch_size)."""
-    cut = blocks(info)
-    order = [cut[i] for i in torch.randperm(len(cut), generator=generator).tolist()]
-    steps = info.rows // batch_size
-    shares = [lane_slice(batch_size, lanes, lane) for lane in range(lanes)]
-    return [segment(order, steps * rows.start, steps * rows.stop) for rows in shares]
 
 
 @contextmanager
