@@ -11,13 +11,13 @@ from sae_core.stages.location import Location, located
 from sae_core.storage.manifests import EvaluationManifest, ReportManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
-from sae_core.studies import frontier, plots, report, scaling, sweep
+from sae_core.studies import convergence, frontier, plots, report, scaling, sweep
 from sae_core.studies.frontier import FrontierPoint, FrontierRow, frontier_summary, frontier_table
 from sae_core.studies.report import REPORT_FILE, Report, frontier_report, run_report, sweep_report
 from sae_core.studies.scaling import ScalingFit
 from sae_core.studies.sweep import SweepPoint, SweepRow
 
-CODE = (report, plots, scaling, sweep)
+CODE = (report, plots, scaling, sweep, convergence)
 
 
 class WrittenReport(NamedTuple):

@@ -63,7 +63,9 @@ def tokens_to_convergence(
 ) -> float | None:
     """The tokens from which the loss falls by less than `tolerance` per doubling of tokens to
     the end of the run; None if it is still falling faster at the end (or the run is too short
-    to tell: under two doublings past FIRST_TOKENS)."""
+    to tell: under two doublings past FIRST_TOKENS). Where the rate crosses the tolerance
+    between two bins, the crossing is interpolated in log(tokens), so the answer is not
+    quantised to the bins."""
     curve = binned_curve(history, bins_per_doubling)
     rates = improvement_per_doubling(curve, bins_per_doubling)
     if not rates or rates[-1] >= tolerance:
@@ -71,7 +73,12 @@ def tokens_to_convergence(
     first = len(rates) - 1
     while first > 0 and rates[first - 1] < tolerance:
         first -= 1
-    return curve[first + bins_per_doubling].tokens
+    at = curve[first + bins_per_doubling].tokens
+    if first == 0:
+        return at
+    before = curve[first - 1 + bins_per_doubling].tokens
+    share = (rates[first - 1] - tolerance) / (rates[first - 1] - rates[first])
+    return before * (at / before) ** share
 
 
 class ConvergenceFit(NamedTuple):
