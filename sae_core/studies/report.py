@@ -177,7 +177,7 @@ def sweep_report(
 
 
 # Relative falls in loss per doubling of tokens below which a run counts as converged.
-CONVERGENCE_TOLERANCES = (0.10, 0.05)
+CONVERGENCE_TOLERANCES = (0.10, 0.07, 0.05)
 
 
 def _convergence_section(rows: Sequence[SweepRow], histories: Sequence[list[dict]]) -> list[str]:
