@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from sae_core.config import SAEConfig
 from sae_core.errors import ConfigError
 from sae_core.sae import kernels
+from sae_core.sae.gemm_layout import aligned_operand
 from sae_core.sae.normalize import InputNorm, NormStats
 from sae_core.sae.omp import omp
 from sae_core.sae.ranks import SINGLE, Ranks
@@ -241,15 +242,14 @@ class SparseAutoencoder(nn.Module, ABC):
         buf = self._pre_buffer
         if buf is None or buf.shape != shape or buf.device != x.device or buf.dtype != dtype:
             buf = self._pre_buffer = kernels.padded_rows(*shape, dtype, x.device)
+        b_enc = self.b_enc.to(dtype) if with_bias else None
         with torch.no_grad():
-            W = self.encoder_matrix().to(dtype)
-        return kernels.encoder_preacts(
-            x.to(dtype),
-            None if centred else self.b_pre.to(dtype),
-            W,
-            self.b_enc.to(dtype) if with_bias else None,
-            out=buf,
-        )
+            W = aligned_operand(self.encoder_matrix(), dtype)
+            if W.shape[1] != x.shape[1]:  # tensor-core padding: x - b_pre into the padded rows
+                x = aligned_operand(x, dtype, offset=None if centred else self.b_pre)
+                return kernels.encoder_preacts(x, None, W, b_enc, out=buf)
+        b_pre = None if centred else self.b_pre.to(dtype)
+        return kernels.encoder_preacts(x.to(dtype), b_pre, W, b_enc, out=buf)
 
     def select(
         self,

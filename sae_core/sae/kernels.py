@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_core.sae import native
+from sae_core.sae.gemm_layout import aligned
 
 USE_NATIVE = True  # tests switch this off to exercise the stock-op path
 # The native decoder's layout: "auto" picks by L2 size; tests force "panels" or "rows".
@@ -127,7 +128,7 @@ def padded_rows(
     """An uninitialised [rows, cols] tensor with a row stride of cols + PRE_ROW_PAD, for the
     encoder's output. storage: a uint8 tensor to view instead of a new allocation (it needs
     `padded_bytes(rows, cols, dtype)` bytes)."""
-    stride = cols + PRE_ROW_PAD
+    stride = aligned(cols + PRE_ROW_PAD)  # a 16-bit GEMM's output on tensor cores too
     if storage is None:
         return torch.empty(rows, stride, dtype=dtype, device=device)[:, :cols]
     return storage[: padded_bytes(rows, cols, dtype)].view(dtype).view(rows, stride)[:, :cols]
@@ -135,7 +136,7 @@ def padded_rows(
 
 def padded_bytes(rows: int, cols: int, dtype: torch.dtype) -> int:
     """The bytes under a `padded_rows` tensor."""
-    return rows * (cols + PRE_ROW_PAD) * dtype.itemsize
+    return rows * aligned(cols + PRE_ROW_PAD) * dtype.itemsize
 
 
 def encoder_preacts(
