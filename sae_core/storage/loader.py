@@ -124,6 +124,24 @@ def load_split_tensor(ref: DatasetRef, split: str) -> Tensor:
     return out
 
 
+def check_paired_splits(
+    ref: DatasetRef,
+    info: ActivationsSplit,
+    other: DatasetRef,
+    info_other: ActivationsSplit,
+    dtype: str,
+    dtype_other: str,
+) -> None:
+    """DatasetDamaged unless two datasets' splits hold the same shards with the same row counts
+    in the same storage dtype, as one extraction pass writes them for two hooks."""
+    layout = [(s.name, s.rows) for s in info.shards]
+    if layout != [(s.name, s.rows) for s in info_other.shards] or dtype != dtype_other:
+        raise DatasetDamaged(
+            f"datasets {ref.uri} and {other.uri} do not pair: their shards, row counts or "
+            "dtypes differ; extract both hooks in one pass (model.hook and model.hook_out)"
+        )
+
+
 def _as_tensor(rows: np.ndarray) -> Tensor:
     with warnings.catch_warnings():
         # Arrow memory is read-only; the tensor is only ever read (copied into the buffer).
@@ -193,15 +211,47 @@ class _Plan(NamedTuple):
     """The rows of each batch copied out."""
 
 
+def _paired_rows(
+    refs: tuple[DatasetRef, DatasetRef],
+    shards: tuple[list[ActivationsShard], ...],
+    widths: tuple[int, int],
+) -> Generator[Tensor, None, None]:
+    """The rows of two paired datasets' shards side by side, `[r, d_in + d_out]` per row group
+    (one copy): both were written by one extraction pass, so their row groups align."""
+    sides = [_shard_rows(ref, s, w) for ref, s, w in zip(refs, shards, widths, strict=True)]
+    try:
+        for x in sides[0]:
+            y = next(sides[1], None)
+            if y is None or len(y) != len(x):
+                raise DatasetDamaged(
+                    f"datasets {refs[0].uri} and {refs[1].uri} do not pair: their row groups "
+                    "differ; extract both hooks in one pass (model.hook and model.hook_out)"
+                )
+            yield torch.cat([x, y], dim=1)
+    finally:
+        for side in sides:
+            side.close()
+
+
 def _shuffled(
-    ref: DatasetRef, info: ActivationsSplit, plan: _Plan
+    ref: DatasetRef,
+    info: ActivationsSplit,
+    plan: _Plan,
+    paired: tuple[DatasetRef, ActivationsSplit, int] | None = None,
 ) -> Generator[Tensor, None, None]:
     """The split's batches from `plan.start_batch` on: shards in a shuffled order, read in their
     own thread a few row groups ahead (S3 transfers and decoding overlap the shuffling), through
-    the shuffle buffer."""
+    the shuffle buffer. paired: (ref, split, width) of a dataset whose rows join each row's."""
     order = torch.randperm(len(info.shards), generator=plan.generator).tolist()
     shards = [info.shards[i] for i in order]
-    pieces = _prefetched(_shard_rows(ref, shards, plan.width), _READ_AHEAD)
+    if paired is None:
+        rows = _shard_rows(ref, shards, plan.width)
+    else:
+        ref_out, info_out, width_out = paired
+        shards_out = [info_out.shards[i] for i in order]
+        width_in = plan.width - width_out
+        rows = _paired_rows((ref, ref_out), (shards, shards_out), (width_in, width_out))
+    pieces = _prefetched(rows, _READ_AHEAD)
     try:
         yield from _shuffle_buffer(_Rows(pieces), plan)
     finally:
@@ -303,6 +353,7 @@ def iter_batches(
     prefetch: int = DEFAULT_PREFETCH,
     take: slice | None = None,
     pin_memory: bool = False,
+    paired_with: DatasetRef | None = None,
 ) -> Iterator[Tensor]:
     """Shuffled `[batch_size, d]` float32 batches of a split, streamed (see the module docstring).
 
@@ -319,6 +370,11 @@ def iter_batches(
 
     pin_memory: page-lock each batch in the loader thread (for a CUDA trainer: its copy to the
     GPU, `non_blocking`, then overlaps the previous step instead of waiting on a staging copy).
+
+    paired_with: a dataset extracted in the same pass as `ref` at another hook (a transcoder's
+    output): each row is then `ref`'s row and its pair side by side, `[batch_size, d + d_out]`,
+    shuffled together. Their shards must match row for row (`check_paired_splits`; the token
+    keys themselves are checked by `sae_core.data.pairing`).
     """
     manifest, info = split_manifest(ref, split)
     if batch_size > info.rows:
@@ -326,9 +382,14 @@ def iter_batches(
             f"train.batch_size={batch_size} exceeds the {info.rows} rows of split '{split}' "
             f"of {ref.uri}; lower it or raise data.train_tokens"
         )
+    width, joined = manifest.width, None
+    if paired_with is not None:
+        manifest_out, info_out = split_manifest(paired_with, split)
+        check_paired_splits(ref, info, paired_with, info_out, manifest.dtype, manifest_out.dtype)
+        width, joined = width + manifest_out.width, (paired_with, info_out, manifest_out.width)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     plan = _Plan(
-        manifest.width,
+        width,
         manifest.dtype,
         batch_size,
         generator,
@@ -336,7 +397,7 @@ def iter_batches(
         start_batch,
         take or slice(None),
     )
-    batches = _shuffled(ref, info, plan)
+    batches = _shuffled(ref, info, plan, joined)
     if pin_memory:
         batches = (batch.pin_memory() for batch in batches)
     return _prefetched(batches, prefetch)

@@ -13,9 +13,12 @@ from sae_core.errors import ConfigError
 
 
 def training_bytes(sae: SAEConfig, width: int) -> int:
-    """A lower bound on training memory: each dense [n, d] float32 matrix (TopK: encoder and
-    decoder; an untied expander: its encoder) with its gradient and two Adam moments."""
-    dense = 2 if sae.kind == "topk" else 1 if sae.encoder == "untied" else 0
+    """A lower bound on training memory: each dense [n, d] float32 matrix (TopK and
+    transcoders: encoder and decoder; an untied expander: its encoder) with its gradient and
+    two Adam moments."""
+    dense = 1 if sae.encoder == "untied" else 0
+    if sae.kind != "expander":
+        dense = 2
     return dense * 4 * 4 * sae.n_latents * width
 
 

@@ -20,6 +20,7 @@ the decoder-gradient projection, so every rank applies the same update to the sa
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,7 @@ from sae_core.sae import SparseAutoencoder, build_sae, fused_loss, kernels, unit
 from sae_core.sae.base import FIRE_THRESHOLD, safetensors_bytes, safetensors_metadata
 from sae_core.sae.normalize import InputNorm, geometric_median
 from sae_core.sae.ranks import SINGLE, Ranks
+from sae_core.sae.transcoder import TranscoderSAE
 from sae_core.training.recipe import schedule
 
 CHECKPOINT_FORMAT = "saeflow.checkpoint"
@@ -77,9 +79,13 @@ class TrainState:
 
 def init_sae(d: int, sae_cfg: SAEConfig, sample: torch.Tensor, seed: int) -> SparseAutoencoder:
     """A fresh SAE of kind sae_cfg.kind: normalisation fitted on `sample` [N, d] raw, b_pre at
-    its (normalised) geometric median or mean, tied encoder/decoder drawn from `seed`."""
+    its (normalised) geometric median or mean, tied encoder/decoder drawn from `seed`. A
+    transcoder's sample is [N, 2d], x then y: its output normalisation and b_dec come from y."""
+    sample, target = sample[:, :d], sample[:, d:]  # a transcoder's sample holds y after x
     norm = InputNorm.fit(sae_cfg.normalize, sample)
     sae = build_sae(d, sae_cfg, norm, generator=torch.Generator().manual_seed(seed))
+    if isinstance(sae, TranscoderSAE):
+        sae.fit_output(target)
     x, _ = norm.apply(sample.float())
     centre = geometric_median(x) if sae_cfg.b_pre_init == "geometric_median" else x.mean(dim=0)
     with torch.no_grad():
@@ -124,7 +130,7 @@ class Trainer:
         """The SAE to ship: the moving average of the weights when enabled, else the weights."""
         if self.ema is None:
             return self.sae
-        sae = build_sae(self.sae.d, self.sae.cfg, self.sae.norm).to(self.device)
+        sae = copy.deepcopy(self.sae)  # with every constant of its kind (a transcoder's out_norm)
         sae.load_state_dict(self.sae.state_dict() | self.ema)
         return sae
 
@@ -132,15 +138,17 @@ class Trainer:
         self, x_raw: torch.Tensor, mark: Callable[[str], None] | None = None
     ) -> dict[str, float]:
         """One optimiser step on raw activations x_raw: [B, d] (data parallel: this rank's
-        [B / world_size, d] slice of the global batch); returns the global batch's figures.
+        [B / world_size, d] slice of the global batch; a transcoder's: [B, 2d], x then y);
+        returns the global batch's figures.
 
         mark(phase) is called as each phase ends (normalize, gemm, topk, decode, backward,
         optimizer), for the benchmark's time breakdown.
         """
         mark = mark or _no_mark
         sae, ranks = self.sae, self.ranks
+        # A transcoder's batch holds its target y beside x.
+        x_raw, target = sae.split_batch(x_raw.to(self.device, torch.float32, non_blocking=True))
         # x - b_pre, which the encoder and the decoder both read, in the normaliser's pass.
-        x_raw = x_raw.to(self.device, torch.float32, non_blocking=True)
         x, _ = sae.norm.apply(x_raw, offset=sae.b_pre.detach())
         mark("normalize")
         # b_enc is added by the top-k as it reads the GEMM's output (one pass fewer over B x n).
@@ -150,7 +158,7 @@ class Trainer:
         if sae.cfg.batch_topk:
             sae.update_threshold(sel, ranks=ranks)
         mark("topk")
-        out = sae.losses(x, sel, ranks=ranks, with_recon=False, centred=True)
+        out = sae.losses(x, sel, ranks=ranks, with_recon=False, centred=True, target=target)
         mark("decode")
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -329,6 +337,8 @@ class Trainer:
             SAEConfig.model_validate_json(meta["config"]),
             InputNorm.from_json(json.loads(meta["normalization"])),
         )
+        if isinstance(sae, TranscoderSAE):
+            sae.out_norm = InputNorm.from_json(json.loads(meta["out_normalization"]))
         sae.load_state_dict(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         )
