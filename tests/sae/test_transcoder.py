@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_core.config import SAEConfig, TrainConfig, build_config
+from sae_core.config import SAEConfig, TrainConfig, build_config, load_config
 from sae_core.errors import ConfigError
 from sae_core.sae import SkipTranscoderSAE, TranscoderSAE, build_sae, load_sae_bytes
 from sae_core.training.trainer import Trainer, init_sae
@@ -143,3 +143,12 @@ def test_batch_of_the_wrong_width_is_refused():
 def test_config_errors_name_the_field_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_config({}, overrides)
+
+
+def test_the_tiny_transcoder_preset_is_valid():
+    config = load_config("tiny-transcoder")
+    assert (config.model.hook, config.model.hook_out, config.sae.kind) == (
+        "mlp_in.3",
+        "mlp_out.3",
+        "skip_transcoder",
+    )
