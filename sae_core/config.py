@@ -34,6 +34,12 @@ class ModelConfig(_Strict):
         description="A demo asset name (see `saeflow assets`), a local HF model folder, or a hub id.",
     )
     hook: str = Field("resid_post.15", pattern=r"^[a-z_]+\.\d+$", description="e.g. resid_post.15")
+    hook_out: str | None = Field(
+        None,
+        pattern=r"^[a-z_]+\.\d+$",
+        description="Transcoders only: the hook they reconstruct from model.hook, e.g. mlp_out.6 "
+        "read from mlp_in.6; None for an SAE (it reconstructs model.hook itself).",
+    )
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     compile: bool = Field(
@@ -87,12 +93,14 @@ class DataConfig(_Strict):
 
 
 class SAEConfig(_Strict):
-    kind: Literal["topk", "expander", "matryoshka"] = Field(
+    kind: Literal["topk", "expander", "matryoshka", "transcoder", "skip_transcoder"] = Field(
         "topk",
         description="topk: dense decoder (Gao et al.); expander: each decoder direction has "
         "sae.degree non-zeros on a random expander graph (Mendoza-Smith, 2026); matryoshka: "
         "topk's weights trained so that every prefix in sae.matryoshka_prefixes reconstructs "
-        "alone (Bussmann et al., 2025), BatchTopK unless sae.batch_topk=false.",
+        "alone (Bussmann et al., 2025), BatchTopK unless sae.batch_topk=false; transcoder: "
+        "TopK latents of model.hook reconstruct model.hook_out; skip_transcoder: plus a learned "
+        "linear map from input to output (arXiv 2501.18823).",
     )
     n_latents: int = Field(4608, ge=1)
     k: int = Field(32, ge=1)
@@ -223,6 +231,18 @@ class SAEConfig(_Strict):
                 f"{field}: the last prefix must be the whole dictionary ({n} latents); {fix}"
             )
         return tuple(sizes)
+
+    @model_validator(mode="after")
+    def _transcoder_norm(self) -> SAEConfig:
+        if self.kind in TRANSCODER_KINDS and self.normalize == "per_token":
+            raise ValueError(
+                f"sae.kind={self.kind} cannot use sae.normalize=per_token (a token's output scale "
+                "is not known from its input); set sae.normalize=global or none"
+            )
+        return self
+
+
+TRANSCODER_KINDS = ("transcoder", "skip_transcoder")
 
 
 def check_expander_graph(n_latents: int, width: int, degree: int) -> None:
@@ -565,6 +585,46 @@ class PipelineConfig(_Strict):
     frontier: FrontierConfig = FrontierConfig()
     latents: LatentsConfig = LatentsConfig()
     saebench: SaeBenchConfig = SaeBenchConfig()
+
+    @model_validator(mode="after")
+    def _transcoder_hooks(self) -> PipelineConfig:
+        transcoder = self.sae.kind in TRANSCODER_KINDS
+        if transcoder and self.model.hook_out is None:
+            raise ValueError(
+                f"sae.kind={self.sae.kind} needs model.hook_out, the hook it reconstructs from "
+                "model.hook; set e.g. model.hook=mlp_in.6 model.hook_out=mlp_out.6"
+            )
+        if not transcoder and self.model.hook_out is not None:
+            raise ValueError(
+                f"model.hook_out is for transcoders; unset it or set sae.kind=transcoder "
+                f"(sae.kind={self.sae.kind} reconstructs model.hook)"
+            )
+        if transcoder and self.model.hook_out == self.model.hook:
+            raise ValueError(
+                f"model.hook_out={self.model.hook_out} equals model.hook; a transcoder reads one "
+                "hook and reconstructs another (for one hook use sae.kind=topk)"
+            )
+        if transcoder and self.data.max_norm is not None:
+            raise ValueError(
+                "data.max_norm drops rows of each hook separately, which would unpair a "
+                "transcoder's input and output rows; unset it"
+            )
+        if transcoder and self.train.ranks > 1:
+            raise ValueError(
+                f"sae.kind={self.sae.kind} trains in one process; set train.world_size=1 and "
+                "train.nnodes=1"
+            )
+        if transcoder and self.model.compile:
+            raise ValueError(
+                "model.compile extracts one resid_post hook; a transcoder's pass extracts "
+                "model.hook and model.hook_out: set model.compile=false"
+            )
+        if transcoder and self.saebench.enabled:
+            raise ValueError(
+                "SAEBench's evaluations score an SAE's reconstruction of model.hook, not a "
+                "transcoder's prediction of model.hook_out; set saebench.enabled=false"
+            )
+        return self
 
     @field_validator("store")
     @classmethod

@@ -1,5 +1,6 @@
 """SAELens and EleutherAI sparsify on-disk formats: export a saeflow TopK SAE (BatchTopK and
-Matryoshka included), import either.
+Matryoshka included), import either; transcoders and skip transcoders in sparsify's format both
+ways (`sparsify_transcoder`).
 
 SAELens (>= 6): a folder with `cfg.json` (architecture "topk", d_in, d_sae, k,
 normalize_activations, apply_b_dec_to_input, metadata{model_name, hook_name, ...}) and
@@ -48,10 +49,12 @@ from pydantic import BaseModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sae_core.config import SAEConfig
+from sae_core.config import TRANSCODER_KINDS, SAEConfig
 from sae_core.errors import ConfigError
 from sae_core.sae import MatryoshkaSAE, SparseAutoencoder, TopKSAE, build_sae, load_sae_bytes
 from sae_core.sae.normalize import EPS, InputNorm
+from sae_core.sae.sparsify_transcoder import SKIP_TENSOR, from_sparsify, to_sparsify
+from sae_core.sae.transcoder import TranscoderSAE
 
 if TYPE_CHECKING:
     from sae_core.storage.lineage import Lineage
@@ -162,6 +165,8 @@ def export_sae(
 ) -> list[Path]:
     """Write the TopK SAE `sae` into folder `out` in format `fmt`; returns the files written."""
     check_format(fmt)
+    if isinstance(sae, TranscoderSAE):
+        return _export_transcoder(sae, out, fmt, origin or Origin())
     if not isinstance(sae, TopKSAE):
         raise ConfigError(
             f"export: SAELens and sparsify hold TopK SAEs only, this one is sae.kind="
@@ -183,7 +188,6 @@ def export_sae(
         scale_in = 1.0
     w = _weights(sae, scale_in)
     entry = _saeflow_entry(sae, origin, mode == "per_token" and fmt == "sparsify")
-    out.mkdir(parents=True, exist_ok=True)
     if fmt == "saelens":
         tensors = {
             "W_enc": w["W_enc"].T.contiguous(),
@@ -240,6 +244,13 @@ def export_sae(
             "d_in": d,
             "saeflow": entry,
         }
+    return _write_folder(out, fmt, cfg, tensors)
+
+
+def _write_folder(
+    out: Path, fmt: Format, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS[fmt]
     (out / CFG_FILE).write_text(json.dumps(cfg, indent=2))
     save_file(tensors, str(weights))
@@ -247,6 +258,25 @@ def export_sae(
     # umask's, 0644 by default) so whoever may read the config may read the weights.
     weights.chmod((out / CFG_FILE).stat().st_mode & 0o777)
     return [out / CFG_FILE, weights]
+
+
+def _export_transcoder(tc: TranscoderSAE, out: Path, fmt: Format, origin: Origin) -> list[Path]:
+    """A transcoder in sparsify's format (`sae_core.sae.sparsify_transcoder`); SAELens only
+    loads transcoders, in a layout of its own, so it is not written."""
+    if fmt != "sparsify":
+        raise ConfigError(
+            f"export: sae.kind={tc.cfg.kind} is exported in sparsify's format only "
+            "(its transcode / skip_connection options); use --format sparsify"
+        )
+    if tc.cfg.batch_topk:
+        raise ConfigError(
+            "export: sparsify has no BatchTopK inference threshold; ship this transcoder's "
+            "saeflow .safetensors file instead"
+        )
+    cfg, tensors = to_sparsify(tc)
+    entry = _saeflow_entry(tc, origin, False)
+    entry["out_normalization"] = tc.out_norm.to_json()
+    return _write_folder(out, fmt, cfg | {"saeflow": entry}, tensors)
 
 
 def detect_format(folder: Path) -> Format:
@@ -335,10 +365,10 @@ def _read_sparsify(folder: Path, cfg: dict[str, Any], t: dict[str, torch.Tensor]
         "saeflow imports TopK SAEs only",
     )
     _require(
-        not cfg.get("transcode") and "W_skip" not in t,
+        not cfg.get("skip_connection") and SKIP_TENSOR not in t,
         folder,
-        "transcode/skip_connection",
-        "transcoders and skip connections are not supported",
+        "skip_connection",
+        "a skip connection without transcode is not supported",
     )
     return _Stored(
         W_enc=t["encoder.weight"],
@@ -474,12 +504,25 @@ def _check_cfg(
 
 def import_sae(folder: Path) -> tuple[TopKSAE, Origin]:
     """Read an SAELens or sparsify TopK SAE folder into a saeflow TopKSAE and its origin (the
-    kind its saeflow entry names, e.g. a MatryoshkaSAE, with its BatchTopK threshold).
+    kind its saeflow entry names, e.g. a MatryoshkaSAE, with its BatchTopK threshold; a sparsify
+    transcoder: a TranscoderSAE, a subclass).
     Refused in one line: a cfg.json that is not an object, widths it declares that the
     weights do not have, an invalid k, missing tensors, NaN or infinite weights."""
     fmt = detect_format(folder)
     cfg = _read_cfg(folder)
     tensors, widths = _read_tensors(folder / WEIGHTS[fmt], fmt)
+    if fmt == "sparsify" and cfg.get("transcode"):
+        _check_cfg(folder, fmt, cfg, widths, cfg.get("k"))
+        entry = cfg.get("saeflow")
+        try:
+            tc = from_sparsify(cfg, tensors, entry)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(
+                f"{folder / CFG_FILE}: saeflow: unreadable ({type(err).__name__}: {err}); "
+                "remove the entry to import it as another tool's transcoder"
+            ) from None
+        origin = Origin.model_validate(entry["origin"]) if entry else Origin()
+        return tc, origin
     stored = (_read_saelens if fmt == "saelens" else _read_sparsify)(folder, cfg, tensors)
     _check_cfg(folder, fmt, cfg, widths, stored.k)
     n, d = stored.W_enc.shape
@@ -505,10 +548,10 @@ def import_sae(folder: Path) -> tuple[TopKSAE, Origin]:
         if norm.mode == "global":
             scale_in = norm.global_scale
     _require(
-        sae_cfg.kind != "expander",
+        sae_cfg.kind not in ("expander", *TRANSCODER_KINDS),
         folder,
         "saeflow.config",
-        "sae.kind=expander has no SAELens or sparsify layout; remove the entry",
+        f"sae.kind={sae_cfg.kind} has no SAELens or sparsify SAE layout; remove the entry",
     )
     sae = build_sae(d, sae_cfg, norm)
     state = {
