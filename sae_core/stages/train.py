@@ -24,7 +24,7 @@ from sae_core.sae import (
 )
 from sae_core.sae import triton as triton_kernels
 from sae_core.stages.location import Location, located
-from sae_core.storage import faults, loader
+from sae_core.storage import faults, lanes, loader
 from sae_core.storage.housekeeping import CHECKPOINTS
 from sae_core.storage.manifests import ActivationsManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
@@ -35,13 +35,14 @@ from sae_core.training.group import GroupMember, split_by_memory
 
 COMMIT_WAIT_S = 120.0  # how long a node other than 0 waits for node 0's commit after training
 
-# One SAE or a group: the same loop, the same result. The loader fixes the batch order, ranks
-# the reductions over the global batch.
+# One SAE or a group: the same loop, the same result. The loader and its lanes' plan fix the
+# batch order, ranks the reductions over the global batch.
 CODE = (
     training,
     group,
     trainer,
     loader,
+    lanes,
     ranks,
     base,
     topk,
