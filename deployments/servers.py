@@ -27,6 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from deployments.mlflow_admin import seed_admin
 from deployments.postgres import Postgres
 from deployments.process import is_running, spawn, terminate
 from deployments.seaweedfs import SeaweedFS
@@ -226,6 +227,10 @@ class MlflowServer(_HttpServer):
     def _auth_config(self) -> Path:
         return self.dir / "basic_auth.ini"
 
+    @property
+    def _auth_database(self) -> Path:
+        return self.dir / "basic_auth.db"
+
     def server_env(self) -> dict[str, str]:
         s3 = self.s3.env(reveal=True)
         return {
@@ -236,7 +241,8 @@ class MlflowServer(_HttpServer):
             },
             # Only the tracking API and artifact proxy: no job runner (~0.4 GiB in all).
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            # Basic auth: the admin account is created with this password on first start.
+            # Basic auth: the admin account is seeded before start (deployments/mlflow_admin.py);
+            # MLflow's start-up check of that account reads the password from here.
             "MLFLOW_AUTH_CONFIG_PATH": str(self._auth_config),
             "MLFLOW_AUTH_ADMIN_PASSWORD": self.secret("password"),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret("flask_secret_key"),
@@ -250,11 +256,12 @@ class MlflowServer(_HttpServer):
                 "(saeflow services up seaweedfs mlflow)"
             )
         private_dir(self.dir)
+        seed_admin(self._auth_database, USER, self.secret("password"))
         write_private(
             self._auth_config,
             "[mlflow]\n"
             "default_permission = NO_PERMISSIONS\n"
-            f"database_uri = sqlite:///{self.dir / 'basic_auth.db'}\n"
+            f"database_uri = sqlite:///{self._auth_database}\n"
             f"admin_username = {USER}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
         )

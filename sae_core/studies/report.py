@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from sae_core.evaluation.metrics import DensityHistogram
 from sae_core.studies import plots
+from sae_core.studies.convergence import fit_convergence_exponent, tokens_to_convergence
 from sae_core.studies.points import saebench_columns
 from sae_core.studies.scaling import NAMES, PAPER, ScalingFit
 from sae_core.studies.sweep import SweepRow
@@ -170,8 +171,46 @@ def sweep_report(
             f"Fit error: RMS of log(L_fit / L) = {fit.rmse_log:.4f}; max relative error "
             f"{fit.max_rel_err:.3%}; leave-one-out mean relative error {loo}.\n",
         ]
+    parts += _convergence_section(rows, [history for _, history in histories])
     parts += ["## Figures\n", _images(images, captions)]
     return Report("\n".join(parts), table, images)
+
+
+# Relative falls in loss per doubling of tokens below which a run counts as converged.
+CONVERGENCE_TOLERANCES = (0.10, 0.05)
+
+
+def _convergence_section(rows: Sequence[SweepRow], histories: Sequence[list[dict]]) -> list[str]:
+    """Tokens to convergence per point at each tolerance and the exponent of n they grow with
+    (sae_core.studies.convergence); Gao et al.: about 0.6."""
+    found = {
+        tol: [tokens_to_convergence(h, tol) for h in histories] for tol in CONVERGENCE_TOLERANCES
+    }
+    table = [
+        {"n": r.n, "k": r.k, "seed": r.seed, "tokens trained": h[-1]["tokens"] if h else 0}
+        | {f"converged at ({tol:.0%}/doubling)": found[tol][i] or "not yet" for tol in found}
+        for i, (r, h) in enumerate(zip(rows, histories, strict=True))
+    ]
+    lines = []
+    for tol, tokens in found.items():
+        fit = fit_convergence_exponent([r.n for r in rows], [r.k for r in rows], tokens)
+        if fit is None:
+            lines.append(f"- {tol:.0%} per doubling: too few converged points for an exponent.")
+            continue
+        err = "" if fit.stderr is None else f" ± {fit.stderr:.2f}"
+        per_k = ", ".join(f"k={k}: {a:.2f}" for k, a in fit.per_k.items())
+        lines.append(
+            f"- {tol:.0%} per doubling: tokens to convergence ~ n^{fit.exponent:.2f}{err} "
+            f"({fit.points} points; per k: {per_k}); Gao et al.: about n^0.6."
+        )
+    return [
+        "## Tokens to convergence\n",
+        "A run counts as converged from the point where its training-batch NMSE (one pass: "
+        "each batch unseen when scored) falls by less than the tolerance per doubling of tokens, "
+        "to the end of the run; 'not yet' where it still falls faster at the end.\n",
+        _md_table(table),
+        "\n".join(lines) + "\n",
+    ]
 
 
 def frontier_report(

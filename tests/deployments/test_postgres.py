@@ -111,10 +111,8 @@ def test_pipeline_concurrent_runs_and_a_promotion_on_postgres(
 ):
     """Prefect's and MLflow's data in one PostgreSQL: two pipeline runs at once (sharing their
     data stages, each registering a version), then a promotion; every flow run and every version
-    is in PostgreSQL, no SQLite was used, and the cluster listens on loopback only.
-
-    Slow: MLflow's basic auth checks a scrypt password hash on every request, and registration
-    makes many: on 2 loaded cores that, not the database, takes most of the time."""
+    is in PostgreSQL, no SQLite was used, and the cluster listens on loopback only. Slow: four
+    servers and three CLI processes on 2 cores."""
     from deployments.seaweedfs import SeaweedFS
 
     try:

@@ -66,7 +66,9 @@ def test_report_plots_and_artifacts_exist(swept):
     for name in FIGURES:
         assert store.read_bytes(f"{ref.path}/{name}")[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = store.read_bytes(f"{ref.path}/report.md").decode()
-    assert "## Scaling law" in markdown and markdown.count("\n| 128 |") == 2
+    metrics, convergence = markdown.split("## Tokens to convergence")
+    assert "## Scaling law" in metrics and metrics.count("\n| 128 |") == 2
+    assert convergence.count("\n| 128 |") == 2 and "per doubling" in convergence
     assert "| explained_variance |" in markdown and "SAEBench" in markdown
     with get_client(sync_client=True) as client:
         for key in ("saeflow-sweep-report", "saeflow-sweep-report-table"):
