@@ -1,7 +1,8 @@
 """Sparse autoencoders: the kinds, their normalisation (normalize), the reductions over a
 data-parallel batch (ranks), the sparse step's kernels (kernels, fused_loss and unit_adam: the
 Python face; native: the build of csrc/*.cpp), orthogonal matching pursuit (omp) and the
-SAELens / sparsify formats (export). May import: storage and the leaves. Public API:
+SAELens / sparsify formats (formats; export writes them, importer reads them). May import:
+storage and the leaves. Public API:
 
 - `SparseAutoencoder`: what every kind provides (`sae_core.sae.base`); the kinds (cfg.kind):
   - `TopKSAE(d, cfg, norm=None, generator=None)`: the Gao et al. TopK SAE, dense W_enc, W_dec.

@@ -1,5 +1,6 @@
 """Transcoders in EleutherAI sparsify's format (its `transcode` and `skip_connection` options):
-the conversions both ways; `sae_core.sae.export` reads and writes the folder.
+the conversions both ways; `sae_core.sae.export` writes the folder, `sae_core.sae.importer`
+reads it.
 
 sparsify's transcoder maps the input hook's raw x to the output hook's y as
   z = TopK(ReLU(x encoder.weight^T + encoder.bias)),  y_hat = z W_dec + b_dec (+ x W_skip^T),

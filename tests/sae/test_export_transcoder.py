@@ -11,7 +11,8 @@ import torch
 from sae_core.config import SAEConfig
 from sae_core.errors import ConfigError
 from sae_core.sae import SkipTranscoderSAE, TranscoderSAE
-from sae_core.sae.export import export_sae, import_sae
+from sae_core.sae.export import export_sae
+from sae_core.sae.importer import import_sae
 from sae_core.training.trainer import init_sae
 
 D, N, K = 12, 48, 4
