@@ -24,7 +24,7 @@ from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import default_store_uri
 from sae_core.training.preflight import preflight
 from tasks.caching import COMPUTED, run_stage
-from tasks.data import extract_activations, sample_tokens
+from tasks.data import extract_activations, pair_activations, sample_tokens
 from tasks.evaluate import EvalRef, evaluate_sae
 from tasks.latents import LatentsRef, latent_stats
 from tasks.promote import nominate_version
@@ -33,7 +33,7 @@ from tasks.registry import RegistryRef, register_model
 from tasks.report import ReportRef, report_run
 from tasks.saebench import SaeBenchRef, saebench_sae
 from tasks.train import train_sae
-from tasks.validate import validate_activations
+from tasks.validate import validate_activations, validate_paired
 
 
 class PipelineResult(BaseModel):
@@ -60,8 +60,9 @@ def check_inputs(config: PipelineConfig) -> ModelFacts:
 # The stage tasks, in the order the flow runs them: the names `--refresh` takes.
 STAGES = tuple(
     t.name
-    for t in (sample_tokens, extract_activations, validate_activations, train_sae, evaluate_sae,
-              saebench_sae, register_model, latent_stats, report_run)
+    for t in (sample_tokens, extract_activations, validate_activations, pair_activations,
+              validate_paired, train_sae, evaluate_sae, saebench_sae, register_model, latent_stats,
+              report_run)
 )  # fmt: skip
 
 
@@ -110,7 +111,18 @@ def pipeline(
         extract_activations, tokens=tokens, model=config.model, data=config.data, progress=progress
     )
     validation = run(validate_activations, ref=acts, vocab_size=facts.vocab_size, progress=progress)
-    sae = run(train_sae, acts=acts, sae=config.sae, train=config.train, progress=progress)
+    paired = {}  # a transcoder's target: model.hook_out's dataset, from the same pass
+    if config.model.hook_out is not None:
+        paired["acts_out"] = run(
+            pair_activations,
+            acts=acts,
+            tokens=tokens,
+            model=config.model,
+            data=config.data,
+            progress=progress,
+        )
+        run(validate_paired, ref=paired["acts_out"], vocab_size=facts.vocab_size, progress=progress)
+    sae = run(train_sae, acts=acts, sae=config.sae, train=config.train, progress=progress, **paired)
     evaluation = run(
         evaluate_sae,
         sae=sae,

@@ -22,6 +22,10 @@ from sae_core.storage.refs import DatasetRef
 from tasks.caching import CommittedOutput
 from tasks.common import TASK_DEFAULTS
 
+PAIRING_CHECKED = (
+    "pairing checked"  # pair_activations' outcome when the extraction made its dataset
+)
+
 
 @task(
     name="sample_tokens",
@@ -48,7 +52,8 @@ def extract_shard(plan: extract_stage.ActivationPlan, shard: ShardRange) -> Shar
 def extract_activations(
     tokens: DatasetRef, model: ModelConfig, data: DataConfig, progress: bool = True
 ) -> DatasetRef:
-    plan = extract_stage.plan_activations(tokens, model, data, [model.hook])
+    # A transcoder's two hooks: one pass, paired datasets (`pair_activations` returns the second).
+    plan = extract_stage.plan_activations(tokens, model, data, extract_stage.extracted_hooks(model))
     try:
         if plan.missing:
             futures = extract_shard.map(plan=unmapped(plan), shard=plan.missing)
@@ -69,3 +74,20 @@ def extract_activations(
     finally:
         extract_stage.release_shard_model()  # this process's copy, when shards ran here
     return extract_stage.commit_activations(plan)[0]
+
+
+@task(
+    name="pair_activations",
+    # The extraction made the dataset (both hooks in one pass): this stage checks the pairing.
+    cache_policy=CommittedOutput(locate=extract_stage.locate_paired, reused=PAIRING_CHECKED),
+    **TASK_DEFAULTS,
+)
+def pair_activations(
+    acts: DatasetRef,
+    tokens: DatasetRef,
+    model: ModelConfig,
+    data: DataConfig,
+    progress: bool = True,
+) -> DatasetRef:
+    """A transcoder's target: model.hook_out's dataset, checked to pair with `acts` row for row."""
+    return extract_stage.paired_activations(acts, tokens, model, data, progress)

@@ -23,7 +23,7 @@ import sae_core
 from sae_core.config import PipelineConfig, RegistryConfig
 from sae_core.errors import ConfigError
 from sae_core.sae import WEIGHTS_FILE
-from sae_core.sae.export import ORIGIN_FILE, Origin
+from sae_core.sae.formats import ORIGIN_FILE, Origin
 from sae_core.stages.location import Location
 from sae_core.storage.fingerprint import fingerprint
 from sae_core.storage.lineage import sae_lineage

@@ -19,9 +19,14 @@ from tasks.common import TASK_DEFAULTS
     **TASK_DEFAULTS,
 )
 def train_sae(
-    acts: DatasetRef, sae: SAEConfig, train: TrainConfig, progress: bool = True
+    acts: DatasetRef,
+    sae: SAEConfig,
+    train: TrainConfig,
+    progress: bool = True,
+    acts_out: DatasetRef | None = None,
 ) -> DatasetRef:
-    return train_stage.train_sae(acts, sae, train, progress)
+    """acts_out: a transcoder's target dataset (`pair_activations`)."""
+    return train_stage.train_sae(acts, sae, train, progress, acts_out)
 
 
 # Not cached itself: each SAE lands at the address a lone `train_sae` uses, where that task's

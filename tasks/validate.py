@@ -347,3 +347,7 @@ def validate_activations(
         report.docs,
     )
     return report
+
+
+# A transcoder's output hook's dataset, checked by the same suite under a stage name of its own.
+validate_paired = validate_activations.with_options(name="validate_paired")

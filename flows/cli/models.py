@@ -182,7 +182,7 @@ def import_(
     force: ForceOpt = False,
 ) -> None:
     """Read an SAELens or sparsify TopK SAE into a saeflow safetensors file."""
-    from sae_core.sae.export import detect_format, import_sae
+    from sae_core.sae.importer import detect_format, import_sae
 
     with one_line_errors():
         target = output_file(out, "--out", force)

@@ -5,7 +5,9 @@ A hook is `KIND.LAYER`:
 - `resid_post.L`: the residual stream leaving decoder block L (HF `hidden_states[L + 1]`,
   except for the last block, whose HF hidden state has the final norm applied);
 - `attn_out.L` / `mlp_out.L`: the attention / MLP sublayer output of block L, before it is
-  added to the residual stream.
+  added to the residual stream;
+- `mlp_in.L`: the MLP sublayer's input in block L (after its pre-MLP norm, e.g. Llama's
+  post_attention_layernorm): what a transcoder of `mlp_out.L` reads.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ from sae_core.device import pick_device
 from sae_core.env import hub_offline
 from sae_core.errors import ConfigError
 
-HOOK_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+# In the order they fire within a block.
+HOOK_KINDS = ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post")
+# Hooks read at their module's input (a forward pre-hook), the others at its output.
+_INPUT_HOOKS = ("resid_pre", "mlp_in")
 
 # Where each architecture keeps its decoder blocks, and its sublayer names inside a block.
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 _SUBLAYER_NAMES = {
     "attn_out": ("self_attn", "attn", "attention"),
     "mlp_out": ("mlp", "feed_forward"),
+    "mlp_in": ("mlp", "feed_forward"),
 }
 
 
@@ -56,6 +62,12 @@ class HookPoint:
 
     def __str__(self) -> str:
         return f"{self.kind}.{self.layer}"
+
+    def precedes(self, other: HookPoint) -> bool:
+        """Whether this hook fires before `other` in a forward pass (so replacing `other`'s
+        activation leaves this one's unchanged)."""
+        order = (self.layer, HOOK_KINDS.index(self.kind))
+        return order < (other.layer, HOOK_KINDS.index(other.kind))
 
 
 class LoadedModel(NamedTuple):
@@ -140,6 +152,18 @@ def hook_module(model: nn.Module, hook: str | HookPoint) -> nn.Module:
     )
 
 
+def check_transcoder_hooks(hook_in: str | HookPoint, hook_out: str | HookPoint) -> None:
+    """ConfigError unless the transcoder's input hook fires before its output hook: splicing
+    its output in must leave the input it reads unchanged."""
+    point_in, point_out = HookPoint.parse(hook_in), HookPoint.parse(hook_out)
+    if not point_in.precedes(point_out):
+        raise ConfigError(
+            f"model.hook_out={point_out} fires before model.hook={point_in}; a transcoder reads "
+            f"an earlier hook than it writes, e.g. model.hook=mlp_in.{point_out.layer} for "
+            f"mlp_out.{point_out.layer}"
+        )
+
+
 def _first(value: Any) -> Tensor:
     # HF blocks return a tensor (transformers 5) or a tuple led by it (older versions, attention).
     return value[0] if isinstance(value, tuple) else value
@@ -156,7 +180,7 @@ def hooked(
     """Call `fn(activation [B, T, d])` at the hook; a tensor it returns replaces the activation."""
     point = HookPoint.parse(hook)
     module = hook_module(model, point)
-    if point.kind == "resid_pre":
+    if point.kind in _INPUT_HOOKS:
 
         def pre(_mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if args:

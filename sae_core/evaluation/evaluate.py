@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from sae_core import stopping
 from sae_core.config import EvalConfig
+from sae_core.data.models import HookPoint
 from sae_core.evaluation.ablation import sample_ablation_sparsity
 from sae_core.evaluation.baseline import Baseline, with_tail
 from sae_core.evaluation.metrics import (
@@ -34,6 +35,7 @@ from sae_core.evaluation.metrics import (
 from sae_core.evaluation.probe_data import ProbeSet
 from sae_core.evaluation.probes import ProbeResult, evaluate_probes, probe_summary
 from sae_core.evaluation.splice import SplitModel
+from sae_core.evaluation.transcode import transcode
 from sae_core.sae import SparseAutoencoder
 from sae_core.storage.refs import DatasetRef
 
@@ -78,8 +80,14 @@ def evaluate_sae(
     first_position: int,
     probe_set: ProbeSet | None = None,
     progress: bool = True,
+    hook_in: HookPoint | None = None,
 ) -> EvalResult:
     """contexts: [C, T] (the ones `baseline` was computed on).
+
+    hook_in: a transcoder's input hook (`split` is cut at its output hook): its codes come from
+    there and its prediction is spliced in (`sae_core.evaluation.transcode`); the metrics are
+    then of the output hook's activation y (nmse, fvu) and of the spliced model, without
+    ablation sparsity.
 
     Positions < first_position keep their clean activations in every variant (they are outside
     the SAE's training distribution, e.g. the attention sink at position 0).
@@ -108,9 +116,14 @@ def evaluate_sae(
                 clean = split.logits(ids, act, feed)
             with clock("sae: encode+decode"):
                 x = act[:, first_position:].reshape(-1, act.shape[-1]).float()
-                codes = sae.encode(x)
-                x_hat = sae.decode(*codes)
-                shift, scale = codes.stats
+                if hook_in is None:
+                    codes = sae.encode(x)
+                    x_hat = sae.decode(*codes)
+                    shift, scale = codes.stats
+                else:
+                    codes, x_hat, (shift, scale) = transcode(
+                        sae, split.model, ids, hook_in, first_position, x
+                    )
                 recon.update(
                     x, x_hat, (x - shift) / scale, (x_hat - shift) / scale, codes.idx, codes.vals
                 )
@@ -134,7 +147,7 @@ def evaluate_sae(
     metrics = recon.result() | downstream.result()
 
     sparsity = torch.zeros(0)
-    if cfg.ablation_samples:
+    if cfg.ablation_samples and hook_in is None:  # a single latent's ablation needs x itself
         with clock("ablation sparsity"):
             sparsity = sample_ablation_sparsity(
                 split,

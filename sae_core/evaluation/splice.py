@@ -10,8 +10,9 @@ embeddings intact); their output is ignored by the pass-through blocks.
 What the part above needs, per hook kind (block L holds the hook):
 - resid_pre.L: the activation itself, fed to block L; blocks 0..L-1 pass through.
 - resid_post.L: the activation itself, as block L's output; blocks 0..L pass through.
-- attn_out.L / mlp_out.L: block L's input (the clean resid_pre.L, captured too) and the
-  activation as the sublayer's output; blocks 0..L-1 pass through and block L runs.
+- attn_out.L / mlp_out.L / mlp_in.L: block L's input (the clean resid_pre.L, captured too)
+  and the activation as the sublayer's output (mlp_in: the MLP's input); blocks 0..L-1 pass
+  through and block L runs.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class SplitModel:
     def __init__(self, model: nn.Module, hook: str | HookPoint):
         self.model = model
         self.point = check_hook(model.config, hook)
-        self.needs_block_input = self.point.kind in ("attn_out", "mlp_out")
+        self.needs_block_input = self.point.kind in ("attn_out", "mlp_in", "mlp_out")
         # Blocks whose output the part above never reads.
         self.bypassed = self.point.layer + (self.point.kind == "resid_post")
         self._returns_tuple: bool | None = None

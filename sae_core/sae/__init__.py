@@ -1,14 +1,18 @@
 """Sparse autoencoders: the kinds, their normalisation (normalize), the reductions over a
 data-parallel batch (ranks), the sparse step's kernels (kernels, fused_loss and unit_adam: the
 Python face; native: the build of csrc/*.cpp), orthogonal matching pursuit (omp) and the
-SAELens / sparsify formats (export). May import: storage and the leaves. Public API:
+SAELens / sparsify formats (formats; export writes them, importer reads them). May import:
+storage and the leaves. Public API:
 
-- `SparseAutoencoder`: what every kind provides (`sae_core.sae.base`); three kinds (cfg.kind):
+- `SparseAutoencoder`: what every kind provides (`sae_core.sae.base`); the kinds (cfg.kind):
   - `TopKSAE(d, cfg, norm=None, generator=None)`: the Gao et al. TopK SAE, dense W_enc, W_dec.
   - `ExpanderSAE(d, cfg, norm=None, generator=None)`: the decoder masked by a random expander
     graph, stored compactly (rows, values) with cfg.degree non-zeros per latent.
   - `MatryoshkaSAE(d, cfg, norm=None, generator=None)`: TopK's weights, trained (BatchTopK by
     default) on the summed losses of nested prefixes of the dictionary (`sizes`).
+  - `TranscoderSAE`, `SkipTranscoderSAE` (`sae_core.sae.transcoder`): TopK latents of one hook
+    reconstructing another (+ a linear skip path); trained on [B, 2d] batches (x then y,
+    `split_batch`), `reconstruct(x_raw)` is the predicted output.
 - Every kind:
   - `forward(x_norm [B, d], dead_mask=None) -> ForwardOutput(latent_idx, latent_vals, recon,
     loss, nmse, aux_loss)`: training pass on *normalised* inputs (`sae.norm.apply(x_raw)[0]`).
@@ -41,6 +45,7 @@ from sae_core.sae.expander import ExpanderSAE
 from sae_core.sae.matryoshka import MatryoshkaSAE
 from sae_core.sae.normalize import InputNorm
 from sae_core.sae.topk import TopKSAE
+from sae_core.sae.transcoder import SkipTranscoderSAE, TranscoderSAE
 
 if TYPE_CHECKING:
     from sae_core.storage.refs import DatasetRef
@@ -50,6 +55,8 @@ KINDS: dict[str, type[SparseAutoencoder]] = {
     "topk": TopKSAE,
     "expander": ExpanderSAE,
     "matryoshka": MatryoshkaSAE,
+    "transcoder": TranscoderSAE,
+    "skip_transcoder": SkipTranscoderSAE,
 }
 
 
@@ -93,7 +100,9 @@ def storage_report(sae: SparseAutoencoder) -> dict[str, Any]:
     payload = sum(t.nbytes for t in sae.state_dict().values())
     biases = sae.b_enc.nbytes + sae.b_pre.nbytes
     threshold = sae.threshold.nbytes if sae.cfg.batch_topk else 0
-    dense_payload = 2 * n * d * 4 + biases + threshold
+    # A transcoder's output bias and skip path: the same in both.
+    output = sum(t.nbytes for name, t in sae.state_dict().items() if name in ("b_dec", "W_skip"))
+    dense_payload = 2 * n * d * 4 + biases + threshold + output
     return {
         "decoder_values": n * degree,
         "dense_decoder_values": n * d,
@@ -110,7 +119,9 @@ __all__ = [
     "KINDS",
     "MatryoshkaSAE",
     "SparseAutoencoder",
+    "SkipTranscoderSAE",
     "TopKSAE",
+    "TranscoderSAE",
     "WEIGHTS_FILE",
     "build_sae",
     "load_sae",

@@ -310,6 +310,16 @@ class SparseAutoencoder(nn.Module, ABC):
         inputs: then the stock ops below run."""
         return None
 
+    def output(self, x: Tensor, idx: Tensor, vals: Tensor, dense: bool = False) -> Tensor:
+        """What the codes idx, vals [B, K] of normalised x [B, d] predict, normalised, with
+        autograd: for an SAE, the reconstruction of x (`sparse_decode` plus b_pre)."""
+        return self.sparse_decode(idx, vals, self.b_pre, dense)
+
+    def split_batch(self, batch: Tensor) -> tuple[Tensor, Tensor | None]:
+        """A training batch [B, ...] as (the raw input [B, d], the normalised target, or None
+        when the target is the input: an SAE's batch is its input alone)."""
+        return batch, None
+
     def losses(
         self,
         x: torch.Tensor,
@@ -318,6 +328,7 @@ class SparseAutoencoder(nn.Module, ABC):
         ranks: Ranks = SINGLE,
         with_recon: bool = True,
         centred: bool = False,
+        target: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """Decode the selected latents and score them under autograd. x: [B, d] normalised.
 
@@ -327,12 +338,17 @@ class SparseAutoencoder(nn.Module, ABC):
         with_recon: whether the output carries the reconstruction (this path computes it anyway).
         centred=True: x is x - b_pre already, with no graph to b_pre (see `preacts`).
         A kind with fused kernels for its inputs takes over (`fused_losses`), unless dense.
+        target: [B, d_out] normalised, what `output` must predict (a transcoder's output hook);
+        None: x itself (an SAE).
         """
-        fused = None if dense else self.fused_losses(x, sel, ranks, with_recon, centred)
+        fused = None
+        if not dense and target is None:
+            fused = self.fused_losses(x, sel, ranks, with_recon, centred)
         if fused is not None:
             return fused
         if centred:  # b_pre's gradient comes from the graph below
             x = x + self.b_pre.detach()
+        goal = x if target is None else target
         # BatchTopK's code has a variable width; its padding slots hold pre = -inf (act 0, no gradient).
         k = sel.idx.shape[1] if self.cfg.batch_topk else self.k
         k_main = sel.idx.shape[1]
@@ -343,13 +359,13 @@ class SparseAutoencoder(nn.Module, ABC):
         if self.cfg.batch_topk:  # padding slots' pre-activations may be recomputed: zero them
             acts = acts * (all_pre > float("-inf"))
         vals = acts[:, :k]
-        loss, nmse, recon = self.reconstruction_terms(x, sel.idx[:, :k], vals, ranks, dense)
+        loss, nmse, recon = self.reconstruction_terms(x, goal, sel.idx[:, :k], vals, ranks, dense)
         if k_main > k:  # multi-TopK: L(k) + L(4k) / 8
-            recon_4k = self.sparse_decode(sel.idx, acts[:, :k_main], self.b_pre, dense)
-            loss = loss + normalized_mse(x, recon_4k, ranks) / 8
+            recon_4k = self.output(x, sel.idx, acts[:, :k_main], dense)
+            loss = loss + normalized_mse(goal, recon_4k, ranks) / 8
         aux_loss = x.new_zeros(())
         if use_aux:
-            residual = (x - recon).detach()
+            residual = (goal - recon).detach()
             aux_recon = self.sparse_decode(sel.aux_idx, acts[:, k_main:], dense=dense)
             aux_loss = normalized_mse(residual, aux_recon, ranks).nan_to_num(0.0)
             loss = loss + self.cfg.aux_alpha * aux_loss
@@ -357,22 +373,29 @@ class SparseAutoencoder(nn.Module, ABC):
         return ForwardOutput(sel.idx[:, :k], vals, recon, loss, nmse, aux_loss, sel.aux_idx)
 
     def reconstruction_terms(
-        self, x: Tensor, idx: Tensor, vals: Tensor, ranks: Ranks, dense: bool
+        self, x: Tensor, goal: Tensor, idx: Tensor, vals: Tensor, ranks: Ranks, dense: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss, nmse, recon) of the code idx, vals: [B, K] for normalised x: [B, d]: the
-        reconstruction's normalised MSE as the loss; a kind with other terms overrides it."""
-        recon = self.sparse_decode(idx, vals, self.b_pre, dense)
-        nmse = normalized_mse(x, recon, ranks)
+        """(loss, nmse, recon) of the code idx, vals: [B, K] for normalised x: [B, d], scored
+        against goal (x itself, or a transcoder's target): `output`'s normalised MSE as the
+        loss; a kind with other terms overrides it."""
+        recon = self.output(x, idx, vals, dense)
+        nmse = normalized_mse(goal, recon, ranks)
         return nmse, nmse, recon
 
     def forward(
-        self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, dense: bool = False
+        self,
+        x: torch.Tensor,
+        dead_mask: torch.Tensor | None = None,
+        dense: bool = False,
+        target: torch.Tensor | None = None,
     ) -> ForwardOutput:
-        """Training pass on normalised x: [B, d]; dead_mask: [n] bool, the latents AuxK may use.
+        """Training pass on normalised x: [B, d]; dead_mask: [n] bool, the latents AuxK may use;
+        target: a transcoder's normalised output [B, d_out] (see `losses`).
 
         Cost (sparse): one encoder GEMM, a top-k over [B, n], then the kind's sparse loss.
         """
-        return self.losses(x, self.select(self.preacts(x), dead_mask), dense)
+        sel = self.select(self.preacts(x), dead_mask)
+        return self.losses(x, sel, dense, target=target)
 
     def free_buffer(self) -> None:
         """Drop the [B, n] pre-activation buffer kept between training steps."""

@@ -88,10 +88,10 @@ class MatryoshkaSAE(TopKSAE):
         return None
 
     def reconstruction_terms(
-        self, x: Tensor, idx: Tensor, vals: Tensor, ranks: Ranks, dense: bool
+        self, x: Tensor, goal: Tensor, idx: Tensor, vals: Tensor, ranks: Ranks, dense: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(sum of the prefixes' normalised MSEs, the full dictionary's, its reconstruction)."""
         decode = dense_nested_decode if dense else nested_decode
         recons = decode(idx, vals, self.W_dec, self.sizes, self.b_pre)  # [B, P, d]
-        terms = [normalized_mse(x, recons[:, p], ranks) for p in range(len(self.sizes))]
+        terms = [normalized_mse(goal, recons[:, p], ranks) for p in range(len(self.sizes))]
         return torch.stack(terms).sum(), terms[-1], recons[:, -1]

@@ -13,12 +13,21 @@ from sae_core.config import DataConfig, EvalConfig, ModelConfig
 from sae_core.data import models, tokens
 from sae_core.data.activations import first_position
 from sae_core.data.assets import resolve_corpus, resolve_model_path
-from sae_core.data.models import load_model
+from sae_core.data.models import HookPoint, check_transcoder_hooks, load_model
 from sae_core.data.tokens import load_corpus
 from sae_core.errors import ConfigError
-from sae_core.evaluation import ablation, baseline, evaluate, metrics, probe_data, probes, splice
+from sae_core.evaluation import (
+    ablation,
+    baseline,
+    evaluate,
+    metrics,
+    probe_data,
+    probes,
+    splice,
+    transcode,
+)
 from sae_core.evaluation.splice import SplitModel
-from sae_core.sae import load_sae
+from sae_core.sae import SparseAutoencoder, TranscoderSAE, load_sae
 from sae_core.stages.location import Location, corpus_identity, hook_identity, located
 from sae_core.storage.manifests import (
     BaselineManifest,
@@ -31,7 +40,7 @@ from sae_core.storage.store import Store
 
 BASELINE_CODE = (baseline, splice, models, metrics)
 PROBE_CODE = (probe_data, splice, models, tokens)
-EVAL_CODE = (evaluate, metrics, models, splice, baseline, ablation, probes, probe_data)
+EVAL_CODE = (evaluate, metrics, models, splice, baseline, ablation, probes, probe_data, transcode)
 
 
 def locate_baseline(tokens: DatasetRef, model: ModelConfig, data: DataConfig) -> Location:
@@ -184,6 +193,19 @@ def _check_eval(data: DataConfig, eval: EvalConfig) -> None:
         )
 
 
+def _transcoder_input(sae: SparseAutoencoder, model: ModelConfig) -> HookPoint | None:
+    """A transcoder's input hook (model.hook), checked against its output hook; None for an SAE."""
+    if not isinstance(sae, TranscoderSAE):
+        return None
+    if model.hook_out is None:
+        raise ConfigError(
+            f"sae.kind={sae.cfg.kind}: evaluating a transcoder needs model.hook_out, the hook "
+            "it was trained to reconstruct"
+        )
+    check_transcoder_hooks(model.hook, model.hook_out)
+    return HookPoint.parse(model.hook)
+
+
 def evaluate_sae(
     sae: DatasetRef,
     tokens: DatasetRef,
@@ -200,20 +222,25 @@ def evaluate_sae(
         _check_eval(data, eval)
         started = time.perf_counter()
         loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
-        split = SplitModel(loaded.model, model.hook)
+        trained = load_sae(sae)
+        # A transcoder is spliced at its output hook; its latents (probes) read its input hook.
+        hook_in = _transcoder_input(trained, model)
+        spliced = model if hook_in is None else model.model_copy(update={"hook": model.hook_out})
+        split = SplitModel(loaded.model, spliced.hook)
         seconds = {"load model": time.perf_counter() - started}
         start = time.perf_counter()
-        base_ref, base = prepare_baseline(tokens, model, data, eval, split, progress)
+        base_ref, base = prepare_baseline(tokens, spliced, data, eval, split, progress)
         seconds["baseline (once per eval set)"] = time.perf_counter() - start
         probe_ref, probe_set = None, None
         if eval.probe_contexts:
             start = time.perf_counter()
+            probe_split = split if hook_in is None else SplitModel(loaded.model, model.hook)
             probe_ref, probe_set = prepare_probe_set(
-                tokens.store, model, data, eval, split, loaded.tokenizer, progress
+                tokens.store, model, data, eval, probe_split, loaded.tokenizer, progress
             )
             seconds["probe set (once per corpus)"] = time.perf_counter() - start
         result = evaluate.evaluate_sae(
-            load_sae(sae),
+            trained,
             split,
             evaluate.load_eval_contexts(tokens),
             base,
@@ -221,6 +248,7 @@ def evaluate_sae(
             first_position(data),
             probe_set,
             progress,
+            hook_in,
         )
         seconds |= result.seconds
         seconds["total"] = time.perf_counter() - started

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from sae_core import stopping
 from sae_core.config import DataConfig, ModelConfig
-from sae_core.data import activations, compiled, models
+from sae_core.data import activations, compiled, models, pairing
 from sae_core.data.activations import (
     ShardRange,
     activation_manifest,
@@ -60,7 +60,39 @@ def locate_activations(tokens: DatasetRef, model: ModelConfig, data: DataConfig)
 def extract_activations(
     tokens: DatasetRef, model: ModelConfig, data: DataConfig, progress: bool = True
 ) -> DatasetRef:
-    return extract_hook_datasets(tokens, model, data, [model.hook], progress)[0]
+    """model.hook's dataset, made in one pass with model.hook_out's when that is set."""
+    return extract_hook_datasets(tokens, model, data, extracted_hooks(model), progress)[0]
+
+
+def extracted_hooks(model: ModelConfig) -> list[str]:
+    """The hooks one extraction pass writes: model.hook, and a transcoder's model.hook_out."""
+    return [model.hook] + ([model.hook_out] if model.hook_out is not None else [])
+
+
+def output_model(model: ModelConfig) -> ModelConfig:
+    """`model` at a transcoder's output hook: what locates model.hook_out's dataset."""
+    return model.model_copy(update={"hook": model.hook_out, "hook_out": None})
+
+
+def locate_paired(
+    acts: DatasetRef, tokens: DatasetRef, model: ModelConfig, data: DataConfig
+) -> Location:
+    """The dataset of a transcoder's output hook, paired with `acts` (model.hook's)."""
+    return locate_activations(tokens, output_model(model), data)
+
+
+def paired_activations(
+    acts: DatasetRef,
+    tokens: DatasetRef,
+    model: ModelConfig,
+    data: DataConfig,
+    progress: bool = True,
+) -> DatasetRef:
+    """model.hook_out's dataset, checked to pair with `acts` row for row
+    (`sae_core.data.pairing`): made by the pass that made `acts`, or now if it is missing."""
+    [out] = extract_hook_datasets(tokens, output_model(model), data, [model.hook_out], progress)
+    pairing.check_pairing(acts, out)
+    return out
 
 
 class ActivationPlan(NamedTuple):

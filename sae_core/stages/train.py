@@ -19,11 +19,12 @@ from sae_core.sae import (
     normalize,
     ranks,
     topk,
+    transcoder,
     unit_adam,
 )
 from sae_core.sae import triton as triton_kernels
 from sae_core.stages.location import Location, located
-from sae_core.storage import faults, loader
+from sae_core.storage import faults, lanes, loader
 from sae_core.storage.housekeeping import CHECKPOINTS
 from sae_core.storage.manifests import ActivationsManifest, SaeManifest
 from sae_core.storage.refs import DatasetRef
@@ -34,18 +35,20 @@ from sae_core.training.group import GroupMember, split_by_memory
 
 COMMIT_WAIT_S = 120.0  # how long a node other than 0 waits for node 0's commit after training
 
-# One SAE or a group: the same loop, the same result. The loader fixes the batch order, ranks
-# the reductions over the global batch.
+# One SAE or a group: the same loop, the same result. The loader and its lanes' plan fix the
+# batch order, ranks the reductions over the global batch.
 CODE = (
     training,
     group,
     trainer,
     loader,
+    lanes,
     ranks,
     base,
     topk,
     expander,
     matryoshka,
+    transcoder,
     kernels,
     fused_loss,
     unit_adam,
@@ -55,11 +58,16 @@ CODE = (
 )
 
 
-def locate_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> Location:
+def locate_sae(
+    acts: DatasetRef, sae: SAEConfig, train: TrainConfig, acts_out: DatasetRef | None = None
+) -> Location:
+    """acts_out: a transcoder's target dataset (an SAE's address does not name it)."""
+    target = () if acts_out is None else (acts_out.fingerprint,)
     return located(
         "sae",
         acts.store,
         acts.fingerprint,
+        *target,
         sae,
         train.model_dump(exclude=TRAIN_EXECUTION_FIELDS),
         code=CODE,
@@ -72,21 +80,31 @@ def checkpoint_dir(sae: Location) -> str:
     return f"{CHECKPOINTS}/{sae.fingerprint}"
 
 
-def remove_sae(acts: DatasetRef, sae: SAEConfig, train: TrainConfig) -> None:
+def remove_sae(
+    acts: DatasetRef, sae: SAEConfig, train: TrainConfig, acts_out: DatasetRef | None = None
+) -> None:
     """Delete the SAE and its checkpoints: the next run trains it from the start."""
-    loc = locate_sae(acts, sae, train)
+    loc = locate_sae(acts, sae, train, acts_out)
     loc.remove()
     Store(loc.store).rm(checkpoint_dir(loc))
 
 
 def train_sae(
-    acts: DatasetRef, sae: SAEConfig, train: TrainConfig, progress: bool = True
+    acts: DatasetRef,
+    sae: SAEConfig,
+    train: TrainConfig,
+    progress: bool = True,
+    acts_out: DatasetRef | None = None,
 ) -> DatasetRef:
-    return train_sae_group(acts, [(sae, train)], progress)[0]
+    """acts_out: a transcoder's target, the dataset of model.hook_out paired with `acts`."""
+    return train_sae_group(acts, [(sae, train)], progress, acts_out)[0]
 
 
 def train_sae_group(
-    acts: DatasetRef, points: Sequence[tuple[SAEConfig, TrainConfig]], progress: bool = True
+    acts: DatasetRef,
+    points: Sequence[tuple[SAEConfig, TrainConfig]],
+    progress: bool = True,
+    acts_out: DatasetRef | None = None,
 ) -> list[DatasetRef]:
     """One committed SAE per (sae, train) point, each at its own `locate_sae` location (the one
     a lone `train_sae` uses). Those not committed yet train together from one read of the data
@@ -94,7 +112,7 @@ def train_sae_group(
     A group whose training state would take more than half the device's memory trains in
     chunks that fit, one read of the data each.
     """
-    locs = [locate_sae(acts, sae, train) for sae, train in points]
+    locs = [locate_sae(acts, sae, train, acts_out) for sae, train in points]
     manifests = {loc: loc.committed(SaeManifest) for loc in locs}  # one per distinct location
     configs = dict(zip(locs, points, strict=True))
     todo = [loc for loc, manifest in manifests.items() if manifest is None]
@@ -109,12 +127,19 @@ def train_sae_group(
         for chunk in split_by_memory(members, width, budget):
             chunk_locs = [todo[i] for i in chunk]
             chunk_members = [members[i] for i in chunk]
-            manifests |= _train_and_commit(acts, store, chunk_locs, chunk_members, progress)
+            manifests |= _train_and_commit(
+                acts, store, chunk_locs, chunk_members, progress, acts_out
+            )
     return [loc.ref(manifests[loc].tokens_seen) for loc in locs]
 
 
 def _train_and_commit(
-    acts: DatasetRef, store: Store, locs: list[Location], members: list[GroupMember], progress: bool
+    acts: DatasetRef,
+    store: Store,
+    locs: list[Location],
+    members: list[GroupMember],
+    progress: bool,
+    acts_out: DatasetRef | None = None,
 ) -> dict[Location, SaeManifest]:
     """Train `members` as one group and commit each at its location; their manifests. The
     trainers are dropped on return, before another chunk starts. With several ranks
@@ -130,9 +155,9 @@ def _train_and_commit(
             for writer, manifest in zip(writers, made, strict=True):
                 writer.manifest = manifest  # rank 0 reported it
         else:
-            trainers = training.train_group(acts, members, store, progress)
+            trainers = training.train_group(acts, members, store, progress, acts_out=acts_out)
             made = [
-                training.write_trained(w, acts, t).manifest
+                training.write_trained(w, acts, t, acts_out).manifest
                 for w, t in zip(writers, trainers, strict=True)
             ]
     # Committed: an SAE is found at its address from now on and never trains again, so its

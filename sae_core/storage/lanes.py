@@ -1,18 +1,23 @@
 """The reading plan of a streamed split: blocks of rows, their seeded order, and each lane's
 segment of it, so that a data-parallel rank reads only the lanes that make up its rows
-(sae_core.storage.loader reads what this plans). Plain bookkeeping: no I/O.
+(sae_core.storage.loader reads what this plans), and whether two paired datasets can share one
+plan. Plain bookkeeping: no I/O.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
+from sae_core.errors import DatasetDamaged
 from sae_core.storage.manifests import ActivationsSplit
+
+if TYPE_CHECKING:
+    from sae_core.storage.refs import DatasetRef
 
 BLOCK_ROWS = 8192  # rows per block of the shuffle: extraction's row group, fetched whole
 
@@ -84,3 +89,22 @@ def epoch_lanes(
     steps = info.rows // batch_size
     shares = [lane_slice(batch_size, lanes, lane) for lane in range(lanes)]
     return [segment(order, steps * rows.start, steps * rows.stop) for rows in shares]
+
+
+def check_paired_splits(
+    ref: DatasetRef,
+    info: ActivationsSplit,
+    other: DatasetRef,
+    info_other: ActivationsSplit,
+    dtype: str,
+    dtype_other: str,
+) -> None:
+    """DatasetDamaged unless two datasets' splits can share one reading plan: the same shards
+    with the same row counts in the same storage dtype, as one extraction pass writes them for
+    two hooks (a transcoder's input and output)."""
+    layout = [(s.name, s.rows) for s in info.shards]
+    if layout != [(s.name, s.rows) for s in info_other.shards] or dtype != dtype_other:
+        raise DatasetDamaged(
+            f"datasets {ref.uri} and {other.uri} do not pair: their shards, row counts or "
+            "dtypes differ; extract both hooks in one pass (model.hook and model.hook_out)"
+        )

@@ -23,6 +23,9 @@ groups ahead; another runs the lanes' buffers and cuts batches, `prefetch` batch
 Memory is bounded by the buffers (in the storage dtype), the queued batches and row groups,
 whatever the dataset's size. Arrow -> NumPy -> torch is zero-copy: the one copy of a row is into
 a buffer, the next out of it into a batch.
+
+Paired datasets (a transcoder's two hooks, `iter_batches(paired_with=...)`) share one plan: each
+lane reads the same pieces of both and joins them row by row before its buffer.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from sae_core.storage.lanes import (  # noqa: F401 (loader's names)
     Piece,
     ReadTally,
     blocks,
+    check_paired_splits,
     epoch_lanes,
     lane_slice,
     segment,
@@ -211,6 +215,31 @@ def _piece_rows(
                 first += stats.num_rows
 
 
+class _Side(NamedTuple):
+    """A dataset a lane reads (a pair: two, input first): its split's entry and row width."""
+
+    ref: DatasetRef
+    info: ActivationsSplit
+    width: int
+
+
+def _paired_rows(
+    sides: tuple[_Side, _Side], pieces: list[Piece], reads: ReadTally
+) -> Generator[Tensor, None, None]:
+    """The rows of `pieces` in two paired datasets side by side, `[r, d + d_out]`: they hold the
+    same shards with the same row counts (`check_paired_splits`), so row i of one is row i of
+    the other; the second's rows are cut to the first's pieces, whatever their row groups."""
+    first, second = (_piece_rows(s.ref, s.info, pieces, s.width, reads) for s in sides)
+    pairs = _Rows(second)
+    try:
+        for x in first:
+            y = list(pairs.take(len(x)))
+            yield torch.cat([x, y[0] if len(y) == 1 else torch.cat(y)], dim=1)
+    finally:
+        first.close()
+        second.close()
+
+
 class _Rows:
     """A stream of row pieces handed out `take(n)` rows at a time."""
 
@@ -234,7 +263,7 @@ class _Plan(NamedTuple):
     """How one lane's rows become its share of every batch."""
 
     width: int
-    """d: values per row."""
+    """d: values per row (a pair's: d + d_out)."""
     dtype: str
     """The stored dtype, which the shuffle buffer holds."""
     batch_size: int
@@ -250,8 +279,7 @@ class _Plan(NamedTuple):
 
 
 def _lane(
-    ref: DatasetRef,
-    info: ActivationsSplit,
+    sides: tuple[_Side, ...],
     pieces: list[Piece],
     plan: _Plan,
     read_ahead: int,
@@ -259,8 +287,13 @@ def _lane(
 ) -> Generator[Tensor, None, None]:
     """One lane's shares of the batches from `plan.start_batch` on: its pieces, read in their own
     thread a few row groups ahead (S3 transfers and decoding overlap the shuffling), through its
-    shuffle buffer."""
-    rows = _prefetched(_piece_rows(ref, info, pieces, plan.width, reads), read_ahead)
+    shuffle buffer. A pair's rows are joined before the buffer, so they stay together."""
+    if len(sides) == 1:
+        ref, info, width = sides[0]
+        read = _piece_rows(ref, info, pieces, width, reads)
+    else:
+        read = _paired_rows(sides, pieces, reads)
+    rows = _prefetched(read, read_ahead)
     try:
         yield from _shuffle_buffer(_Rows(rows), plan)
     finally:
@@ -268,9 +301,8 @@ def _lane(
 
 
 def _shuffled(
-    ref: DatasetRef,
-    manifest: ActivationsManifest,
-    info: ActivationsSplit,
+    sides: tuple[_Side, ...],
+    dtype: str,
     batch_size: int,
     lanes: int,
     generator: torch.Generator,
@@ -280,8 +312,9 @@ def _shuffled(
     reads: ReadTally,
 ) -> Generator[Tensor, None, None]:
     """The batches from `start_batch` on, only their rows `take`: the lanes `take` overlaps
-    run side by side and each batch is their shares, in lane order (the others are not read)."""
-    segments = epoch_lanes(info, batch_size, lanes, generator)
+    run side by side and each batch is their shares, in lane order (the others are not read).
+    sides: one dataset, or a pair laid out alike (one plan, cut from the first's split)."""
+    segments = epoch_lanes(sides[0].info, batch_size, lanes, generator)
     # Every lane's seed is drawn, whichever lanes run here: a lane's rows never depend on W.
     seeds = torch.randint(2**62, (lanes,), generator=generator).tolist()
     first, stop, _ = take.indices(batch_size)
@@ -292,8 +325,8 @@ def _shuffled(
             continue  # none of this lane's rows are wanted here
         share = slice(max(first - rows.start, 0), min(stop, rows.stop) - rows.start)
         plan = _Plan(
-            manifest.width,
-            manifest.dtype,
+            sum(side.width for side in sides),
+            dtype,
             rows.stop - rows.start,
             torch.Generator().manual_seed(seeds[lane]),
             buffer_tokens * (rows.stop - rows.start) // batch_size,
@@ -302,7 +335,7 @@ def _shuffled(
         )
         streams.append((segments[lane], plan))
     read_ahead = max(1, _READ_AHEAD // max(1, len(streams)))
-    lanes_here = [_lane(ref, info, pieces, plan, read_ahead, reads) for pieces, plan in streams]
+    lanes_here = [_lane(sides, pieces, plan, read_ahead, reads) for pieces, plan in streams]
     try:
         for shares in zip(*lanes_here, strict=True):
             yield shares[0] if len(shares) == 1 else torch.cat(shares)
@@ -408,6 +441,7 @@ def iter_batches(
     lanes: int = 1,
     pin_memory: bool = False,
     reads: ReadTally | None = None,
+    paired_with: DatasetRef | None = None,
 ) -> Iterator[Tensor]:
     """Shuffled `[batch_size, d]` float32 batches of a split, streamed (see the module docstring).
 
@@ -430,6 +464,12 @@ def iter_batches(
     GPU, `non_blocking`, then overlaps the previous step instead of waiting on a staging copy).
 
     reads: counts what this stream fetches from storage (bytes and rows of the row groups).
+
+    paired_with: a dataset extracted in the same pass as `ref` at another hook (a transcoder's
+    output): each row is then `ref`'s row and its pair side by side, `[batch_size, d + d_out]`,
+    through one plan (the same blocks, lanes and buffer draws as `ref` alone: the first d
+    columns are the batches `ref` alone gives). Their shards must match row for row
+    (`check_paired_splits`; the token keys themselves are checked by `sae_core.data.pairing`).
     """
     manifest, info = split_manifest(ref, split)
     if batch_size > info.rows:
@@ -439,11 +479,15 @@ def iter_batches(
         )
     if lanes < 1:
         raise ValueError(f"lanes={lanes}: give at least 1")
+    sides = [_Side(ref, info, manifest.width)]
+    if paired_with is not None:
+        manifest_out, info_out = split_manifest(paired_with, split)
+        check_paired_splits(ref, info, paired_with, info_out, manifest.dtype, manifest_out.dtype)
+        sides.append(_Side(paired_with, info_out, manifest_out.width))
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     batches = _shuffled(
-        ref,
-        manifest,
-        info,
+        tuple(sides),
+        manifest.dtype,
         batch_size,
         lanes,
         generator,

@@ -279,9 +279,12 @@ class SaeManifest(Manifest):
 
     kind: Literal["sae"] = "sae"
     activations: str
-    """The URI of the activations dataset it was trained on (on the same store)."""
+    """The URI of the activations dataset it was trained on (on the same store); a
+    transcoder's input hook."""
+    activations_out: str | None = None
+    """A transcoder's: the URI of the paired dataset of its output hook (its target)."""
     sae_kind: str
-    """sae.kind: topk, expander or matryoshka."""
+    """sae.kind: topk, expander, matryoshka, transcoder or skip_transcoder."""
     d: int
     """Input width."""
     n: int

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from sae_core.config import DataConfig, PipelineConfig, check_expander_graph
 from sae_core.data.assets import resolve_corpus, resolve_model_path
-from sae_core.data.models import ModelFacts, inspect_model
+from sae_core.data.models import ModelFacts, check_transcoder_hooks, inspect_model
 from sae_core.env import hub_offline, machine_memory
 from sae_core.errors import ConfigError
 from sae_core.storage.store import Store, default_store_uri
@@ -318,10 +318,16 @@ def preflight(config: PipelineConfig) -> ModelFacts:
     """Store reachable, writable and not a system directory, model and hook valid, model
     files whole, a tokenizer the model's embedding covers, corpus present and readable as text,
     devices present (a GPU per rank), sizes possible (shards countable), an expander SAE's
-    sae.degree possible at the model's width."""
+    sae.degree possible at the model's width, a transcoder's output hook after its input hook."""
     from sae_core.device import pick_device
 
     facts = inspect_model(config.model.path, config.model.hook)
+    if config.model.hook_out is not None:  # a transcoder's output hook exists and fires later
+        try:
+            inspect_model(config.model.path, config.model.hook_out)
+        except ConfigError as err:  # the same checks as model.hook's: name the field checked
+            raise ConfigError(str(err).replace("model.hook ", "model.hook_out ", 1)) from None
+        check_transcoder_hooks(config.model.hook, config.model.hook_out)
     if config.sae.kind == "expander":
         check_expander_graph(config.sae.n_latents, facts.width, config.sae.degree)
     check_model_files(config.model.path, facts.vocab_size)

@@ -13,8 +13,9 @@ from sae_core.errors import ConfigError
 
 
 def training_bytes(sae: SAEConfig, width: int) -> int:
-    """A lower bound on training memory: each dense [n, d] float32 matrix (TopK, Matryoshka:
-    encoder and decoder; an untied expander: its encoder) with its gradient and two Adam moments."""
+    """A lower bound on training memory: each dense [n, d] float32 matrix (TopK, Matryoshka,
+    transcoders: encoder and decoder; an untied expander: its encoder) with its gradient and two
+    Adam moments."""
     dense = 2 if sae.kind != "expander" else 1 if sae.encoder == "untied" else 0
     return dense * 4 * 4 * sae.n_latents * width
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae_core.config import SAEConfig, TrainConfig
+from sae_core.config import TRANSCODER_KINDS, SAEConfig, TrainConfig
 from sae_core.device import device_name, pick_device
 from sae_core.errors import ConfigError
 from sae_core.sae import WEIGHTS_FILE, MatryoshkaSAE, SparseAutoencoder, storage_report
@@ -48,9 +48,11 @@ class TrainResult:
         return self.manifest.resumed_from_tokens
 
 
-def sae_manifest(trainer: Trainer, fingerprint: str, acts: DatasetRef) -> SaeManifest:
+def sae_manifest(
+    trainer: Trainer, fingerprint: str, acts: DatasetRef, acts_out: DatasetRef | None = None
+) -> SaeManifest:
     """The trained SAE's manifest: where it came from and its final figures. final_nmse: mean
-    over the last 5% of steps."""
+    over the last 5% of steps. acts_out: a transcoder's target dataset."""
     sae, st = trainer.sae, trainer.state
     tail = st.history[-max(1, len(st.history) // 20) :]
     window = min(sae.cfg.dead_window_tokens, max(st.tokens_seen, 1))
@@ -58,6 +60,7 @@ def sae_manifest(trainer: Trainer, fingerprint: str, acts: DatasetRef) -> SaeMan
         schema_version=1,
         fingerprint=fingerprint,
         activations=acts.uri,
+        **({"activations_out": acts_out.uri} if acts_out is not None else {}),
         sae_kind=sae.cfg.kind,
         d=sae.d,
         n=sae.n_latents,
@@ -95,6 +98,7 @@ def train_group(
     ranks: Ranks = SINGLE,
     device: torch.device | None = None,
     reads: ReadTally | None = None,
+    acts_out: DatasetRef | None = None,
 ) -> list[Trainer]:
     """Train the members (sharing `data_order`) on the `train` split of a committed activations
     dataset, reading it once per epoch for all of them; checkpoints go to `store`.
@@ -105,11 +109,21 @@ def train_group(
     reads its rows of each batch (its train.data_lanes only: `loader.iter_batches`), rank 0
     alone writes checkpoints. device None: train.device. reads: counts what the batches (not
     the init sample) fetch from storage.
+    acts_out: transcoders' target, the dataset of their output hook paired row for row with
+    `acts` (`sae_core.data.pairing`); each batch is then [B, 2d], x then y. Transcoders train
+    in one process.
     """
     manifest = acts.manifest(ActivationsManifest)
     d = manifest.width
     rows = manifest.splits["train"].rows
     train_cfg = members[0].train
+    if any((m.sae.kind in TRANSCODER_KINDS) != (acts_out is not None) for m in members):
+        raise ConfigError(
+            "transcoders train on a pair of datasets (model.hook and model.hook_out), SAEs on "
+            "one; give acts_out for transcoders only, and train the two apart"
+        )
+    if acts_out is not None and ranks.distributed:
+        raise ConfigError("transcoders train in one process; set train.world_size=1")
     steps_per_epoch = rows // train_cfg.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -132,13 +146,17 @@ def train_group(
             lanes=train_cfg.data_lanes,
             pin_memory=device.type == "cuda",
             reads=reads,
+            paired_with=acts_out,
         )
 
     def init_sample() -> torch.Tensor:
-        """[size, d]: read by rank 0 alone and sent to the others (every rank's SAE starts alike)."""
+        """[size, d] ([size, 2d] for transcoders, x then y): read by rank 0 alone and sent to
+        the others (every rank's SAE starts alike)."""
         size = min(INIT_SAMPLE_TOKENS, rows)
         if not ranks.distributed:
-            return next(iter_batches(acts, "train", size, train_cfg.seed + 1, 0, 0))
+            return next(
+                iter_batches(acts, "train", size, train_cfg.seed + 1, 0, 0, paired_with=acts_out)
+            )
         if ranks.leader:
             shared = next(iter_batches(acts, "train", size, train_cfg.seed + 1, 0, 0)).to(device)
         else:
@@ -159,7 +177,9 @@ def train_group(
     )
 
 
-def write_trained(writer: DatasetWriter, acts: DatasetRef, trainer: Trainer) -> TrainResult:
+def write_trained(
+    writer: DatasetWriter, acts: DatasetRef, trainer: Trainer, acts_out: DatasetRef | None = None
+) -> TrainResult:
     """Fill `writer` with a trained SAE: weights, configs, history and the manifest."""
     sae = trainer.final_sae()
     history = trainer.state.history
@@ -168,7 +188,7 @@ def write_trained(writer: DatasetWriter, acts: DatasetRef, trainer: Trainer) -> 
         "config.json", {"sae": trainer.sae.cfg.model_dump(), "train": trainer.cfg.model_dump()}
     )
     writer.write_json("history.json", history)
-    manifest = sae_manifest(trainer, writer.fingerprint, acts)
+    manifest = sae_manifest(trainer, writer.fingerprint, acts, acts_out)
     writer.manifest = manifest
     return TrainResult(sae, history, manifest)
 

@@ -33,6 +33,7 @@ from sae_core.sae import SparseAutoencoder, build_sae, fused_loss, kernels, unit
 from sae_core.sae.base import FIRE_THRESHOLD, safetensors_bytes, safetensors_metadata
 from sae_core.sae.normalize import InputNorm, geometric_median
 from sae_core.sae.ranks import SINGLE, Ranks
+from sae_core.sae.transcoder import TranscoderSAE
 from sae_core.training.recipe import schedule
 from sae_core.training.schedule_free import ScheduleFreeAdam
 
@@ -81,9 +82,13 @@ def init_sae(
 ) -> SparseAutoencoder:
     """A fresh SAE of kind sae_cfg.kind: normalisation fitted on `sample` [N, d] raw, b_pre at
     its (normalised) geometric median or mean, tied encoder/decoder drawn from `seed`, the
-    encoder (where it is a parameter of its own) scaled by `encoder_scale` (the recipe's)."""
+    encoder (where it is a parameter of its own) scaled by `encoder_scale` (the recipe's). A
+    transcoder's sample is [N, 2d], x then y: its output normalisation and b_dec come from y."""
+    sample, target = sample[:, :d], sample[:, d:]  # a transcoder's sample holds y after x
     norm = InputNorm.fit(sae_cfg.normalize, sample)
     sae = build_sae(d, sae_cfg, norm, generator=torch.Generator().manual_seed(seed))
+    if isinstance(sae, TranscoderSAE):
+        sae.fit_output(target)
     x, _ = norm.apply(sample.float())
     centre = geometric_median(x) if sae_cfg.b_pre_init == "geometric_median" else x.mean(dim=0)
     with torch.no_grad():
@@ -149,6 +154,8 @@ class Trainer:
         else:
             return self.sae
         sae = build_sae(self.sae.d, self.sae.cfg, self.sae.norm).to(self.device)
+        if isinstance(sae, TranscoderSAE):  # a constant of its kind, not a weight
+            sae.out_norm = self.sae.out_norm
         sae.load_state_dict(self.sae.state_dict() | weights)
         if isinstance(self.opt, ScheduleFreeAdam):
             sae.unit_decoder_keeping_codes_()
@@ -158,15 +165,17 @@ class Trainer:
         self, x_raw: torch.Tensor, mark: Callable[[str], None] | None = None
     ) -> dict[str, float]:
         """One optimiser step on raw activations x_raw: [B, d] (data parallel: this rank's
-        [B / world_size, d] slice of the global batch); returns the global batch's figures.
+        [B / world_size, d] slice of the global batch; a transcoder's: [B, 2d], x then y);
+        returns the global batch's figures.
 
         mark(phase) is called as each phase ends (normalize, gemm, topk, decode, backward,
         optimizer), for the benchmark's time breakdown.
         """
         mark = mark or _no_mark
         sae, ranks = self.sae, self.ranks
+        # A transcoder's batch holds its target y beside x.
+        x_raw, target = sae.split_batch(x_raw.to(self.device, torch.float32, non_blocking=True))
         # x - b_pre, which the encoder and the decoder both read, in the normaliser's pass.
-        x_raw = x_raw.to(self.device, torch.float32, non_blocking=True)
         x, _ = sae.norm.apply(x_raw, offset=sae.b_pre.detach())
         mark("normalize")
         # b_enc is added by the top-k as it reads the GEMM's output (one pass fewer over B x n).
@@ -176,7 +185,7 @@ class Trainer:
         if sae.cfg.batch_topk:
             sae.update_threshold(sel, ranks=ranks)
         mark("topk")
-        out = sae.losses(x, sel, ranks=ranks, with_recon=False, centred=True)
+        out = sae.losses(x, sel, ranks=ranks, with_recon=False, centred=True, target=target)
         mark("decode")
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -360,6 +369,8 @@ class Trainer:
             SAEConfig.model_validate_json(meta["config"]),
             InputNorm.from_json(json.loads(meta["normalization"])),
         )
+        if isinstance(sae, TranscoderSAE):
+            sae.out_norm = InputNorm.from_json(json.loads(meta["out_normalization"]))
         sae.load_state_dict(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         )

@@ -163,3 +163,14 @@ def test_pick_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             pick_device("cuda")
+
+
+def test_a_transcoder_reads_a_hook_that_fires_before_the_one_it_writes():
+    from sae_core.data.models import check_transcoder_hooks
+
+    check_transcoder_hooks("mlp_in.3", "mlp_out.3")
+    check_transcoder_hooks("resid_pre.3", "mlp_out.3")
+    check_transcoder_hooks("resid_post.2", "attn_out.3")
+    for hook_in in ("resid_post.3", "mlp_out.3", "mlp_in.4"):
+        with pytest.raises(ConfigError, match="fires before model.hook"):
+            check_transcoder_hooks(hook_in, "mlp_out.3")

@@ -9,7 +9,7 @@ from sae_core.data.models import decoder_layers, forward_with_replacement
 from sae_core.evaluation.splice import SplitModel
 from tests.helpers.tiny_models import BUILDERS
 
-HOOKS = ["resid_pre.0", "resid_post.1", "attn_out.2", "mlp_out.3"]
+HOOKS = ["resid_pre.0", "resid_post.1", "attn_out.2", "mlp_in.1", "mlp_out.3"]
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -37,7 +37,7 @@ def test_split_equals_the_full_forward(model, ids, hook):
     split = SplitModel(model, hook)
     with torch.inference_mode():
         captured = split.capture(ids)
-        assert (captured.block_input is not None) == hook.startswith(("attn_out", "mlp_out"))
+        assert (captured.block_input is not None) == hook.startswith(("attn_out", "mlp"))
         clean = model(input_ids=ids).logits
         assert torch.equal(split.logits(ids, captured.act, captured.block_input), clean)
         edited = captured.act * 0.5 + 1

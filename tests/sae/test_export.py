@@ -16,7 +16,9 @@ from flows.cli import app
 from sae_core.config import SAEConfig
 from sae_core.errors import ConfigError
 from sae_core.sae import TopKSAE
-from sae_core.sae.export import Origin, export_sae, import_sae, saeflow_hook, transformer_lens_hook
+from sae_core.sae.export import export_sae
+from sae_core.sae.formats import Origin, saeflow_hook, transformer_lens_hook
+from sae_core.sae.importer import import_sae
 from sae_core.sae.normalize import EPS, InputNorm
 
 D, N, K = 32, 128, 8

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from sae_core.config import SAEConfig, TrainConfig, build_config
 from sae_core.errors import ConfigError
 from sae_core.sae import MatryoshkaSAE, build_sae, load_sae_bytes
-from sae_core.sae.export import export_sae, import_sae
+from sae_core.sae.export import export_sae
+from sae_core.sae.importer import import_sae
 from sae_core.sae.matryoshka import dense_nested_decode, nested_decode, prefix_groups
 from sae_core.sae.normalize import InputNorm
 from sae_core.training.trainer import Trainer, init_sae

@@ -18,7 +18,7 @@ import torch
 
 from sae_core.config import SAEConfig
 from sae_core.sae import build_sae
-from sae_core.sae.export import ORIGIN_FILE, Origin
+from sae_core.sae.formats import ORIGIN_FILE, Origin
 from sae_core.storage.layout import STORAGE_SCHEMA, storage_batch
 from sae_core.storage.manifests import SaeManifest
 from tasks.model_code import inference_modules
