@@ -487,9 +487,14 @@ class SparseAutoencoder(nn.Module, ABC):
             )
         cfg = SAEConfig.model_validate_json(meta["config"])
         norm = InputNorm.from_json(json.loads(meta["normalization"]))
-        sae = cls(int(meta["d"]), cfg, norm)
+        sae = cls(int(meta["d"]), cfg, norm, **cls.init_from_metadata(meta))
         sae.load_state_dict(load_tensors(data))
         return sae
+
+    @classmethod
+    def init_from_metadata(cls, meta: dict[str, str]) -> dict[str, Any]:
+        """A kind's own constructor arguments, read from its file's metadata (`metadata`)."""
+        return {}
 
     @classmethod
     def load_safetensors(cls, source: str | Path | IO[bytes] | bytes) -> Self:

@@ -16,15 +16,13 @@ token's output scale cannot be predicted from its input). A training batch is [B
 from __future__ import annotations
 
 import json
-from typing import ClassVar, Self
+from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load as load_tensors
 from torch import Tensor, nn
 
 from sae_core.config import SAEConfig
-from sae_core.errors import ConfigError
-from sae_core.sae.base import ForwardOutput, Selection, safetensors_metadata
+from sae_core.sae.base import ForwardOutput, Selection
 from sae_core.sae.normalize import InputNorm, NormStats
 from sae_core.sae.ranks import Ranks
 from sae_core.sae.topk import TopKSAE
@@ -96,19 +94,8 @@ class TranscoderSAE(TopKSAE):
         return super().metadata() | {"out_normalization": json.dumps(self.out_norm.to_json())}
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Self:
-        meta = safetensors_metadata(data)
-        if meta.get("format") != cls.FORMAT:
-            raise ConfigError(
-                f"not a saeflow {cls.__name__} file (format={meta.get('format')!r}); "
-                "sae_core.sae.load_sae_bytes reads any kind"
-            )
-        cfg = SAEConfig.model_validate_json(meta["config"])
-        norm = InputNorm.from_json(json.loads(meta["normalization"]))
-        out_norm = InputNorm.from_json(json.loads(meta["out_normalization"]))
-        sae = cls(int(meta["d"]), cfg, norm, out_norm=out_norm)
-        sae.load_state_dict(load_tensors(data))
-        return sae
+    def init_from_metadata(cls, meta: dict[str, str]) -> dict[str, Any]:
+        return {"out_norm": InputNorm.from_json(json.loads(meta["out_normalization"]))}
 
 
 class SkipTranscoderSAE(TranscoderSAE):
