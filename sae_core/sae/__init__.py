@@ -40,10 +40,11 @@ import torch
 
 from sae_core.config import SAEConfig
 from sae_core.errors import ConfigError
-from sae_core.sae.base import Codes, ForwardOutput, SparseAutoencoder, safetensors_metadata
+from sae_core.sae.base import Codes, ForwardOutput, SparseAutoencoder
 from sae_core.sae.expander import ExpanderSAE
 from sae_core.sae.matryoshka import MatryoshkaSAE
 from sae_core.sae.normalize import InputNorm
+from sae_core.sae.safetensors_io import safetensors_metadata
 from sae_core.sae.topk import TopKSAE
 from sae_core.sae.transcoder import SkipTranscoderSAE, TranscoderSAE
 

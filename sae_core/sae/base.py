@@ -10,7 +10,6 @@ decoder row j is the unit-norm direction of latent j.
 from __future__ import annotations
 
 import json
-import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import IO, Any, ClassVar, NamedTuple, Self
@@ -18,7 +17,6 @@ from typing import IO, Any, ClassVar, NamedTuple, Self
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 from torch import Tensor, nn
 
 from sae_core.config import SAEConfig
@@ -28,6 +26,7 @@ from sae_core.sae.gemm_layout import aligned_operand
 from sae_core.sae.normalize import InputNorm, NormStats
 from sae_core.sae.omp import omp
 from sae_core.sae.ranks import SINGLE, Ranks
+from sae_core.sae.safetensors_io import safetensors_bytes, safetensors_metadata
 
 FORMAT_VERSION = "1"
 FIRE_THRESHOLD = 1e-3  # a latent "fires" on a token when its activation exceeds this
@@ -105,35 +104,6 @@ def batch_topk(
     width = max(1, int(keep.sum(dim=1).max()))
     vals, keep = vals[:, :width], keep[:, :width]
     return vals.masked_fill(~keep, float("-inf")), idx[:, :width], thr
-
-
-def safetensors_metadata(data: bytes) -> dict[str, Any]:
-    """The `__metadata__` of a safetensors byte string (an 8-byte length, then a JSON header)."""
-    if len(data) < 8:
-        raise ConfigError("safetensors data is truncated: fewer than 8 bytes")
-    (size,) = struct.unpack("<Q", data[:8])
-    try:  # anything else (a pickle, a truncated file) is refused here, never unpickled
-        header = json.loads(data[8 : 8 + size]) if size <= len(data) - 8 else None
-    except ValueError:
-        header = None
-    if not isinstance(header, dict):
-        raise ConfigError("not a safetensors file: its header is missing or not JSON")
-    return header.get("__metadata__") or {}
-
-
-def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
-    """`tensors` and `metadata` as a safetensors byte string, the same bytes in every process.
-
-    safetensors writes its metadata in the order of a hash map seeded per process, so one SAE
-    saved twice would differ byte for byte; the header is rewritten with the keys sorted (the
-    data offsets, relative to the end of the header, are unchanged)."""
-    data = save_tensors(tensors, metadata=metadata)
-    (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + size])
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return struct.pack("<Q", len(text)) + text + data[8 + size :]
 
 
 class SparseAutoencoder(nn.Module, ABC):

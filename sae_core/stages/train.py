@@ -18,6 +18,7 @@ from sae_core.sae import (
     native,
     normalize,
     ranks,
+    safetensors_io,
     topk,
     transcoder,
     unit_adam,
@@ -55,6 +56,7 @@ CODE = (
     native,
     triton_kernels,  # the package; its SOURCES are the kernels (importing it needs no triton)
     normalize,
+    safetensors_io,  # the SAE file's bytes
 )
 
 

@@ -31,12 +31,10 @@ lane reads the same pieces of both and joins them row by row before its buffer.
 from __future__ import annotations
 
 import errno
-import queue
-import threading
 import warnings
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -57,6 +55,7 @@ from sae_core.storage.lanes import (  # noqa: F401 (loader's names)
 )
 from sae_core.storage.layout import activation_matrix
 from sae_core.storage.manifests import ActivationsManifest, ActivationsSplit
+from sae_core.storage.prefetch import prefetched
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 
@@ -293,7 +292,7 @@ def _lane(
         read = _piece_rows(ref, info, pieces, width, reads)
     else:
         read = _paired_rows(sides, pieces, reads)
-    rows = _prefetched(read, read_ahead)
+    rows = prefetched(read, read_ahead)
     try:
         yield from _shuffle_buffer(_Rows(rows), plan)
     finally:
@@ -384,49 +383,6 @@ def _shuffle_buffer(rows: _Rows, plan: _Plan) -> Generator[Tensor, None, None]:
         emitted += 1
 
 
-def _prefetched(items: Generator[Tensor, None, None], depth: int) -> Generator[Tensor, None, None]:
-    """Run `items` in a background thread, `depth` ready items ahead; errors re-raise here."""
-    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(item: Any) -> bool:
-        """Queue an item unless the consumer has gone; False once it has."""
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(end)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            put(err)
-        finally:
-            items.close()  # releases what it holds open (a shard, an inner reader)
-
-    thread = threading.Thread(target=produce, name="activation-loader", daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                ready.get_nowait()
-            except queue.Empty:
-                thread.join(0.05)
-
-
 def iter_batches(
     ref: DatasetRef,
     split: str,
@@ -498,4 +454,4 @@ def iter_batches(
     )
     if pin_memory:
         batches = (batch.pin_memory() for batch in batches)
-    return _prefetched(batches, prefetch)
+    return prefetched(batches, prefetch)

@@ -30,9 +30,10 @@ from safetensors.torch import load as load_tensors
 from sae_core.config import TRAIN_EXECUTION_FIELDS, SAEConfig, TrainConfig
 from sae_core.errors import ConfigError
 from sae_core.sae import SparseAutoencoder, build_sae, fused_loss, kernels, unit_adam
-from sae_core.sae.base import FIRE_THRESHOLD, safetensors_bytes, safetensors_metadata
+from sae_core.sae.base import FIRE_THRESHOLD
 from sae_core.sae.normalize import InputNorm, geometric_median
 from sae_core.sae.ranks import SINGLE, Ranks
+from sae_core.sae.safetensors_io import safetensors_bytes, safetensors_metadata
 from sae_core.sae.transcoder import TranscoderSAE
 from sae_core.training.recipe import schedule
 from sae_core.training.schedule_free import ScheduleFreeAdam

@@ -19,9 +19,9 @@ from sae_core.sae import (
     load_sae_bytes,
     storage_report,
 )
-from sae_core.sae.base import safetensors_metadata
 from sae_core.sae.expander import expander_mask
 from sae_core.sae.normalize import InputNorm
+from sae_core.sae.safetensors_io import safetensors_metadata
 from sae_core.storage.store import Store
 from sae_core.training.group import run_training, tensor_source
 from sae_core.training.trainer import Trainer, init_sae

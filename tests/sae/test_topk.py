@@ -10,8 +10,8 @@ import torch
 from sae_core.config import SAEConfig
 from sae_core.errors import ConfigError
 from sae_core.sae import TopKSAE
-from sae_core.sae.base import safetensors_metadata
 from sae_core.sae.normalize import InputNorm
+from sae_core.sae.safetensors_io import safetensors_metadata
 
 
 def _sae(normalize: str = "per_token", **kw) -> TopKSAE:

@@ -12,7 +12,7 @@ from safetensors.torch import load as load_tensors
 from sae_core import stopping
 from sae_core.config import SAEConfig, TrainConfig
 from sae_core.errors import ConfigError
-from sae_core.sae.base import safetensors_metadata
+from sae_core.sae.safetensors_io import safetensors_metadata
 from sae_core.stages import train as train_stage
 from sae_core.storage.store import Store
 from sae_core.training.group import (
