@@ -53,7 +53,7 @@ CASES = {
     # unknown names
     "unknown-key": Case(sets("sae.kk=3"), "sae.kk", "unknown key; check the spelling"),
     "unknown-section": Case(sets("optimizer.lr=0.1"), "optimizer", "unknown key; check the spelling"),
-    "unknown-dtype": Case(sets("model.dtype=int8"), "model.dtype", "should be 'float32' or 'bfloat16'"),
+    "unknown-dtype": Case(sets("model.dtype=int8"), "model.dtype", "should be 'auto', 'float32' or 'bfloat16'"),
     "unknown-preset": Case(["--preset", "nosuch"], "unknown preset 'nosuch'", "choose one of"),
     "override-syntax": Case(["--set", "sae.k"], "--set 'sae.k'", "expected key.path=value"),
     "preset-not-a-mapping": Case(["--preset", "{files}/list.yaml"], "list.yaml", "expected a mapping of sections"),
