@@ -95,4 +95,11 @@ for i in 1 2 3; do
     $SAEFLOW bench train --dtype $dtype --steps 10 --json > "$out.tmp" && mv "$out.tmp" "$out"
   done
 done
+# 10. The sweep to convergence: tokens 2^21 x (n / 1152)^0.66 (the exponent step 6 measured, from
+#     the 10%-per-doubling point of n = 1152 with a margin): 2.1M, 3.3M, 5.2M, 8.3M tokens; n = 9216
+#     takes two epochs of the 4.23M rows. Re-extracts the research activations where the extraction
+#     code has changed since step 4 (a new content address); hours on 2 cores, resumable.
+step "sweep to convergence"
+$SAEFLOW sweep --preset research --store "$STORE" --set train.tokens=2097152 \
+  --set sweep.tokens_exponent=0.66 --no-progress > "$HERE/logs/sweep-converged.log" 2>&1
 step "done"
