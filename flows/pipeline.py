@@ -19,6 +19,7 @@ from flows.stopping import cancelled_on_stop
 from sae_core.config import PipelineConfig
 from sae_core.data.models import ModelFacts
 from sae_core.evaluation.promotion import Nomination
+from sae_core.stages.evaluate import check_probe_corpus
 from sae_core.storage.manifests import SaeManifest, ValidationManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import default_store_uri
@@ -54,7 +55,9 @@ class PipelineResult(BaseModel):
 
 @task(name="preflight", cache_policy=NO_CACHE)
 def check_inputs(config: PipelineConfig) -> ModelFacts:
-    return preflight(config)
+    facts = preflight(config)
+    check_probe_corpus(config.data, config.eval)
+    return facts
 
 
 # The stage tasks, in the order the flow runs them: the names `--refresh` takes.

@@ -10,7 +10,7 @@ A module per section, each importing only `common` and the sections it composes:
 
 from sae_core.config.common import SEED_MAX, Seed
 from sae_core.config.data import DataConfig
-from sae_core.config.evaluation import EvalConfig, SaeBenchConfig
+from sae_core.config.evaluation import PROBE_CORPUS_FIELDS, EvalConfig, SaeBenchConfig
 from sae_core.config.latents import LatentsConfig
 from sae_core.config.loading import (
     PRESET_DIR,
@@ -28,6 +28,7 @@ from sae_core.config.train import TRAIN_EXECUTION_FIELDS, TrainConfig
 
 __all__ = [
     "PRESET_DIR",
+    "PROBE_CORPUS_FIELDS",
     "SEED_MAX",
     "TRAIN_EXECUTION_FIELDS",
     "TRANSCODER_KINDS",
