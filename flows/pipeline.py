@@ -19,6 +19,7 @@ from flows.stopping import cancelled_on_stop
 from sae_core.config import PipelineConfig
 from sae_core.data.models import ModelFacts
 from sae_core.evaluation.promotion import Nomination
+from sae_core.stages.evaluate import check_probe_corpus
 from sae_core.storage.manifests import SaeManifest, ValidationManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import default_store_uri
@@ -40,6 +41,7 @@ class PipelineResult(BaseModel):
     """What a run produced: references, figures, and how each stage ended."""
 
     stages: dict[str, str]  # stage -> computed | cached | reused from ... | resumed from N tokens
+    seconds: dict[str, float]  # stage -> its wall time in this run (a cached stage's: the lookup)
     tokens: DatasetRef
     activations: DatasetRef
     validation: ValidationManifest  # the validation's outcome: its committed manifest
@@ -54,7 +56,9 @@ class PipelineResult(BaseModel):
 
 @task(name="preflight", cache_policy=NO_CACHE)
 def check_inputs(config: PipelineConfig) -> ModelFacts:
-    return preflight(config)
+    facts = preflight(config)
+    check_probe_corpus(config.data, config.eval)
+    return facts
 
 
 # The stage tasks, in the order the flow runs them: the names `--refresh` takes.
@@ -68,12 +72,13 @@ STAGES = tuple(
 
 class _Stages:
     """Runs stage tasks in order, recomputing those `refresh` wants; remembers how each ended
-    (tasks.caching's outcomes; a training that resumed says from how many tokens) and logs
-    each start and end to the run's logger: a deployment run shows its progress in the
-    worker's log and the Prefect UI."""
+    (tasks.caching's outcomes; a training that resumed says from how many tokens) and its wall
+    time, and logs each start and end to the run's logger: a deployment run shows its progress
+    in the worker's log and the Prefect UI."""
 
     def __init__(self, refresh: Refresh) -> None:
         self.states: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
         self.refresh = refresh
         self.log = get_run_logger()
 
@@ -90,7 +95,8 @@ class _Stages:
             resumed = result.manifest(SaeManifest).resumed_from_tokens
             outcome = f"resumed from {resumed} tokens" if resumed else outcome
         self.states[task.name] = outcome
-        self.log.info("stage %s: %s in %.1f s", task.name, outcome, time.monotonic() - started)
+        self.seconds[task.name] = time.monotonic() - started
+        self.log.info("stage %s: %s in %.1f s", task.name, outcome, self.seconds[task.name])
         return result
 
 
@@ -162,6 +168,7 @@ def pipeline(
     print(f"report: {report.markdown}")
     return PipelineResult(
         stages=run.states,
+        seconds=run.seconds,
         tokens=tokens,
         activations=acts,
         validation=validation,

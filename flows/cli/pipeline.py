@@ -90,7 +90,7 @@ def flow_command(
 
     Ctrl-C or SIGTERM stops the flow at its next check and marks it Cancelled (flows/stopping.py;
     the console goes quiet and the command ends with one line); without PREFECT_API_URL the
-    flow reports to a temporary Prefect API, started once the checks pass (`_run_flow`), that
+    flow reports to a temporary Prefect API, started once the checks pass (`run_flow`), that
     the signal does not reach and that goes with the command (deployments/temporary_api.py)."""
 
     def register_flow(overrides: Callable[..., list[str]]) -> Callable[..., list[str]]:
@@ -129,7 +129,7 @@ def flow_command(
     return register_flow
 
 
-def _run_flow(
+def run_flow(
     flow: Any, cfg: PipelineConfig, shards_on: TaskRunner, progress: bool, **kw: Any
 ) -> Any:
     """Run a flow, once its launch's checks have passed: on its temporary Prefect API when no
@@ -150,7 +150,7 @@ def _launch_pipeline(
     from tasks.refresh import checked_stages
 
     checked_stages(refresh or [], STAGES)  # before the flow (and Prefect's server) starts
-    return _run_flow(pipeline, cfg, shards_on, progress, refresh=refresh)
+    return run_flow(pipeline, cfg, shards_on, progress, refresh=refresh)
 
 
 @flow_command(_launch_pipeline, print_summary, flag("refresh", RefreshOpt, None))
@@ -167,7 +167,7 @@ def _launch_sweep(cfg: PipelineConfig, shards_on: TaskRunner, progress: bool) ->
     preflight(cfg)
     from flows.sweep import sweep as sweep_flow
 
-    return _run_flow(sweep_flow, cfg, shards_on, progress)
+    return run_flow(sweep_flow, cfg, shards_on, progress)
 
 
 @flow_command(_launch_sweep, print_sweep_summary)
@@ -185,7 +185,7 @@ def _launch_frontier(cfg: PipelineConfig, shards_on: TaskRunner, progress: bool)
     frontier_plan(cfg, preflight(cfg).width)  # a bad degree fails in seconds
     from flows.frontier import frontier as frontier_flow
 
-    return _run_flow(frontier_flow, cfg, shards_on, progress)
+    return run_flow(frontier_flow, cfg, shards_on, progress)
 
 
 @flow_command(_launch_frontier, print_frontier_summary)

@@ -1,21 +1,24 @@
-"""`saeflow study ...`: measurements on a preset's activations, outside the pipeline's flows.
+"""`saeflow study ...`: measurements on a preset's activations, outside the pipeline's flows,
+and `kinds`: the SAE kinds compared, each through the pipeline's flow.
 
 The activations come through the pipeline's stages on the preset's store (sampled and
 extracted when missing, shared with `saeflow run`); the studies themselves live in
-sae_core/studies/ (`recipes`, `precision`).
+sae_core/studies/ (`recipes`, `precision`, `kinds`).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from flows.cli.console import console
+from flows.cli.console import bars_above_logs, console
 from flows.cli.errors import one_line_errors
-from flows.cli.options import PresetOpt, SetOpt, StoreOpt
+from flows.cli.options import ForceOpt, PresetOpt, ProgressOpt, SetOpt, StoreOpt
+from flows.cli.outputs import output_folder
 from sae_core.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True, help="Studies: measurements that write their figures.")
@@ -141,3 +144,95 @@ def precision(
         ]
         error = activation_error(*refs)
     typer.echo(json.dumps(error._asdict()))
+
+
+KindsOpt = Annotated[
+    str,
+    typer.Option(
+        "--kinds", help="Kinds, comma-separated: topk, batch_topk, matryoshka, skip_transcoder."
+    ),
+]
+KindSetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--kind-set",
+        help="KIND:key.path=value: an override for one kind, after the kind's own (repeatable), "
+        "e.g. skip_transcoder:train.tokens=1048576.",
+    ),
+]
+
+
+@app.command()
+def kinds(
+    out: Annotated[
+        str, typer.Option("--out", help="The report's folder: report.md, table.json, kinds.png.")
+    ],
+    kinds: KindsOpt = "topk,batch_topk,matryoshka,skip_transcoder",
+    kind_set: KindSetOpt = None,
+    force: ForceOpt = False,
+    preset: PresetOpt = "demo",
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """SAE kinds compared on the preset's data: each kind through the pipeline (`saeflow run`:
+    cached, resumable, registered) with the preset, the --sets, the kind's own overrides and its
+    --kind-sets; then one report of NMSE, CE loss recovered, absorption, k=1 sparse probing,
+    dead latents and wall times (sae_core/studies/kinds.py)."""
+    from deployments.access import check_access
+    from flows.stopping import stop_on_signals
+    from sae_core import stopping
+
+    stopping.reset()
+    with one_line_errors(), stop_on_signals():
+        from sae_core.studies.kinds import earlier_rows, plan_kinds
+        from sae_core.training.preflight import preflight
+
+        plans = plan_kinds(preset, set_ or [], kinds, kind_set or [], store)
+        folder = output_folder(out, "--out", force)
+        earlier = earlier_rows(folder) if folder.is_dir() else {}
+        for plan in plans:  # every kind's bad input fails in seconds, before the first trains
+            preflight(plan.config)
+        check_access()
+        words = ["saeflow", "study", "kinds", "--preset", preset, "--kinds", kinds]
+        words += [w for o in set_ or [] for w in ("--set", o)]
+        words += [w for o in kind_set or [] for w in ("--kind-set", o)]
+        words += [*(["--store", store] if store else []), "--out", out]
+        rows = _run_kinds(plans, earlier, progress)
+        from sae_core.studies.kinds import kinds_table, write_kinds_report
+
+        report = write_kinds_report(rows, plans, preset, shlex.join(words), folder)
+    console.print(kinds_table(rows), highlight=False, soft_wrap=True)
+    console.print(f"report: {report}", highlight=False, soft_wrap=True)
+
+
+def _run_kinds(plans: list[Any], earlier: dict[str, Any], progress: bool) -> list[Any]:
+    """Each plan's pipeline run, in order, read into its KindRow."""
+    from flows.cli.pipeline import run_flow
+    from flows.pipeline import pipeline
+    from flows.runners import task_runner
+    from flows.stopping import quiet_console_after_stop
+    from sae_core.studies.kinds import kind_row
+    from tasks.caching import COMPUTED
+
+    quiet_console_after_stop()
+    rows = []
+    with bars_above_logs():
+        for i, plan in enumerate(plans, 1):
+            console.print(f"kind {i}/{len(plans)}: {plan.kind}", highlight=False)
+            result = run_flow(pipeline, plan.config, task_runner("local"), progress)
+            # A training this run did (from the start, or resumed: the pipeline's outcome says).
+            outcome = result.stages["train_sae"]
+            trained = outcome == COMPUTED or outcome.startswith("resumed")
+            bench = result.saebench.dataset if result.saebench else None
+            rows.append(
+                kind_row(
+                    plan,
+                    result.sae,
+                    result.evaluation.dataset,
+                    bench,
+                    result.seconds["train_sae"] if trained else None,
+                    earlier,
+                )
+            )
+    return rows

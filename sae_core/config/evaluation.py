@@ -3,9 +3,14 @@ evaluations."""
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from sae_core.config.common import Seed, Strict, check_distinct
+
+# The probe corpus's fields: they reach the evaluation's and SAEBench's addresses through the
+# probe set's corpus (sae_core.stages.evaluate.probe_source), never as eval fields, so that the
+# addresses of runs that leave them unset are those made before the fields existed.
+PROBE_CORPUS_FIELDS = frozenset({"probe_corpus", "probe_text_column"})
 
 
 class EvalConfig(Strict):
@@ -22,7 +27,24 @@ class EvalConfig(Strict):
         512, ge=0, description="Probe contexts (one per document first); 0 turns probes off."
     )
     probe_tokens: int = Field(8192, ge=1, description="Labelled tokens sampled for token tasks.")
+    probe_corpus: str | None = Field(
+        None,
+        description="The corpus the probe tasks come from, named as data.corpus is (a labelled "
+        "one: a genre column, or Brown's part-of-speech tags); None: data.corpus.",
+    )
+    probe_text_column: str = Field(
+        "text", description="eval.probe_corpus's text column (unset corpus: data.text_column)."
+    )
     seed: Seed = Field(0, description="Seed of the ablation and probe samples.")
+
+    @model_validator(mode="after")
+    def _text_column_of_a_probe_corpus(self) -> EvalConfig:
+        if self.probe_corpus is None and self.probe_text_column != "text":
+            raise ValueError(
+                "eval.probe_text_column applies to eval.probe_corpus, which is unset (the "
+                "probes read data.corpus's data.text_column); set eval.probe_corpus or drop it"
+            )
+        return self
 
 
 class SaeBenchConfig(Strict):

@@ -1,12 +1,14 @@
-"""The `sweep` and `frontier` sections: the grids the research flows train."""
+"""The `sweep` and `frontier` sections: the grids the research flows train; and the SAE kinds
+`saeflow study kinds` compares, as the overrides that make each from a preset."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import Field, model_validator
 
 from sae_core.config.common import Seed, Strict, check_distinct
+from sae_core.errors import ConfigError
 
 
 class SweepConfig(Strict):
@@ -60,3 +62,45 @@ class FrontierConfig(Strict):
         for name, low in (("degrees", 1), ("seeds", 0)):
             check_distinct(f"frontier.{name}", getattr(self, name), low)
         return self
+
+
+class StudyKind(NamedTuple):
+    """One SAE kind of `saeflow study kinds`: the fields it sets on top of a preset."""
+
+    sae: dict[str, Any]
+    """The sae section's fields it sets."""
+    model: dict[str, Any]
+    """The model section's fields it sets; `{layer}` in a value is the layer of the preset's
+    model.hook (a transcoder of that layer's MLP)."""
+
+
+STUDY_KINDS: dict[str, StudyKind] = {
+    "topk": StudyKind({"kind": "topk", "batch_topk": False}, {}),
+    "batch_topk": StudyKind({"kind": "topk", "batch_topk": True}, {}),
+    "matryoshka": StudyKind({"kind": "matryoshka", "batch_topk": True}, {}),
+    # One pass extracts both hooks (model.compile extracts one); transcoders refuse per-token
+    # normalisation (a token's output scale is not known from its input).
+    "skip_transcoder": StudyKind(
+        {"kind": "skip_transcoder", "normalize": "global"},
+        {"hook": "mlp_in.{layer}", "hook_out": "mlp_out.{layer}", "compile": False},
+    ),
+}
+
+
+def study_kind_overrides(name: str, hook: str) -> list[str]:
+    """The `--set` overrides that make kind `name` (of STUDY_KINDS) from a configuration whose
+    model.hook is `hook`; ConfigError naming --kinds and the kinds for an unknown name."""
+    if name not in STUDY_KINDS:
+        raise ConfigError(f"--kinds: unknown kind {name!r}; choose from {', '.join(STUDY_KINDS)}")
+    kind, layer = STUDY_KINDS[name], hook.rsplit(".", 1)[1]
+    fields = [("sae", kind.sae), ("model", kind.model)]
+    return [
+        f"{section}.{key}={_yaml(value).format(layer=layer)}"
+        for section, values in fields
+        for key, value in values.items()
+    ]
+
+
+def _yaml(value: Any) -> str:
+    """A value as `--set` reads it (YAML): booleans lower-case."""
+    return str(value).lower() if isinstance(value, bool) else str(value)

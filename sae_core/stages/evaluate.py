@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from sae_core.config import DataConfig, EvalConfig, ModelConfig
+from sae_core.config import PROBE_CORPUS_FIELDS, DataConfig, EvalConfig, ModelConfig
 from sae_core.data import models, tokens
 from sae_core.data.activations import first_position
-from sae_core.data.assets import resolve_corpus, resolve_model_path
+from sae_core.data.assets import DEMO_CORPORA, resolve_corpus, resolve_model_path
 from sae_core.data.models import HookPoint, check_transcoder_hooks, load_model
-from sae_core.data.tokens import load_corpus
+from sae_core.data.tokens import check_text_column, load_corpus
 from sae_core.errors import ConfigError
 from sae_core.evaluation import (
     ablation,
@@ -93,14 +96,81 @@ PROBE_DATA_FIELDS = {"corpus", "text_column", "context_len", "skip_first_positio
 PROBE_EVAL_FIELDS = {"probe_contexts", "probe_tokens", "seed"}
 
 
+def probe_source(data: DataConfig, eval: EvalConfig) -> DataConfig:
+    """The data section the probe tasks read: `data` itself, or with eval.probe_corpus and
+    eval.probe_text_column in place of its corpus and text column."""
+    if eval.probe_corpus is None:
+        return data
+    return data.model_copy(
+        update={"corpus": eval.probe_corpus, "text_column": eval.probe_text_column}
+    )
+
+
+def probe_inputs(data: DataConfig, eval: EvalConfig) -> dict[str, Any]:
+    """The probe corpus and contexts as an input of a stage's address (without
+    eval.probe_corpus: data's fields, as before that field existed)."""
+    return probe_source(data, eval).model_dump(include=PROBE_DATA_FIELDS)
+
+
+@contextmanager
+def _probe_corpus_errors(eval: EvalConfig) -> Iterator[None]:
+    """The corpus loaders' errors name data's fields, which they usually read; for
+    eval.probe_corpus they name eval's."""
+    if eval.probe_corpus is None:
+        yield
+        return
+    try:
+        yield
+    except ConfigError as err:
+        text = str(err).replace("data.corpus", "eval.probe_corpus")
+        raise ConfigError(text.replace("data.text_column", "eval.probe_text_column")) from None
+
+
+def load_probe_corpus(data: DataConfig, eval: EvalConfig, cache_dir: str) -> Any:
+    """The probe corpus as a `datasets.Dataset`; eval.probe_corpus must carry labels and
+    eval.probe_text_column (ConfigError naming the field), data.corpus may lack labels."""
+    source = probe_source(data, eval)
+    with _probe_corpus_errors(eval):
+        files = resolve_corpus(source.corpus)
+        try:
+            corpus = load_corpus(files, cache_dir)
+        except ConfigError:
+            named = eval.probe_corpus
+            if named is None or named in DEMO_CORPORA or Path(named).expanduser().exists():
+                raise
+            raise ConfigError(  # a name neither demo nor local: the loader tried the hub
+                f"eval.probe_corpus '{eval.probe_corpus}': not a demo corpus "
+                f"({', '.join(sorted(DEMO_CORPORA))}) nor a local file or folder, and no hub "
+                "dataset of that name loads (offline: it must be cached); e.g. "
+                "eval.probe_corpus=brown"
+            ) from None
+        if eval.probe_corpus is not None:
+            check_text_column(corpus, source)
+    if eval.probe_corpus is not None and not probe_data.has_labels(corpus):
+        raise ConfigError(
+            f"eval.probe_corpus '{eval.probe_corpus}': no labels to probe for (a genre column, "
+            "or tags and spans); choose a labelled corpus such as brown, or set "
+            "eval.probe_contexts=0"
+        )
+    return corpus
+
+
+def check_probe_corpus(data: DataConfig, eval: EvalConfig) -> None:
+    """eval.probe_corpus loads and carries labels: checked before training, whose hours an
+    unusable probe corpus would otherwise follow (data.corpus has preflight's checks)."""
+    if eval.probe_contexts and eval.probe_corpus is not None:
+        with tempfile.TemporaryDirectory(prefix="saeflow-datasets-") as cache_dir:
+            load_probe_corpus(data, eval, cache_dir)
+
+
 def locate_probe_set(
     store: str, model: ModelConfig, data: DataConfig, eval: EvalConfig
 ) -> Location:
     return located(
         "probes",
         store,
-        corpus_identity(data.corpus),
-        data.model_dump(include=PROBE_DATA_FIELDS),
+        corpus_identity(probe_source(data, eval).corpus),
+        probe_inputs(data, eval),
         eval.model_dump(include=PROBE_EVAL_FIELDS),
         *hook_identity(model),
         code=PROBE_CODE,
@@ -127,13 +197,14 @@ def prepare_probe_set(
         data_bytes = st.read_bytes(f"{loc.path}/{probe_data.FILE}")
         return loc.ref(manifest.contexts), probe_data.probe_set_from(data_bytes, manifest.genres)
     result = None
+    source = probe_source(data, eval)
     with tempfile.TemporaryDirectory(prefix="saeflow-datasets-") as cache_dir:
-        corpus = load_corpus(resolve_corpus(data.corpus), cache_dir)
+        corpus = load_probe_corpus(data, eval, cache_dir)
         if probe_data.has_labels(corpus):
             result = probe_data.build_probe_set(
                 split,
                 corpus,
-                data.text_column,
+                source.text_column,
                 tokenizer,
                 data.context_len,
                 first_position(data),
@@ -149,7 +220,7 @@ def prepare_probe_set(
             writer.write_bytes(probe_data.FILE, probe_data.probe_set_bytes(result))
         writer.manifest = ProbeSetManifest(
             fingerprint=loc.fingerprint,
-            corpus=data.corpus,
+            corpus=source.corpus,
             hook=model.hook,
             contexts=contexts,
             token_sample=0 if result is None else int(result.token_sample.shape[0]),
@@ -168,8 +239,8 @@ def locate_evaluation(
         sae.fingerprint,
         tokens.fingerprint,
         *hook_identity(model),
-        data.model_dump(include=PROBE_DATA_FIELDS),
-        eval,
+        probe_inputs(data, eval),
+        eval.model_dump(mode="json", exclude=PROBE_CORPUS_FIELDS),
         code=EVAL_CODE,
     )
 

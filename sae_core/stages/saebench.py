@@ -30,12 +30,12 @@ from sae_core.evaluation import (
 from sae_core.evaluation.splice import SplitModel
 from sae_core.sae import load_sae
 from sae_core.stages.evaluate import (
-    PROBE_DATA_FIELDS,
     PROBE_EVAL_FIELDS,
     locate_baseline,
     locate_probe_set,
     prepare_baseline,
     prepare_probe_set,
+    probe_inputs,
 )
 from sae_core.stages.location import Location, hook_identity, located
 from sae_core.storage.manifests import (
@@ -113,7 +113,7 @@ def locate_saebench(
         sae.fingerprint,
         tokens.fingerprint,
         *hook_identity(model),
-        data.model_dump(include=PROBE_DATA_FIELDS),
+        probe_inputs(data, eval),
         eval.model_dump(include=PROBE_EVAL_FIELDS),
         saebench.model_dump(exclude={"enabled", "batch_prompts"}),
         code=SAEBENCH_CODE,

@@ -356,7 +356,7 @@ class ProbeSetManifest(Manifest):
 
     kind: Literal["probe_set"] = "probe_set"
     corpus: str
-    """data.corpus the contexts come from."""
+    """The corpus the contexts come from: eval.probe_corpus, or data.corpus without it."""
     hook: str
     """The hook point."""
     contexts: int
