@@ -51,7 +51,9 @@ SAEBENCH_NOTE = (
 TRANSCODER_NOTE = (
     "Transcoders (kind transcoder, skip_transcoder) predict model.hook_out's activation y from "
     "model.hook's: their nmse and fvu are of y, their CE and KL with the prediction spliced in "
-    "place of y, and the scaling law is fitted to the NMSE of y.\n"
+    "place of y, SAEBench's core metrics compare y with the prediction, and the scaling law is "
+    "fitted to the NMSE of y. Single-latent ablation sparsity and SAEBench's absorption do not "
+    "apply to them.\n"
 )
 SWEEP_COLUMNS = ("nmse", "fvu", "l0", "dead_fraction", "ce_loss_recovered", "kl_spliced",
                  "ablation_sparsity", "probe_loss")  # fmt: skip
