@@ -17,8 +17,7 @@ TRANSCODER = {
     "model": {"hook": "mlp_in.2", "hook_out": "mlp_out.2"},
     "sae": {"kind": "skip_transcoder", "normalize": "global"},
     "sweep": {"n_latents": [64, 128], "k": [4, 8], "seeds": [0]},
-    "eval": {"ablation_samples": 0, "probe_contexts": 0},
-    "saebench": {"enabled": False},
+    "eval": {"ablation_samples": 0, "probe_contexts": 0},  # SAEBench: core metrics only
 }
 
 
@@ -52,7 +51,7 @@ def test_every_point_is_scored_on_its_output_hook(swept):
         (64, 4, "skip_transcoder"), (64, 8, "skip_transcoder"),
         (128, 4, "skip_transcoder"), (128, 8, "skip_transcoder"),
     ]  # fmt: skip
-    assert set(result.states.values()) == {"Completed / Completed"}
+    assert set(result.states.values()) == {"Completed / Completed / Completed"}
     store = Store(result.activations.store)
     for p in result.points:
         m = p.metrics
@@ -60,6 +59,9 @@ def test_every_point_is_scored_on_its_output_hook(swept):
         for key in ("ce_clean", "ce_spliced", "kl_spliced", "ce_loss_recovered"):
             assert math.isfinite(m[key]), key
         assert "ablation_sparsity" not in m  # a transcoder has no single-latent ablation
+        # SAEBench's core metrics on the same task: y against the prediction; no absorption.
+        assert m["explained_variance"] == pytest.approx(1 - m["fvu"])
+        assert not any(k.startswith("absorption") for k in m)
         # The evaluation's baseline is the output hook's: y is what nmse measures.
         baseline = store.manifest(p.evaluation.path)["baseline"]
         assert store.manifest(baseline.removeprefix(store.uri).strip("/"))["hook"] == "mlp_out.2"
@@ -86,5 +88,5 @@ def test_a_second_sweep_comes_from_the_cache(swept):
 
     config, result, _ = swept
     again = sweep(config, progress=False)
-    assert set(again.states.values()) == {"Cached / Cached"}
+    assert set(again.states.values()) == {"Cached / Cached / Cached"}
     assert again.report.dataset == result.report.dataset
