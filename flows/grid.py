@@ -1,5 +1,6 @@
-"""What the sweep and frontier flows share: one cached activation set, then the SAEs trained from
-one read of the data per group of points sharing a data order, and each evaluated (and, unless
+"""What the sweep and frontier flows share: one cached activation set (with a transcoder's
+paired output dataset, from the same extraction pass), then the SAEs trained from one read of
+the data per group of points sharing a data order, and each evaluated (and, unless
 saebench.enabled is false, given SAEBench's offline evaluations), through the pipeline's own
 cached tasks."""
 
@@ -14,16 +15,26 @@ from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import default_store_uri
 from sae_core.training.group import group_by_data_order
 from tasks.caching import run_stage
-from tasks.data import extract_activations, sample_tokens
+from tasks.data import extract_activations, pair_activations, sample_tokens
 from tasks.evaluate import EvalRef, evaluate_sae
 from tasks.saebench import SaeBenchRef, saebench_sae
 from tasks.train import train_group_stage, train_sae
-from tasks.validate import validate_activations
+from tasks.validate import validate_activations, validate_paired
 
 
 class ActivationSet(NamedTuple):
     tokens: DatasetRef
+    """The sampled token contexts (train and eval splits)."""
     activations: DatasetRef
+    """model.hook's validated activations."""
+    activations_out: DatasetRef | None
+    """A transcoder's target: model.hook_out's validated dataset, paired with `activations` row
+    for row; None for an SAE."""
+
+    def paired(self) -> dict[str, DatasetRef]:
+        """The training tasks' `acts_out` argument: empty for an SAE, so that its tasks' inputs
+        (and cache keys) are those of `saeflow run`."""
+        return {} if self.activations_out is None else {"acts_out": self.activations_out}
 
 
 class TrainedPoint(NamedTuple):
@@ -39,6 +50,7 @@ class TrainedPoint(NamedTuple):
             "n": sae.n_latents,
             "k": sae.k,
             "seed": seed,
+            "kind": sae.kind,
             "sae": self.sae,
             "evaluation": self.evaluation.dataset,
             "metrics": self.evaluation.metrics | (self.saebench.metrics if self.saebench else {}),
@@ -46,7 +58,8 @@ class TrainedPoint(NamedTuple):
 
 
 def activation_set(config: PipelineConfig, facts: ModelFacts, progress: bool) -> ActivationSet:
-    """Tokens and validated activations of `config`, computed or from the cache."""
+    """Tokens and validated activations of `config` (and, for a transcoder, model.hook_out's
+    dataset from the same pass, checked to pair and validated), computed or from the cache."""
     store = config.store or default_store_uri()
     model, data = config.model, config.data
     tokens = run_stage(
@@ -56,7 +69,13 @@ def activation_set(config: PipelineConfig, facts: ModelFacts, progress: bool) ->
         extract_activations, tokens=tokens, model=model, data=data, progress=progress
     ).result()
     run_stage(validate_activations, ref=acts, vocab_size=facts.vocab_size, progress=progress)
-    return ActivationSet(tokens, acts)
+    acts_out = None
+    if model.hook_out is not None:
+        acts_out = run_stage(
+            pair_activations, acts=acts, tokens=tokens, model=model, data=data, progress=progress
+        ).result()
+        run_stage(validate_paired, ref=acts_out, vocab_size=facts.vocab_size, progress=progress)
+    return ActivationSet(tokens, acts, acts_out)
 
 
 def train_and_evaluate(
@@ -67,9 +86,12 @@ def train_and_evaluate(
     evaluation: EvalConfig,
     progress: bool,
 ) -> TrainedPoint:
-    """One SAE trained on `data`, evaluated on its eval split and (config.saebench.enabled)
-    by SAEBench's offline evaluations, each stage cached."""
-    trained = run_stage(train_sae, acts=data.activations, sae=sae, train=train, progress=progress)
+    """One SAE (or transcoder, from `data`'s paired datasets) trained on `data`, evaluated on
+    its eval split and (config.saebench.enabled) by SAEBench's offline evaluations, each stage
+    cached."""
+    trained = run_stage(
+        train_sae, acts=data.activations, sae=sae, train=train, progress=progress, **data.paired()
+    )
     evaluated = run_stage(
         evaluate_sae,
         sae=trained.result(),
@@ -112,5 +134,7 @@ def train_and_evaluate_all(
     are those of training each point alone.
     """
     for group in group_by_data_order(points):
-        train_group_stage(data.activations, [points[i] for i in group], progress)
+        train_group_stage(
+            data.activations, [points[i] for i in group], progress, data.activations_out
+        )
     return [train_and_evaluate(data, config, *p, evaluation, progress) for p in points]

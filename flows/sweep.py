@@ -1,6 +1,7 @@
 """The sweep flow: one cached activation set, a grid of SAEs over n x k x seed trained from one
 read of the data per seed and each evaluated, through the pipeline's own cached tasks, then the
-scaling-law fit and the report."""
+scaling-law fit and the report. A transcoder's grid (sae.kind transcoder or skip_transcoder)
+trains on the paired datasets of one extraction pass and is scored on its output hook."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tasks.sweep import fit_scaling
 class SweepResult(BaseModel):
     tokens: DatasetRef
     activations: DatasetRef
+    activations_out: DatasetRef | None  # a transcoder's target (model.hook_out), else None
     points: list[SweepPoint]
     states: dict[str, str]  # point label -> "train state / evaluate state" (Completed, Cached)
     fit: ScalingFit | None
@@ -46,7 +48,8 @@ def sweep(config: PipelineConfig, progress: bool = True) -> SweepResult:
     if fit is not None:
         coefficients = ", ".join(f"{k}={v:.4g}" for k, v in fit.params.items())
         print(f"scaling law fit: {coefficients}; RMS log error {fit.rmse_log:.4f}")
-    title = f"{config.name} sweep: {config.model.path} {config.model.hook}"
+    hooks = " -> ".join(h for h in (config.model.hook, config.model.hook_out) if h)
+    title = f"{config.name} sweep: {config.model.path} {hooks}"
     report = run_stage(
         report_sweep, points=points, fit=fit, title=title, experiment=config.registry.experiment
     ).result()
@@ -54,6 +57,7 @@ def sweep(config: PipelineConfig, progress: bool = True) -> SweepResult:
     return SweepResult(
         tokens=data.tokens,
         activations=data.activations,
+        activations_out=data.activations_out,
         points=points,
         states=states,
         fit=fit,

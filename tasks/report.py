@@ -158,7 +158,7 @@ def report_sweep(
         ChildRun(
             f"n{p.n}-k{p.k}-s{p.seed}",
             p.sae.uri,
-            {"sae.n_latents": p.n, "sae.k": p.k, "train.seed": p.seed},
+            {"sae.kind": p.kind, "sae.n_latents": p.n, "sae.k": p.k, "train.seed": p.seed},
             p.metrics,
         )
         for p in points

@@ -13,7 +13,8 @@ from tasks.common import TASK_DEFAULTS
 # Seconds of work and a pure function of its inputs: recomputed rather than cached.
 @task(name="fit_scaling_law", cache_policy=NO_CACHE, **TASK_DEFAULTS)
 def fit_scaling(points: list[SweepPoint]) -> ScalingFit | None:
-    """The law fitted to the eval NMSE of every point; None with fewer than 2 points."""
+    """The law fitted to the eval NMSE of every point (a transcoder's: of its output hook's
+    activation y); None with fewer than 2 points."""
     if len(points) < 2:
         return None
     return fit_scaling_law(

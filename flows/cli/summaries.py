@@ -68,7 +68,7 @@ def print_sweep_summary(result: SweepResult, seconds: float) -> None:
     # Short headers and states keep the table readable in 80 columns; report.md has it all.
     short = {"dead_fraction": "dead", "ce_loss_recovered": "CE rec", "kl_spliced": "KL",
              "ablation_sparsity": "abl sp", "probe_loss": "probe"}  # fmt: skip
-    points = Table(title="sweep (eval split)")
+    points = Table(title=f"{result.points[0].kind} sweep (eval split)")
     for name in ("n", "k", "seed", *(short.get(c, c) for c in SWEEP_COLUMNS), "stages"):
         points.add_column(name, justify="right")
     for p in result.points:

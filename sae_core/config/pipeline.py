@@ -71,11 +71,6 @@ class PipelineConfig(Strict):
                 "model.compile extracts one resid_post hook; a transcoder's pass extracts "
                 "model.hook and model.hook_out: set model.compile=false"
             )
-        if transcoder and self.saebench.enabled:
-            raise ValueError(
-                "SAEBench's evaluations score an SAE's reconstruction of model.hook, not a "
-                "transcoder's prediction of model.hook_out; set saebench.enabled=false"
-            )
         return self
 
     @field_validator("store")

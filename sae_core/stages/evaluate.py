@@ -264,7 +264,7 @@ def _check_eval(data: DataConfig, eval: EvalConfig) -> None:
         )
 
 
-def _transcoder_input(sae: SparseAutoencoder, model: ModelConfig) -> HookPoint | None:
+def transcoder_input(sae: SparseAutoencoder, model: ModelConfig) -> HookPoint | None:
     """A transcoder's input hook (model.hook), checked against its output hook; None for an SAE."""
     if not isinstance(sae, TranscoderSAE):
         return None
@@ -275,6 +275,12 @@ def _transcoder_input(sae: SparseAutoencoder, model: ModelConfig) -> HookPoint |
         )
     check_transcoder_hooks(model.hook, model.hook_out)
     return HookPoint.parse(model.hook)
+
+
+def spliced_model(model: ModelConfig, transcoder: bool) -> ModelConfig:
+    """`model` at the hook whose activation the SAE's output replaces: model.hook_out for a
+    transcoder (its eval set's baseline is that hook's), model.hook for an SAE."""
+    return model.model_copy(update={"hook": model.hook_out}) if transcoder else model
 
 
 def evaluate_sae(
@@ -295,8 +301,8 @@ def evaluate_sae(
         loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
         trained = load_sae(sae)
         # A transcoder is spliced at its output hook; its latents (probes) read its input hook.
-        hook_in = _transcoder_input(trained, model)
-        spliced = model if hook_in is None else model.model_copy(update={"hook": model.hook_out})
+        hook_in = transcoder_input(trained, model)
+        spliced = spliced_model(model, hook_in is not None)
         split = SplitModel(loaded.model, spliced.hook)
         seconds = {"load model": time.perf_counter() - started}
         start = time.perf_counter()

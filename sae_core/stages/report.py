@@ -106,7 +106,7 @@ def write_sweep_report(
     rows, histories = [], []
     for p in points:
         train_dead = p.sae.manifest(SaeManifest).dead_fraction
-        rows.append(SweepRow(p.n, p.k, p.seed, p.metrics, train_dead))
+        rows.append(SweepRow(p.n, p.k, p.seed, p.kind, p.metrics, train_dead))
         histories.append((rows[-1].label, store.read_json(f"{p.sae.path}/history.json")))
     report = sweep_report(title, rows, fit, histories)
     return _write_report(store, loc, report, "sweep_report")

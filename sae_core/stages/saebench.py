@@ -2,7 +2,12 @@
 probing, feature absorption; sae_core.evaluation), with the input it alone needs, the
 first-letter `letters` set (words, activations, ground-truth probes: once per model and hook).
 The eval set's `baseline` and the `probes` set are the evaluation stage's, reused from the
-store (made here when absent)."""
+store (made here when absent).
+
+A transcoder is scored on its own task: its core metrics compare model.hook_out's activation
+with its prediction from model.hook's (`transcoder_core`, on the baseline at model.hook_out);
+its sparse probes read its latents, computed from model.hook as for an SAE; absorption is
+skipped, the reason recorded in the manifest (`ABSORPTION_SKIPPED`)."""
 
 from __future__ import annotations
 
@@ -26,7 +31,10 @@ from sae_core.evaluation import (
     saebench_core,
     sparse_probing,
     splice,
+    transcode,
+    transcoder_core,
 )
+from sae_core.evaluation.evaluate import load_eval_contexts
 from sae_core.evaluation.splice import SplitModel
 from sae_core.sae import load_sae
 from sae_core.stages.evaluate import (
@@ -36,6 +44,8 @@ from sae_core.stages.evaluate import (
     prepare_baseline,
     prepare_probe_set,
     probe_inputs,
+    spliced_model,
+    transcoder_input,
 )
 from sae_core.stages.location import Location, hook_identity, located
 from sae_core.storage.manifests import (
@@ -52,6 +62,12 @@ SAEBENCH_CODE = (
     saebench_core, sparse_probing, absorption, first_letter, probes, probe_data, metrics,
     baseline, splice, models,
 )  # fmt: skip
+# A transcoder's core metrics run these too (an SAE's address does not depend on them).
+TRANSCODER_CODE = (transcoder_core, transcode)
+ABSORPTION_SKIPPED = (
+    "SAEBench's first-letter protocol compares decoder directions with a probe trained at the "
+    "SAE's own hook; a transcoder's decoder writes to model.hook_out, not model.hook"
+)
 _LETTER_FIELDS = {"absorption_words", "icl_examples", "seed"}
 
 
@@ -107,6 +123,9 @@ def locate_saebench(
     eval: EvalConfig,
     saebench: SaeBenchConfig,
 ) -> Location:
+    """A transcoder's (model.hook_out set) also names its output hook and its own code; an
+    SAE's address is what it was before transcoders were scored."""
+    transcoder = () if model.hook_out is None else (model.hook_out,)
     return located(
         "saebench",
         sae.store,
@@ -116,7 +135,8 @@ def locate_saebench(
         probe_inputs(data, eval),
         eval.model_dump(include=PROBE_EVAL_FIELDS),
         saebench.model_dump(exclude={"enabled", "batch_prompts"}),
-        code=SAEBENCH_CODE,
+        *transcoder,
+        code=SAEBENCH_CODE + (TRANSCODER_CODE if transcoder else ()),
     )
 
 
@@ -128,10 +148,11 @@ def remove_saebench(
     eval: EvalConfig,
     saebench: SaeBenchConfig,
 ) -> None:
-    """Delete the stage's output and the letter set it used: the next run makes both afresh
-    (the baseline and probe set are the evaluation stage's to refresh)."""
+    """Delete the stage's output and the letter set it used (a transcoder uses none): the next
+    run makes both afresh (the baseline and probe set are the evaluation stage's to refresh)."""
     locate_saebench(sae, tokens, model, data, eval, saebench).remove()
-    locate_letter_set(sae.store, model, saebench).remove()
+    if model.hook_out is None:
+        locate_letter_set(sae.store, model, saebench).remove()
 
 
 def _needs_model(
@@ -155,20 +176,25 @@ def saebench_sae(
     saebench: SaeBenchConfig,
     progress: bool = True,
 ) -> tuple[DatasetRef, dict[str, float]]:
-    """SAEBench's offline evaluations of a trained SAE: (ref, metrics)."""
+    """SAEBench's offline evaluations of a trained SAE or transcoder: (ref, metrics)."""
     loc = locate_saebench(sae, tokens, model, data, eval, saebench)
     if (manifest := loc.committed(SaeBenchManifest)) is not None:
         return loc.ref(), manifest.metrics
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    split, tokenizer = None, None
-    if _needs_model(tokens, model, data, eval, saebench):
-        loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
-        split, tokenizer = SplitModel(loaded.model, model.hook), loaded.tokenizer
-        seconds["load model"] = time.perf_counter() - started
     sae_model = load_sae(sae).eval()
-    if split is not None:
-        sae_model = sae_model.to(next(split.model.parameters()).device)
+    hook_in = transcoder_input(sae_model, model)  # None for an SAE
+    scored = spliced_model(model, hook_in is not None)
+    loaded = None  # a transcoder's core metrics run the model to its input hook
+    if hook_in is not None or _needs_model(tokens, model, data, eval, saebench):
+        loaded = load_model(resolve_model_path(model.path), model.dtype, model.device)
+        sae_model = sae_model.to(next(loaded.model.parameters()).device)
+        seconds["load model"] = time.perf_counter() - started
+    tokenizer = None if loaded is None else loaded.tokenizer
+
+    def split_at(hook: str) -> SplitModel | None:
+        """The model cut at `hook`; None when no input is computed here."""
+        return None if loaded is None else SplitModel(loaded.model, hook)
 
     def timed(step: str, fn: Any, *args: Any) -> Any:
         start = time.perf_counter()
@@ -177,25 +203,36 @@ def saebench_sae(
         return out
 
     base_ref, base = timed(
-        "baseline (the evaluation's)", prepare_baseline, tokens, model, data, eval, split, progress
-    )
-    acts = base.act[:, first_position(data) :]
-    with torch.inference_mode():
+        "baseline (the evaluation's)",
+        prepare_baseline,
+        tokens, scored, data, eval, split_at(scored.hook), progress,
+    )  # fmt: skip
+    if hook_in is None:
+        acts = base.act[:, first_position(data) :]
+        with torch.inference_mode():
+            result = timed(
+                "core",
+                saebench_core.core_metrics,
+                sae_model,
+                acts.reshape(-1, acts.shape[-1]),
+                saebench.decoder_sample,
+                saebench.seed,
+            )
+    else:
         result = timed(
             "core",
-            saebench_core.core_metrics,
-            sae_model,
-            acts.reshape(-1, acts.shape[-1]),
-            saebench.decoder_sample,
-            saebench.seed,
-        )
+            transcoder_core.transcoder_core_metrics,
+            sae_model, loaded.model, load_eval_contexts(tokens), base.act, hook_in,
+            first_position(data), eval.batch_contexts, saebench.decoder_sample, saebench.seed,
+        )  # fmt: skip
     probe_ref = letter_ref = None
     sparse: list[sparse_probing.SparseProbeResult] = []
     if eval.probe_contexts and saebench.sparse_probe_ks:
+        # At model.hook: an SAE's latents, and a transcoder's too (they read its input).
         probe_ref, probe_set = timed(
             "probe set (the evaluation's)",
             prepare_probe_set,
-            tokens.store, model, data, eval, split, tokenizer, progress,
+            tokens.store, model, data, eval, split_at(model.hook), tokenizer, progress,
         )  # fmt: skip
         if probe_set is not None:
             with torch.inference_mode():
@@ -208,11 +245,14 @@ def saebench_sae(
                 )
             result |= sparse_probing.sparse_probing_summary(sparse)
     letters: list[absorption.LetterAbsorption] = []
-    if saebench.absorption_words:
+    skipped: dict[str, str] = {}
+    if saebench.absorption_words and hook_in is not None:
+        skipped["absorption"] = ABSORPTION_SKIPPED
+    elif saebench.absorption_words:
         letter_ref, letter_set = timed(
             "letter set (once per model and hook)",
             prepare_letter_set,
-            tokens.store, model, saebench, split, tokenizer, progress,
+            tokens.store, model, saebench, split_at(model.hook), tokenizer, progress,
         )  # fmt: skip
         with torch.inference_mode():
             letters = timed(
@@ -237,6 +277,7 @@ def saebench_sae(
             probe_set=probe_ref.uri if probe_ref else None,
             letter_set=letter_ref.uri if letter_ref else None,
             metrics=result,
+            skipped=skipped,
             seconds=seconds,
         )
         writer.manifest = manifest

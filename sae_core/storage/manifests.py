@@ -421,6 +421,9 @@ class SaeBenchManifest(Manifest):
     """The figures by name (explained_variance, absorption_full, sparse_probe_acc_k1, ...)."""
     seconds: dict[str, float]
     """Where the stage's time went, by step."""
+    skipped: dict[str, str] = {}
+    """Evaluations the config asked for that do not apply to this SAE, each with why (a
+    transcoder's absorption); absent from manifests written before transcoders were scored."""
 
 
 class LatentStatsManifest(Manifest):

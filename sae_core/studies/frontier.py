@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from sae_core.config import PipelineConfig, SAEConfig, TrainConfig
+from sae_core.config import TRANSCODER_KINDS, PipelineConfig, SAEConfig, TrainConfig
 from sae_core.errors import ConfigError
 from sae_core.studies.points import EvaluatedSAE, saebench_columns
 
@@ -49,9 +49,16 @@ def matched_latents(degree: int, n: int, width: int) -> int:
 def frontier_plan(config: PipelineConfig, width: int) -> list[FrontierPlanPoint]:
     """The frontier's SAEs, seed-major: dense, then expanders by degree, then matched dense.
 
-    width: the hook's width m. Fails before any work on a degree outside 1..m or an invalid
-    SAE config.
+    width: the hook's width m. Fails before any work on a transcoder, a degree outside 1..m
+    or an invalid SAE config.
     """
+    if config.sae.kind in TRANSCODER_KINDS:
+        # Expanders are SAEs of one hook: no expander transcoder to compare with the dense one.
+        raise ConfigError(
+            f"saeflow frontier compares dense TopK SAEs of model.hook with expander SAEs; "
+            f"sae.kind={config.sae.kind} has no expander form. Set sae.kind=topk and unset "
+            "model.hook_out, or train transcoders with saeflow sweep"
+        )
     fr = config.frontier
     bad = [d for d in fr.degrees if not 1 <= d <= width]
     if bad:

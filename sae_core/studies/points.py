@@ -20,6 +20,8 @@ class EvaluatedSAE(BaseModel):
     """Active latents per token (sae.k)."""
     seed: int
     """The training seed (train.seed)."""
+    kind: str
+    """The SAE kind (sae.kind); a transcoder's figures (nmse, fvu, CE) are of its output hook."""
     sae: DatasetRef
     """The committed SAE dataset."""
     evaluation: DatasetRef

@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from sae_core.config import TRANSCODER_KINDS
 from sae_core.evaluation.metrics import DensityHistogram
 from sae_core.studies import plots
 from sae_core.studies.convergence import fit_convergence_exponent, tokens_to_convergence
@@ -46,6 +47,13 @@ SAEBENCH_NOTE = (
     "mean_max_decoder_cosine are its core metrics; absorption_full and absorption_fraction its "
     "first-letter absorption (lower is better); sparse_probe_acc_k*: balanced accuracy of k-sparse "
     "probes, mean over the genre and part-of-speech tasks.\n"
+)
+TRANSCODER_NOTE = (
+    "Transcoders (kind transcoder, skip_transcoder) predict model.hook_out's activation y from "
+    "model.hook's: their nmse and fvu are of y, their CE and KL with the prediction spliced in "
+    "place of y, SAEBench's core metrics compare y with the prediction, and the scaling law is "
+    "fitted to the NMSE of y. Single-latent ablation sparsity and SAEBench's absorption do not "
+    "apply to them.\n"
 )
 SWEEP_COLUMNS = ("nmse", "fvu", "l0", "dead_fraction", "ce_loss_recovered", "kl_spliced",
                  "ablation_sparsity", "probe_loss")  # fmt: skip
@@ -139,7 +147,7 @@ def sweep_report(
     scaling-law fit and the sweep figures."""
     bench = saebench_columns(r.metrics for r in rows)
     table = [
-        {"n": r.n, "k": r.k, "seed": r.seed}
+        {"n": r.n, "k": r.k, "seed": r.seed, "kind": r.kind}
         | {c: r.metrics.get(c, float("nan")) for c in (*SWEEP_COLUMNS, *bench)}
         | {"dead_fraction_train": r.train_dead_fraction}
         for r in sorted(rows, key=lambda r: (r.n, r.k, r.seed))
@@ -159,6 +167,8 @@ def sweep_report(
         "training_curves.png": "Training curves",
     }
     parts = [f"# {title}\n", f"{len(rows)} SAEs.\n", "## Metrics (eval split)\n", _md_table(table)]
+    if any(r.kind in TRANSCODER_KINDS for r in rows):
+        parts.append(TRANSCODER_NOTE)
     if bench:
         parts.append(SAEBENCH_NOTE)
     if fit is not None:

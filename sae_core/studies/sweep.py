@@ -65,6 +65,7 @@ class SweepRow:
     n: int
     k: int
     seed: int
+    kind: str  # sae.kind: a transcoder's figures are of its output hook's activation y
     metrics: dict[str, float]  # the evaluation's figures
     train_dead_fraction: float  # by the training criterion at the end of training
 

@@ -1,6 +1,6 @@
 """A skip transcoder through the whole flow (Prefect and MLflow) on the tiny random Llama: one
 extraction pass for both hooks, the pairing checked, trained on (x, y), spliced in place of
-the MLP's output."""
+the MLP's output, SAEBench's evaluations on its task (absorption skipped)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from sae_core.storage.manifests import SaeBenchManifest
 from sae_core.storage.store import Store
 from tasks.data import PAIRING_CHECKED
 from tests.helpers.pipeline import ALL_STAGES, run, tiny_config
@@ -18,10 +19,9 @@ TRANSCODER = {
     "model": {"hook": "mlp_in.2", "hook_out": "mlp_out.2"},
     "sae": {"kind": "skip_transcoder", "normalize": "global"},
     "eval": {"ablation_samples": 0},
-    "saebench": {"enabled": False},  # SAEBench scores an SAE's reconstruction of its own hook
+    "saebench": {"decoder_sample": 100},  # absorption asked for: skipped for a transcoder
 }
-# The stages a transcoder's run takes: the pipeline's, the pairing after validation, no saebench.
-STAGES = [stage for stage in ALL_STAGES if stage != "saebench_sae"]
+STAGES = ALL_STAGES  # the pipeline's, with the pairing after validation
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,16 @@ def test_the_spliced_mlp_output_is_scored(first_run):
     for key in ("ce_clean", "ce_spliced", "ce_zero", "kl_spliced", "ce_loss_recovered"):
         assert math.isfinite(m[key])
     assert "ablation_sparsity" not in m
+
+
+def test_saebench_scores_the_prediction_of_y_and_skips_absorption(first_run):
+    _, result = first_run
+    m = result.saebench.metrics
+    assert m["explained_variance"] == pytest.approx(1 - result.evaluation.metrics["fvu"])
+    assert 0 < m["alive_fraction"] <= 1 and "sparse_probe_acc_k1" in m
+    assert not any(k.startswith("absorption") for k in m)
+    skipped = result.saebench.dataset.manifest(SaeBenchManifest).skipped
+    assert set(skipped) == {"absorption"}
 
 
 def test_second_run_is_cached(first_run):

@@ -127,7 +127,6 @@ _TRANSCODER = [
     "sae.normalize=global",
     "model.hook=mlp_in.1",
     "model.hook_out=mlp_out.1",
-    "saebench.enabled=false",
 ]
 
 
@@ -153,7 +152,6 @@ _TRANSCODER = [
             "train.world_size=1 and train.nnodes=1",
         ),
         ([*_TRANSCODER, "model.compile=true"], "set model.compile=false"),
-        ([*_TRANSCODER, "saebench.enabled=true"], "set saebench.enabled=false"),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_field_and_the_fix(overrides, message):
@@ -168,3 +166,4 @@ def test_the_tiny_transcoder_preset_is_valid():
         "mlp_out.3",
         "skip_transcoder",
     )
+    assert config.saebench.enabled  # scored on its task (sae_core.stages.saebench)

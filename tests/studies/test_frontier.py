@@ -67,6 +67,16 @@ def test_a_degree_beyond_the_width_fails_before_any_work(tmp_path, tiny_llama_di
     assert_one_line_error(invoke("frontier", "--degrees", "2,2"), "frontier.degrees", "distinct")
 
 
+def test_a_transcoder_is_refused_naming_sae_kind(tmp_path, tiny_llama_dir, tiny_corpus_dir):
+    config = tiny_config(
+        tiny_llama_dir, tiny_corpus_dir, str(tmp_path), frontier=FRONTIER,
+        model={"hook": "mlp_in.2", "hook_out": "mlp_out.2"},
+        sae={"kind": "skip_transcoder", "normalize": "global"}, saebench={"enabled": False},
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="sae.kind=skip_transcoder has no expander form"):
+        frontier_plan(config, WIDTH)
+
+
 # The table --------------------------------------------------------------------------------------
 def _row(family, degree, n, seed, ce, values, size, dead=0.0):
     metrics = {"ce_loss_recovered": ce, "dead_fraction": dead, "nmse": 0.2}
