@@ -25,6 +25,15 @@ from tests.helpers.tiny_models import build_tiny_llama, build_tokenizer, write_c
 apply_runtime_env()
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.dtype=auto resolves as on a CPU without bf16 units, so that a test's numbers do not
+    depend on the machine it runs on; tests of that resolution give their own cpuinfo."""
+    from sae_core import bf16_support
+
+    monkeypatch.setattr(bf16_support, "CPUINFO", Path(os.devnull))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny random Llama (d=64, 4 layers, vocab 512) with its tokenizer."""
