@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +26,16 @@ from tests.helpers.tiny_models import build_tiny_llama, build_tokenizer, write_c
 apply_runtime_env()
 
 
-@pytest.fixture(autouse=True)
-def cpu_without_bf16_units(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_bf16_units() -> Iterator[None]:
     """model.dtype=auto resolves as on a CPU without bf16 units, so that a test's numbers do not
-    depend on the machine it runs on; tests of that resolution give their own cpuinfo."""
+    depend on the machine it runs on (session-wide: module fixtures build configs too); tests of
+    that resolution give their own cpuinfo."""
     from sae_core import bf16_support
 
-    monkeypatch.setattr(bf16_support, "CPUINFO", Path(os.devnull))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bf16_support, "CPUINFO", Path(os.devnull))
+        yield
 
 
 @pytest.fixture(scope="session")

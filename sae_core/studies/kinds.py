@@ -94,9 +94,7 @@ def plan_kinds(
     preset: str, sets: Sequence[str], kinds: str, kind_sets: Sequence[str], store: str | None
 ) -> list[KindPlan]:
     """Each kind of the comma-separated `kinds`, configured and validated; `kind_sets`:
-    `KIND:key.path=value` overrides applied after that kind's own. SAEBench is switched off
-    for a kind only where the configuration refuses it (transcoders, until SAEBench scores
-    them)."""
+    `KIND:key.path=value` overrides applied after that kind's own."""
     names = kinds.split(",")
     if len(set(names)) != len(names):
         raise ConfigError(f"--kinds {kinds!r}: name each kind once")
@@ -112,35 +110,28 @@ def plan_kinds(
     plans = []
     for name in names:
         overrides = [*sets, *study_kind_overrides(name, hook), *extra.get(name, [])]
-        try:
-            config, off = load_config(preset, overrides, store), None
-        except ConfigError as refused:
-            overrides.append("saebench.enabled=false")
-            try:
-                config = load_config(preset, overrides, store)
-            except ConfigError:
-                raise refused from None
-            off = f"SAEBench refuses sae.kind={config.sae.kind} (saebench.enabled=false)"
-        if off is None and not config.saebench.enabled:
-            off = "saebench.enabled=false"
+        config = load_config(preset, overrides, store)
+        off = None if config.saebench.enabled else "saebench.enabled=false"
         plans.append(KindPlan(name, overrides, config, off))
     return plans
 
 
-def _absorption(plan: KindPlan, bench: dict[str, float] | None) -> tuple[float | None, str]:
+def _absorption(
+    plan: KindPlan, bench: dict[str, float] | None, skipped: dict[str, str]
+) -> tuple[float | None, str]:
     cfg = plan.config.saebench
     if bench is None:
         return None, str(plan.saebench_off)
     if "absorption_fraction" in bench:
         return bench["absorption_fraction"], ""
+    if "absorption" in skipped:
+        return None, skipped["absorption"]
     if not cfg.absorption_words:
         return None, "saebench.absorption_words=0"
-    if "absorption_letters" in bench:
-        return None, (
-            f"{bench['absorption_letters']:.0f} letters passed the probe F1 gate, fewer than "
-            f"saebench.min_letters={cfg.min_letters}"
-        )
-    return None, f"SAEBench does not score it for sae.kind={plan.config.sae.kind}"
+    return None, (
+        f"{bench.get('absorption_letters', 0):.0f} letters passed the probe F1 gate, fewer than "
+        f"saebench.min_letters={cfg.min_letters}"
+    )
 
 
 def _probing(plan: KindPlan, bench: dict[str, float] | None) -> tuple[float | None, str]:
@@ -153,10 +144,7 @@ def _probing(plan: KindPlan, bench: dict[str, float] | None) -> tuple[float | No
         return None, "1 is not in saebench.sparse_probe_ks"
     if not config.eval.probe_contexts:
         return None, "eval.probe_contexts=0"
-    return None, (
-        "no k=1 figure: the probe corpus has no labels (set eval.probe_corpus), or SAEBench "
-        f"does not probe sae.kind={config.sae.kind}"
-    )
+    return None, "no k=1 figure: the probe corpus has no labels (set eval.probe_corpus)"
 
 
 def kind_row(
@@ -184,7 +172,8 @@ def kind_row(
     else:
         timing = "not measured: trained before this study ran"
     model, metrics = plan.config.model, eval_m.metrics
-    absorption, absorption_note = _absorption(plan, bench)
+    skipped = {} if bench_m is None else bench_m.skipped
+    absorption, absorption_note = _absorption(plan, bench, skipped)
     probing, probing_note = _probing(plan, bench)
     return KindRow(
         kind=plan.kind,

@@ -9,6 +9,7 @@ import pytest
 
 from sae_core.config import STUDY_KINDS
 from sae_core.errors import ConfigError
+from sae_core.stages.saebench import ABSORPTION_SKIPPED
 from sae_core.storage.manifests import EvaluationManifest, SaeBenchManifest
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
@@ -26,7 +27,7 @@ from tests.helpers.manifests import example_sae
 from tests.helpers.pipeline import run, tiny_config
 
 ALL = ",".join(STUDY_KINDS)
-TRANSCODER_NOTE = "SAEBench refuses sae.kind=skip_transcoder (saebench.enabled=false)"
+OFF_NOTE = "saebench.enabled=false"
 
 
 def test_each_kind_is_the_preset_with_its_overrides():
@@ -40,11 +41,10 @@ def test_each_kind_is_the_preset_with_its_overrides():
     assert (tc.model.hook, tc.model.hook_out, tc.model.compile) == ("mlp_in.3", "mlp_out.3", False)
     assert (tc.sae.normalize, tc.train.tokens, tc.sae.k) == ("global", 2048, 8)
     # The user's overrides first, then the kind's, then the user's for the kind.
-    assert plans[3].overrides[0] == "sae.k=8" and plans[3].overrides[-1] == "saebench.enabled=false"
-    assert plans[3].overrides[-2] == "train.tokens=2048"
-    # SAEBench is off only where the configuration refuses it.
-    assert [p.saebench_off for p in plans] == [None, None, None, TRANSCODER_NOTE]
-    assert all(p.config.saebench.enabled for p in plans[:3])
+    assert plans[3].overrides[0] == "sae.k=8" and plans[3].overrides[-1] == "train.tokens=2048"
+    # SAEBench runs for every kind (a transcoder's absorption is skipped by the stage).
+    assert [p.saebench_off for p in plans] == [None] * 4
+    assert all(p.config.saebench.enabled for p in plans)
     # The topk kind is the preset itself: the same SAE address as `saeflow run --preset tiny`.
     assert plan_kinds("tiny", [], "topk", [], None)[0].config.sae == by["topk"].sae.model_copy(
         update={"k": 16}
@@ -77,7 +77,8 @@ def _commit(store: Store, path: str, manifest) -> DatasetRef:
 def runs(tmp_path):
     """A topk run with SAEBench (absorption below the letter gate) and a transcoder's without."""
     store = Store(str(tmp_path / "store"))
-    plans = plan_kinds("tiny", [], "topk,skip_transcoder", [], None)
+    plans = plan_kinds("tiny", [], "topk", [], None)
+    plans += plan_kinds("tiny", ["saebench.enabled=false"], "skip_transcoder", [], None)
     metrics = {"nmse": 0.2, "l0": 15.5, "ce_loss_recovered": 0.9, "dead_fraction": 0.01}
     refs = []
     for plan, fp in zip(plans, ("aaaa", "bbbb"), strict=True):
@@ -106,8 +107,8 @@ def test_a_row_says_why_a_figure_is_missing(runs):
     # The transcoder: no SAEBench; found trained, its time from an earlier report's row.
     earlier = {tc_sae.uri: row._replace(train_seconds=25.0, sae=tc_sae.uri)}
     tc_row = kind_row(tc, tc_sae, tc_eval, None, None, earlier)
-    assert (tc_row.absorption, tc_row.absorption_note) == (None, TRANSCODER_NOTE)
-    assert (tc_row.sparse_probe_k1, tc_row.probing_note) == (None, TRANSCODER_NOTE)
+    assert (tc_row.absorption, tc_row.absorption_note) == (None, OFF_NOTE)
+    assert (tc_row.sparse_probe_k1, tc_row.probing_note) == (None, OFF_NOTE)
     assert (tc_row.nmse_target, tc_row.transcoder, tc_row.nmse) == ("mlp_out.3", True, 1.2)
     assert (tc_row.train_seconds, tc_row.train_timing) == (25.0, "an earlier run of this study")
     assert kind_row(tc, tc_sae, tc_eval, None, None, {}).train_seconds is None
@@ -130,14 +131,14 @@ def test_the_report_table_and_figure(runs, tmp_path):
     )
     assert table[3] == (
         f"| skip_transcoder | 1152 | 16 | 15.5 | 3,840 | 1.2 (y: mlp_out.3) | 0.9 | "
-        f"n/a: {TRANSCODER_NOTE} | n/a: {TRANSCODER_NOTE} | 0.01 | 0 | n/a | 12 | n/a |"
+        f"n/a: {OFF_NOTE} | n/a: {OFF_NOTE} | 0.01 | 0 | n/a | 12 | n/a |"
     )
     assert "skip_transcoder: not measured: trained before this study ran, on cpu" in text
     assert "saeflow run --preset tiny --set sae.kind=skip_transcoder" in text
     assert "--set model.hook=mlp_in.3 --set model.hook_out=mlp_out.3" in text
     assert f"- topk: `{topk_sae.uri}`" in text and "](kinds.png)" in text
     assert (out / "kinds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "table.json").read_text())[1]["absorption_note"] == TRANSCODER_NOTE
+    assert json.loads((out / "table.json").read_text())[1]["absorption_note"] == OFF_NOTE
     assert earlier_rows(out) == {r.sae: r for r in rows}
     assert kinds_table(rows) in text
     # CE loss recovered is NaN where ablating the hook does not hurt: drawn as n/a.
@@ -189,7 +190,9 @@ def test_the_study_runs_each_kind_through_the_pipeline(prefect, tiny_preset, tmp
     assert topk.absorption is not None or "letters passed the probe F1 gate" in topk.absorption_note
     assert 0 <= topk.sparse_probe_k1 <= 1
     assert topk.saebench_seconds > 0
-    assert (tc.absorption, tc.absorption_note, tc.saebench_seconds) == (None, TRANSCODER_NOTE, None)
+    # SAEBench scores the transcoder too, all but absorption, whose protocol does not apply.
+    assert (tc.absorption, tc.absorption_note) == (None, ABSORPTION_SKIPPED)
+    assert tc.saebench_seconds > 0 and 0 <= tc.sparse_probe_k1 <= 1
     assert (out / "report.md").is_file() and (out / "kinds.png").is_file()
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     # `saeflow run` with a kind's overrides finds every stage the study made.
