@@ -244,6 +244,11 @@ def run_group(
             _set_rng_state(rngs[i], device)
             store.write_bytes(ckpts[i], trainer.checkpoint_bytes())
         trainer.sae.free_buffer()
+    if any(t.sae.cfg.batch_topk for t in trainers):
+        rows = init_sample()  # every rank calls it: data parallel, it is a broadcast
+        for trainer in trainers:
+            if trainer.sae.cfg.batch_topk:
+                trainer.threshold_rows = rows
     return trainers
 
 

@@ -142,11 +142,14 @@ class Trainer:
         self.gemm_dtype = getattr(torch, train_cfg.dtype)
         self.state = TrainState()
         self.resumed_from_tokens = 0
+        # BatchTopK: training rows the shipped weights' threshold is calibrated on (run_group).
+        self.threshold_rows: torch.Tensor | None = None
 
     def final_sae(self) -> SparseAutoencoder:
         """The SAE to ship: schedule-free Adam's average (its decoder rows brought back to unit
         norm, the codes keeping their contributions), or the moving average of the weights when
-        enabled, else the weights."""
+        enabled, else the weights. A BatchTopK SAE's threshold, tracked on the training weights,
+        is calibrated for the averaged ones on `threshold_rows` when run_group has set them."""
         if isinstance(self.opt, ScheduleFreeAdam):
             averaged = self.opt.averaged()
             weights = {n: averaged.get(p, p.detach()) for n, p in self.sae.named_parameters()}
@@ -160,6 +163,8 @@ class Trainer:
         sae.load_state_dict(self.sae.state_dict() | weights)
         if isinstance(self.opt, ScheduleFreeAdam):
             sae.unit_decoder_keeping_codes_()
+        if sae.cfg.batch_topk and self.threshold_rows is not None:
+            sae.calibrate_threshold_(self.threshold_rows)
         return sae
 
     def step(

@@ -173,3 +173,15 @@ def test_batch_topk_encode_uses_the_threshold_and_it_round_trips(tmp_path):
     loaded = TopKSAE.load_safetensors(tmp_path / "b.safetensors")
     assert loaded.threshold == sae.threshold
     torch.testing.assert_close(loaded.reconstruct(x), sae.reconstruct(x))
+
+
+def test_a_calibrated_threshold_keeps_exactly_k_per_row_on_its_rows():
+    torch.manual_seed(0)
+    sae = TopKSAE(16, SAEConfig(n_latents=64, k=3, batch_topk=True))
+    rows = torch.randn(512, 16)
+    sae.calibrate_threshold_(rows, chunk=512)
+    active = (sae.encode(rows).vals > 0).sum()
+    assert int(active) == 3 * 512  # the boundary of the one chunk: k per row on average
+    sae.calibrate_threshold_(rows, chunk=128)  # four chunks: their boundaries' mean
+    per_row = float((sae.encode(rows).vals > 0).sum()) / 512
+    assert abs(per_row - 3) < 0.3

@@ -298,3 +298,29 @@ def test_bf16_gemm_trains_and_float32_stays_the_default():
     bf16, fp32 = curves["bfloat16"], curves["float32"]
     assert bf16[-1] < 0.85 * bf16[0]  # it learns...
     assert abs(bf16[-1] - fp32[-1]) < 0.02 * fp32[-1]  # ...about as well as float32
+
+
+def test_the_shipped_batch_topk_threshold_keeps_k_per_token_after_schedule_free_averaging():
+    x, _ = sparse_dictionary_data(2**13 + 2048, d=32, n_features=64, active=3)
+    train, held = x[: 2**13], x[2**13 :]
+    sae_cfg = SAEConfig(n_latents=128, k=4, batch_topk=True, dead_window_tokens=2048)
+    trainer = run_training(
+        32,
+        sae_cfg,
+        TrainConfig(batch_size=256, epochs=3, recipe="budget"),
+        tensor_source(train, 256, 0),
+        len(train) // 256,
+        lambda: train[:2048],
+        progress=False,
+    )
+    assert trainer.threshold_rows is not None and trainer.threshold_rows.shape == (2048, 32)
+    shipped = trainer.final_sae()
+    trainer.threshold_rows = None
+    tracked = trainer.final_sae()  # the threshold as training tracked it, on other weights
+
+    def held_l0(sae) -> float:
+        return float((sae.encode(held).vals > 0).sum(dim=1).float().mean())
+
+    print(f"held-out L0 (k = 4): calibrated {held_l0(shipped):.3f}, tracked {held_l0(tracked):.3f}")
+    assert float(shipped.threshold) != float(tracked.threshold)
+    assert 0.9 * 4 <= held_l0(shipped) <= 1.1 * 4
