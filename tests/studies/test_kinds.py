@@ -134,7 +134,10 @@ def test_the_report_table_and_figure(runs, tmp_path):
         f"n/a: {OFF_NOTE} | n/a: {OFF_NOTE} | 0.01 | 0 | n/a | 12 | n/a |"
     )
     assert "skip_transcoder: not measured: trained before this study ran, on cpu" in text
-    assert "saeflow run --preset tiny --set sae.kind=skip_transcoder" in text
+    assert (
+        "saeflow run --preset tiny --set saebench.enabled=false --set sae.kind=skip_transcoder"
+        in text
+    )
     assert "--set model.hook=mlp_in.3 --set model.hook_out=mlp_out.3" in text
     assert f"- topk: `{topk_sae.uri}`" in text and "](kinds.png)" in text
     assert (out / "kinds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -186,7 +186,8 @@ def test_the_stage_commits_each_sae_where_a_lone_run_would_and_skips_committed_o
     *refs, again = train_stage.train_sae_group(acts, [*points, points[2]], progress=False)
     assert again == refs[2]  # a point given twice is trained once
     assert refs[0] == done_first and store.manifest(done_first.path) == first_manifest
-    assert count_reads == [(2048, 0, 0), (BATCH, 0, 0), (BATCH, 1, 0)]  # init sample, 2 epochs
+    # The init sample, 2 epochs, the init sample again: the BatchTopK point's threshold rows.
+    assert count_reads == [(2048, 0, 0), (BATCH, 0, 0), (BATCH, 1, 0), (2048, 0, 0)]
     for ref, point in zip(refs, points, strict=True):
         loc = train_stage.locate_sae(acts, *point)
         assert (ref.path, ref.fingerprint) == (loc.path, loc.fingerprint)
@@ -224,4 +225,5 @@ def test_a_group_over_the_memory_budget_trains_in_chunks_that_fit(
     store, acts = _stored_acts(tmp_path)
     refs = train_stage.train_sae_group(acts, points, progress=False)
     assert all(store.manifest(ref.path) is not None for ref in refs)
-    assert [epoch for _, epoch, _ in count_reads] == [0, 0, 1] * 2  # two chunks, two reads
+    # Two chunks, two reads each, the second's BatchTopK point reading its threshold rows.
+    assert [epoch for _, epoch, _ in count_reads] == [0, 0, 1] + [0, 0, 1, 0]
