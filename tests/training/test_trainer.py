@@ -240,19 +240,20 @@ def test_auxk_revives_dead_latents():
     assert nmse_aux < nmse_plain
 
 
-def test_batch_topk_averages_k_in_training_and_its_threshold_on_held_out_data():
+def _batch_topk_trained(train_cfg: TrainConfig) -> tuple[Trainer, torch.Tensor]:
+    """A BatchTopK SAE (k = 4) trained on 2^13 sparse-dictionary rows: (trainer, held-out rows)."""
     x, _ = sparse_dictionary_data(2**13 + 2048, d=32, n_features=64, active=3)
     train, held = x[: 2**13], x[2**13 :]
     sae_cfg = SAEConfig(n_latents=128, k=4, batch_topk=True, dead_window_tokens=2048)
     trainer = run_training(
-        32,
-        sae_cfg,
-        TrainConfig(batch_size=256, epochs=3, lr=3e-3),
-        tensor_source(train, 256, 0),
-        len(train) // 256,
-        lambda: train[:2048],
-        progress=False,
-    )
+        32, sae_cfg, train_cfg, tensor_source(train, 256, 0), len(train) // 256,
+        lambda: train[:2048], progress=False,
+    )  # fmt: skip
+    return trainer, held
+
+
+def test_batch_topk_averages_k_in_training_and_its_threshold_on_held_out_data():
+    trainer, held = _batch_topk_trained(TrainConfig(batch_size=256, epochs=3, lr=3e-3))
     l0 = [r["l0"] for r in trainer.state.history]
     codes = trainer.sae.encode(held)
     held_l0 = float((codes.vals > 0).sum(dim=1).float().mean())
@@ -301,18 +302,7 @@ def test_bf16_gemm_trains_and_float32_stays_the_default():
 
 
 def test_the_shipped_batch_topk_threshold_keeps_k_per_token_after_schedule_free_averaging():
-    x, _ = sparse_dictionary_data(2**13 + 2048, d=32, n_features=64, active=3)
-    train, held = x[: 2**13], x[2**13 :]
-    sae_cfg = SAEConfig(n_latents=128, k=4, batch_topk=True, dead_window_tokens=2048)
-    trainer = run_training(
-        32,
-        sae_cfg,
-        TrainConfig(batch_size=256, epochs=3, recipe="budget"),
-        tensor_source(train, 256, 0),
-        len(train) // 256,
-        lambda: train[:2048],
-        progress=False,
-    )
+    trainer, held = _batch_topk_trained(TrainConfig(batch_size=256, epochs=3, recipe="budget"))
     assert trainer.threshold_rows is not None and trainer.threshold_rows.shape == (2048, 32)
     shipped = trainer.final_sae()
     trainer.threshold_rows = None
