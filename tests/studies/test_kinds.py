@@ -24,7 +24,7 @@ from sae_core.studies.kinds import (
 )
 from tests.helpers.cli import assert_one_line_error, invoke
 from tests.helpers.manifests import example_sae
-from tests.helpers.pipeline import run, tiny_config
+from tests.helpers.pipeline import run
 
 ALL = ",".join(STUDY_KINDS)
 OFF_NOTE = "saebench.enabled=false"
@@ -155,16 +155,6 @@ def test_a_table_that_is_not_the_studys_is_refused(tmp_path):
         earlier_rows(tmp_path)
     assert earlier_rows(tmp_path / "new") == {}
     assert KindRow._fields[-1] == "sae"
-
-
-@pytest.fixture
-def tiny_preset(tiny_llama_dir, tiny_corpus_dir, tmp_path):
-    import yaml
-
-    config = tiny_config(tiny_llama_dir, tiny_corpus_dir, str(tmp_path / "store"))
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    return str(path)
 
 
 # Small SAEBench and evaluation samples: seconds on the tiny model.

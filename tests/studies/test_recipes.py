@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from sae_core.studies import recipes
 from sae_core.studies.recipes import sparsify_reconstruct
@@ -18,17 +17,18 @@ from tests.helpers.pipeline import tiny_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def preset(tiny_llama_dir, tiny_corpus_dir, tmp_path):
-    config = tiny_config(tiny_llama_dir, tiny_corpus_dir, str(tmp_path / "store"))
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    return str(path)
-
-
-def test_each_recipe_at_each_budget_is_scored_and_kept(preset, tmp_path, monkeypatch):
+def test_each_recipe_at_each_budget_is_scored_and_kept(tiny_preset, tmp_path, monkeypatch):
     out = tmp_path / "points.json"
-    args = ["study", "recipes", "--preset", preset, "--out", str(out), "--budgets", "1024,2048"]
+    args = [
+        "study",
+        "recipes",
+        "--preset",
+        tiny_preset,
+        "--out",
+        str(out),
+        "--budgets",
+        "1024,2048",
+    ]
     result = invoke(*args, "--ce-contexts", "4")
     assert result.exit_code == 0, result.output
     points = json.loads(out.read_text())
@@ -54,9 +54,9 @@ def test_each_recipe_at_each_budget_is_scored_and_kept(preset, tmp_path, monkeyp
     assert json.loads(out.read_text()) == points
 
 
-def test_bad_study_arguments_are_one_line(preset, tmp_path):
+def test_bad_study_arguments_are_one_line(tiny_preset, tmp_path):
     out = str(tmp_path / "p.json")
-    base = ["study", "recipes", "--preset", preset, "--out", out]
+    base = ["study", "recipes", "--preset", tiny_preset, "--out", out]
     assert_one_line_error(invoke(*base, "--recipes", "adam"), "--recipes", "paper, budget")
     assert_one_line_error(invoke(*base, "--budgets", "1,x"), "--budgets")
     assert_one_line_error(invoke(*base, "--sparsify-python", "/nope"), "--sparsify-python")
