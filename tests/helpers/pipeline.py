@@ -1,8 +1,12 @@
-"""The pipeline on the tiny model and corpus: a small configuration, and one run of the flow."""
+"""The pipeline on the tiny model and corpus: a small configuration, one run of the flow, and one
+sweep with the training reads it made."""
 
 from __future__ import annotations
 
+import pytest
+
 from sae_core.config import PipelineConfig, build_config
+from tests.helpers.activations import count_train_reads
 
 # The pipeline's stage tasks, in order.
 ALL_STAGES = [
@@ -43,3 +47,13 @@ def run(config: PipelineConfig, refresh: list[str] | None = None):
     from flows.pipeline import pipeline
 
     return pipeline(config, progress=False, refresh=refresh)
+
+
+def sweep_counting_reads(config: PipelineConfig):
+    """The sweep flow on `config`: (its result, the training reads it made as
+    `count_train_reads` lists them)."""
+    from flows.sweep import sweep
+
+    with pytest.MonkeyPatch.context() as patch:
+        reads = count_train_reads(patch)
+        return sweep(config, progress=False), reads

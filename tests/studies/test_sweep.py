@@ -12,7 +12,7 @@ from sae_core.studies.scaling import NAMES
 from sae_core.studies.sweep import grid
 from tests.helpers.activations import count_train_reads
 from tests.helpers.cli import assert_one_line_error, invoke
-from tests.helpers.pipeline import tiny_config
+from tests.helpers.pipeline import sweep_counting_reads, tiny_config
 
 SWEEP = {"n_latents": [64, 128], "k": [4, 8], "seeds": [0]}
 EVAL = {"ablation_samples": 8, "ablation_horizon": 4, "probe_contexts": 60, "probe_tokens": 256}
@@ -22,13 +22,9 @@ FIGURES = ["nmse_vs_l0.png", "ce_recovered_vs_l0.png", "nmse_vs_n.png", "dead_vs
 
 @pytest.fixture(scope="module")
 def swept(prefect, tiny_llama_dir, tiny_corpus_dir, tmp_path_factory):
-    from flows.sweep import sweep
-
     store = str(tmp_path_factory.mktemp("sweep-store"))
     config = tiny_config(tiny_llama_dir, tiny_corpus_dir, store, sweep=SWEEP, eval=EVAL)
-    with pytest.MonkeyPatch.context() as patch:
-        reads = count_train_reads(patch)
-        return config, sweep(config, progress=False), reads
+    return (config, *sweep_counting_reads(config))
 
 
 def test_the_grid_trains_from_one_read_of_the_data(swept):

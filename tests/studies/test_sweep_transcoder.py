@@ -10,8 +10,7 @@ import pytest
 
 from sae_core.storage.store import Store
 from sae_core.studies.report import TRANSCODER_NOTE
-from tests.helpers.activations import count_train_reads
-from tests.helpers.pipeline import tiny_config
+from tests.helpers.pipeline import sweep_counting_reads, tiny_config
 
 TRANSCODER = {
     "model": {"hook": "mlp_in.2", "hook_out": "mlp_out.2"},
@@ -23,13 +22,9 @@ TRANSCODER = {
 
 @pytest.fixture(scope="module")
 def swept(prefect, tiny_llama_dir, tiny_corpus_dir, tmp_path_factory):
-    from flows.sweep import sweep
-
     store = str(tmp_path_factory.mktemp("tc-sweep-store"))
     config = tiny_config(tiny_llama_dir, tiny_corpus_dir, store, **TRANSCODER)
-    with pytest.MonkeyPatch.context() as patch:
-        reads = count_train_reads(patch)
-        return config, sweep(config, progress=False), reads
+    return (config, *sweep_counting_reads(config))
 
 
 def test_every_point_trains_on_the_paired_datasets_from_one_read(swept):
