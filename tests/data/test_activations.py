@@ -24,34 +24,9 @@ from sae_core.storage.loader import iter_batches, load_split_tensor, read_split
 from sae_core.storage.refs import DatasetRef
 from sae_core.storage.store import Store
 from tests.helpers import HELPERS
+from tests.helpers.extraction import TINY_DATA
 
 T = 16
-BASE = {
-    "corpus": "tiny",
-    "context_len": T,
-    "train_tokens": 640,
-    "eval_tokens": 160,
-    "seed": 0,
-    "batch_tokens": 128,
-    "shard_rows": 100,
-}
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_llama_dir):
-    return load_model(str(tiny_llama_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return Store(str(tmp_path_factory.mktemp("store")))
-
-
-@pytest.fixture(scope="module")
-def tokens_ref(store, loaded, tiny_corpus_dir):
-    with store.writing("tokens/tok0") as w:
-        sample_tokens(DataConfig(**BASE), loaded.tokenizer, str(tiny_corpus_dir), w, progress=False)
-    return DatasetRef(store=store.uri, path="tokens/tok0", fingerprint="tok0")
 
 
 def _extract(store, loaded, tokens_ref, name, **kw):
@@ -59,7 +34,7 @@ def _extract(store, loaded, tokens_ref, name, **kw):
         manifest = extract_activations(
             loaded.model,
             tokens_ref,
-            DataConfig(**{**BASE, **kw}),
+            DataConfig(**{**TINY_DATA, **kw}),
             "resid_post.1",
             w,
             progress=False,
@@ -201,7 +176,12 @@ def test_several_hooks_from_one_forward_pass(store, loaded, tokens_ref, acts):
             store.writing("activations/m2") as w2,
         ):
             manifests = extract_hooks(
-                loaded.model, tokens_ref, DataConfig(**BASE), hooks, [w0, w1, w2], progress=False
+                loaded.model,
+                tokens_ref,
+                DataConfig(**TINY_DATA),
+                hooks,
+                [w0, w1, w2],
+                progress=False,
             )
         manifests = [m.to_json() for m in manifests]
     finally:
@@ -219,7 +199,7 @@ def test_several_hooks_from_one_forward_pass(store, loaded, tokens_ref, acts):
 
 
 def test_shard_size_from_megabytes_and_batches_by_tokens():
-    data = DataConfig(**{**BASE, "shard_rows": None, "shard_mb": 128})
+    data = DataConfig(**{**TINY_DATA, "shard_rows": None, "shard_mb": 128})
     rows = shard_rows(data, 576, "float32")
     assert rows % 8192 == 0 and 120 * 2**20 < rows * (576 * 4 + 16) <= 128 * 2**20
     assert shard_rows(data.model_copy(update={"shard_mb": 0.01}), 64, "float16") == 72
@@ -230,7 +210,7 @@ def test_bfloat16_model_is_stored_as_float32(store, tiny_llama_dir, tokens_ref):
     model = load_model(str(tiny_llama_dir), dtype="bfloat16", device="cpu").model
     with store.writing("activations/bf16") as w:
         manifest = extract_activations(
-            model, tokens_ref, DataConfig(**BASE, storage_dtype="float16"), "resid_post.1", w,
+            model, tokens_ref, DataConfig(**TINY_DATA, storage_dtype="float16"), "resid_post.1", w,
             progress=False,
         ).to_json()  # fmt: skip
     assert manifest["dtype"] == "float32" and manifest["model_dtype"] == "bfloat16"
@@ -258,7 +238,7 @@ def test_interrupted_extraction_only_makes_the_shards_it_had_not_finished(
     try:
         with pytest.raises(_Killed), store.resuming(path) as w:
             extract_activations(
-                loaded.model, tokens_ref, DataConfig(**BASE), "resid_post.1", w, False
+                loaded.model, tokens_ref, DataConfig(**TINY_DATA), "resid_post.1", w, False
             )
     finally:
         killer.remove()
@@ -269,7 +249,7 @@ def test_interrupted_extraction_only_makes_the_shards_it_had_not_finished(
     try:
         with store.resuming(path) as w:
             manifest = extract_activations(
-                loaded.model, tokens_ref, DataConfig(**BASE), "resid_post.1", w, False
+                loaded.model, tokens_ref, DataConfig(**TINY_DATA), "resid_post.1", w, False
             ).to_json()
     finally:
         handle.remove()
@@ -297,7 +277,7 @@ def test_a_stop_request_ends_extraction_at_the_next_decoder_block_and_it_resumes
             stopping.request(signal.SIGINT)
 
     stopper = loaded.model.model.layers[0].register_forward_hook(ctrl_c_in_third_forward)
-    data = DataConfig(**{**BASE, **two_forwards})
+    data = DataConfig(**{**TINY_DATA, **two_forwards})
     try:
         with pytest.raises(stopping.StopRequested), store.resuming(path) as w:
             extract_activations(loaded.model, tokens_ref, data, "resid_post.1", w, False)
@@ -327,7 +307,7 @@ def test_a_shard_is_the_same_bytes_whatever_the_order_and_threads(store, loaded,
     """Shards made one by one, in reverse order, on one thread, equal the whole extraction's."""
     from sae_core.data.activations import check_tokens, extract_shard, plan_shards
 
-    data = DataConfig(**BASE)
+    data = DataConfig(**TINY_DATA)
     shards = plan_shards(check_tokens(tokens_ref, data, 512), data, 64, "float32")
     assert len(shards) == 7 + 2
     threads = torch.get_num_threads()
@@ -356,7 +336,7 @@ def test_sigkilled_extraction_restarts_at_the_first_unwritten_shard(
 
     store = Store(str(tmp_path / "store"))
     loaded = load_model(str(tiny_llama_dir), device="cpu")
-    data = DataConfig(**{**BASE, "train_tokens": 3200})
+    data = DataConfig(**{**TINY_DATA, "train_tokens": 3200})
     with store.writing("tokens/t") as w:
         sample_tokens(data, loaded.tokenizer, str(tiny_corpus_dir), w, progress=False)
     worker = [sys.executable, str(HELPERS / "extract_worker.py")]
@@ -394,7 +374,7 @@ def test_stage_extracts_several_hooks_once_and_shares_the_single_hook_location(
     from sae_core.stages import extract as extract_stage
 
     model = ModelConfig(path=str(tiny_llama_dir), hook="resid_post.1", device="cpu")
-    data = DataConfig(**BASE)
+    data = DataConfig(**TINY_DATA)
     refs = extract_stage.extract_hook_datasets(
         tokens_ref, model, data, ["resid_post.1", "mlp_out.0"]
     )

@@ -10,48 +10,22 @@ import pytest
 import torch
 
 from sae_core.config import DataConfig, ModelConfig
-from sae_core.data.models import decoder_layers, load_model
+from sae_core.data.models import decoder_layers
 from sae_core.data.pairing import check_pairing
-from sae_core.data.tokens import sample_tokens
 from sae_core.errors import DatasetDamaged, ValidationFailed
 from sae_core.stages import extract as extract_stage
 from sae_core.storage.loader import iter_batches
 from sae_core.storage.refs import DatasetRef
-from sae_core.storage.store import Store
+from tests.helpers.extraction import TINY_DATA
 
-DATA = {
-    "corpus": "tiny",
-    "context_len": 16,
-    "train_tokens": 640,
-    "eval_tokens": 160,
-    "batch_tokens": 128,
-    "shard_rows": 100,
-}
 HOOKS = ["mlp_in.1", "mlp_out.1"]
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_llama_dir):
-    return load_model(str(tiny_llama_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return Store(str(tmp_path_factory.mktemp("store")))
-
-
-@pytest.fixture(scope="module")
-def tokens_ref(store, loaded, tiny_corpus_dir):
-    with store.writing("tokens/tok0") as w:
-        sample_tokens(DataConfig(**DATA), loaded.tokenizer, str(tiny_corpus_dir), w, progress=False)
-    return DatasetRef(store=store.uri, path="tokens/tok0", fingerprint="tok0")
 
 
 @pytest.fixture(scope="module")
 def pair(tiny_llama_dir, tokens_ref):
     model = ModelConfig(path=str(tiny_llama_dir), hook=HOOKS[0], device="cpu")
     return extract_stage.extract_hook_datasets(
-        tokens_ref, model, DataConfig(**DATA), HOOKS, progress=False
+        tokens_ref, model, DataConfig(**TINY_DATA), HOOKS, progress=False
     )
 
 
@@ -102,7 +76,7 @@ def test_datasets_of_other_settings_do_not_pair(pair, tiny_llama_dir, tokens_ref
     ref_in, _ = pair
     model = ModelConfig(path=str(tiny_llama_dir), hook="mlp_out.1", device="cpu")
     other = extract_stage.extract_activations(
-        tokens_ref, model, DataConfig(**DATA, skip_first_position=False), progress=False
+        tokens_ref, model, DataConfig(**TINY_DATA, skip_first_position=False), progress=False
     )
     with pytest.raises(ValidationFailed, match="skip_first_position differ"):
         check_pairing(ref_in, other)
