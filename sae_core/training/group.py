@@ -244,11 +244,12 @@ def run_group(
             _set_rng_state(rngs[i], device)
             store.write_bytes(ckpts[i], trainer.checkpoint_bytes())
         trainer.sae.free_buffer()
-    if any(t.sae.cfg.batch_topk for t in trainers):
+    # BatchTopK thresholds tracked on the training weights, shipped on others: rows to calibrate.
+    calibrated = [t for t in trainers if t.sae.cfg.batch_topk and t.ships_other_weights]
+    if calibrated:
         rows = init_sample()  # every rank calls it: data parallel, it is a broadcast
-        for trainer in trainers:
-            if trainer.sae.cfg.batch_topk:
-                trainer.threshold_rows = rows
+        for trainer in calibrated:
+            trainer.threshold_rows = rows
     return trainers
 
 

@@ -145,6 +145,11 @@ class Trainer:
         # BatchTopK: training rows the shipped weights' threshold is calibrated on (run_group).
         self.threshold_rows: torch.Tensor | None = None
 
+    @property
+    def ships_other_weights(self) -> bool:
+        """Whether the SAE it ships (`final_sae`) holds weights other than the trained ones."""
+        return isinstance(self.opt, ScheduleFreeAdam) or self.ema is not None
+
     def final_sae(self) -> SparseAutoencoder:
         """The SAE to ship: schedule-free Adam's average (its decoder rows brought back to unit
         norm, the codes keeping their contributions), or the moving average of the weights when
