@@ -54,6 +54,12 @@ class KindRow(NamedTuple):
     """Active latents per token, measured on the eval split."""
     tokens: int
     """Training tokens seen."""
+    steps: int
+    """Optimiser steps."""
+    seed: int
+    """train.seed: the SAE's initialisation and the batches' order."""
+    recipe: str | None
+    """The training recipe (train.recipe) the SAE's manifest records."""
     nmse: float
     """Normalised MSE on the eval split of `nmse_target`'s activation."""
     nmse_target: str
@@ -181,6 +187,9 @@ def kind_row(
         k=sae_m.k,
         l0=metrics["l0"],
         tokens=sae_m.tokens_seen,
+        steps=sae_m.steps,
+        seed=plan.config.train.seed,
+        recipe=sae_m.recipe,
         nmse=metrics["nmse"],
         nmse_target=model.hook_out or model.hook,
         transcoder=model.hook_out is not None,
@@ -233,6 +242,9 @@ def kinds_table(rows: Sequence[KindRow]) -> str:
             "k": r.k,
             "L0 (eval)": f"{r.l0:.4g}",
             "tokens": f"{r.tokens:,}",
+            "steps": f"{r.steps:,}",
+            "seed": r.seed,
+            "recipe": r.recipe or "n/a",
             "NMSE": f"{r.nmse:.4g}" + (f" (y: {r.nmse_target})" if r.transcoder else ""),
             "CE loss recovered": f"{r.ce_loss_recovered:.4g}",
             "absorption": _value(r.absorption, r.absorption_note),

@@ -104,6 +104,7 @@ def test_a_row_says_why_a_figure_is_missing(runs):
     )
     assert (row.train_seconds, row.train_timing, row.saebench_seconds) == (61.0, "this run", 30.0)
     assert (row.nmse_target, row.transcoder) == ("resid_post.3", False)
+    assert (row.tokens, row.steps, row.seed) == (3840, 15, topk.config.train.seed)
     # The transcoder: no SAEBench; found trained, its time from an earlier report's row.
     earlier = {tc_sae.uri: row._replace(train_seconds=25.0, sae=tc_sae.uri)}
     tc_row = kind_row(tc, tc_sae, tc_eval, None, None, earlier)
@@ -124,13 +125,15 @@ def test_the_report_table_and_figure(runs, tmp_path):
     report = write_kinds_report(rows, [topk, tc], "tiny", "saeflow study kinds ...", out)
     text = report.read_text()
     table = text.split("## Comparison (eval split)\n\n")[1].split("\n\n")[0].splitlines()
-    assert table[0].startswith("| kind | n | k | L0 (eval) | tokens | NMSE | CE loss recovered |")
+    assert table[0].startswith(
+        "| kind | n | k | L0 (eval) | tokens | steps | seed | recipe | NMSE | CE loss recovered |"
+    )
     assert table[2] == (
-        "| topk | 1152 | 16 | 15.5 | 3,840 | 0.2 | 0.9 | n/a: 3 letters passed the probe F1 "
+        "| topk | 1152 | 16 | 15.5 | 3,840 | 15 | 0 | n/a | 0.2 | 0.9 | n/a: 3 letters passed the probe F1 "
         "gate, fewer than saebench.min_letters=20 | 0.71 | 0.01 | 0 | 61 | 12 | 30 |"
     )
     assert table[3] == (
-        f"| skip_transcoder | 1152 | 16 | 15.5 | 3,840 | 1.2 (y: mlp_out.3) | 0.9 | "
+        f"| skip_transcoder | 1152 | 16 | 15.5 | 3,840 | 15 | 0 | n/a | 1.2 (y: mlp_out.3) | 0.9 | "
         f"n/a: {OFF_NOTE} | n/a: {OFF_NOTE} | 0.01 | 0 | n/a | 12 | n/a |"
     )
     assert "skip_transcoder: not measured: trained before this study ran, on cpu" in text
@@ -179,6 +182,7 @@ def test_the_study_runs_each_kind_through_the_pipeline(prefect, tiny_preset, tmp
         assert (r.n, r.k) == (256, 8) and 0 < r.l0 <= 8 and r.tokens > 0
         assert 0 < r.nmse < 1.5 and r.train_timing == "this run" and r.train_seconds > 0
         assert r.eval_seconds > 0 and r.device == "cpu"
+        assert r.steps > 0 and r.recipe in ("budget", "paper") and isinstance(r.seed, int)
     # The tiny model's first-letter probes may pass no letter: a reason, not a figure.
     assert topk.absorption is not None or "letters passed the probe F1 gate" in topk.absorption_note
     assert 0 <= topk.sparse_probe_k1 <= 1
