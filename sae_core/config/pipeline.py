@@ -61,11 +61,6 @@ class PipelineConfig(Strict):
                 "data.max_norm drops rows of each hook separately, which would unpair a "
                 "transcoder's input and output rows; unset it"
             )
-        if transcoder and self.train.ranks > 1:
-            raise ValueError(
-                f"sae.kind={self.sae.kind} trains in one process; set train.world_size=1 and "
-                "train.nnodes=1"
-            )
         if transcoder and self.model.compile:
             raise ValueError(
                 "model.compile extracts one resid_post hook; a transcoder's pass extracts "

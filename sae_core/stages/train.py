@@ -148,12 +148,13 @@ def _train_and_commit(
     torchrun workers train the group and rank 0 fills the folders; on several nodes node 0
     commits and the others wait for its commit."""
     if members[0].train.node_rank > 0:
-        ddp.train_data_parallel(acts, members, [loc.path for loc in locs], progress)
+        ddp.train_data_parallel(acts, members, [loc.path for loc in locs], progress, acts_out)
         return _committed_by_node_0(locs)
     with ExitStack() as stack:  # every folder committed on a normal exit, none on an error
         writers = [stack.enter_context(store.writing(loc.path)) for loc in locs]
         if members[0].train.ranks > 1:
-            made = ddp.train_data_parallel(acts, members, [w.dataset for w in writers], progress)
+            datasets = [w.dataset for w in writers]
+            made = ddp.train_data_parallel(acts, members, datasets, progress, acts_out)
             for writer, manifest in zip(writers, made, strict=True):
                 writer.manifest = manifest  # rank 0 reported it
         else:

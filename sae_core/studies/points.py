@@ -39,7 +39,12 @@ SAEBENCH_COLUMNS = (
 )  # fmt: skip
 
 
+def measured_columns(columns: Iterable[str], metrics: Iterable[Mapping[str, float]]) -> list[str]:
+    """The `columns`, in order, that some SAE of a study has a figure for."""
+    seen = {name for m in metrics for name in m}
+    return [c for c in columns if c in seen]
+
+
 def saebench_columns(metrics: Iterable[Mapping[str, float]]) -> list[str]:
     """The SAEBENCH_COLUMNS some SAE of a study has a figure for (none: the stage was off)."""
-    seen = {name for m in metrics for name in m}
-    return [c for c in SAEBENCH_COLUMNS if c in seen]
+    return measured_columns(SAEBENCH_COLUMNS, metrics)

@@ -15,7 +15,7 @@ from sae_core.config import TRANSCODER_KINDS
 from sae_core.evaluation.metrics import DensityHistogram
 from sae_core.studies import plots
 from sae_core.studies.convergence import fit_convergence_exponent, tokens_to_convergence
-from sae_core.studies.points import saebench_columns
+from sae_core.studies.points import measured_columns, saebench_columns
 from sae_core.studies.scaling import NAMES, PAPER, ScalingFit
 from sae_core.studies.sweep import SweepRow
 
@@ -66,6 +66,8 @@ class Report(NamedTuple):
 
 
 def _fmt(value: Any) -> str:
+    if value is None:  # not measured for this row (e.g. a metric that does not apply to its kind)
+        return "n/a"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
     return str(value)
@@ -146,9 +148,11 @@ def sweep_report(
     """A grid of SAEs (rows and their training histories, in the same order): metric table,
     scaling-law fit and the sweep figures."""
     bench = saebench_columns(r.metrics for r in rows)
+    # Columns no SAE measured (probes off, ablation for transcoders) are left out.
+    columns = measured_columns(SWEEP_COLUMNS, (r.metrics for r in rows))
     table = [
         {"n": r.n, "k": r.k, "seed": r.seed, "kind": r.kind}
-        | {c: r.metrics.get(c, float("nan")) for c in (*SWEEP_COLUMNS, *bench)}
+        | {c: r.metrics.get(c) for c in (*columns, *bench)}
         | {"dead_fraction_train": r.train_dead_fraction}
         for r in sorted(rows, key=lambda r: (r.n, r.k, r.seed))
     ]

@@ -86,10 +86,12 @@ def train_data_parallel(
     members: Sequence[GroupMember],
     datasets: Sequence[str],
     progress: bool = True,
+    acts_out: DatasetRef | None = None,
 ) -> list[SaeManifest] | None:
     """Train the members (sharing `sae_core.training.group.data_order`) with train.world_size torchrun
     workers on this node; rank 0 fills each member's dataset folder on acts' store (without its
     manifest, which it reports: the caller on node 0 commits it; None on the other nodes).
+    acts_out: transcoders' target dataset, paired with acts (`training.train_group`).
     Blocks until every worker of this node has ended."""
     train = members[0].train
     check_world_size(train)
@@ -99,6 +101,7 @@ def train_data_parallel(
             json.dumps(
                 {
                     "acts": acts.model_dump(),
+                    "acts_out": None if acts_out is None else acts_out.model_dump(),
                     "members": [
                         {
                             "sae": m.sae.model_dump(mode="json"),
@@ -185,10 +188,12 @@ def main(spec_path: str) -> None:
     try:
         ranks, device = Ranks.from_env(members[0].train.device)
         acts = DatasetRef.model_validate(spec["acts"])
+        out = spec["acts_out"]
+        acts_out = None if out is None else DatasetRef.model_validate(out)
         store = faults.open_store(acts.store)
         reads = loader.ReadTally()
         trainers = training.train_group(
-            acts, members, store, spec["progress"], ranks, device, reads
+            acts, members, store, spec["progress"], ranks, device, reads, acts_out
         )
         split = acts.manifest(ActivationsManifest).splits["train"]
         print(
@@ -200,7 +205,7 @@ def main(spec_path: str) -> None:
         if ranks.leader:
             done = [
                 training.write_trained(
-                    DatasetWriter(store, m["dataset"]), acts, trainer
+                    DatasetWriter(store, m["dataset"]), acts, trainer, acts_out
                 ).manifest.to_json()
                 for m, trainer in zip(spec["members"], trainers, strict=True)
             ]

@@ -110,8 +110,8 @@ def train_group(
     alone writes checkpoints. device None: train.device. reads: counts what the batches (not
     the init sample) fetch from storage.
     acts_out: transcoders' target, the dataset of their output hook paired row for row with
-    `acts` (`sae_core.data.pairing`); each batch is then [B, 2d], x then y. Transcoders train
-    in one process.
+    `acts` (`sae_core.data.pairing`); each batch is then [B, 2d], x then y (data parallel:
+    each rank reads its lanes of both datasets).
     """
     manifest = acts.manifest(ActivationsManifest)
     d = manifest.width
@@ -122,8 +122,6 @@ def train_group(
             "transcoders train on a pair of datasets (model.hook and model.hook_out), SAEs on "
             "one; give acts_out for transcoders only, and train the two apart"
         )
-    if acts_out is not None and ranks.distributed:
-        raise ConfigError("transcoders train in one process; set train.world_size=1")
     steps_per_epoch = rows // train_cfg.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -153,14 +151,13 @@ def train_group(
         """[size, d] ([size, 2d] for transcoders, x then y): read by rank 0 alone and sent to
         the others (every rank's SAE starts alike)."""
         size = min(INIT_SAMPLE_TOKENS, rows)
+        seed = train_cfg.seed + 1
         if not ranks.distributed:
-            return next(
-                iter_batches(acts, "train", size, train_cfg.seed + 1, 0, 0, paired_with=acts_out)
-            )
+            return next(iter_batches(acts, "train", size, seed, paired_with=acts_out))
         if ranks.leader:
-            shared = next(iter_batches(acts, "train", size, train_cfg.seed + 1, 0, 0)).to(device)
-        else:
-            shared = torch.empty(size, d, device=device)  # NCCL sends device tensors only
+            shared = next(iter_batches(acts, "train", size, seed, paired_with=acts_out)).to(device)
+        else:  # NCCL sends device tensors only; both hooks have width d
+            shared = torch.empty(size, d if acts_out is None else 2 * d, device=device)
         ranks.broadcast_([shared])
         return shared.cpu()
 

@@ -147,10 +147,6 @@ _TRANSCODER = [
             "unpair",
         ),
         (["sae.kind=transcoder", "sae.degree=4", "sae.normalize=global"], "does not use sae.degree"),
-        (
-            [*_TRANSCODER, "train.world_size=2", "train.nnodes=2", "train.rendezvous=h:29500"],
-            "train.world_size=1 and train.nnodes=1",
-        ),
         ([*_TRANSCODER, "model.compile=true"], "set model.compile=false"),
     ],
 )  # fmt: skip

@@ -8,8 +8,9 @@ import pytest
 
 from sae_core.errors import ConfigError
 from sae_core.storage.store import Store
+from sae_core.studies.report import sweep_report
 from sae_core.studies.scaling import NAMES
-from sae_core.studies.sweep import grid
+from sae_core.studies.sweep import SweepRow, grid
 from tests.helpers.activations import count_train_reads
 from tests.helpers.cli import assert_one_line_error, invoke
 from tests.helpers.pipeline import sweep_counting_reads, tiny_config
@@ -138,3 +139,18 @@ def test_tokens_grow_with_n_by_the_sweeps_exponent(tiny_llama_dir, tiny_corpus_d
     unset = config.model_copy(update={"train": config.train.model_copy(update={"tokens": None})})
     with pytest.raises(ConfigError, match="set train.tokens"):
         grid(unset)
+
+
+def test_a_metric_no_sae_measured_is_left_out_and_a_missing_one_is_na():
+    base = {"nmse": 0.3, "fvu": 0.1, "l0": 4.0, "dead_fraction": 0.0, "ce_loss_recovered": 0.9,
+            "kl_spliced": 0.2}  # fmt: skip
+    rows = [
+        SweepRow(64, 4, 0, "topk", base | {"ablation_sparsity": 0.4}, 0.0),
+        SweepRow(128, 4, 0, "topk", base, 0.0),
+    ]
+    curve = [{"tokens": t, "nmse": 0.5 / t, "dead_fraction": 0.0} for t in (1, 2)]
+    report = sweep_report("t", rows, None, [(r.label, curve) for r in rows])
+    assert "probe_loss" not in report.markdown and all("probe_loss" not in r for r in report.table)
+    assert [r["ablation_sparsity"] for r in report.table] == [0.4, None]
+    row = "| 128 | 4 | 0 | topk | 0.3 | 0.1 | 4 | 0 | 0.9 | 0.2 | n/a | 0 |"
+    assert row in report.markdown.splitlines()

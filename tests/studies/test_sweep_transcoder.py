@@ -72,6 +72,7 @@ def test_the_report_rows_carry_the_kind_and_the_nmse_of_y(swept):
     assert len(table) == 4
     for row in table:
         assert row["kind"] == "skip_transcoder"
+        assert "ablation_sparsity" not in row  # measured for no SAE of the grid
         assert row["nmse"] == by_point[(row["n"], row["k"])]["nmse"]
     markdown = store.read_bytes(f"{ref.path}/report.md").decode()
     assert "mlp_in.2 -> mlp_out.2" in markdown and TRANSCODER_NOTE in markdown

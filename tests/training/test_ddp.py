@@ -35,12 +35,24 @@ class Run(NamedTuple):
 
 
 def _train_group(
-    tmp_path, name: str, saes: list[SAEConfig], world_size: int, epochs: int = 2, **train
+    tmp_path,
+    name: str,
+    saes: list[SAEConfig],
+    world_size: int,
+    epochs: int = 2,
+    paired: bool = False,
+    **train,
 ) -> list[Run]:
-    """Train the SAEs as one group through the stage (epochs of 16 steps) on store `name`."""
+    """Train the SAEs as one group through the stage (epochs of 16 steps) on store `name`;
+    paired: as transcoders, to a second hook's activations (a fixed map of the first's)."""
     store = Store(str(tmp_path / name))
     x, _ = sparse_dictionary_data(2048, seed=3)
     acts = write_activations(store, "activations/test", x * 5 + 2, x[:256])
+    acts_out = None
+    if paired:
+        mix = torch.randn(x.shape[1], x.shape[1], generator=torch.Generator().manual_seed(4))
+        y = torch.relu(x @ mix) + 0.1 * x
+        acts_out = write_activations(store, "activations/out", y * 3 - 1, y[:256])
     cfg = TrainConfig(
         batch_size=128,
         lr=3e-3,
@@ -50,7 +62,8 @@ def _train_group(
         epochs=epochs,
         **train,
     )
-    refs = train_stage.train_sae_group(acts, [(sae, cfg) for sae in saes], progress=False)
+    points = [(sae, cfg) for sae in saes]
+    refs = train_stage.train_sae_group(acts, points, progress=False, acts_out=acts_out)
     return [
         Run(
             load_tensors(store.read_bytes(f"{ref.path}/sae.safetensors")),
@@ -121,6 +134,18 @@ def test_two_ranks_match_one_rank_for_every_selection_and_kind(tmp_path, sae, ad
     train = {"ema_decay": 0.9, "recipe": "paper"} | ({"adam_eps": adam_eps} if adam_eps else {})
     one = _train(tmp_path, "one", sae, 1, **train)
     _assert_same_run(one, _train(tmp_path, "two", sae, 2, **train))
+
+
+def test_a_skip_transcoder_on_two_ranks_matches_one_rank(tmp_path):
+    """Each rank reads its lanes of both hooks' datasets, paired row for row."""
+    tc = SAEConfig(
+        kind="skip_transcoder", normalize="global", n_latents=256, k=3,
+        dead_window_tokens=512, k_aux=16,
+    )  # fmt: skip
+    one, two = (_train_group(tmp_path, f"w{w}", [tc], w, paired=True)[0] for w in (1, 2))
+    _assert_same_run(one, two)
+    assert "W_skip" in one.weights and one.manifest["activations_out"].endswith("activations/out")
+    assert one.history[-1]["nmse"] < 0.85 * one.history[0]["nmse"]
 
 
 @pytest.mark.slow
