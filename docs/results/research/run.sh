@@ -102,4 +102,10 @@ done
 step "sweep to convergence"
 $SAEFLOW sweep --preset research --store "$STORE" --set train.tokens=2097152 \
   --set sweep.tokens_exponent=0.66 --no-progress > "$HERE/logs/sweep-converged.log" 2>&1
+# 11. Dead latents at n = 9216, k = 16 after step 10: the same run with AuxK at 4x the paper's
+#     coefficient (1/8).
+step "n=9216 k=16, aux_alpha=1/8"
+$SAEFLOW sweep --preset research --store "$STORE" --n 9216 --k 16 --set train.tokens=8273920 \
+  --set sweep.tokens_exponent=null --set sae.aux_alpha=0.125 --set saebench.enabled=false \
+  --no-progress > "$HERE/logs/n9216k16-aux0.125.log" 2>&1
 step "done"
