@@ -219,9 +219,10 @@ def _convergence_section(rows: Sequence[SweepRow], histories: Sequence[list[dict
         )
     return [
         "## Tokens to convergence\n",
-        "A run counts as converged from the point where its training-batch NMSE (one pass: "
-        "each batch unseen when scored) falls by less than the tolerance per doubling of tokens, "
-        "to the end of the run; 'not yet' where it still falls faster at the end.\n",
+        "A run counts as converged from the point where its training-batch NMSE falls by less "
+        "than the tolerance per doubling of tokens, to the end of the run; 'not yet' where it "
+        "still falls faster at the end. In the first epoch each batch is unseen when scored (a "
+        "held-out estimate); past it, batches repeat.\n",
         _md_table(table),
         "\n".join(lines) + "\n",
     ]
